@@ -1,0 +1,324 @@
+//! The audit log's records and their hash chain.
+//!
+//! Every issuance, every refusal and every operator change is an [`AuditEvent`]. The store
+//! appends it as an [`AuditRecord`] whose hash covers the event, its sequence number and the
+//! previous record's hash, so editing, inserting or deleting a record breaks the chain that
+//! [`ChainVerifier`] checks. This module is pure: the store persists, the server decides.
+
+use std::fmt;
+
+use aws_lc_rs::digest;
+use serde::Serialize;
+
+/// Whether the request was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Granted.
+    Allow,
+    /// Refused.
+    Deny,
+}
+
+impl Decision {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+
+    /// Parses `allow` or `deny`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allow" => Some(Self::Allow),
+            "deny" => Some(Self::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One thing that happened, before it is chained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct AuditEvent {
+    /// When, Unix milliseconds.
+    pub time_ms: i64,
+    /// What was asked: `svid.identity`, `svid.task`, `agent.attest`, `agent.renew`,
+    /// `entry.create`, `entry.delete`, `token.create`, `agent.ban`, `agent.evict`.
+    pub action: String,
+    /// Granted or refused.
+    pub decision: Option<Decision>,
+    /// Why, in words (for a refusal, the same sentence the caller got).
+    pub reason: String,
+    /// The agent that asked, or the operator (`operator`) for admin changes.
+    pub agent_id: Option<String>,
+    /// The agent's node attestor.
+    pub attestor: Option<String>,
+    /// The registration entry concerned.
+    pub entry_id: Option<String>,
+    /// The SPIFFE ID issued or asked for.
+    pub spiffe_id: Option<String>,
+    /// The task the SVID is for.
+    pub task_id: Option<String>,
+    /// The scopes granted or asked for, sorted.
+    pub scopes: Vec<String>,
+    /// The issued certificate's serial number, hex.
+    pub serial: Option<String>,
+    /// The issued certificate's `notAfter`, Unix seconds.
+    pub not_after: Option<i64>,
+}
+
+/// An event as stored: numbered and chained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// Position in the log, from 1, without gaps.
+    pub seq: i64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    /// The previous record's hash (zeros for the first).
+    #[serde(serialize_with = "as_hex")]
+    pub prev_hash: [u8; 32],
+    /// This record's hash.
+    #[serde(serialize_with = "as_hex")]
+    pub hash: [u8; 32],
+}
+
+fn as_hex<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
+}
+
+/// The hash of the record numbered `seq` holding `event`, after `prev`.
+///
+/// Each field is length-prefixed in a fixed order, so no two different records encode alike.
+pub fn chain_hash(prev: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"mayfly-audit-v1\0");
+    ctx.update(prev);
+    ctx.update(&seq.to_be_bytes());
+    ctx.update(&event.time_ms.to_be_bytes());
+    let put = |ctx: &mut digest::Context, field: Option<&str>| match field {
+        None => ctx.update(&[0]),
+        Some(text) => {
+            ctx.update(&[1]);
+            ctx.update(&(text.len() as u64).to_be_bytes());
+            ctx.update(text.as_bytes());
+        }
+    };
+    put(&mut ctx, Some(&event.action));
+    put(&mut ctx, event.decision.map(Decision::as_str));
+    put(&mut ctx, Some(&event.reason));
+    put(&mut ctx, event.agent_id.as_deref());
+    put(&mut ctx, event.attestor.as_deref());
+    put(&mut ctx, event.entry_id.as_deref());
+    put(&mut ctx, event.spiffe_id.as_deref());
+    put(&mut ctx, event.task_id.as_deref());
+    ctx.update(&(event.scopes.len() as u64).to_be_bytes());
+    for scope in &event.scopes {
+        put(&mut ctx, Some(scope));
+    }
+    put(&mut ctx, event.serial.as_deref());
+    match event.not_after {
+        None => ctx.update(&[0]),
+        Some(t) => {
+            ctx.update(&[1]);
+            ctx.update(&t.to_be_bytes());
+        }
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Chains `events` after the record `(head_seq, head_hash)`.
+pub fn chain(head_seq: i64, head_hash: [u8; 32], events: &[AuditEvent]) -> Vec<AuditRecord> {
+    let mut prev = head_hash;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let seq = head_seq + 1 + i as i64;
+            let hash = chain_hash(&prev, seq, event);
+            let record = AuditRecord {
+                seq,
+                event: event.clone(),
+                prev_hash: prev,
+                hash,
+            };
+            prev = hash;
+            record
+        })
+        .collect()
+}
+
+/// How the audit chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// A sequence number is missing: a record was deleted.
+    #[error("audit record {expected} is missing (the next one is {found}): a record was deleted")]
+    Gap {
+        /// The number that should have come next.
+        expected: i64,
+        /// The number that came.
+        found: i64,
+    },
+    /// A record does not link to its predecessor's hash.
+    #[error(
+        "audit record {0} does not link to the record before it: records were removed or reordered"
+    )]
+    BrokenLink(i64),
+    /// A record's content does not match its hash.
+    #[error("audit record {0} was altered: its content does not match its hash")]
+    Altered(i64),
+    /// The log ends before the head the store remembers.
+    #[error(
+        "the audit log ends at record {last} but its head says {head}: records at the end were deleted"
+    )]
+    Truncated {
+        /// The last record present.
+        last: i64,
+        /// The head's sequence number.
+        head: i64,
+    },
+    /// The head's hash is not the last record's.
+    #[error("the audit log head does not match its last record {0}: the log was rewritten")]
+    HeadMismatch(i64),
+}
+
+/// Checks records one at a time, in sequence order, so a long log needs no memory.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    last_seq: i64,
+    last_hash: [u8; 32],
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChainVerifier {
+    /// Starts at the beginning of the log.
+    pub fn new() -> Self {
+        Self {
+            last_seq: 0,
+            last_hash: [0; 32],
+        }
+    }
+
+    /// Checks the next record.
+    ///
+    /// # Errors
+    /// [`ChainError::Gap`], [`ChainError::BrokenLink`] or [`ChainError::Altered`].
+    pub fn push(&mut self, record: &AuditRecord) -> Result<(), ChainError> {
+        if record.seq != self.last_seq + 1 {
+            return Err(ChainError::Gap {
+                expected: self.last_seq + 1,
+                found: record.seq,
+            });
+        }
+        if record.prev_hash != self.last_hash {
+            return Err(ChainError::BrokenLink(record.seq));
+        }
+        if chain_hash(&record.prev_hash, record.seq, &record.event) != record.hash {
+            return Err(ChainError::Altered(record.seq));
+        }
+        self.last_seq = record.seq;
+        self.last_hash = record.hash;
+        Ok(())
+    }
+
+    /// Checks that the log ended where its head says; returns how many records were checked.
+    ///
+    /// # Errors
+    /// [`ChainError::Truncated`] or [`ChainError::HeadMismatch`].
+    pub fn finish(self, head_seq: i64, head_hash: [u8; 32]) -> Result<i64, ChainError> {
+        if head_seq != self.last_seq {
+            return Err(ChainError::Truncated {
+                last: self.last_seq,
+                head: head_seq,
+            });
+        }
+        if head_hash != self.last_hash {
+            return Err(ChainError::HeadMismatch(self.last_seq));
+        }
+        Ok(self.last_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: i64) -> AuditEvent {
+        AuditEvent {
+            time_ms: n,
+            action: "svid.task".into(),
+            decision: Some(Decision::Allow),
+            reason: "issued".into(),
+            task_id: Some(format!("task-{n}")),
+            scopes: vec!["a:b".into()],
+            serial: Some(format!("{n:032x}")),
+            not_after: Some(n + 300),
+            ..AuditEvent::default()
+        }
+    }
+
+    fn verify(records: &[AuditRecord], head: (i64, [u8; 32])) -> Result<i64, ChainError> {
+        let mut v = ChainVerifier::new();
+        for r in records {
+            v.push(r)?;
+        }
+        v.finish(head.0, head.1)
+    }
+
+    #[test]
+    fn intact_chain_verifies_and_each_tampering_is_named() {
+        let events: Vec<_> = (1..=5).map(event).collect();
+        let records = chain(0, [0; 32], &events);
+        let head = (5, records[4].hash);
+        assert_eq!(verify(&records, head), Ok(5));
+
+        let mut edited = records.clone();
+        edited[2].event.scopes = vec!["a:b".into(), "a:write".into()];
+        assert_eq!(verify(&edited, head), Err(ChainError::Altered(3)));
+
+        let mut deleted = records.clone();
+        deleted.remove(2);
+        assert_eq!(
+            verify(&deleted, head),
+            Err(ChainError::Gap {
+                expected: 3,
+                found: 4
+            })
+        );
+
+        let truncated = &records[..4];
+        assert!(matches!(
+            verify(truncated, head),
+            Err(ChainError::Truncated { last: 4, head: 5 })
+        ));
+
+        // Renumbering after a deletion still breaks the link.
+        let mut renumbered = deleted.clone();
+        renumbered[2].seq = 3;
+        renumbered[3].seq = 4;
+        assert_eq!(verify(&renumbered, head), Err(ChainError::BrokenLink(3)));
+    }
+
+    #[test]
+    fn chaining_continues_from_a_head() {
+        let first = chain(0, [0; 32], &[event(1), event(2)]);
+        let second = chain(2, first[1].hash, &[event(3)]);
+        let all: Vec<_> = first.into_iter().chain(second).collect();
+        assert_eq!(verify(&all, (3, all[2].hash)), Ok(3));
+    }
+}

@@ -1,0 +1,19 @@
+//! Mayfly: workload identity for AI agents and the services they call.
+//!
+//! See `DESIGN.md` in the shared folder and README.md for the big picture. Modules:
+//! [`id`] (SPIFFE IDs and scopes), [`svid`] (the X509-SVID profile), [`ca`] (signing keys),
+//! [`store`] (persistence), [`audit`] (the hash-chained log), [`server`] (node and admin APIs).
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod ca;
+pub mod duration;
+pub mod id;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod svid;
+pub mod tls;
+
+pub use mayfly_attestors as attestors;
+pub use mayfly_attestors::Selector;

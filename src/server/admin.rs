@@ -1,0 +1,530 @@
+//! The admin API: entries, join tokens, agents, the bundle and the audit log, for operators on
+//! the server's Unix socket. Every change is audited as the `operator`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use mayfly_attestors::{Selector, join_token};
+use tonic::{Request, Response, Status};
+
+use crate::audit::{AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
+use crate::id::{IdError, SpiffeId, parse_scopes};
+use crate::proto::admin as pb;
+use crate::server::ServerState;
+use crate::server::audit_log::AuditError;
+use crate::server::policy::{DEFAULT_TTL, MAX_TTL, unix_secs};
+use crate::store::{AgentRecord, AuditFilter, Entry, EntryId, JoinTokenRecord, StoreError};
+
+/// Join tokens live this long unless asked otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// No join token lives longer than this.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+/// How often `audit list --follow` looks for new records.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// Records read per page when listing or verifying the log.
+const PAGE: u32 = 1000;
+
+/// Why an admin call failed; mapped to a gRPC status in [`AdminError::status`] only.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("the server's store failed: {0}")]
+    Store(StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(what) => Self::Exists(format!(
+                "{what} already exists; delete it first or change the request"
+            )),
+            other => Self::Store(other),
+        }
+    }
+}
+
+impl From<IdError> for AdminError {
+    fn from(e: IdError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+impl AdminError {
+    fn status(&self) -> Status {
+        match self {
+            Self::Invalid(m) => Status::invalid_argument(m.clone()),
+            Self::NotFound(m) => Status::not_found(m.clone()),
+            Self::Exists(m) => Status::already_exists(m.clone()),
+            Self::Store(_) | Self::Audit(_) => Status::unavailable(self.to_string()),
+        }
+    }
+}
+
+/// The admin API service.
+pub struct AdminService {
+    state: Arc<ServerState>,
+}
+
+impl AdminService {
+    /// The service over the server's state.
+    pub(crate) fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    async fn audit_change(
+        &self,
+        action: &str,
+        reason: String,
+        fill: impl FnOnce(&mut AuditEvent),
+    ) -> Result<(), AdminError> {
+        let mut event = AuditEvent {
+            action: action.into(),
+            decision: Some(Decision::Allow),
+            reason,
+            agent_id: Some("operator".into()),
+            ..AuditEvent::default()
+        };
+        fill(&mut event);
+        self.state.audit.record(event).await?;
+        Ok(())
+    }
+
+    fn validate_entry(&self, req: &pb::CreateEntryRequest) -> Result<Entry, AdminError> {
+        let td = &self.state.td;
+        let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
+        spiffe_id.check_registrable(td)?;
+        let parent_id = SpiffeId::parse(&req.parent_id)?;
+        if parent_id.trust_domain_name() != td.as_str() || parent_id.is_root() {
+            return Err(AdminError::Invalid(format!(
+                "parent ID '{parent_id}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>"
+            )));
+        }
+        if req.selectors.is_empty() {
+            return Err(AdminError::Invalid(
+                "an entry needs at least one selector (e.g. unix:uid:1001), or any workload on the node would match it".into(),
+            ));
+        }
+        let mut selectors = req
+            .selectors
+            .iter()
+            .map(|s| Selector::parse(s).map_err(|e| AdminError::Invalid(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        selectors.sort();
+        selectors.dedup();
+        let scopes = parse_scopes(&req.scopes)?;
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_TTL.as_secs() as u32,
+            t if u64::from(t) > MAX_TTL.as_secs() => {
+                return Err(AdminError::Invalid(format!(
+                    "a TTL of {t}s is above the ceiling of {}s (1h); SVIDs are meant to live minutes",
+                    MAX_TTL.as_secs()
+                )));
+            }
+            t => t,
+        };
+        let mut dns_names = req.dns_names.clone();
+        for name in &dns_names {
+            if !is_dns_name(name) {
+                return Err(AdminError::Invalid(format!(
+                    "'{name}' is not a DNS name: use lowercase labels of letters, digits and '-', separated by '.'"
+                )));
+            }
+        }
+        dns_names.sort();
+        dns_names.dedup();
+        Ok(Entry {
+            id: EntryId::generate(),
+            spiffe_id,
+            parent_id,
+            selectors,
+            scopes,
+            ttl_secs: ttl,
+            dns_names,
+            created_at: unix_secs(SystemTime::now()),
+        })
+    }
+
+    fn parse_entry_id(text: &str) -> Result<EntryId, AdminError> {
+        EntryId::parse(text).ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "'{}' is not an entry ID: entry IDs are 32 hexadecimal digits, as `mayfly entry list` shows",
+                text.chars().take(80).collect::<String>()
+            ))
+        })
+    }
+}
+
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+fn entry_message(e: Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.to_string(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e.selectors.iter().map(|s| s.to_string()).collect(),
+        scopes: e.scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: e.ttl_secs,
+        dns_names: e.dns_names,
+        created_at: e.created_at,
+    }
+}
+
+fn agent_message(a: AgentRecord) -> pb::Agent {
+    pb::Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestor: a.attestor,
+        current_serial: a.current_serial,
+        next_serial: a.next_serial.unwrap_or_default(),
+        not_after: a.not_after,
+        banned: a.banned,
+        created_at: a.created_at,
+    }
+}
+
+/// The wire form of an audit record.
+pub fn audit_message(r: AuditRecord) -> pb::AuditRecord {
+    let e = r.event;
+    pb::AuditRecord {
+        seq: r.seq,
+        time_ms: e.time_ms,
+        action: e.action,
+        decision: e.decision.map(|d| d.to_string()).unwrap_or_default(),
+        reason: e.reason,
+        agent_id: e.agent_id.unwrap_or_default(),
+        attestor: e.attestor.unwrap_or_default(),
+        entry_id: e.entry_id.unwrap_or_default(),
+        spiffe_id: e.spiffe_id.unwrap_or_default(),
+        task_id: e.task_id.unwrap_or_default(),
+        scopes: e.scopes,
+        serial: e.serial.unwrap_or_default(),
+        not_after: e.not_after.unwrap_or_default(),
+        prev_hash: hex::encode(r.prev_hash),
+        hash: hex::encode(r.hash),
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditRecord, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_entry(
+        &self,
+        request: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let req = request.into_inner();
+        let result: Result<Entry, AdminError> = async {
+            let entry = self.validate_entry(&req)?;
+            self.state.store.create_entry(&entry).await?;
+            self.audit_change("entry.create", "entry created".into(), |e| {
+                e.entry_id = Some(entry.id.to_string());
+                e.spiffe_id = Some(entry.spiffe_id.to_string());
+                e.scopes = entry.scopes.iter().map(|s| s.to_string()).collect();
+            })
+            .await?;
+            Ok(entry)
+        }
+        .await;
+        result
+            .map(|e| Response::new(entry_message(e)))
+            .map_err(|e| e.status())
+    }
+
+    async fn list_entries(
+        &self,
+        _request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let entries = self
+            .state
+            .store
+            .list_entries()
+            .await
+            .map_err(|e| AdminError::from(e).status())?;
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.into_iter().map(entry_message).collect(),
+        }))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<pb::EntryIdRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let result: Result<Entry, AdminError> = async {
+            let id = Self::parse_entry_id(&request.get_ref().id)?;
+            self.state.store.get_entry(&id).await?.ok_or_else(|| {
+                AdminError::NotFound(format!(
+                    "no entry {id}; `mayfly entry list` shows the entries"
+                ))
+            })
+        }
+        .await;
+        result
+            .map(|e| Response::new(entry_message(e)))
+            .map_err(|e| e.status())
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<pb::EntryIdRequest>,
+    ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let result: Result<(), AdminError> = async {
+            let id = Self::parse_entry_id(&request.get_ref().id)?;
+            if !self.state.store.delete_entry(&id).await? {
+                return Err(AdminError::NotFound(format!(
+                    "no entry {id}; `mayfly entry list` shows the entries"
+                )));
+            }
+            self.audit_change("entry.delete", "entry deleted".into(), |e| {
+                e.entry_id = Some(id.to_string());
+            })
+            .await
+        }
+        .await;
+        result
+            .map(|()| Response::new(pb::DeleteEntryResponse {}))
+            .map_err(|e| e.status())
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let ttl_secs = request.get_ref().ttl_seconds;
+        let result: Result<pb::CreateJoinTokenResponse, AdminError> = async {
+            let ttl = match u64::from(ttl_secs) {
+                0 => DEFAULT_TOKEN_TTL,
+                t if t > MAX_TOKEN_TTL.as_secs() => {
+                    return Err(AdminError::Invalid(format!(
+                        "a join token TTL of {t}s is above the limit of 7 days; give a shorter --ttl"
+                    )));
+                }
+                t => Duration::from_secs(t),
+            };
+            let token = join_token::generate()
+                .map_err(|_| AdminError::Invalid("the system random source failed".into()))?;
+            let agent_id = self
+                .state
+                .policy
+                .agent_id(join_token::NAME, &token.node_id)
+                .map_err(|e| AdminError::Invalid(e.to_string()))?;
+            let expires_at = unix_secs(SystemTime::now() + ttl);
+            self.state
+                .store
+                .create_join_token(&JoinTokenRecord {
+                    secret_hash: token.secret_hash,
+                    node_id: token.node_id.clone(),
+                    expires_at,
+                })
+                .await?;
+            self.audit_change("token.create", "join token created".into(), |e| {
+                e.spiffe_id = Some(agent_id.to_string());
+                e.attestor = Some(join_token::NAME.into());
+                e.not_after = Some(expires_at);
+            })
+            .await?;
+            Ok(pb::CreateJoinTokenResponse {
+                token: token.secret,
+                agent_id: agent_id.to_string(),
+                expires_at,
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(|e| e.status())
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .state
+            .store
+            .list_agents()
+            .await
+            .map_err(|e| AdminError::from(e).status())?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.into_iter().map(agent_message).collect(),
+        }))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<pb::AgentIdRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let result: Result<AgentRecord, AdminError> =
+            async {
+                let id = SpiffeId::parse(&request.get_ref().spiffe_id)?;
+                if !self.state.store.ban_agent(&id).await? {
+                    return Err(AdminError::NotFound(format!(
+                        "no agent {id}; `mayfly agent list` shows the agents"
+                    )));
+                }
+                self.audit_change("agent.ban", "agent banned".into(), |e| {
+                    e.spiffe_id = Some(id.to_string());
+                })
+                .await?;
+                self.state.store.get_agent(&id).await?.ok_or_else(|| {
+                    AdminError::NotFound(format!("agent {id} was evicted meanwhile"))
+                })
+            }
+            .await;
+        result
+            .map(|a| Response::new(agent_message(a)))
+            .map_err(|e| e.status())
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<pb::AgentIdRequest>,
+    ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let result: Result<(), AdminError> = async {
+            let id = SpiffeId::parse(&request.get_ref().spiffe_id)?;
+            if !self.state.store.delete_agent(&id).await? {
+                return Err(AdminError::NotFound(format!(
+                    "no agent {id}; `mayfly agent list` shows the agents"
+                )));
+            }
+            self.audit_change(
+                "agent.evict",
+                "agent evicted; it must attest again".into(),
+                |e| {
+                    e.spiffe_id = Some(id.to_string());
+                },
+            )
+            .await
+        }
+        .await;
+        result
+            .map(|()| Response::new(pb::EvictAgentResponse {}))
+            .map_err(|e| e.status())
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        Ok(Response::new(pb::GetBundleResponse {
+            trust_domain: self.state.td.to_string(),
+            certificates: self.state.bundle_der(),
+        }))
+    }
+
+    type ListAuditStream = AuditStream;
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<Self::ListAuditStream>, Status> {
+        let req = request.into_inner();
+        let store = self.state.store.clone();
+        let task_id = (!req.task_id.is_empty()).then_some(req.task_id);
+        let stream = async_stream::try_stream! {
+            let mut after = req.after_seq;
+            let mut left = if req.limit == 0 { u64::MAX } else { u64::from(req.limit) };
+            loop {
+                let filter = AuditFilter {
+                    after_seq: after,
+                    task_id: task_id.clone(),
+                    limit: PAGE.min(left.min(u64::from(u32::MAX)) as u32),
+                };
+                let page = store
+                    .list_audit(&filter)
+                    .await
+                    .map_err(|e| AdminError::from(e).status())?;
+                let full = page.len() as u32 == filter.limit;
+                for record in page {
+                    after = record.seq;
+                    left -= 1;
+                    yield audit_message(record);
+                }
+                if left == 0 {
+                    break;
+                }
+                if !full {
+                    if !req.follow {
+                        break;
+                    }
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn verify_audit(
+        &self,
+        _request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let store = &self.state.store;
+        let result: Result<Result<i64, ChainError>, AdminError> = async {
+            // The head is read first: records appended while the log is read only extend it.
+            let (head_seq, _) = store.audit_head().await?;
+            let mut verifier = ChainVerifier::new();
+            let mut after = 0;
+            let mut last_hash = [0u8; 32];
+            loop {
+                let page = store
+                    .list_audit(&AuditFilter {
+                        after_seq: after,
+                        task_id: None,
+                        limit: PAGE,
+                    })
+                    .await?;
+                let done = (page.len() as u32) < PAGE;
+                for record in page.iter().take_while(|r| r.seq <= head_seq) {
+                    if let Err(e) = verifier.push(record) {
+                        return Ok(Err(e));
+                    }
+                    last_hash = record.hash;
+                }
+                match page.last() {
+                    Some(r) if !done && r.seq < head_seq => after = r.seq,
+                    _ => break,
+                }
+            }
+            // Compare with the head as it was when reading began, re-read so that a
+            // concurrent append does not look like tampering.
+            let (now_seq, now_hash) = store.audit_head().await?;
+            let head_hash = if now_seq == head_seq {
+                now_hash
+            } else {
+                last_hash
+            };
+            Ok(verifier.finish(head_seq, head_hash))
+        }
+        .await;
+        match result {
+            Ok(Ok(records)) => Ok(Response::new(pb::VerifyAuditResponse {
+                ok: true,
+                records,
+                problem: String::new(),
+            })),
+            Ok(Err(problem)) => Ok(Response::new(pb::VerifyAuditResponse {
+                ok: false,
+                records: 0,
+                problem: problem.to_string(),
+            })),
+            Err(e) => Err(e.status()),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The node API's listener: TLS handshakes done by us (tonic's own TLS takes no custom
+//! verifier), each connection handed to tonic with its verified peer SVID attached.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::svid::{self, Usage, VerifiedSvid};
+use crate::tls::LiveBundles;
+
+/// A handshake slower than this is dropped, so idle sockets cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What tonic hands each request about its connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The client's verified SVID, when it presented one.
+    pub svid: Option<Arc<VerifiedSvid>>,
+}
+
+/// One accepted, handshaken TLS connection.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections on `listener`, handshakes each concurrently, and yields the
+/// successful ones. Failed handshakes are logged and dropped; the listener keeps serving.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    bundles: LiveBundles,
+) -> impl Stream<Item = Result<TlsConn, io::Error>> {
+    let (tx, rx) = mpsc::channel::<Result<TlsConn, io::Error>>(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                break;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let bundles = bundles.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(inner)) => {
+                        let peer = peer_info(&inner, &bundles);
+                        let _ = tx.send(Ok(TlsConn { inner, peer })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The verifier already accepted the chain during the handshake; this parses it once more to
+/// keep the identity, scopes, serial and expiry for the requests on this connection.
+fn peer_info(conn: &TlsStream<TcpStream>, bundles: &LiveBundles) -> PeerInfo {
+    let svid = conn.get_ref().1.peer_certificates().and_then(|chain| {
+        let bundles = bundles.read().unwrap_or_else(|e| e.into_inner());
+        svid::verify_chain(chain, &bundles, Usage::Client, SystemTime::now())
+            .ok()
+            .map(Arc::new)
+    });
+    PeerInfo { svid }
+}

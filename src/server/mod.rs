@@ -1,0 +1,417 @@
+//! The Mayfly server: the CA, the registration store, issuance policy and the audit log,
+//! behind the node API (agents, TCP with TLS) and the admin API (operators, a Unix socket).
+
+pub mod admin;
+pub mod audit_log;
+pub mod conn;
+pub mod node;
+pub mod policy;
+pub mod status_layer;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ca::{Authority, CaError, CaSet, UpstreamCa};
+use crate::id::{ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::proto::{admin::admin_server::AdminServer, node::node_server::NodeServer};
+use crate::store::{self, CaCertRecord, Store, StoreError};
+use crate::svid::{self, KeyAndCsr, LeafSpec, SvidError};
+use crate::tls::{self, LiveBundles, RotatingCert, TlsError};
+use audit_log::AuditLog;
+use policy::{IssuancePolicy, unix_secs};
+
+/// The server's defaults, as the design's table gives them.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// The trust domain when none is configured.
+    pub const TRUST_DOMAIN: &str = "mayfly.local";
+    /// The data directory.
+    pub const DATA_DIR: &str = ".mayfly/server";
+    /// The node API's address.
+    pub const BIND: &str = "127.0.0.1:8081";
+    /// The CA's lifetime.
+    pub const CA_TTL: Duration = Duration::from_secs(7 * 86_400);
+    /// The agents' SVID lifetime (agents renew at half of it).
+    pub const AGENT_TTL: Duration = Duration::from_secs(3600);
+    /// The server's own SVID lifetime (renewed at half of it).
+    pub const SERVER_TTL: Duration = Duration::from_secs(3600);
+}
+
+/// How often the bundle is re-read from the store (other replicas may publish CAs).
+const BUNDLE_REFRESH: Duration = Duration::from_secs(5);
+/// The largest gRPC message the node API decodes; anything bigger is refused unread.
+pub const MAX_NODE_MESSAGE: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("could not create the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The node API address could not be bound.
+    #[error(
+        "could not listen on {addr} for the node API: {source}; is another server running? choose another address with --bind"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The admin socket could not be created.
+    #[error("could not create the admin socket {path}: {source}")]
+    AdminSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("could not open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The server's own SVID could not be issued.
+    #[error("could not issue the server's own SVID: {0}")]
+    Svid(#[from] SvidError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// What a server runs with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the CA key, the SQLite file and the admin socket live.
+    pub data_dir: PathBuf,
+    /// The trust domain it issues for.
+    pub trust_domain: TrustDomain,
+    /// The node API's address (port 0 picks a free one).
+    pub bind: SocketAddr,
+    /// `postgres://…` to share a database between replicas; `None` for SQLite in the data dir.
+    pub database: Option<String>,
+    /// The CA's lifetime.
+    pub ca_ttl: Duration,
+    /// The agents' SVID lifetime.
+    pub agent_ttl: Duration,
+    /// Sign the CA with this upstream CA instead of self-signing.
+    pub upstream_ca: Option<UpstreamCa>,
+}
+
+impl ServerConfig {
+    /// The embedded defaults, with the data dir given.
+    ///
+    /// # Panics
+    /// Never: the defaults are valid constants.
+    pub fn with_defaults(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            trust_domain: TrustDomain::new(defaults::TRUST_DOMAIN).expect("valid default"),
+            bind: defaults::BIND.parse().expect("valid default"),
+            database: None,
+            ca_ttl: defaults::CA_TTL,
+            agent_ttl: defaults::AGENT_TTL,
+            upstream_ca: None,
+        }
+    }
+
+    /// The admin socket's path, `<data dir>/admin.sock`.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+}
+
+/// What the APIs share.
+pub(crate) struct ServerState {
+    pub(crate) td: TrustDomain,
+    pub(crate) policy: IssuancePolicy,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cas: Arc<CaSet>,
+    pub(crate) audit: AuditLog,
+    pub(crate) bundles: LiveBundles,
+    pub(crate) agent_ttl: Duration,
+}
+
+impl ServerState {
+    /// The trust domain's CA certificates, DER.
+    pub(crate) fn bundle_der(&self) -> Vec<Vec<u8>> {
+        let bundles = self.bundles.read().unwrap_or_else(|e| e.into_inner());
+        bundles
+            .get(&self.td)
+            .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// Where the node API listens.
+    pub node_addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops serving and waits for the listeners to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The server's own SPIFFE ID, which agents expect: `spiffe://<td>/mayfly/server`.
+///
+/// # Panics
+/// Never: the path is a valid constant.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    td.join("/mayfly/server").expect("valid constant path")
+}
+
+fn create_private_dir(path: &Path) -> Result<(), ServerError> {
+    let err = |source| ServerError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+async fn publish_and_load_bundle(
+    store: &dyn Store,
+    td: &TrustDomain,
+    bundles: &LiveBundles,
+) -> Result<(), StoreError> {
+    let records = store.list_ca_certs(unix_secs(SystemTime::now())).await?;
+    let certs = records
+        .into_iter()
+        .map(|r| rustls_pki_types::CertificateDer::from(r.der))
+        .collect::<Vec<_>>();
+    let mut map = HashMap::new();
+    map.insert(td.clone(), certs);
+    *bundles.write().unwrap_or_else(|e| e.into_inner()) = map;
+    Ok(())
+}
+
+fn issue_server_svid(
+    authority: &Authority,
+    td: &TrustDomain,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        Vec<u8>,
+        SystemTime,
+    ),
+    SvidError,
+> {
+    let request = KeyAndCsr::generate()?;
+    let key = svid::parse_csr(&request.csr)?;
+    let id = ScopedId::new(server_id(td), ScopeSet::new())
+        .expect("the server's ID is a constant path without a scope segment");
+    let issued = svid::issue(
+        authority,
+        &LeafSpec {
+            id: &id,
+            key: &key,
+            ttl: defaults::SERVER_TTL,
+            dns_names: &[],
+        },
+        SystemTime::now(),
+    )?;
+    Ok((issued.chain, request.key_pkcs8, issued.not_after))
+}
+
+/// Starts the server: opens the store, loads or creates the CA, publishes it in the bundle,
+/// and serves the node API and the admin API until [`RunningServer::shutdown`].
+///
+/// # Errors
+/// [`ServerError`] naming what could not be set up.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    create_private_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = match &config.database {
+        Some(url) => store::open(url).await?,
+        None => {
+            let path = config.data_dir.join("mayfly.sqlite");
+            store::open(&format!("sqlite://{}", path.display())).await?
+        }
+    };
+    let authority = Authority::load_or_create(
+        &config.data_dir.join("ca"),
+        &config.trust_domain,
+        config.ca_ttl,
+        config.upstream_ca.as_ref(),
+    )?;
+    for root in authority.bundle_roots() {
+        store
+            .put_ca_cert(&CaCertRecord {
+                fingerprint: hex::encode(aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    root,
+                )),
+                der: root.to_vec(),
+                not_after: unix_secs(authority.not_after()),
+            })
+            .await?;
+    }
+    let cas = Arc::new(CaSet::new(authority));
+    let bundles: LiveBundles = Arc::new(RwLock::new(HashMap::new()));
+    publish_and_load_bundle(store.as_ref(), &config.trust_domain, &bundles).await?;
+
+    let (chain, key, _) = issue_server_svid(&cas.current(), &config.trust_domain)?;
+    let server_cert = Arc::new(RotatingCert::new(chain, &key, tls::provider())?);
+    let tls_config = tls::node_server_config(server_cert.clone(), bundles.clone())?;
+
+    let state = Arc::new(ServerState {
+        td: config.trust_domain.clone(),
+        policy: IssuancePolicy::new(config.trust_domain.clone()),
+        store: store.clone(),
+        cas: cas.clone(),
+        audit: AuditLog::start(store.clone()),
+        bundles: bundles.clone(),
+        agent_ttl: config.agent_ttl,
+    });
+
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let node_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.bind,
+        source,
+    })?;
+    let admin_socket = config.admin_socket();
+    let admin_listener = bind_admin_socket(&admin_socket)?;
+
+    let (shutdown, _) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let node = NodeServer::new(node::NodeService::new(state.clone()))
+        .max_decoding_message_size(MAX_NODE_MESSAGE);
+    let incoming = conn::incoming(
+        listener,
+        TlsAcceptor::from(Arc::new(tls_config)),
+        bundles.clone(),
+    );
+    let mut stop = shutdown.subscribe();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .layer(crate::server::status_layer::InvalidArgumentForOversize)
+            .add_service(node)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "node API stopped");
+        }
+    }));
+
+    let admin = AdminServer::new(admin::AdminService::new(state.clone()));
+    let admin_incoming = tokio_stream::wrappers::UnixListenerStream::new(admin_listener);
+    let mut stop = shutdown.subscribe();
+    let socket_path = admin_socket.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(admin)
+            .serve_with_incoming_shutdown(admin_incoming, async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+        let _ = std::fs::remove_file(&socket_path);
+    }));
+
+    let mut stop = shutdown.subscribe();
+    let td = config.trust_domain.clone();
+    tasks.push(tokio::spawn(async move {
+        maintain(store, td, bundles, cas, server_cert, &mut stop).await;
+    }));
+
+    Ok(RunningServer {
+        node_addr,
+        admin_socket,
+        trust_domain: config.trust_domain,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Keeps the bundle current and renews the server's own SVID at half its life.
+async fn maintain(
+    store: Arc<dyn Store>,
+    td: TrustDomain,
+    bundles: LiveBundles,
+    cas: Arc<CaSet>,
+    server_cert: Arc<RotatingCert>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut renew_at = SystemTime::now() + defaults::SERVER_TTL / 2;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(BUNDLE_REFRESH) => {}
+        }
+        if let Err(e) = publish_and_load_bundle(store.as_ref(), &td, &bundles).await {
+            tracing::warn!(error = %e, "could not refresh the trust bundle; keeping the current one");
+        }
+        if SystemTime::now() >= renew_at {
+            match issue_server_svid(&cas.current(), &td) {
+                Ok((chain, key, not_after)) => match server_cert.replace(chain, &key) {
+                    Ok(()) => {
+                        let life = not_after
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default();
+                        renew_at = SystemTime::now() + life / 2;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not install the renewed server SVID")
+                    }
+                },
+                Err(e) => tracing::error!(error = %e, "could not renew the server SVID"),
+            }
+        }
+    }
+}
+
+/// Binds the admin socket: a stale file from a previous run is removed first, and the socket
+/// is made 0600 on purpose, since its file mode is the admin API's authentication. It lives in
+/// the 0700 data dir, so it is never reachable by others even before its mode is set.
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |source| ServerError::AdminSocket {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}

@@ -1,0 +1,471 @@
+//! The node API: attestation, agent renewal, entry sync and SVID issuance.
+//!
+//! Every call but `Attest` re-checks the calling agent against the store (known, not banned,
+//! presenting its current or next SVID, not expired), so a ban or an eviction takes effect at
+//! the agent's next call. Every issuance and every refusal is audited; an SVID is returned only
+//! after its audit record is durable.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
+use tonic::{Request, Response, Status};
+
+use crate::audit::{AuditEvent, Decision};
+use crate::id::{ScopedId, SpiffeId};
+use crate::proto::node as pb;
+use crate::server::ServerState;
+use crate::server::audit_log::AuditError;
+use crate::server::conn::PeerInfo;
+use crate::server::policy::{self, Refusal, Standing, check_task_id, unix_secs};
+use crate::store::{AgentRecord, Entry, EntryId, StoreError};
+use crate::svid::{self, IssuedSvid, LeafSpec, SvidError, VerifiedSvid};
+
+/// The longest entry ID a request may carry before it is refused unread.
+const MAX_ENTRY_ID_LEN: usize = 64;
+/// The largest CSR a request may carry before it is refused unread.
+const MAX_CSR_LEN: usize = 4096;
+/// The largest attestation evidence.
+const MAX_EVIDENCE_LEN: usize = 4096;
+
+/// Why a node API call failed; mapped to a gRPC status in [`NodeError::status`] only.
+#[derive(Debug, thiserror::Error)]
+enum NodeError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("the request's CSR was refused: {0}")]
+    Csr(SvidError),
+    #[error("signing failed: {0}")]
+    Sign(SvidError),
+    #[error("the server's store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+impl NodeError {
+    fn status(&self) -> Status {
+        match self {
+            Self::Refused(Refusal::NotAuthenticated) => Status::unauthenticated(self.to_string()),
+            Self::Refused(r) if r.is_invalid_argument() => {
+                Status::invalid_argument(self.to_string())
+            }
+            Self::Refused(_) => Status::permission_denied(self.to_string()),
+            Self::Csr(_) => Status::invalid_argument(self.to_string()),
+            Self::Sign(_) | Self::Store(_) | Self::Audit(_) => {
+                tracing::error!(error = %self, "node API call failed");
+                Status::unavailable(self.to_string())
+            }
+        }
+    }
+
+    /// Whether the refusal is a decision worth an audit record (internal failures are logged
+    /// instead: their records might not be writable either).
+    fn is_decision(&self) -> bool {
+        matches!(self, Self::Refused(_) | Self::Csr(_))
+    }
+}
+
+/// The node API service.
+pub struct NodeService {
+    state: Arc<ServerState>,
+}
+
+impl NodeService {
+    /// The service over the server's state.
+    pub(crate) fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+
+    /// Audits a refusal and turns it into the status the caller gets.
+    async fn refuse(&self, mut event: AuditEvent, err: NodeError) -> Status {
+        if err.is_decision() {
+            event.decision = Some(Decision::Deny);
+            event.reason = err.to_string();
+            if let Err(audit_err) = self.state.audit.record(event).await {
+                tracing::error!(error = %audit_err, "could not audit a refusal");
+            }
+        }
+        err.status()
+    }
+
+    /// The calling agent, checked against the store; its renewed SVID becomes current on first
+    /// use.
+    async fn authorize_agent(
+        &self,
+        peer: Option<&VerifiedSvid>,
+        event: &mut AuditEvent,
+    ) -> Result<AgentRecord, NodeError> {
+        if let Some(p) = peer {
+            event.agent_id = Some(p.id.spiffe_id().to_string());
+        }
+        let record = match peer {
+            Some(p) if self.state.policy.is_agent_id(p.id.spiffe_id()) => {
+                self.state.store.get_agent(p.id.spiffe_id()).await?
+            }
+            _ => None,
+        };
+        let standing = self
+            .state
+            .policy
+            .check_agent(peer, record.as_ref(), SystemTime::now())?;
+        let record = record.ok_or(Refusal::NotAuthenticated)?;
+        event.attestor = Some(record.attestor.clone());
+        if standing == Standing::FirstUseOfNext {
+            let serial = peer.map(|p| p.serial.to_hex()).unwrap_or_default();
+            self.state
+                .store
+                .promote_agent_serial(&record.spiffe_id, &serial)
+                .await?;
+        }
+        Ok(record)
+    }
+
+    /// Signs an SVID for `id`, audits it durably, then returns it.
+    async fn issue_audited(
+        &self,
+        id: &ScopedId,
+        csr: &[u8],
+        ttl: std::time::Duration,
+        dns_names: &[String],
+        mut event: AuditEvent,
+    ) -> Result<IssuedSvid, NodeError> {
+        let key = svid::parse_csr(csr).map_err(NodeError::Csr)?;
+        let authority = self.state.cas.current();
+        let spec = LeafSpec {
+            id,
+            key: &key,
+            ttl,
+            dns_names,
+        };
+        let issued = svid::issue(&authority, &spec, SystemTime::now()).map_err(NodeError::Sign)?;
+        event.decision = Some(Decision::Allow);
+        event.reason = "issued".into();
+        event.spiffe_id = Some(id.to_string());
+        event.serial = Some(issued.serial.to_hex());
+        event.not_after = Some(unix_secs(issued.not_after));
+        self.state.audit.record(event).await?;
+        Ok(issued)
+    }
+
+    fn check_csr_size(csr: &[u8]) -> Result<(), Refusal> {
+        if csr.is_empty() || csr.len() > MAX_CSR_LEN {
+            return Err(Refusal::Invalid(format!(
+                "the CSR must be 1 to {MAX_CSR_LEN} bytes of DER; send a PKCS#10 request for a P-256 key"
+            )));
+        }
+        Ok(())
+    }
+
+    fn parse_entry_id(text: &str) -> Result<EntryId, Refusal> {
+        if text.len() > MAX_ENTRY_ID_LEN {
+            return Err(Refusal::Invalid(format!(
+                "the entry ID is {} bytes; entry IDs are 32 hexadecimal digits",
+                text.len()
+            )));
+        }
+        EntryId::parse(text).ok_or_else(|| {
+            Refusal::Invalid(format!(
+                "'{text}' is not an entry ID; entry IDs are 32 hexadecimal digits"
+            ))
+        })
+    }
+
+    async fn entry_for(
+        &self,
+        entry_id: &str,
+        agent: &SpiffeId,
+        event: &mut AuditEvent,
+    ) -> Result<Entry, NodeError> {
+        let id = Self::parse_entry_id(entry_id)?;
+        event.entry_id = Some(id.to_string());
+        let entry = self.state.store.get_entry(&id).await?;
+        let entry = self
+            .state
+            .policy
+            .check_entry(entry_id, entry.as_ref(), agent)?;
+        event.spiffe_id = Some(entry.spiffe_id.to_string());
+        Ok(entry.clone())
+    }
+
+    fn bundle(&self) -> Vec<Vec<u8>> {
+        self.state.bundle_der()
+    }
+}
+
+fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedSvid>> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.svid.clone())
+}
+
+fn svid_message(id: &ScopedId, issued: IssuedSvid) -> pb::Svid {
+    pb::Svid {
+        spiffe_id: id.to_string(),
+        cert_chain: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
+        serial: issued.serial.to_hex(),
+        not_after: unix_secs(issued.not_after),
+    }
+}
+
+fn entry_message(entry: Entry) -> pb::Entry {
+    pb::Entry {
+        id: entry.id.to_string(),
+        spiffe_id: entry.spiffe_id.to_string(),
+        selectors: entry.selectors.iter().map(|s| s.to_string()).collect(),
+        scopes: entry.scopes.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds: entry.ttl_secs,
+        dns_names: entry.dns_names,
+    }
+}
+
+fn event(action: &str) -> AuditEvent {
+    AuditEvent {
+        action: action.into(),
+        ..AuditEvent::default()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    async fn attest(
+        &self,
+        request: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let req = request.into_inner();
+        let mut event = event("agent.attest");
+        event.attestor = Some(req.attestor.chars().take(64).collect());
+        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
+            if req.attestor != mayfly_attestors::join_token::NAME {
+                return Err(Refusal::Invalid(format!(
+                    "unknown node attestor '{}'; this server accepts: join_token",
+                    event.attestor.as_deref().unwrap_or_default()
+                ))
+                .into());
+            }
+            if req.evidence.len() > MAX_EVIDENCE_LEN {
+                return Err(
+                    Refusal::Invalid("the attestation evidence is too large".into()).into(),
+                );
+            }
+            Self::check_csr_size(&req.csr)?;
+            let claim = JoinTokenAttestor
+                .verify(&req.evidence)
+                .map_err(|e| Refusal::Invalid(e.to_string()))?;
+            let NodeClaim::SingleUseSecret {
+                secret_hash,
+                node_id,
+            } = claim;
+            let agent_id = self
+                .state
+                .policy
+                .agent_id(JoinTokenAttestor.name(), &node_id)?;
+            event.agent_id = Some(agent_id.to_string());
+            // The CSR is checked before the token is spent, so a bad request does not burn it.
+            svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
+            let now = SystemTime::now();
+            if self
+                .state
+                .store
+                .consume_join_token(&secret_hash, unix_secs(now))
+                .await?
+                .is_none()
+            {
+                return Err(Refusal::TokenRefused.into());
+            }
+            let id = ScopedId::new(agent_id.clone(), Default::default()).map_err(Refusal::from)?;
+            let issued = self
+                .issue_audited(&id, &req.csr, self.state.agent_ttl, &[], event.clone())
+                .await?;
+            let record = AgentRecord {
+                spiffe_id: agent_id,
+                attestor: JoinTokenAttestor.name().into(),
+                current_serial: issued.serial.to_hex(),
+                next_serial: None,
+                not_after: unix_secs(issued.not_after),
+                banned: false,
+                created_at: unix_secs(now),
+            };
+            self.state.store.create_agent(&record).await?;
+            Ok((id, issued))
+        }
+        .await;
+        match result {
+            Ok((id, issued)) => Ok(Response::new(pb::AttestResponse {
+                svid: Some(svid_message(&id, issued)),
+                bundle: self.bundle(),
+            })),
+            Err(e) => Err(self.refuse(event, e).await),
+        }
+    }
+
+    async fn renew_agent(
+        &self,
+        request: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        let mut event = event("agent.renew");
+        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
+            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            Self::check_csr_size(&req.csr)?;
+            let id = ScopedId::new(agent.spiffe_id.clone(), Default::default())
+                .map_err(Refusal::from)?;
+            let presented = peer.as_ref().map(|p| p.serial.to_hex()).unwrap_or_default();
+            // Sign first, record the new serial, then audit: if the agent's standing changed
+            // meanwhile (banned, evicted, renewed elsewhere) the store refuses the serial and
+            // the new SVID is never returned.
+            let key = svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
+            let authority = self.state.cas.current();
+            let spec = LeafSpec {
+                id: &id,
+                key: &key,
+                ttl: self.state.agent_ttl,
+                dns_names: &[],
+            };
+            let issued =
+                svid::issue(&authority, &spec, SystemTime::now()).map_err(NodeError::Sign)?;
+            let serial = issued.serial.to_hex();
+            if !self
+                .state
+                .store
+                .set_agent_next_serial(
+                    &agent.spiffe_id,
+                    &presented,
+                    &serial,
+                    unix_secs(issued.not_after),
+                )
+                .await?
+            {
+                return Err(Refusal::SupersededSvid {
+                    agent: agent.spiffe_id.to_string(),
+                    serial: presented,
+                }
+                .into());
+            }
+            let mut allow = event.clone();
+            allow.decision = Some(Decision::Allow);
+            allow.reason = "issued".into();
+            allow.spiffe_id = Some(id.to_string());
+            allow.serial = Some(serial);
+            allow.not_after = Some(unix_secs(issued.not_after));
+            self.state.audit.record(allow).await?;
+            Ok((id, issued))
+        }
+        .await;
+        match result {
+            Ok((id, issued)) => Ok(Response::new(pb::RenewAgentResponse {
+                svid: Some(svid_message(&id, issued)),
+                bundle: self.bundle(),
+            })),
+            Err(e) => Err(self.refuse(event, e).await),
+        }
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        let mut event = event("entries.list");
+        let result: Result<pb::ListEntriesResponse, NodeError> = async {
+            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            let revision = self.state.store.entries_revision().await?;
+            if revision == req.known_revision {
+                return Ok(pb::ListEntriesResponse {
+                    revision,
+                    unchanged: true,
+                    entries: Vec::new(),
+                    bundle: self.bundle(),
+                });
+            }
+            let entries = self
+                .state
+                .store
+                .list_entries_by_parent(&agent.spiffe_id)
+                .await?;
+            Ok(pb::ListEntriesResponse {
+                revision,
+                unchanged: false,
+                entries: entries.into_iter().map(entry_message).collect(),
+                bundle: self.bundle(),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(|e| {
+            // Listing is not an issuance: refusals are returned, not audited, so a polling
+            // banned agent cannot flood the log.
+            e.status()
+        })
+    }
+
+    async fn issue_identity(
+        &self,
+        request: Request<pb::IssueIdentityRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        let mut event = event("svid.identity");
+        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
+            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            Self::check_csr_size(&req.csr)?;
+            let entry = self
+                .entry_for(&req.entry_id, &agent.spiffe_id, &mut event)
+                .await?;
+            let (id, ttl) = self.state.policy.identity_grant(&entry)?;
+            let issued = self
+                .issue_audited(&id, &req.csr, ttl, &entry.dns_names, event.clone())
+                .await?;
+            Ok((id, issued))
+        }
+        .await;
+        match result {
+            Ok((id, issued)) => Ok(Response::new(pb::IssueResponse {
+                svid: Some(svid_message(&id, issued)),
+            })),
+            Err(e) => Err(self.refuse(event, e).await),
+        }
+    }
+
+    async fn issue_task(
+        &self,
+        request: Request<pb::IssueTaskRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        let mut event = event("svid.task");
+        event.task_id = Some(req.task_id.chars().take(policy::MAX_TASK_ID_LEN).collect());
+        event.scopes = req
+            .scopes
+            .iter()
+            .take(policy::MAX_SCOPES)
+            .map(|s| s.chars().take(600).collect())
+            .collect();
+        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
+            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            check_task_id(&req.task_id)?;
+            Self::check_csr_size(&req.csr)?;
+            let entry = self
+                .entry_for(&req.entry_id, &agent.spiffe_id, &mut event)
+                .await?;
+            let (id, ttl) = self
+                .state
+                .policy
+                .task_grant(&entry, &req.scopes, req.ttl_seconds)?;
+            event.scopes = id.scopes().iter().map(|s| s.to_string()).collect();
+            let issued = self
+                .issue_audited(&id, &req.csr, ttl, &entry.dns_names, event.clone())
+                .await?;
+            Ok((id, issued))
+        }
+        .await;
+        match result {
+            Ok((id, issued)) => Ok(Response::new(pb::IssueResponse {
+                svid: Some(svid_message(&id, issued)),
+            })),
+            Err(e) => Err(self.refuse(event, e).await),
+        }
+    }
+}

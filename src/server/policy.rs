@@ -1,0 +1,269 @@
+//! Issuance policy: who may have which SVID, with which scopes, for how long.
+//!
+//! The policy is pure: it judges records the node API has read from the store and says yes
+//! (with exactly what to issue) or no (with a [`Refusal`] that names the reason). Identity and
+//! scopes come from the entry and the request, never from the CSR.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::id::{IdError, Scope, ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::store::{AgentRecord, Entry};
+use crate::svid::VerifiedSvid;
+
+/// The default SVID lifetime: minutes, so a stolen credential is soon worthless.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// No entry may allow SVIDs longer-lived than this.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// The longest task ID.
+pub const MAX_TASK_ID_LEN: usize = 128;
+/// The most scopes one request may name.
+pub const MAX_SCOPES: usize = 64;
+
+/// Why a request was refused. Each variant is one sentence an operator or agent can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The call needs an agent SVID and the connection presented none.
+    #[error("this call needs mTLS with an agent SVID; attest first")]
+    NotAuthenticated,
+    /// The client certificate is an SVID, but not an agent's.
+    #[error("{0} is not an agent identity; only agents may call the node API")]
+    NotAnAgent(String),
+    /// The agent is not in the store: evicted, or never attested.
+    #[error(
+        "agent {0} is unknown to the server (evicted or never attested); attest again with a new join token"
+    )]
+    UnknownAgent(String),
+    /// The agent was banned by an operator.
+    #[error("agent {0} is banned; an operator must register a new agent")]
+    Banned(String),
+    /// The agent presented an SVID that was replaced by a renewal it already used.
+    #[error(
+        "agent {agent} presented SVID {serial}, which has been superseded by a renewal; use the newest agent SVID"
+    )]
+    SupersededSvid {
+        /// The agent.
+        agent: String,
+        /// The serial it presented.
+        serial: String,
+    },
+    /// The agent's SVID expired during a long-lived connection.
+    #[error("agent {0} presented an expired SVID; renew it or attest again")]
+    ExpiredSvid(String),
+    /// The entry does not exist, or belongs to another agent (the two are not told apart, so
+    /// an agent cannot probe for other agents' entries).
+    #[error("entry {0} does not exist or is not registered to this agent")]
+    EntryNotAuthorized(String),
+    /// A scope asked for is not among the entry's.
+    #[error("scope {scope} is not granted by entry {entry}; ask only for the entry's scopes")]
+    ScopeNotGranted {
+        /// The scope asked for.
+        scope: String,
+        /// The entry.
+        entry: String,
+    },
+    /// The TTL asked for is above the entry's ceiling.
+    #[error("a TTL of {asked}s is above entry {entry}'s ceiling of {ceiling}s; ask for less")]
+    TtlAboveCeiling {
+        /// Seconds asked for.
+        asked: u64,
+        /// The entry's ceiling, in seconds.
+        ceiling: u64,
+        /// The entry.
+        entry: String,
+    },
+    /// A request field is malformed; the text says which and how.
+    #[error("{0}")]
+    Invalid(String),
+    /// The join token is unknown, spent or expired.
+    #[error(
+        "the join token is unknown, already used or expired; generate a new one with `mayfly token generate`"
+    )]
+    TokenRefused,
+}
+
+impl Refusal {
+    /// Whether the request itself was malformed (as opposed to not allowed).
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self, Self::Invalid(_))
+    }
+}
+
+impl From<IdError> for Refusal {
+    fn from(e: IdError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+/// Unix seconds of `t` (0 before the epoch).
+pub fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Checks a task ID: 1 to 128 characters of `[A-Za-z0-9._:-]`.
+///
+/// # Errors
+/// [`Refusal::Invalid`] otherwise.
+pub fn check_task_id(task_id: &str) -> Result<(), Refusal> {
+    let ok = !task_id.is_empty()
+        && task_id.len() <= MAX_TASK_ID_LEN
+        && task_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::Invalid(
+            "a task ID is 1 to 128 characters of letters, digits, '.', '_', ':' or '-'".into(),
+        ))
+    }
+}
+
+/// The standing of an agent that passed [`IssuancePolicy::check_agent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It used its current SVID.
+    Current,
+    /// It used its renewed SVID for the first time: the old one is now superseded.
+    FirstUseOfNext,
+}
+
+/// What the server grants and to whom.
+#[derive(Debug, Clone)]
+pub struct IssuancePolicy {
+    trust_domain: TrustDomain,
+}
+
+impl IssuancePolicy {
+    /// The policy for `trust_domain`.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self { trust_domain }
+    }
+
+    /// The SPIFFE ID an agent admitted by `attestor` for `node_id` gets.
+    ///
+    /// # Errors
+    /// [`Refusal::Invalid`] when the node ID cannot be a path segment.
+    pub fn agent_id(&self, attestor: &str, node_id: &str) -> Result<SpiffeId, Refusal> {
+        Ok(self
+            .trust_domain
+            .join(&format!("/mayfly/agent/{attestor}/{node_id}"))?)
+    }
+
+    /// Whether `id` is an agent identity of this trust domain.
+    pub fn is_agent_id(&self, id: &SpiffeId) -> bool {
+        id.trust_domain_name() == self.trust_domain.as_str()
+            && id.path().starts_with("/mayfly/agent/")
+    }
+
+    /// Checks that the peer is an agent in good standing: known, not banned, presenting its
+    /// current or next SVID, not expired.
+    ///
+    /// # Errors
+    /// The [`Refusal`] naming the first failed check.
+    pub fn check_agent(
+        &self,
+        peer: Option<&VerifiedSvid>,
+        record: Option<&AgentRecord>,
+        now: SystemTime,
+    ) -> Result<Standing, Refusal> {
+        let peer = peer.ok_or(Refusal::NotAuthenticated)?;
+        let id = peer.id.spiffe_id();
+        if !self.is_agent_id(id) || !peer.id.scopes().is_empty() {
+            return Err(Refusal::NotAnAgent(id.to_string()));
+        }
+        let record = record.ok_or_else(|| Refusal::UnknownAgent(id.to_string()))?;
+        if record.banned {
+            return Err(Refusal::Banned(id.to_string()));
+        }
+        if peer.not_after <= now {
+            return Err(Refusal::ExpiredSvid(id.to_string()));
+        }
+        let serial = peer.serial.to_hex();
+        if serial == record.current_serial {
+            Ok(Standing::Current)
+        } else if record.next_serial.as_deref() == Some(serial.as_str()) {
+            Ok(Standing::FirstUseOfNext)
+        } else {
+            Err(Refusal::SupersededSvid {
+                agent: id.to_string(),
+                serial,
+            })
+        }
+    }
+
+    /// Checks that `entry` exists and belongs to `agent`.
+    ///
+    /// # Errors
+    /// [`Refusal::EntryNotAuthorized`].
+    pub fn check_entry<'e>(
+        &self,
+        entry_id: &str,
+        entry: Option<&'e Entry>,
+        agent: &SpiffeId,
+    ) -> Result<&'e Entry, Refusal> {
+        match entry {
+            Some(e) if &e.parent_id == agent => Ok(e),
+            _ => Err(Refusal::EntryNotAuthorized(entry_id.to_owned())),
+        }
+    }
+
+    /// What an identity SVID for `entry` is: its ID without scopes, for its full TTL ceiling.
+    ///
+    /// # Errors
+    /// [`Refusal::Invalid`] if the stored ID cannot be encoded.
+    pub fn identity_grant(&self, entry: &Entry) -> Result<(ScopedId, Duration), Refusal> {
+        let id = ScopedId::new(entry.spiffe_id.clone(), ScopeSet::new())?;
+        Ok((id, Duration::from_secs(entry.ttl_secs.into())))
+    }
+
+    /// What a task SVID for `entry` is: exactly the scopes asked for (a non-empty subset of the
+    /// entry's), for `ttl_secs` (0: the default, cut to the ceiling).
+    ///
+    /// # Errors
+    /// [`Refusal::Invalid`] for malformed or missing scopes, [`Refusal::ScopeNotGranted`],
+    /// [`Refusal::TtlAboveCeiling`].
+    pub fn task_grant(
+        &self,
+        entry: &Entry,
+        scopes: &[String],
+        ttl_secs: u32,
+    ) -> Result<(ScopedId, Duration), Refusal> {
+        if scopes.is_empty() {
+            return Err(Refusal::Invalid(
+                "a task SVID needs at least one scope; name the scopes this task needs".into(),
+            ));
+        }
+        if scopes.len() > MAX_SCOPES {
+            return Err(Refusal::Invalid(format!(
+                "a task may ask for at most {MAX_SCOPES} scopes"
+            )));
+        }
+        let mut granted = ScopeSet::new();
+        for text in scopes {
+            let scope = Scope::parse(text)?;
+            if !entry.scopes.contains(&scope) {
+                return Err(Refusal::ScopeNotGranted {
+                    scope: scope.to_string(),
+                    entry: entry.id.to_string(),
+                });
+            }
+            granted.insert(scope);
+        }
+        let ceiling = u64::from(entry.ttl_secs);
+        let ttl = match u64::from(ttl_secs) {
+            0 => ceiling.min(DEFAULT_TTL.as_secs()),
+            asked if asked > ceiling => {
+                return Err(Refusal::TtlAboveCeiling {
+                    asked,
+                    ceiling,
+                    entry: entry.id.to_string(),
+                });
+            }
+            asked => asked,
+        };
+        let id = ScopedId::new(entry.spiffe_id.clone(), granted)?;
+        Ok((id, Duration::from_secs(ttl)))
+    }
+}

@@ -1,0 +1,295 @@
+//! The registration store: entries, join tokens, agents, CA certificates and the audit log.
+//!
+//! One [`Store`] trait, two engines behind it: SQLite ([`sqlite::SqliteStore`], the embedded
+//! default, a WAL file in the server's data dir) and PostgreSQL ([`postgres::PostgresStore`],
+//! for several server replicas sharing one database). Both pass the same conformance suite
+//! (`tests/store_conformance.rs`). Schema changes are sqlx migrations under `migrations/`.
+
+pub mod postgres;
+mod rows;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use mayfly_attestors::Selector;
+
+use crate::audit::{AuditEvent, AuditRecord};
+use crate::id::{ScopeSet, SpiffeId};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("could not apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be read back as a valid value (the database was edited by hand
+    /// or is from an incompatible version).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The record already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The URL names no engine Mayfly supports.
+    #[error("unsupported database URL '{0}': use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+}
+
+/// An entry's ID: 32 lowercase hex digits, random.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId(String);
+
+impl EntryId {
+    /// A new random ID.
+    ///
+    /// # Panics
+    /// Only if the operating system's random source fails.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system random source failed");
+        Self(hex::encode(bytes))
+    }
+
+    /// Validates an ID given by a caller: exactly 32 lowercase hex digits.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] is never returned; `None` means the text is not an entry ID.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(s.to_owned()))
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A registration entry: an identity, who may receive it, and the ceiling of what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The entry's ID.
+    pub id: EntryId,
+    /// The identity (never containing the reserved `scope` segment).
+    pub spiffe_id: SpiffeId,
+    /// The agent that may ask for it.
+    pub parent_id: SpiffeId,
+    /// The selectors a workload must all have (sorted, unique, non-empty).
+    pub selectors: Vec<Selector>,
+    /// The scopes a task SVID may carry at most.
+    pub scopes: ScopeSet,
+    /// The longest TTL an SVID for this entry may have, in seconds.
+    pub ttl_secs: u32,
+    /// DNS names to put in its SVIDs.
+    pub dns_names: Vec<String>,
+    /// When it was created, Unix seconds.
+    pub created_at: i64,
+}
+
+/// A stored join token: only its hash, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+    /// The node ID the agent gets.
+    pub node_id: String,
+    /// After this Unix second the token is dead.
+    pub expires_at: i64,
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// Its SPIFFE ID, `spiffe://<td>/mayfly/agent/<attestor>/<node id>`.
+    pub spiffe_id: SpiffeId,
+    /// The node attestor that admitted it.
+    pub attestor: String,
+    /// Serial (hex) of the SVID it currently holds.
+    pub current_serial: String,
+    /// Serial (hex) of a renewed SVID it has been sent but not used yet.
+    pub next_serial: Option<String>,
+    /// `notAfter` of the newest agent SVID, Unix seconds.
+    pub not_after: i64,
+    /// Banned agents are refused at their next call.
+    pub banned: bool,
+    /// When it first attested, Unix seconds.
+    pub created_at: i64,
+}
+
+/// A CA certificate published in the trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaCertRecord {
+    /// SHA-256 of the DER, hex: the record's key.
+    pub fingerprint: String,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+    /// Its `notAfter`, Unix seconds: after that it leaves the bundle.
+    pub not_after: i64,
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only records with a sequence number above this.
+    pub after_seq: i64,
+    /// Only records of this task.
+    pub task_id: Option<String>,
+    /// At most this many (oldest first); 0 means no limit.
+    pub limit: u32,
+}
+
+/// The registration store. Every method is one atomic operation.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Adds an entry.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when an entry with the same SPIFFE ID, parent and
+    /// selectors exists; [`StoreError::Database`] otherwise.
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+    /// One entry by ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError>;
+    /// All entries, ordered by SPIFFE ID then ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// The entries whose parent is `parent`, ordered by SPIFFE ID then ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
+    /// Deletes an entry; `false` when there was none.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError>;
+    /// A number that grows whenever an entry is created or deleted, so agents can poll cheaply.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn entries_revision(&self) -> Result<i64, StoreError>;
+
+    /// Stores a new join token.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] for a repeated hash; [`StoreError::Database`].
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Consumes a join token atomically: of any number of concurrent calls with one hash,
+    /// exactly one gets the record, and only while `now < expires_at`. A consumed or expired
+    /// token is gone.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn consume_join_token(
+        &self,
+        secret_hash: &[u8; 32],
+        now: i64,
+    ) -> Result<Option<JoinTokenRecord>, StoreError>;
+
+    /// Adds an agent, or replaces an evicted agent's record on re-attestation.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when an agent with this ID exists;
+    /// [`StoreError::Database`].
+    async fn create_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// One agent by SPIFFE ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
+    /// All agents, ordered by SPIFFE ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Records a renewed agent SVID as the agent's next serial, only if `presented_serial`
+    /// is still its current or next serial and it is not banned; `false` otherwise.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn set_agent_next_serial(
+        &self,
+        id: &SpiffeId,
+        presented_serial: &str,
+        next_serial: &str,
+        not_after: i64,
+    ) -> Result<bool, StoreError>;
+    /// Makes `serial` the agent's current serial if it is its next one (the agent has started
+    /// using its renewed SVID, so the old one is superseded); `false` otherwise.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError>;
+    /// Bans an agent; `false` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn ban_agent(&self, id: &SpiffeId) -> Result<bool, StoreError>;
+    /// Deletes an agent so it must attest again; `false` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<bool, StoreError>;
+
+    /// Publishes a CA certificate in the bundle (idempotent by fingerprint).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn put_ca_cert(&self, cert: &CaCertRecord) -> Result<(), StoreError>;
+    /// The CA certificates still valid at `now`, ordered by fingerprint.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError>;
+
+    /// Appends events to the hash-chained audit log in one transaction, in order, and returns
+    /// their records. When this returns, the records are durable. Concurrent appenders (also
+    /// from other replicas) are serialised so the chain stays linear.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when a record repeats an issued serial number (nothing is
+    /// written then); [`StoreError::Database`].
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Audit records in sequence order.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The sequence number and hash of the newest record, as the chain head remembers them
+    /// (`(0, [0; 32])` when empty). `audit verify` compares it with the last record, so deleting
+    /// records at the end is detected too.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn audit_head(&self) -> Result<(i64, [u8; 32]), StoreError>;
+}
+
+/// Opens the store a URL names: `sqlite://PATH` (created if missing) or `postgres://…`, and
+/// applies migrations.
+///
+/// # Errors
+/// [`StoreError::UnsupportedUrl`], [`StoreError::Database`] or [`StoreError::Migrate`].
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
+        ))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}

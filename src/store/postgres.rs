@@ -1,0 +1,474 @@
+//! The PostgreSQL engine: for several server replicas sharing one database.
+//!
+//! Every operation is one statement or one transaction, so replicas need no coordination of
+//! their own: join tokens are consumed with a single `DELETE … RETURNING`, and audit appenders
+//! lock the one `audit_head` row (`SELECT … FOR UPDATE`) so the hash chain stays linear
+//! whichever replica writes. Audit transactions commit with `synchronous_commit = on`, so a
+//! record is durable (flushed to the WAL) before the SVID it describes is returned, even when
+//! the server's default is relaxed.
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::rows::{
+    self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
+    entry_columns,
+};
+use super::{
+    AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store, StoreError,
+};
+use crate::audit::{self, AuditEvent, AuditRecord, Decision};
+use crate::id::SpiffeId;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Connections per server replica.
+const MAX_CONNECTIONS: u32 = 10;
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://USER@HOST/DB`) and applies migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the URL is malformed or the database cannot be reached,
+    /// [`StoreError::Migrate`] when the schema cannot be brought up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_options(url.parse()?).await
+    }
+
+    /// Like [`PostgresStore::connect`], with every connection's `search_path` set to `schema`,
+    /// so Mayfly's tables (and its migration history) live in that schema, which must exist.
+    /// Lets several stores share one database: tests use a fresh schema each.
+    ///
+    /// # Errors
+    /// [`StoreError::UnsupportedUrl`] when `schema` is not a plain lowercase identifier
+    /// (`[a-z_][a-z0-9_]*`, at most 63 bytes); otherwise as [`PostgresStore::connect`].
+    pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        let plain = !schema.is_empty()
+            && schema.len() <= 63
+            && !schema.starts_with(|c: char| c.is_ascii_digit())
+            && schema
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+        if !plain {
+            return Err(StoreError::UnsupportedUrl(format!(
+                "{url} (schema '{schema}' is not a plain lowercase identifier)"
+            )));
+        }
+        let options: PgConnectOptions = url.parse()?;
+        Self::connect_options(options.options([("search_path", schema)])).await
+    }
+
+    /// Connects with `options` and applies migrations.
+    ///
+    /// # Errors
+    /// As [`PostgresStore::connect`].
+    pub async fn connect_options(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for tests and maintenance.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes every connection, waiting for them to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        let columns = EntryColumns::new(entry);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, scopes, ttl_secs, \
+             dns_names, created_at, identity_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(entry.id.as_str())
+        .bind(entry.spiffe_id.as_str())
+        .bind(entry.parent_id.as_str())
+        .bind(&columns.selectors)
+        .bind(&columns.scopes)
+        .bind(columns.ttl_secs)
+        .bind(&columns.dns_names)
+        .bind(entry.created_at)
+        .bind(&columns.identity_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| rows::entry_exists(e, entry))?;
+        sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Entry::try_from)
+        .transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries ORDER BY spiffe_id, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Entry::try_from)
+        .collect()
+    }
+
+    async fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE parent_id = $1 \
+             ORDER BY spiffe_id, id"
+        ))
+        .bind(parent.as_str())
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(Entry::try_from)
+        .collect()
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if deleted {
+            sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn entries_revision(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM entries_revision WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (secret_hash, node_id, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(&token.secret_hash[..])
+        .bind(&token.node_id)
+        .bind(token.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| rows::unique_violation(e, || "a join token with this secret".to_owned()))?;
+        Ok(())
+    }
+
+    async fn consume_join_token(
+        &self,
+        secret_hash: &[u8; 32],
+        now: i64,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        // One statement: concurrent deleters of one row serialise on its row lock, and only the
+        // first one gets it back. An expired token is deleted too.
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "DELETE FROM join_tokens WHERE secret_hash = $1 RETURNING node_id, expires_at",
+        )
+        .bind(&secret_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .filter(|&(_, expires_at)| now < expires_at)
+            .map(|(node_id, expires_at)| JoinTokenRecord {
+                secret_hash: *secret_hash,
+                node_id,
+                expires_at,
+            }))
+    }
+
+    async fn create_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestor, current_serial, next_serial, not_after, \
+             banned, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(agent.spiffe_id.as_str())
+        .bind(&agent.attestor)
+        .bind(&agent.current_serial)
+        .bind(agent.next_serial.as_deref())
+        .bind(agent.not_after)
+        .bind(agent.banned)
+        .bind(agent.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| rows::unique_violation(e, || format!("agent {}", agent.spiffe_id)))?;
+        Ok(())
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
+        sqlx::query_as::<_, AgentRow>(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents WHERE spiffe_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(AgentRecord::try_from)
+        .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        sqlx::query_as::<_, AgentRow>(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents ORDER BY spiffe_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(AgentRecord::try_from)
+        .collect()
+    }
+
+    async fn set_agent_next_serial(
+        &self,
+        id: &SpiffeId,
+        presented_serial: &str,
+        next_serial: &str,
+        not_after: i64,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE agents SET next_serial = $3, not_after = $4 \
+             WHERE spiffe_id = $1 AND NOT banned \
+             AND (current_serial = $2 OR next_serial = $2)",
+        )
+        .bind(id.as_str())
+        .bind(presented_serial)
+        .bind(next_serial)
+        .bind(not_after)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated > 0)
+    }
+
+    /// `true` when `serial` was the next serial and is now current, and also when it already
+    /// was the current one (a repeated promotion is harmless, so callers can retry); `false`
+    /// for an unknown agent or any other serial, such as a superseded one.
+    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError> {
+        let promoted = sqlx::query(
+            "UPDATE agents SET current_serial = next_serial, next_serial = NULL \
+             WHERE spiffe_id = $1 AND next_serial = $2",
+        )
+        .bind(id.as_str())
+        .bind(serial)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0;
+        if promoted {
+            return Ok(true);
+        }
+        let current: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM agents WHERE spiffe_id = $1 AND current_serial = $2")
+                .bind(id.as_str())
+                .bind(serial)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(current.is_some())
+    }
+
+    async fn ban_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE agents SET banned = TRUE WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn put_ca_cert(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ca_certs (fingerprint, der, not_after) VALUES ($1, $2, $3) \
+             ON CONFLICT (fingerprint) DO NOTHING",
+        )
+        .bind(&cert.fingerprint)
+        .bind(&cert.der)
+        .bind(cert.not_after)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError> {
+        // A certificate is valid through its notAfter second (RFC 5280 §4.1.2.5).
+        Ok(sqlx::query_as::<_, CaCertRow>(
+            "SELECT fingerprint, der, not_after FROM ca_certs WHERE not_after >= $1 \
+             ORDER BY fingerprint",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(CaCertRecord::from)
+        .collect())
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<Vec<AuditRecord>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
+        // The row lock serialises appenders across connections and replicas; under READ
+        // COMMITTED a waiter reads the head as its predecessor committed it.
+        let (head_seq, head_hash) = rows::audit_head(
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?,
+        )?;
+        let records = audit::chain(head_seq, head_hash, events);
+
+        // One statement for the whole batch, column by column.
+        let n = records.len();
+        let mut seq = Vec::with_capacity(n);
+        let mut time_ms = Vec::with_capacity(n);
+        let mut action = Vec::with_capacity(n);
+        let mut decision = Vec::with_capacity(n);
+        let mut reason = Vec::with_capacity(n);
+        let mut agent_id = Vec::with_capacity(n);
+        let mut attestor = Vec::with_capacity(n);
+        let mut entry_id = Vec::with_capacity(n);
+        let mut spiffe_id = Vec::with_capacity(n);
+        let mut task_id = Vec::with_capacity(n);
+        let mut scopes = Vec::with_capacity(n);
+        let mut serial = Vec::with_capacity(n);
+        let mut not_after = Vec::with_capacity(n);
+        let mut prev_hash = Vec::with_capacity(n);
+        let mut hash = Vec::with_capacity(n);
+        for record in &records {
+            let event = &record.event;
+            seq.push(record.seq);
+            time_ms.push(event.time_ms);
+            action.push(event.action.as_str());
+            decision.push(event.decision.map(Decision::as_str));
+            reason.push(event.reason.as_str());
+            agent_id.push(event.agent_id.as_deref());
+            attestor.push(event.attestor.as_deref());
+            entry_id.push(event.entry_id.as_deref());
+            spiffe_id.push(event.spiffe_id.as_deref());
+            task_id.push(event.task_id.as_deref());
+            scopes.push(rows::audit_scopes(event));
+            serial.push(event.serial.as_deref());
+            not_after.push(event.not_after);
+            prev_hash.push(record.prev_hash.to_vec());
+            hash.push(record.hash.to_vec());
+        }
+        sqlx::query(concat!(
+            "INSERT INTO audit (",
+            audit_columns!(),
+            ") SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+             $11::text[], $12::text[], $13::bigint[], $14::bytea[], $15::bytea[])"
+        ))
+        .bind(&seq)
+        .bind(&time_ms)
+        .bind(&action)
+        .bind(&decision)
+        .bind(&reason)
+        .bind(&agent_id)
+        .bind(&attestor)
+        .bind(&entry_id)
+        .bind(&spiffe_id)
+        .bind(&task_id)
+        .bind(&scopes)
+        .bind(&serial)
+        .bind(&not_after)
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            rows::unique_violation(e, || {
+                "an audit record with one of these serial numbers".to_owned()
+            })
+        })?;
+        if let Some(last) = records.last() {
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(last.seq)
+                .bind(&last.hash[..])
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(records)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        sqlx::query_as::<_, AuditRow>(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit WHERE seq > $1 AND ($2::text IS NULL OR task_id = $2) \
+             ORDER BY seq LIMIT $3"
+        ))
+        .bind(filter.after_seq)
+        .bind(filter.task_id.as_deref())
+        .bind(rows::limit(filter.limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(AuditRecord::try_from)
+        .collect()
+    }
+
+    async fn audit_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
+        rows::audit_head(
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}

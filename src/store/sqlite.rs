@@ -1,0 +1,470 @@
+//! The SQLite engine: the embedded default, one WAL file in the server's data dir.
+//!
+//! Durability: `synchronous=FULL`, so a committed audit record is on disk before the SVID it
+//! describes is returned. Concurrency: every write goes through one writer connection (a
+//! pool of one, which queues callers fairly), and multi-statement writes open with
+//! `BEGIN IMMEDIATE`, so they take SQLite's write lock up front and wait for it (busy timeout
+//! 5 s) instead of failing when another process writes the same file. Reads use a separate pool
+//! and, thanks to WAL, never wait for the writer.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+
+use super::rows::{
+    self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
+    entry_columns,
+};
+use super::{
+    AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store, StoreError,
+};
+use crate::audit::{self, AuditEvent, AuditRecord, Decision};
+use crate::id::SpiffeId;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Connections for concurrent reads.
+const READERS: u32 = 4;
+/// How long a statement waits for another connection's (or process's) write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// The single connection every write goes through.
+    writer: SqlitePool,
+    /// Connections for reads.
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and applies migrations.
+    ///
+    /// A missing parent directory is created with mode 0700 and a missing database file with
+    /// mode 0600 (SQLite gives its `-wal` and `-shm` files the same mode).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the file cannot be created or opened,
+    /// [`StoreError::Migrate`] when the schema cannot be brought up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        prepare_file(path).map_err(|e| {
+            StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            )))
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(options)
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    /// The pool writes go through (one connection), for tests and maintenance.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Closes every connection, waiting for them to finish.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    /// A write transaction holding SQLite's write lock from its first statement.
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Creates the parent directory (0700) and an empty database file (0600) when missing.
+fn prepare_file(path: &Path) -> std::io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        let columns = EntryColumns::new(entry);
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, scopes, ttl_secs, \
+             dns_names, created_at, identity_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(entry.id.as_str())
+        .bind(entry.spiffe_id.as_str())
+        .bind(entry.parent_id.as_str())
+        .bind(&columns.selectors)
+        .bind(&columns.scopes)
+        .bind(columns.ttl_secs)
+        .bind(&columns.dns_names)
+        .bind(entry.created_at)
+        .bind(&columns.identity_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| rows::entry_exists(e, entry))?;
+        sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.reader)
+        .await?
+        .map(Entry::try_from)
+        .transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries ORDER BY spiffe_id, id"
+        ))
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(Entry::try_from)
+        .collect()
+    }
+
+    async fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(concat!(
+            "SELECT ",
+            entry_columns!(),
+            " FROM entries WHERE parent_id = $1 ORDER BY spiffe_id, id"
+        ))
+        .bind(parent.as_str())
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(Entry::try_from)
+        .collect()
+    }
+
+    async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let deleted = sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if deleted {
+            sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn entries_revision(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM entries_revision WHERE id = 1")
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (secret_hash, node_id, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(&token.secret_hash[..])
+        .bind(&token.node_id)
+        .bind(token.expires_at)
+        .execute(&self.writer)
+        .await
+        .map_err(|e| rows::unique_violation(e, || "a join token with this secret".to_owned()))?;
+        Ok(())
+    }
+
+    async fn consume_join_token(
+        &self,
+        secret_hash: &[u8; 32],
+        now: i64,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        // One statement, so one atomic step: of concurrent callers exactly one deletes the row
+        // and gets it back. An expired token is deleted too. `fetch_all` runs the statement to
+        // completion, so its implicit transaction commits before the connection is reused.
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "DELETE FROM join_tokens WHERE secret_hash = $1 RETURNING node_id, expires_at",
+        )
+        .bind(&secret_hash[..])
+        .fetch_all(&self.writer)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .filter(|&(_, expires_at)| now < expires_at)
+            .map(|(node_id, expires_at)| JoinTokenRecord {
+                secret_hash: *secret_hash,
+                node_id,
+                expires_at,
+            }))
+    }
+
+    async fn create_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestor, current_serial, next_serial, not_after, \
+             banned, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(agent.spiffe_id.as_str())
+        .bind(&agent.attestor)
+        .bind(&agent.current_serial)
+        .bind(agent.next_serial.as_deref())
+        .bind(agent.not_after)
+        .bind(agent.banned)
+        .bind(agent.created_at)
+        .execute(&self.writer)
+        .await
+        .map_err(|e| rows::unique_violation(e, || format!("agent {}", agent.spiffe_id)))?;
+        Ok(())
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
+        sqlx::query_as::<_, AgentRow>(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents WHERE spiffe_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.reader)
+        .await?
+        .map(AgentRecord::try_from)
+        .transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        sqlx::query_as::<_, AgentRow>(concat!(
+            "SELECT ",
+            agent_columns!(),
+            " FROM agents ORDER BY spiffe_id"
+        ))
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(AgentRecord::try_from)
+        .collect()
+    }
+
+    async fn set_agent_next_serial(
+        &self,
+        id: &SpiffeId,
+        presented_serial: &str,
+        next_serial: &str,
+        not_after: i64,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE agents SET next_serial = $3, not_after = $4 \
+             WHERE spiffe_id = $1 AND banned = 0 \
+             AND (current_serial = $2 OR next_serial = $2)",
+        )
+        .bind(id.as_str())
+        .bind(presented_serial)
+        .bind(next_serial)
+        .bind(not_after)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(updated > 0)
+    }
+
+    /// `true` when `serial` was the next serial and is now current, and also when it already
+    /// was the current one (a repeated promotion is harmless, so callers can retry); `false`
+    /// for an unknown agent or any other serial, such as a superseded one.
+    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError> {
+        let promoted = sqlx::query(
+            "UPDATE agents SET current_serial = next_serial, next_serial = NULL \
+             WHERE spiffe_id = $1 AND next_serial = $2",
+        )
+        .bind(id.as_str())
+        .bind(serial)
+        .execute(&self.writer)
+        .await?
+        .rows_affected()
+            > 0;
+        if promoted {
+            return Ok(true);
+        }
+        // Read through the writer so a promotion committed just before is seen.
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM agents WHERE spiffe_id = $1 AND current_serial = $2")
+                .bind(id.as_str())
+                .bind(serial)
+                .fetch_optional(&self.writer)
+                .await?;
+        Ok(current.is_some())
+    }
+
+    async fn ban_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        let updated = sqlx::query("UPDATE agents SET banned = 1 WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn put_ca_cert(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ca_certs (fingerprint, der, not_after) VALUES ($1, $2, $3) \
+             ON CONFLICT (fingerprint) DO NOTHING",
+        )
+        .bind(&cert.fingerprint)
+        .bind(&cert.der)
+        .bind(cert.not_after)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError> {
+        // A certificate is valid through its notAfter second (RFC 5280 §4.1.2.5).
+        Ok(sqlx::query_as::<_, CaCertRow>(
+            "SELECT fingerprint, der, not_after FROM ca_certs WHERE not_after >= $1 \
+             ORDER BY fingerprint",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(CaCertRecord::from)
+        .collect())
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<Vec<AuditRecord>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write().await?;
+        let (head_seq, head_hash) = rows::audit_head(
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?,
+        )?;
+        let records = audit::chain(head_seq, head_hash, events);
+        for record in &records {
+            let event = &record.event;
+            sqlx::query(concat!(
+                "INSERT INTO audit (",
+                audit_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+            ))
+            .bind(record.seq)
+            .bind(event.time_ms)
+            .bind(&event.action)
+            .bind(event.decision.map(Decision::as_str))
+            .bind(&event.reason)
+            .bind(event.agent_id.as_deref())
+            .bind(event.attestor.as_deref())
+            .bind(event.entry_id.as_deref())
+            .bind(event.spiffe_id.as_deref())
+            .bind(event.task_id.as_deref())
+            .bind(rows::audit_scopes(event))
+            .bind(event.serial.as_deref())
+            .bind(event.not_after)
+            .bind(&record.prev_hash[..])
+            .bind(&record.hash[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                rows::unique_violation(e, || {
+                    format!(
+                        "an audit record for serial {}",
+                        event.serial.as_deref().unwrap_or("?")
+                    )
+                })
+            })?;
+        }
+        if let Some(last) = records.last() {
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(last.seq)
+                .bind(&last.hash[..])
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(records)
+    }
+
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        sqlx::query_as::<_, AuditRow>(concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit WHERE seq > $1 AND ($2 IS NULL OR task_id = $2) \
+             ORDER BY seq LIMIT coalesce($3, -1)"
+        ))
+        .bind(filter.after_seq)
+        .bind(filter.task_id.as_deref())
+        .bind(rows::limit(filter.limit))
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(AuditRecord::try_from)
+        .collect()
+    }
+
+    async fn audit_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
+        rows::audit_head(
+            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+}

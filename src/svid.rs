@@ -1,0 +1,769 @@
+//! The X509-SVID profile: build a leaf from a CSR's public key, parse and validate a chain.
+//!
+//! Issuance takes nothing from a CSR but its public key ([`parse_csr`] keeps only the
+//! SubjectPublicKeyInfo, after checking the CSR's self-signature); every field of the leaf is
+//! set here, explicitly, because rcgen's defaults are wrong for an SVID. Verification
+//! ([`verify_chain`]) applies the X509-SVID rules that rustls-webpki does not (one URI SAN that
+//! is a SPIFFE ID with a path, CA=false, no keyCertSign/cRLSign), chooses the roots by the
+//! trust domain of the leaf's SPIFFE ID, then lets webpki check the path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::string::Ia5String;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    SignatureAlgorithm,
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED448,
+    OID_SIG_ED25519, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE,
+    OID_X509_EXT_SUBJECT_ALT_NAME,
+};
+use x509_parser::prelude::FromDer;
+
+use crate::ca::Authority;
+use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain};
+
+/// The largest CSR accepted, in bytes; a P-256 CSR is a few hundred.
+pub const MAX_CSR_LEN: usize = 4096;
+/// The largest leaf certificate [`verify_chain`] parses, in bytes.
+pub const MAX_LEAF_LEN: usize = 16 * 1024;
+/// The most certificates [`verify_chain`] accepts in one chain (leaf included).
+pub const MAX_CHAIN_LEN: usize = 8;
+/// How far a leaf's notBefore is backdated, so peers with a slow clock accept it at once.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// The organization (O=) in every leaf's subject; a non-empty subject keeps the SAN extension
+/// non-critical (RFC 5280 §4.2.1.6).
+pub const LEAF_ORGANIZATION: &str = "Mayfly";
+
+/// The DER prefix of a P-256 SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { id-ecPublicKey,
+/// prime256v1 }, BIT STRING (0 unused bits) ... }, followed by the 65-byte uncompressed point.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+/// The length of a P-256 SubjectPublicKeyInfo with an uncompressed point.
+const P256_SPKI_LEN: usize = P256_SPKI_PREFIX.len() + 65;
+
+/// Why a CSR, an issuance or a chain was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    /// The CSR was longer than [`MAX_CSR_LEN`]; it was refused before any parsing.
+    #[error("the CSR is {0} bytes long, over the limit of 4096 bytes; send a P-256 CSR")]
+    CsrTooLarge(usize),
+    /// The CSR was empty, not one DER SEQUENCE, or not a PKCS#10 request.
+    #[error("the CSR is not a DER-encoded PKCS#10 request: {0}")]
+    CsrMalformed(String),
+    /// The CSR's public key was not an uncompressed ECDSA P-256 key.
+    #[error("the CSR carries {0}, but only ECDSA P-256 keys are accepted; generate a P-256 key")]
+    UnsupportedKey(String),
+    /// The CSR's self-signature was not ecdsa-with-SHA256 or did not verify with its own key.
+    #[error(
+        "the CSR's signature does not verify with the key it carries; sign it with that key using ecdsa-with-SHA256"
+    )]
+    BadSignature,
+    /// A DNS name asked for as a SAN was not a valid DNS name.
+    #[error("'{0}' is not a valid DNS name for a certificate; fix the entry's DNS names")]
+    BadDnsName(String),
+    /// The SPIFFE ID to issue is outside the trust domain the CA signs for.
+    #[error("cannot issue '{id}': this CA signs only for trust domain '{ca}'")]
+    ForeignTrustDomain {
+        /// The SPIFFE ID asked for.
+        id: String,
+        /// The CA's trust domain.
+        ca: String,
+    },
+    /// The requested lifetime was under one second.
+    #[error("the requested SVID lifetime is under one second; ask for a longer TTL")]
+    ZeroTtl,
+    /// The signing CA has already expired.
+    #[error("the signing CA has expired; restart the server so it creates a new CA")]
+    CaExpired,
+    /// The random number generator failed.
+    #[error("the system random number generator failed; check the host's entropy source")]
+    Random,
+    /// Generating a key pair failed.
+    #[error("generating a P-256 key pair failed: {0}")]
+    KeyGeneration(String),
+    /// Signing the certificate failed.
+    #[error("signing the certificate failed: {0}")]
+    Signing(String),
+    /// The chain to verify held no certificate.
+    #[error("the peer presented no certificate; an X509-SVID chain starts with its leaf")]
+    EmptyChain,
+    /// The chain to verify held more than [`MAX_CHAIN_LEN`] certificates.
+    #[error("the chain has {0} certificates, over the limit of 8")]
+    ChainTooLong(usize),
+    /// The leaf was longer than [`MAX_LEAF_LEN`]; it was refused before any parsing.
+    #[error("the leaf certificate is {0} bytes long, over the limit of 16384 bytes")]
+    LeafTooLarge(usize),
+    /// The leaf could not be parsed, or one of its extensions was malformed or repeated.
+    #[error("the leaf certificate is malformed: {0}")]
+    Malformed(String),
+    /// The leaf had no URI SAN, so no SPIFFE ID.
+    #[error("the leaf certificate has no URI SAN, so it carries no SPIFFE ID")]
+    NoUriSan,
+    /// The leaf had more than one URI SAN; the X509-SVID spec allows exactly one.
+    #[error("the leaf certificate has {0} URI SANs, but an X509-SVID has exactly one")]
+    MultipleUriSans(usize),
+    /// The leaf's URI SAN was not a valid SPIFFE ID.
+    #[error("the leaf's URI SAN is not a valid SPIFFE ID: {0}")]
+    NotSpiffe(IdError),
+    /// The SPIFFE ID (to issue, or in a leaf) had no path: it names a trust domain, not a
+    /// workload.
+    #[error("the SPIFFE ID '{0}' names a trust domain, not a workload; an SVID needs a path")]
+    RootId(String),
+    /// The leaf's SPIFFE ID carried a malformed scope list.
+    #[error("the leaf's SPIFFE ID has a malformed scope list: {0}")]
+    BadScopes(IdError),
+    /// The leaf was a CA certificate (basicConstraints CA=true).
+    #[error(
+        "the leaf certificate is a CA (basicConstraints CA=true), which an X509-SVID must not be"
+    )]
+    LeafIsCa,
+    /// The leaf allowed keyCertSign or cRLSign.
+    #[error("the leaf certificate has the key usage {0}, which an X509-SVID must not have")]
+    ForbiddenKeyUsage(&'static str),
+    /// The leaf lacked the digitalSignature key usage (or the key usage extension).
+    #[error("the leaf certificate lacks the digitalSignature key usage an X509-SVID must have")]
+    MissingDigitalSignature,
+    /// The leaf's serial number did not fit 128 bits.
+    #[error("the leaf's serial number is longer than 128 bits, which Mayfly does not accept")]
+    UnsupportedSerial,
+    /// No bundle was known for the trust domain of the leaf's SPIFFE ID.
+    #[error("no trust bundle is known for trust domain '{0}'; add it before trusting its SVIDs")]
+    UnknownTrustDomain(String),
+    /// A certificate of the chain had expired at the verification time.
+    #[error("a certificate of the chain has expired; the peer must renew its SVID")]
+    Expired,
+    /// A certificate of the chain was not yet valid at the verification time.
+    #[error("a certificate of the chain is not valid yet; check both clocks")]
+    NotYetValid,
+    /// The chain did not lead to a root of the bundle of the leaf's trust domain.
+    #[error("the chain does not lead to a root of its trust domain's bundle: {0}")]
+    Untrusted(String),
+}
+
+/// A certificate serial number: 128 random bits, positive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(pub [u8; 16]);
+
+impl Serial {
+    /// Draws a fresh serial: 16 random bytes with the top bit cleared and a non-zero first byte,
+    /// so the DER INTEGER is exactly 16 bytes and positive.
+    ///
+    /// # Panics
+    /// Only if the operating system's random number generator fails, which aws-lc treats as
+    /// fatal anyway; [`Serial::try_generate`] reports it instead.
+    pub fn generate() -> Self {
+        Self::try_generate().expect("the system random number generator failed")
+    }
+
+    /// Like [`Serial::generate`], reporting a failing random number generator.
+    ///
+    /// # Errors
+    /// [`SvidError::Random`] when the random number generator fails.
+    pub fn try_generate() -> Result<Self, SvidError> {
+        let mut bytes = [0u8; 16];
+        loop {
+            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| SvidError::Random)?;
+            bytes[0] &= 0x7f;
+            if bytes[0] != 0 {
+                return Ok(Self(bytes));
+            }
+        }
+    }
+
+    /// The serial as 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 32 hex digits (either case); `None` for anything else.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 {
+            return None;
+        }
+        let bytes = hex::decode(s).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// Takes the content bytes of a DER INTEGER serial (as in a certificate): leading zero bytes
+    /// are dropped and the rest left-padded to 16 bytes. `None` when it is negative or needs
+    /// more than 128 bits.
+    pub fn from_der_integer(bytes: &[u8]) -> Option<Self> {
+        if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+            return None;
+        }
+        let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+        let significant = &bytes[start..];
+        if significant.len() > 16 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        out[16 - significant.len()..].copy_from_slice(significant);
+        Some(Self(out))
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A public key taken from a CSR whose signature verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedKey {
+    /// The canonical DER SubjectPublicKeyInfo of an uncompressed P-256 key.
+    spki: [u8; P256_SPKI_LEN],
+}
+
+impl RequestedKey {
+    /// The key's DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    /// The uncompressed P-256 point (65 bytes, `04 || X || Y`).
+    fn point(&self) -> &[u8] {
+        &self.spki[P256_SPKI_PREFIX.len()..]
+    }
+}
+
+impl PublicKeyData for RequestedKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.point()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Whether `der` is exactly one DER SEQUENCE (tag, minimal length, no trailing bytes). Cheap,
+/// so it runs before any real parsing.
+fn is_one_der_sequence(der: &[u8]) -> bool {
+    let (Some(&0x30), Some(&first)) = (der.first(), der.get(1)) else {
+        return false;
+    };
+    let (content_len, header_len) = match first {
+        n if n < 0x80 => (usize::from(n), 2),
+        0x81 => match der.get(2) {
+            Some(&n) if n >= 0x80 => (usize::from(n), 3),
+            _ => return false,
+        },
+        0x82 => match (der.get(2), der.get(3)) {
+            (Some(&hi), Some(&lo)) if hi != 0 => (usize::from(hi) << 8 | usize::from(lo), 4),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    header_len + content_len == der.len()
+}
+
+/// Describes a key that is not P-256, for the error message.
+fn describe_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        "an elliptic-curve key on another curve, or a compressed point".to_owned()
+    } else if *alg == OID_SIG_ED25519 {
+        "an Ed25519 key".to_owned()
+    } else if *alg == OID_SIG_ED448 {
+        "an Ed448 key".to_owned()
+    } else if *alg == OID_PKCS1_RSAENCRYPTION {
+        "an RSA key".to_owned()
+    } else {
+        format!("a key of algorithm {alg}")
+    }
+}
+
+/// Parses a CSR and verifies its self-signature; only the public key is kept.
+///
+/// Size, emptiness and the outer DER SEQUENCE are checked before any parsing, so oversized or
+/// junk input costs next to nothing.
+///
+/// # Errors
+/// [`SvidError::CsrTooLarge`], [`SvidError::CsrMalformed`], [`SvidError::UnsupportedKey`] or
+/// [`SvidError::BadSignature`].
+pub fn parse_csr(der: &[u8]) -> Result<RequestedKey, SvidError> {
+    if der.len() > MAX_CSR_LEN {
+        return Err(SvidError::CsrTooLarge(der.len()));
+    }
+    if der.is_empty() {
+        return Err(SvidError::CsrMalformed("it is empty".to_owned()));
+    }
+    if !is_one_der_sequence(der) {
+        return Err(SvidError::CsrMalformed(
+            "it is not exactly one DER SEQUENCE (truncated, padded or not DER)".to_owned(),
+        ));
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| SvidError::CsrMalformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::CsrMalformed(
+            "it has bytes after the request".to_owned(),
+        ));
+    }
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    let spki_raw = spki.raw;
+    if spki_raw.len() != P256_SPKI_LEN
+        || !spki_raw.starts_with(&P256_SPKI_PREFIX)
+        || spki_raw[P256_SPKI_PREFIX.len()] != 0x04
+    {
+        return Err(SvidError::UnsupportedKey(describe_key(spki)));
+    }
+    let mut key = RequestedKey {
+        spki: [0; P256_SPKI_LEN],
+    };
+    key.spki.copy_from_slice(spki_raw);
+
+    let alg = &csr.signature_algorithm;
+    if alg.algorithm != OID_SIG_ECDSA_WITH_SHA256 || alg.parameters.is_some() {
+        return Err(SvidError::BadSignature);
+    }
+    if csr.signature_value.unused_bits != 0 {
+        return Err(SvidError::BadSignature);
+    }
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        key.point(),
+    )
+    .verify(info.raw, &csr.signature_value.data)
+    .map_err(|_| SvidError::BadSignature)?;
+    Ok(key)
+}
+
+/// What to issue.
+#[derive(Debug, Clone)]
+pub struct LeafSpec<'a> {
+    /// The identity and scopes: the one URI SAN.
+    pub id: &'a ScopedId,
+    /// The requester's public key.
+    pub key: &'a RequestedKey,
+    /// Requested lifetime (cut to the CA's notAfter).
+    pub ttl: Duration,
+    /// Extra DNS SANs.
+    pub dns_names: &'a [String],
+}
+
+/// An issued SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// Leaf first, then the CA's chain tail.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's serial.
+    pub serial: Serial,
+    /// The leaf's notAfter.
+    pub not_after: SystemTime,
+}
+
+/// Whole seconds since the Unix epoch (0 before it).
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .ok_or_else(|| SvidError::Signing(format!("time {secs} is out of range")))
+}
+
+/// Signs a leaf for `spec` with `ca` at `now`.
+///
+/// The leaf follows the X509-SVID profile exactly: one URI SAN (the scoped ID) plus the DNS
+/// SANs asked for, subject O=Mayfly, basicConstraints CA=false, keyUsage digitalSignature
+/// (critical), extendedKeyUsage serverAuth + clientAuth, a fresh random 128-bit serial,
+/// notBefore `now` − [`CLOCK_SKEW`], notAfter `now` + `ttl` cut to the CA's notAfter, and the
+/// CA's key identifier. Only `spec.key` comes from the requester.
+///
+/// # Errors
+/// [`SvidError::ForeignTrustDomain`] or [`SvidError::RootId`] for an ID this CA must not sign,
+/// [`SvidError::BadDnsName`], [`SvidError::ZeroTtl`], [`SvidError::CaExpired`], or
+/// [`SvidError::Signing`] when signing fails.
+pub fn issue(
+    ca: &Authority,
+    spec: &LeafSpec<'_>,
+    now: SystemTime,
+) -> Result<IssuedSvid, SvidError> {
+    let id = spec.id.spiffe_id();
+    if id.trust_domain_name() != ca.trust_domain().as_str() {
+        return Err(SvidError::ForeignTrustDomain {
+            id: id.to_string(),
+            ca: ca.trust_domain().to_string(),
+        });
+    }
+    if id.is_root() {
+        return Err(SvidError::RootId(id.to_string()));
+    }
+    let ttl = spec.ttl.as_secs();
+    if ttl == 0 {
+        return Err(SvidError::ZeroTtl);
+    }
+    let now_secs = unix_secs(now);
+    let ca_end = ca.not_after_unix();
+    if ca_end <= now_secs {
+        return Err(SvidError::CaExpired);
+    }
+    let not_after = now_secs.saturating_add(ttl).min(ca_end);
+    let not_before = now_secs.saturating_sub(CLOCK_SKEW.as_secs());
+
+    let mut sans = Vec::with_capacity(1 + spec.dns_names.len());
+    sans.push(SanType::URI(
+        Ia5String::try_from(id.as_str()).map_err(|e| SvidError::Signing(e.to_string()))?,
+    ));
+    for name in spec.dns_names {
+        if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
+            return Err(SvidError::BadDnsName(name.clone()));
+        }
+        let ia5 =
+            Ia5String::try_from(name.as_str()).map_err(|_| SvidError::BadDnsName(name.clone()))?;
+        sans.push(SanType::DnsName(ia5));
+    }
+
+    let serial = Serial::try_generate()?;
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::OrganizationName, LEAF_ORGANIZATION);
+
+    let mut params = CertificateParams::default();
+    params.not_before = datetime(not_before)?;
+    params.not_after = datetime(not_after)?;
+    params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+    params.subject_alt_names = sans;
+    params.distinguished_name = subject;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.name_constraints = None;
+    params.crl_distribution_points = Vec::new();
+    params.custom_extensions = Vec::new();
+    params.use_authority_key_identifier_extension = true;
+    params.key_identifier_method = KeyIdMethod::Sha256;
+
+    let leaf = params
+        .signed_by(spec.key, ca.issuer())
+        .map_err(|e| SvidError::Signing(e.to_string()))?;
+
+    let tail = ca.chain_tail();
+    let mut chain = Vec::with_capacity(1 + tail.len());
+    chain.push(CertificateDer::from(leaf));
+    chain.extend(tail.iter().cloned());
+    Ok(IssuedSvid {
+        chain,
+        serial,
+        not_after: UNIX_EPOCH + Duration::from_secs(not_after),
+    })
+}
+
+/// Trust bundles by trust domain.
+pub type Bundles = HashMap<TrustDomain, Vec<CertificateDer<'static>>>;
+
+/// An SVID that validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSvid {
+    /// Identity and scopes from the one URI SAN.
+    pub id: ScopedId,
+    /// Leaf serial.
+    pub serial: Serial,
+    /// Leaf notAfter.
+    pub not_after: SystemTime,
+}
+
+/// Whether the peer is a client or a server (extended key usage checked by webpki).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// clientAuth.
+    Client,
+    /// serverAuth.
+    Server,
+}
+
+/// The one extension with `oid`, refusing duplicates.
+fn unique_extension<'c, 'a>(
+    cert: &'c X509Certificate<'a>,
+    oid: &x509_parser::der_parser::oid::Oid<'_>,
+    name: &str,
+) -> Result<Option<&'c ParsedExtension<'a>>, SvidError> {
+    cert.get_extension_unique(oid)
+        .map(|ext| ext.map(|e| e.parsed_extension()))
+        .map_err(|_| SvidError::Malformed(format!("it has more than one {name} extension")))
+}
+
+/// The leaf's one SPIFFE ID, after the X509-SVID SAN rules.
+fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let uris: Vec<&str> =
+        match unique_extension(cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
+            None => Vec::new(),
+            Some(ParsedExtension::SubjectAlternativeName(san)) => san
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::URI(uri) => Some(*uri),
+                    _ => None,
+                })
+                .collect(),
+            Some(_) => {
+                return Err(SvidError::Malformed(
+                    "its subjectAltName extension cannot be parsed".to_owned(),
+                ));
+            }
+        };
+    let uri = match uris.as_slice() {
+        [] => return Err(SvidError::NoUriSan),
+        [one] => *one,
+        many => return Err(SvidError::MultipleUriSans(many.len())),
+    };
+    let id = SpiffeId::parse(uri).map_err(SvidError::NotSpiffe)?;
+    if id.is_root() {
+        return Err(SvidError::RootId(id.to_string()));
+    }
+    Ok(id)
+}
+
+/// The leaf's basicConstraints and keyUsage, after the X509-SVID rules.
+fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
+    match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
+        Some(ParsedExtension::BasicConstraints(bc)) if bc.ca => return Err(SvidError::LeafIsCa),
+        None | Some(ParsedExtension::BasicConstraints(_)) => {}
+        Some(_) => {
+            return Err(SvidError::Malformed(
+                "its basicConstraints extension cannot be parsed".to_owned(),
+            ));
+        }
+    }
+    match unique_extension(cert, &OID_X509_EXT_KEY_USAGE, "keyUsage")? {
+        None => Err(SvidError::MissingDigitalSignature),
+        Some(ParsedExtension::KeyUsage(ku)) => {
+            if ku.key_cert_sign() {
+                Err(SvidError::ForbiddenKeyUsage("keyCertSign"))
+            } else if ku.crl_sign() {
+                Err(SvidError::ForbiddenKeyUsage("cRLSign"))
+            } else if !ku.digital_signature() {
+                Err(SvidError::MissingDigitalSignature)
+            } else {
+                Ok(())
+            }
+        }
+        Some(_) => Err(SvidError::Malformed(
+            "its keyUsage extension cannot be parsed".to_owned(),
+        )),
+    }
+}
+
+fn map_webpki_error(e: &webpki::Error) -> SvidError {
+    match e {
+        webpki::Error::CertExpired { .. } => SvidError::Expired,
+        webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,
+        other => SvidError::Untrusted(other.to_string()),
+    }
+}
+
+/// Validates a chain (leaf first) as an X509-SVID verifier must.
+///
+/// The X509-SVID rules come first (SPIFFE X509-SVID spec §5): exactly one URI SAN that is a
+/// SPIFFE ID with a path, CA=false, digitalSignature and neither keyCertSign nor cRLSign. Then
+/// the roots are those of the leaf's own trust domain only, and webpki checks the path, the
+/// validity at `now` and the extended key usage for `usage`.
+///
+/// # Errors
+/// [`SvidError`] naming the first rule broken.
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    bundles: &Bundles,
+    usage: Usage,
+    now: SystemTime,
+) -> Result<VerifiedSvid, SvidError> {
+    let Some(leaf_der) = chain.first() else {
+        return Err(SvidError::EmptyChain);
+    };
+    if chain.len() > MAX_CHAIN_LEN {
+        return Err(SvidError::ChainTooLong(chain.len()));
+    }
+    if leaf_der.len() > MAX_LEAF_LEN {
+        return Err(SvidError::LeafTooLarge(leaf_der.len()));
+    }
+    let (rest, leaf) = X509Certificate::from_der(leaf_der.as_ref())
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::Malformed(
+            "it has bytes after the certificate".to_owned(),
+        ));
+    }
+    let id = leaf_spiffe_id(&leaf)?;
+    check_leaf_constraints(&leaf)?;
+    let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
+    let not_after = UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0));
+
+    let td = id.trust_domain();
+    let roots = bundles
+        .get(&td)
+        .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_string()))?;
+    let anchors: Vec<_> = roots
+        .iter()
+        .filter_map(|root| webpki::anchor_from_trusted_cert(root).ok())
+        .collect();
+    if anchors.is_empty() {
+        return Err(SvidError::Untrusted(format!(
+            "the bundle of trust domain '{td}' holds no usable root"
+        )));
+    }
+    let end_entity = webpki::EndEntityCert::try_from(leaf_der)
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let eku = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            time,
+            eku,
+            None,
+            None,
+        )
+        .map_err(|e| map_webpki_error(&e))?;
+
+    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
+    Ok(VerifiedSvid {
+        id,
+        serial,
+        not_after,
+    })
+}
+
+/// A locally generated key pair and a CSR for it.
+pub struct KeyAndCsr {
+    /// PKCS#8 DER private key.
+    pub key_pkcs8: Vec<u8>,
+    /// DER CSR.
+    pub csr: Vec<u8>,
+}
+
+impl fmt::Debug for KeyAndCsr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyAndCsr")
+            .field("key_pkcs8", &"[redacted]")
+            .field("csr", &hex::encode(&self.csr))
+            .finish()
+    }
+}
+
+impl KeyAndCsr {
+    /// Generates a P-256 key and a CSR for it (empty subject, no extensions: the server takes
+    /// only the key).
+    ///
+    /// # Errors
+    /// [`SvidError`] when key generation fails.
+    pub fn generate() -> Result<Self, SvidError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| SvidError::KeyGeneration(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| SvidError::KeyGeneration(e.to_string()))?;
+        Ok(Self {
+            key_pkcs8: key.serialize_der(),
+            csr: csr.der().to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_is_positive_16_bytes_and_hex_round_trips() {
+        for _ in 0..1000 {
+            let s = Serial::generate();
+            assert!(s.0[0] != 0 && s.0[0] & 0x80 == 0);
+            let hex = s.to_hex();
+            assert_eq!(hex.len(), 32);
+            assert_eq!(hex, s.to_string());
+            assert_eq!(hex, hex.to_lowercase());
+            assert_eq!(Serial::from_hex(&hex), Some(s));
+            assert_eq!(Serial::from_hex(&hex.to_uppercase()), Some(s));
+        }
+        assert_eq!(Serial::from_hex(""), None);
+        assert_eq!(Serial::from_hex("zz"), None);
+        assert_eq!(Serial::from_hex(&"0".repeat(30)), None);
+        assert_eq!(Serial::from_hex(&"g".repeat(32)), None);
+    }
+
+    #[test]
+    fn serial_from_der_integer() {
+        assert_eq!(
+            Serial::from_der_integer(&[1]),
+            Some(Serial([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]))
+        );
+        let mut seventeen = vec![0u8];
+        seventeen.extend([0xffu8; 16]);
+        assert_eq!(
+            Serial::from_der_integer(&seventeen),
+            Some(Serial([0xff; 16]))
+        );
+        assert_eq!(Serial::from_der_integer(&[0x80]), None);
+        assert_eq!(Serial::from_der_integer(&[1; 17]), None);
+    }
+
+    #[test]
+    fn der_sequence_header_check() {
+        assert!(is_one_der_sequence(&[0x30, 0x00]));
+        assert!(is_one_der_sequence(&[0x30, 0x01, 0x05]));
+        assert!(!is_one_der_sequence(&[0x30, 0x02, 0x05]));
+        assert!(!is_one_der_sequence(&[0x31, 0x00]));
+        assert!(!is_one_der_sequence(&[0x30]));
+        // Non-minimal long form.
+        assert!(!is_one_der_sequence(&[0x30, 0x81, 0x01, 0x00]));
+        let mut long = vec![0x30, 0x81, 0x80];
+        long.extend([0u8; 0x80]);
+        assert!(is_one_der_sequence(&long));
+        let mut longer = vec![0x30, 0x82, 0x01, 0x00];
+        longer.extend([0u8; 0x100]);
+        assert!(is_one_der_sequence(&longer));
+        assert!(!is_one_der_sequence(&[0x30, 0x82, 0x00, 0x80]));
+        assert!(!is_one_der_sequence(&[0x30, 0x83, 0x00, 0x00, 0x00]));
+    }
+
+    #[test]
+    fn generated_csr_parses_and_keeps_only_the_key() {
+        let kc = KeyAndCsr::generate().unwrap();
+        let key = parse_csr(&kc.csr).unwrap();
+        assert_eq!(key.spki_der().len(), P256_SPKI_LEN);
+        let pair = KeyPair::try_from(kc.key_pkcs8.as_slice()).unwrap();
+        assert_eq!(pair.subject_public_key_info(), key.spki_der());
+        assert!(!format!("{kc:?}").contains(&hex::encode(&kc.key_pkcs8)));
+    }
+
+    #[test]
+    fn csr_refusals() {
+        assert!(matches!(parse_csr(&[]), Err(SvidError::CsrMalformed(_))));
+        assert_eq!(parse_csr(&[0u8; 4097]), Err(SvidError::CsrTooLarge(4097)));
+        let kc = KeyAndCsr::generate().unwrap();
+        let mut bad = kc.csr.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        assert_eq!(parse_csr(&bad), Err(SvidError::BadSignature));
+    }
+}

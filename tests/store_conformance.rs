@@ -1,0 +1,1067 @@
+//! The store conformance suite: every check runs against both engines.
+//!
+//! SQLite runs on a real file in a temporary directory (never `sqlite::memory:`, whose pooled
+//! connections would each see their own empty database). PostgreSQL runs when
+//! `MAYFLY_TEST_POSTGRES_URL` is set (e.g. `postgres://postgres@127.0.0.1:5432/test`), each test
+//! in a fresh schema that is dropped afterwards; otherwise those tests print a skip notice.
+//!
+//! Test names: `sqlite::<check>` and `postgres::<check>`, plus a few SQLite-only tests
+//! (persistence across reopen, two handles on one file) at the top level.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use mayfly::Selector;
+use mayfly::audit::{AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
+use mayfly::id::{Scope, SpiffeId};
+use mayfly::store::postgres::PostgresStore;
+use mayfly::store::sqlite::SqliteStore;
+use mayfly::store::{
+    self, AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store,
+    StoreError,
+};
+use sqlx::{PgPool, SqlitePool};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+/// Direct access to the engine's database, for tampering the store API cannot do.
+#[derive(Clone)]
+enum Raw {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Raw {
+    /// Runs one statement; returns the rows it changed.
+    async fn execute(&self, sql: &'static str) -> u64 {
+        let done = match self {
+            Self::Sqlite(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|d| d.rows_affected()),
+            Self::Postgres(pool) => sqlx::query(sql)
+                .execute(pool)
+                .await
+                .map(|d| d.rows_affected()),
+        };
+        done.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+/// One engine under test.
+#[derive(Clone)]
+struct Db {
+    store: Arc<dyn Store>,
+    raw: Raw,
+}
+
+impl Db {
+    fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+}
+
+async fn on_sqlite<F, Fut>(check: F)
+where
+    F: FnOnce(Db) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("mayfly.db"))
+        .await
+        .unwrap();
+    let db = Db {
+        store: Arc::new(store.clone()),
+        raw: Raw::Sqlite(store.pool().clone()),
+    };
+    check(db).await;
+    store.close().await;
+}
+
+async fn on_postgres<F, Fut>(check: F)
+where
+    F: FnOnce(Db) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let url = match std::env::var("MAYFLY_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            println!("skipped: MAYFLY_TEST_POSTGRES_URL is not set");
+            return;
+        }
+    };
+    let schema = format!("mayfly_test_{}", EntryId::generate());
+    let admin = PgPool::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let outcome = AssertUnwindSafe(async {
+        let store = PostgresStore::connect_with_schema(&url, &schema)
+            .await
+            .unwrap();
+        let db = Db {
+            store: Arc::new(store.clone()),
+            raw: Raw::Postgres(store.pool().clone()),
+        };
+        check(db).await;
+        store.close().await;
+    })
+    .catch_unwind()
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Two tests per check: `sqlite::<check>` and `postgres::<check>`.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    super::on_sqlite(super::$check).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    super::on_postgres(super::$check).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    entries_round_trip,
+    entries_unique_and_revision,
+    corrupt_rows_are_reported,
+    join_token_single_use_and_expiry,
+    join_token_concurrent_consumers_one_winner,
+    agents_lifecycle,
+    agent_serial_rotation,
+    ca_certs_idempotent_and_expiry,
+    audit_concurrent_appends_form_one_chain,
+    audit_round_trip_and_filters,
+    audit_duplicate_serial_writes_nothing,
+    audit_tampering_detected,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+const NOW: i64 = 1_750_000_000;
+
+fn sid(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn agent_a() -> SpiffeId {
+    sid("spiffe://acme.test/mayfly/agent/join_token/node-a")
+}
+
+fn agent_b() -> SpiffeId {
+    sid("spiffe://acme.test/mayfly/agent/join_token/node-b")
+}
+
+fn entry(spiffe_id: &str, parent: &SpiffeId, selectors: &[&str], scopes: &[&str]) -> Entry {
+    Entry {
+        id: EntryId::generate(),
+        spiffe_id: sid(spiffe_id),
+        parent_id: parent.clone(),
+        // An entry's selectors are sorted and unique (its documented invariant).
+        selectors: selectors
+            .iter()
+            .map(|s| Selector::parse(s).unwrap())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
+        ttl_secs: 300,
+        dns_names: Vec::new(),
+        created_at: NOW,
+    }
+}
+
+fn agent(id: &SpiffeId, serial: &str) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id.clone(),
+        attestor: "join_token".into(),
+        current_serial: serial.into(),
+        next_serial: None,
+        not_after: NOW + 3600,
+        banned: false,
+        created_at: NOW,
+    }
+}
+
+fn token(byte: u8, node: &str, expires_at: i64) -> JoinTokenRecord {
+    JoinTokenRecord {
+        secret_hash: [byte; 32],
+        node_id: node.into(),
+        expires_at,
+    }
+}
+
+fn event(n: i64, task: Option<&str>, serial: Option<String>) -> AuditEvent {
+    AuditEvent {
+        time_ms: NOW * 1000 + n,
+        action: "svid.task".into(),
+        decision: Some(Decision::Allow),
+        reason: format!("issued {n}"),
+        agent_id: Some(agent_a().to_string()),
+        attestor: Some("join_token".into()),
+        entry_id: Some("00112233445566778899aabbccddeeff".into()),
+        spiffe_id: Some("spiffe://acme.test/agents/bot/scope/a.read".into()),
+        task_id: task.map(str::to_owned),
+        scopes: vec!["a:read".into()],
+        serial,
+        not_after: Some(NOW + 300),
+    }
+}
+
+fn serial(n: i64) -> Option<String> {
+    Some(format!("{n:032x}"))
+}
+
+fn all() -> AuditFilter {
+    AuditFilter::default()
+}
+
+/// Verifies the whole log against the head, as `mayfly audit verify` does.
+async fn verify(store: &dyn Store) -> Result<i64, ChainError> {
+    let (head_seq, head_hash) = store.audit_head().await.unwrap();
+    let mut verifier = ChainVerifier::new();
+    for record in store.list_audit(&all()).await.unwrap() {
+        verifier.push(&record)?;
+    }
+    verifier.finish(head_seq, head_hash)
+}
+
+fn seqs(records: &[AuditRecord]) -> Vec<i64> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+fn is_already_exists<T: std::fmt::Debug>(result: Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::AlreadyExists(_)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entries
+
+async fn entries_round_trip(db: Db) {
+    let s = db.store();
+    let mut billing = entry(
+        "spiffe://acme.test/agents/billing-bot",
+        &agent_a(),
+        &["unix:path:/usr/bin/python3", "unix:uid:1001"],
+        &["stripe:read:customers", "stripe:write:refunds"],
+    );
+    billing.ttl_secs = 600;
+    billing.dns_names = vec!["billing.internal".into(), "a.billing.internal".into()];
+    billing.created_at = NOW + 7;
+    let alpha = entry(
+        "spiffe://acme.test/agents/alpha",
+        &agent_b(),
+        &["unix:gid:10"],
+        &[],
+    );
+    let zeta = entry(
+        "spiffe://acme.test/agents/zeta",
+        &agent_a(),
+        &[&format!("unix:sha256:{}", "ab".repeat(32))],
+        &["db:read"],
+    );
+    for e in [&billing, &alpha, &zeta] {
+        s.create_entry(e).await.unwrap();
+    }
+
+    // Every field comes back as written.
+    assert_eq!(
+        s.get_entry(&billing.id).await.unwrap(),
+        Some(billing.clone())
+    );
+    assert_eq!(s.get_entry(&alpha.id).await.unwrap(), Some(alpha.clone()));
+    assert_eq!(s.get_entry(&EntryId::generate()).await.unwrap(), None);
+
+    // Ordered by SPIFFE ID.
+    assert_eq!(
+        s.list_entries().await.unwrap(),
+        vec![alpha.clone(), billing.clone(), zeta.clone()]
+    );
+    assert_eq!(
+        s.list_entries_by_parent(&agent_a()).await.unwrap(),
+        vec![billing.clone(), zeta.clone()]
+    );
+    assert_eq!(
+        s.list_entries_by_parent(&agent_b()).await.unwrap(),
+        vec![alpha.clone()]
+    );
+    let stranger = sid("spiffe://acme.test/mayfly/agent/join_token/node-z");
+    assert_eq!(s.list_entries_by_parent(&stranger).await.unwrap(), vec![]);
+
+    // Delete, then it is gone; deleting again finds nothing.
+    assert!(s.delete_entry(&billing.id).await.unwrap());
+    assert_eq!(s.get_entry(&billing.id).await.unwrap(), None);
+    assert!(!s.delete_entry(&billing.id).await.unwrap());
+    assert_eq!(
+        s.list_entries().await.unwrap(),
+        vec![alpha.clone(), zeta.clone()]
+    );
+    assert_eq!(
+        s.list_entries_by_parent(&agent_a()).await.unwrap(),
+        vec![zeta.clone()]
+    );
+
+    // Near-maximal sizes: a ~2 kB SPIFFE ID and ~3 kB of selectors still make a unique key.
+    let long_path = format!("spiffe://acme.test/{}", "x".repeat(2000));
+    let long_selectors: Vec<String> = (0..3)
+        .map(|i| format!("unix:path:/{}{i}", "p".repeat(1000)))
+        .collect();
+    let long_selectors: Vec<&str> = long_selectors.iter().map(String::as_str).collect();
+    let big = entry(&long_path, &agent_a(), &long_selectors, &["a:b"]);
+    s.create_entry(&big).await.unwrap();
+    assert_eq!(s.get_entry(&big.id).await.unwrap(), Some(big.clone()));
+    let big_again = entry(&long_path, &agent_a(), &long_selectors, &[]);
+    assert!(is_already_exists(s.create_entry(&big_again).await));
+}
+
+async fn entries_unique_and_revision(db: Db) {
+    let s = db.store();
+    let r0 = s.entries_revision().await.unwrap();
+
+    let first = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_a(),
+        &["unix:uid:1", "unix:gid:2"],
+        &["a:read"],
+    );
+    s.create_entry(&first).await.unwrap();
+    let r1 = s.entries_revision().await.unwrap();
+    assert!(r1 > r0, "create bumps the revision: {r0} -> {r1}");
+
+    // Reads leave it alone.
+    s.get_entry(&first.id).await.unwrap();
+    s.list_entries().await.unwrap();
+    s.list_entries_by_parent(&agent_a()).await.unwrap();
+    assert_eq!(s.entries_revision().await.unwrap(), r1);
+
+    // Same SPIFFE ID, parent and selectors (in any order), new ID: refused, nothing changes.
+    let mut same = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_a(),
+        &["unix:gid:2", "unix:uid:1"],
+        &["b:write"],
+    );
+    same.ttl_secs = 60;
+    same.selectors.reverse();
+    assert_ne!(same.selectors, first.selectors);
+    assert!(is_already_exists(s.create_entry(&same).await));
+    // Same ID, different identity: refused as well.
+    let mut same_id = entry(
+        "spiffe://acme.test/agents/other",
+        &agent_b(),
+        &["unix:uid:9"],
+        &[],
+    );
+    same_id.id = first.id.clone();
+    assert!(is_already_exists(s.create_entry(&same_id).await));
+    assert_eq!(s.entries_revision().await.unwrap(), r1);
+    assert_eq!(s.list_entries().await.unwrap(), vec![first.clone()]);
+
+    // Positive controls: one difference in any of the three makes a new entry.
+    let other_selectors = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_a(),
+        &["unix:uid:1"],
+        &[],
+    );
+    let other_parent = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_b(),
+        &["unix:uid:1", "unix:gid:2"],
+        &[],
+    );
+    let other_id = entry(
+        "spiffe://acme.test/agents/bot2",
+        &agent_a(),
+        &["unix:uid:1", "unix:gid:2"],
+        &[],
+    );
+    for e in [&other_selectors, &other_parent, &other_id] {
+        s.create_entry(e).await.unwrap();
+    }
+    let r2 = s.entries_revision().await.unwrap();
+    assert!(r2 > r1);
+    assert_eq!(s.list_entries().await.unwrap().len(), 4);
+
+    // Delete bumps it; deleting nothing does not.
+    assert!(s.delete_entry(&first.id).await.unwrap());
+    let r3 = s.entries_revision().await.unwrap();
+    assert!(r3 > r2);
+    assert!(!s.delete_entry(&first.id).await.unwrap());
+    assert_eq!(s.entries_revision().await.unwrap(), r3);
+
+    // The freed identity can be registered again; selectors given out of order are stored
+    // (and read back) sorted.
+    s.create_entry(&same).await.unwrap();
+    assert!(s.entries_revision().await.unwrap() > r3);
+    let stored = s.get_entry(&same.id).await.unwrap().unwrap();
+    assert_eq!(stored.selectors, first.selectors);
+    assert_eq!(stored.ttl_secs, 60);
+}
+
+async fn corrupt_rows_are_reported(db: Db) {
+    let s = db.store();
+    let mut e = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_a(),
+        &["unix:uid:1"],
+        &["a:read"],
+    );
+    e.id = EntryId::parse("0123456789abcdef0123456789abcdef").unwrap();
+    s.create_entry(&e).await.unwrap();
+    s.create_agent(&agent(&agent_a(), "01")).await.unwrap();
+    // Positive control: intact rows read back.
+    assert_eq!(s.get_entry(&e.id).await.unwrap(), Some(e.clone()));
+    assert_eq!(s.list_agents().await.unwrap().len(), 1);
+
+    let tamper: [(&'static str, &'static str); 3] = [
+        (
+            "UPDATE entries SET spiffe_id = 'https://acme.test/bot' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+            "UPDATE entries SET spiffe_id = 'spiffe://acme.test/agents/bot' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+        ),
+        (
+            "UPDATE entries SET selectors = '[\"unix:pid:1\"]' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+            "UPDATE entries SET selectors = '[\"unix:uid:1\"]' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+        ),
+        (
+            "UPDATE entries SET scopes = '[\"A:READ\"]' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+            "UPDATE entries SET scopes = '[\"a:read\"]' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+        ),
+    ];
+    for (break_it, fix_it) in tamper {
+        assert_eq!(db.raw.execute(break_it).await, 1);
+        let got = s.get_entry(&e.id).await;
+        assert!(
+            matches!(got, Err(StoreError::Corrupt(_))),
+            "{break_it}: {got:?}"
+        );
+        assert!(matches!(
+            s.list_entries().await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(db.raw.execute(fix_it).await, 1);
+        assert_eq!(s.get_entry(&e.id).await.unwrap(), Some(e.clone()));
+    }
+
+    assert_eq!(
+        db.raw
+            .execute("UPDATE agents SET spiffe_id = 'spiffe://ACME/bad'")
+            .await,
+        1
+    );
+    assert!(matches!(s.list_agents().await, Err(StoreError::Corrupt(_))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Join tokens
+
+async fn join_token_single_use_and_expiry(db: Db) {
+    let s = db.store();
+    let live = token(1, "node-1", NOW + 600);
+    s.create_join_token(&live).await.unwrap();
+    assert!(is_already_exists(s.create_join_token(&live).await));
+
+    assert_eq!(
+        s.consume_join_token(&[1; 32], NOW).await.unwrap(),
+        Some(live)
+    );
+    assert_eq!(s.consume_join_token(&[1; 32], NOW).await.unwrap(), None);
+    assert_eq!(s.consume_join_token(&[9; 32], NOW).await.unwrap(), None);
+
+    // Expired (and exactly at expiry): refused, and gone, so the hash can be stored anew.
+    s.create_join_token(&token(2, "node-2", NOW - 1))
+        .await
+        .unwrap();
+    s.create_join_token(&token(3, "node-3", NOW)).await.unwrap();
+    assert_eq!(s.consume_join_token(&[2; 32], NOW).await.unwrap(), None);
+    assert_eq!(s.consume_join_token(&[3; 32], NOW).await.unwrap(), None);
+    let renewed = token(2, "node-2", NOW + 60);
+    s.create_join_token(&renewed).await.unwrap();
+    // Positive control: one second before expiry still works.
+    s.create_join_token(&token(4, "node-4", NOW + 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.consume_join_token(&[4; 32], NOW).await.unwrap(),
+        Some(token(4, "node-4", NOW + 1))
+    );
+    assert_eq!(
+        s.consume_join_token(&[2; 32], NOW).await.unwrap(),
+        Some(renewed)
+    );
+}
+
+async fn join_token_concurrent_consumers_one_winner(db: Db) {
+    const CONSUMERS: usize = 50;
+    for round in 0..3u8 {
+        let record = token(100 + round, &format!("node-{round}"), NOW + 600);
+        db.store.create_join_token(&record).await.unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(CONSUMERS));
+        let tasks: Vec<_> = (0..CONSUMERS)
+            .map(|_| {
+                let store = db.store.clone();
+                let start = start.clone();
+                let hash = record.secret_hash;
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.consume_join_token(&hash, NOW).await.unwrap()
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            if let Some(won) = task.await.unwrap() {
+                winners.push(won);
+            }
+        }
+        assert_eq!(winners, vec![record.clone()], "round {round}");
+        assert_eq!(
+            db.store()
+                .consume_join_token(&record.secret_hash, NOW)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+async fn agents_lifecycle(db: Db) {
+    let s = db.store();
+    let a = agent(&agent_a(), "aa01");
+    let mut b = agent(&agent_b(), "bb01");
+    b.next_serial = Some("bb02".into());
+    b.attestor = "x509pop".into();
+    s.create_agent(&b).await.unwrap();
+    s.create_agent(&a).await.unwrap();
+
+    assert_eq!(s.get_agent(&agent_a()).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.get_agent(&agent_b()).await.unwrap(), Some(b.clone()));
+    let stranger = sid("spiffe://acme.test/mayfly/agent/join_token/node-z");
+    assert_eq!(s.get_agent(&stranger).await.unwrap(), None);
+    assert_eq!(s.list_agents().await.unwrap(), vec![a.clone(), b.clone()]);
+
+    // A second record for the same agent is refused and the first is untouched.
+    let mut dup = agent(&agent_a(), "ffff");
+    dup.banned = true;
+    assert!(is_already_exists(s.create_agent(&dup).await));
+    assert_eq!(s.get_agent(&agent_a()).await.unwrap(), Some(a.clone()));
+
+    // Ban.
+    assert!(s.ban_agent(&agent_a()).await.unwrap());
+    assert!(s.get_agent(&agent_a()).await.unwrap().unwrap().banned);
+    assert!(!s.get_agent(&agent_b()).await.unwrap().unwrap().banned);
+    assert!(!s.ban_agent(&stranger).await.unwrap());
+
+    // Delete (evict): gone, and it may attest again.
+    assert!(s.delete_agent(&agent_a()).await.unwrap());
+    assert_eq!(s.get_agent(&agent_a()).await.unwrap(), None);
+    assert!(!s.delete_agent(&agent_a()).await.unwrap());
+    assert_eq!(s.list_agents().await.unwrap(), vec![b.clone()]);
+    s.create_agent(&a).await.unwrap();
+    assert_eq!(s.get_agent(&agent_a()).await.unwrap(), Some(a));
+}
+
+async fn agent_serial_rotation(db: Db) {
+    let s = db.store();
+    let id = agent_a();
+    s.create_agent(&agent(&id, "aa01")).await.unwrap();
+    let id_ref = &id;
+    let get = move || async move { s.get_agent(id_ref).await.unwrap().unwrap() };
+
+    // Only the current (or next) serial may renew.
+    assert!(
+        !s.set_agent_next_serial(&id, "ffff", "aa02", NOW + 7200)
+            .await
+            .unwrap()
+    );
+    assert_eq!(get().await.next_serial, None);
+    assert!(
+        s.set_agent_next_serial(&id, "aa01", "aa02", NOW + 7200)
+            .await
+            .unwrap()
+    );
+    let renewed = get().await;
+    assert_eq!(renewed.current_serial, "aa01");
+    assert_eq!(renewed.next_serial.as_deref(), Some("aa02"));
+    assert_eq!(renewed.not_after, NOW + 7200);
+
+    // Promotion: an unknown serial is not promoted; the next one is.
+    assert!(!s.promote_agent_serial(&id, "ffff").await.unwrap());
+    assert!(s.promote_agent_serial(&id, "aa02").await.unwrap());
+    let promoted = get().await;
+    assert_eq!(promoted.current_serial, "aa02");
+    assert_eq!(promoted.next_serial, None);
+    // Promoting the current serial again is a harmless success.
+    assert!(s.promote_agent_serial(&id, "aa02").await.unwrap());
+    assert_eq!(get().await, promoted);
+
+    // The old serial is superseded: it can neither renew nor be promoted.
+    assert!(
+        !s.set_agent_next_serial(&id, "aa01", "aa09", NOW + 9999)
+            .await
+            .unwrap()
+    );
+    assert!(!s.promote_agent_serial(&id, "aa01").await.unwrap());
+    assert_eq!(get().await, promoted);
+
+    // Renewing while a next serial is pending: current or next may present.
+    assert!(
+        s.set_agent_next_serial(&id, "aa02", "aa03", NOW + 8000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.set_agent_next_serial(&id, "aa03", "aa04", NOW + 9000)
+            .await
+            .unwrap()
+    );
+    let pending = get().await;
+    assert_eq!(pending.current_serial, "aa02");
+    assert_eq!(pending.next_serial.as_deref(), Some("aa04"));
+    assert!(!s.promote_agent_serial(&id, "aa03").await.unwrap());
+
+    // Unknown agents.
+    let stranger = sid("spiffe://acme.test/mayfly/agent/join_token/node-z");
+    assert!(
+        !s.set_agent_next_serial(&stranger, "aa02", "x", NOW)
+            .await
+            .unwrap()
+    );
+    assert!(!s.promote_agent_serial(&stranger, "aa02").await.unwrap());
+
+    // A banned agent cannot renew, even with its current serial.
+    assert!(s.ban_agent(&id).await.unwrap());
+    assert!(
+        !s.set_agent_next_serial(&id, "aa02", "aa05", NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.set_agent_next_serial(&id, "aa04", "aa05", NOW)
+            .await
+            .unwrap()
+    );
+    let banned = get().await;
+    assert!(banned.banned);
+    assert_eq!(banned.next_serial.as_deref(), Some("aa04"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CA certificates
+
+async fn ca_certs_idempotent_and_expiry(db: Db) {
+    let s = db.store();
+    let cert = |fp: &str, der: &[u8], not_after| CaCertRecord {
+        fingerprint: fp.into(),
+        der: der.to_vec(),
+        not_after,
+    };
+    let live = cert("bb", b"\x30\x82live", NOW + 100);
+    let expired = cert("cc", b"\x30\x82old", NOW - 1);
+    let last_second = cert("aa", b"\x30\x82edge", NOW);
+    for c in [&live, &expired, &last_second] {
+        s.put_ca_cert(c).await.unwrap();
+    }
+    // Idempotent: a repeated put keeps one record.
+    s.put_ca_cert(&live).await.unwrap();
+    s.put_ca_cert(&live).await.unwrap();
+
+    assert_eq!(
+        s.list_ca_certs(NOW).await.unwrap(),
+        vec![last_second.clone(), live.clone()]
+    );
+    // Positive control: earlier, the expired one is still listed.
+    assert_eq!(
+        s.list_ca_certs(NOW - 1).await.unwrap(),
+        vec![last_second.clone(), live.clone(), expired.clone()]
+    );
+    assert_eq!(s.list_ca_certs(NOW + 101).await.unwrap(), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+async fn audit_concurrent_appends_form_one_chain(db: Db) {
+    const TASKS: i64 = 8;
+    const APPENDS: i64 = 50;
+    let start = Arc::new(tokio::sync::Barrier::new(TASKS as usize));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = db.store.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let mut mine = Vec::new();
+                for i in 0..APPENDS {
+                    let batch: Vec<AuditEvent> = (0..(t + i) % 5 + 1)
+                        .map(|k| {
+                            let n = (t * 1000 + i) * 10 + k;
+                            event(n, Some(&format!("task-{t}")), serial(n))
+                        })
+                        .collect();
+                    let records = store.append_audit(&batch).await.unwrap();
+                    assert_eq!(records.len(), batch.len());
+                    // One batch is one contiguous run, in order.
+                    for (k, (record, event)) in records.iter().zip(&batch).enumerate() {
+                        assert_eq!(record.seq, records[0].seq + k as i64);
+                        assert_eq!(&record.event, event);
+                    }
+                    mine.extend(records);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut returned = Vec::new();
+    for task in tasks {
+        returned.extend(task.await.unwrap());
+    }
+    returned.sort_by_key(|r| r.seq);
+    let n = returned.len() as i64;
+    assert_eq!(seqs(&returned), (1..=n).collect::<Vec<_>>());
+
+    let listed = db.store().list_audit(&all()).await.unwrap();
+    assert_eq!(listed, returned, "what was returned is what was stored");
+    assert_eq!(verify(db.store()).await, Ok(n));
+    assert_eq!(
+        db.store().audit_head().await.unwrap(),
+        (n, returned.last().unwrap().hash)
+    );
+    // Each task's own records are in its order.
+    let task3 = db
+        .store()
+        .list_audit(&AuditFilter {
+            task_id: Some("task-3".into()),
+            ..all()
+        })
+        .await
+        .unwrap();
+    let times: Vec<i64> = task3.iter().map(|r| r.event.time_ms).collect();
+    let mut sorted = times.clone();
+    sorted.sort_unstable();
+    assert_eq!(times, sorted);
+    assert!(!task3.is_empty());
+}
+
+async fn audit_round_trip_and_filters(db: Db) {
+    let s = db.store();
+    assert_eq!(s.audit_head().await.unwrap(), (0, [0; 32]));
+    assert_eq!(s.list_audit(&all()).await.unwrap(), vec![]);
+    assert_eq!(s.append_audit(&[]).await.unwrap(), vec![]);
+    assert_eq!(verify(s).await, Ok(0));
+
+    // A sparse refusal and a full grant round-trip exactly (unsorted scopes stay as given).
+    let refusal = AuditEvent {
+        time_ms: 1,
+        action: "svid.task".into(),
+        decision: Some(Decision::Deny),
+        reason: "scope 'x:write' is not in the entry".into(),
+        scopes: vec!["x:write".into(), "a:read".into(), "NOT A SCOPE".into()],
+        ..AuditEvent::default()
+    };
+    let operator = AuditEvent {
+        time_ms: 2,
+        action: "entry.create".into(),
+        decision: None,
+        reason: String::new(),
+        agent_id: Some("operator".into()),
+        ..AuditEvent::default()
+    };
+    let mut events = vec![refusal, operator];
+    for n in 3..=10 {
+        let task = match n % 3 {
+            0 => Some("task-a"),
+            1 => Some("task-b"),
+            _ => None,
+        };
+        events.push(event(n, task, serial(n)));
+    }
+    let written = s.append_audit(&events[..4]).await.unwrap();
+    let written: Vec<AuditRecord> = written
+        .into_iter()
+        .chain(s.append_audit(&events[4..]).await.unwrap())
+        .collect();
+    assert_eq!(seqs(&written), (1..=10).collect::<Vec<_>>());
+    assert_eq!(written[0].prev_hash, [0; 32]);
+    assert_eq!(written[4].prev_hash, written[3].hash);
+    assert_eq!(s.list_audit(&all()).await.unwrap(), written);
+    assert_eq!(s.audit_head().await.unwrap(), (10, written[9].hash));
+
+    let list = move |after_seq, task_id: Option<&str>, limit| {
+        let filter = AuditFilter {
+            after_seq,
+            task_id: task_id.map(str::to_owned),
+            limit,
+        };
+        async move { seqs(&s.list_audit(&filter).await.unwrap()) }
+    };
+    assert_eq!(list(0, None, 0).await, (1..=10).collect::<Vec<_>>());
+    assert_eq!(list(6, None, 0).await, vec![7, 8, 9, 10]);
+    assert_eq!(list(10, None, 0).await, Vec::<i64>::new());
+    assert_eq!(list(0, None, 3).await, vec![1, 2, 3]);
+    assert_eq!(list(8, None, 3).await, vec![9, 10]);
+    assert_eq!(list(0, Some("task-a"), 0).await, vec![3, 6, 9]);
+    assert_eq!(list(0, Some("task-b"), 0).await, vec![4, 7, 10]);
+    assert_eq!(list(3, Some("task-a"), 1).await, vec![6]);
+    assert_eq!(list(0, Some("task-none"), 0).await, Vec::<i64>::new());
+}
+
+async fn audit_duplicate_serial_writes_nothing(db: Db) {
+    let s = db.store();
+    let first = s
+        .append_audit(&[event(1, None, serial(1)), event(2, None, serial(2))])
+        .await
+        .unwrap();
+    let head = s.audit_head().await.unwrap();
+    assert_eq!(head, (2, first[1].hash));
+
+    // A batch repeating an issued serial: nothing of it is written.
+    let clash = s
+        .append_audit(&[event(3, Some("t"), serial(3)), event(4, None, serial(1))])
+        .await;
+    assert!(
+        matches!(clash, Err(StoreError::AlreadyExists(_))),
+        "{clash:?}"
+    );
+    // A batch repeating a serial within itself: the same.
+    let inner = s
+        .append_audit(&[event(5, None, serial(5)), event(6, None, serial(5))])
+        .await;
+    assert!(
+        matches!(inner, Err(StoreError::AlreadyExists(_))),
+        "{inner:?}"
+    );
+    assert_eq!(s.audit_head().await.unwrap(), head);
+    assert_eq!(s.list_audit(&all()).await.unwrap(), first);
+
+    // Positive controls: the refused events' fresh serials are still usable, records without
+    // a serial never clash, and the chain continues without a gap.
+    let next = s
+        .append_audit(&[
+            event(3, Some("t"), serial(3)),
+            event(7, None, None),
+            event(8, None, None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(seqs(&next), vec![3, 4, 5]);
+    assert_eq!(next[0].prev_hash, first[1].hash);
+    assert_eq!(verify(s).await, Ok(5));
+}
+
+async fn audit_tampering_detected(db: Db) {
+    let s = db.store();
+    let events: Vec<AuditEvent> = (1..=10).map(|n| event(n, None, serial(n))).collect();
+    s.append_audit(&events[..5]).await.unwrap();
+    s.append_audit(&events[5..]).await.unwrap();
+    assert_eq!(verify(s).await, Ok(10));
+
+    // An edited reason.
+    assert_eq!(
+        db.raw
+            .execute("UPDATE audit SET reason = 'nothing to see' WHERE seq = 4")
+            .await,
+        1
+    );
+    assert_eq!(verify(s).await, Err(ChainError::Altered(4)));
+    assert_eq!(
+        db.raw
+            .execute("UPDATE audit SET reason = 'issued 4' WHERE seq = 4")
+            .await,
+        1
+    );
+    assert_eq!(verify(s).await, Ok(10));
+
+    // The newest record deleted: the head still remembers it.
+    assert_eq!(db.raw.execute("DELETE FROM audit WHERE seq = 10").await, 1);
+    assert_eq!(
+        verify(s).await,
+        Err(ChainError::Truncated { last: 9, head: 10 })
+    );
+
+    // A record in the middle deleted.
+    assert_eq!(db.raw.execute("DELETE FROM audit WHERE seq = 5").await, 1);
+    assert_eq!(
+        verify(s).await,
+        Err(ChainError::Gap {
+            expected: 5,
+            found: 6
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite only
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_persists_across_reopen_with_private_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data").join("server");
+    let path = data_dir.join("mayfly.db");
+
+    let e = entry(
+        "spiffe://acme.test/agents/bot",
+        &agent_a(),
+        &["unix:uid:1001"],
+        &["a:read", "b:write"],
+    );
+    let a = agent(&agent_a(), "aa01");
+    let ca = CaCertRecord {
+        fingerprint: "ab".repeat(32),
+        der: vec![0x30, 0x82, 1, 2, 3],
+        not_after: NOW + 3600,
+    };
+    let events: Vec<AuditEvent> = (1..=3).map(|n| event(n, Some("t"), serial(n))).collect();
+    let (revision, written) = {
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.create_entry(&e).await.unwrap();
+        store.create_agent(&a).await.unwrap();
+        store.put_ca_cert(&ca).await.unwrap();
+        store
+            .create_join_token(&token(7, "node-7", NOW + 60))
+            .await
+            .unwrap();
+        let written = store.append_audit(&events).await.unwrap();
+        let revision = store.entries_revision().await.unwrap();
+        store.close().await;
+        (revision, written)
+    };
+    // Directory 0700, database 0600.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+    assert_eq!(mode(&path), 0o600);
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.get_entry(&e.id).await.unwrap(), Some(e.clone()));
+    assert_eq!(store.list_entries().await.unwrap(), vec![e]);
+    assert_eq!(store.entries_revision().await.unwrap(), revision);
+    assert_eq!(store.list_agents().await.unwrap(), vec![a]);
+    assert_eq!(store.list_ca_certs(NOW).await.unwrap(), vec![ca]);
+    assert_eq!(store.list_audit(&all()).await.unwrap(), written);
+    assert_eq!(verify(&store).await, Ok(3));
+    assert_eq!(
+        store.consume_join_token(&[7; 32], NOW).await.unwrap(),
+        Some(token(7, "node-7", NOW + 60))
+    );
+    // The chain continues where it stopped.
+    let more = store
+        .append_audit(&[event(4, None, serial(4))])
+        .await
+        .unwrap();
+    assert_eq!(more[0].seq, 4);
+    assert_eq!(more[0].prev_hash, written[2].hash);
+    assert_eq!(verify(&store).await, Ok(4));
+    store.close().await;
+}
+
+/// Two handles on one file behave like two processes: writes still serialise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_two_handles_on_one_file_stay_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mayfly.db");
+    let first: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let second: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let handles = [first.clone(), second.clone()];
+
+    first
+        .create_join_token(&token(1, "node-1", NOW + 60))
+        .await
+        .unwrap();
+    let consumers: Vec<_> = (0..50)
+        .map(|i| {
+            let store = handles[i % 2].clone();
+            tokio::spawn(async move { store.consume_join_token(&[1; 32], NOW).await.unwrap() })
+        })
+        .collect();
+    let mut winners = 0;
+    for c in consumers {
+        winners += usize::from(c.await.unwrap().is_some());
+    }
+    assert_eq!(winners, 1);
+
+    let appenders: Vec<_> = (0..8i64)
+        .map(|t| {
+            let store = handles[(t % 2) as usize].clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let n = t * 100 + i;
+                    store
+                        .append_audit(&[event(n, None, serial(n))])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for a in appenders {
+        a.await.unwrap();
+    }
+    assert_eq!(verify(&*first).await, Ok(200));
+    assert_eq!(verify(&*second).await, Ok(200));
+    let serials: BTreeSet<_> = first
+        .list_audit(&all())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.serial)
+        .collect();
+    assert_eq!(serials.len(), 200);
+}
+
+#[tokio::test]
+async fn open_dispatches_on_the_url_scheme() {
+    assert!(matches!(
+        store::open("mysql://x").await,
+        Err(StoreError::UnsupportedUrl(_))
+    ));
+    assert!(matches!(
+        store::open("x.db").await,
+        Err(StoreError::UnsupportedUrl(_))
+    ));
+    assert!(matches!(
+        PostgresStore::connect_with_schema("postgres://u@127.0.0.1/db", "x; DROP TABLE y").await,
+        Err(StoreError::UnsupportedUrl(_))
+    ));
+    // Positive control: a sqlite URL opens a working store.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let opened = store::open(&url).await.unwrap();
+    assert_eq!(opened.entries_revision().await.unwrap(), 0);
+    assert_eq!(opened.audit_head().await.unwrap(), (0, [0; 32]));
+}
