@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/mayfly/node/v1/node.proto",
         "proto/mayfly/admin/v1/admin.proto",
     ];
+    println!("cargo:rerun-if-changed=migrations");
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -6,6 +6,9 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod bench;
+pub mod bundle;
+pub mod client;
 pub mod ca;
 pub mod duration;
 pub mod id;

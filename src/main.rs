@@ -1,1 +1,637 @@
-fn main() {}
+//! The `mayfly` command: parses, calls the library, prints. No logic lives here.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use mayfly::client::connect_admin;
+use mayfly::proto::admin as pb;
+use mayfly::server::config::Settings;
+use tonic::transport::Channel;
+
+type Admin = pb::admin_client::AdminClient<Channel>;
+
+/// Mayfly: short-lived, scope-carrying SPIFFE identities for AI agents and the services they
+/// call.
+#[derive(Parser)]
+#[command(name = "mayfly", version, about, propagate_version = true)]
+struct Cli {
+    /// The server's admin socket.
+    #[arg(
+        long,
+        global = true,
+        env = "MAYFLY_ADMIN_SOCKET",
+        default_value = ".mayfly/server/admin.sock"
+    )]
+    admin_socket: PathBuf,
+    /// How to print records.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Join tokens for agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// The issuance audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Run the server on the embedded defaults, a config file, or flags.
+    Run(ServerRunArgs),
+}
+
+#[derive(Args)]
+struct ServerRunArgs {
+    /// A TOML file with the same settings as the flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the CA key, the SQLite file and the admin socket live [default: .mayfly/server].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The trust domain [default: mayfly.local].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// The node API address [default: 127.0.0.1:8081].
+    #[arg(long)]
+    bind: Option<String>,
+    /// A postgres:// URL to share one database between replicas [default: SQLite in the data dir].
+    #[arg(long)]
+    database: Option<String>,
+    /// The CA lifetime [default: 7d].
+    #[arg(long)]
+    ca_ttl: Option<String>,
+    /// The agent SVID lifetime [default: 1h].
+    #[arg(long)]
+    agent_ttl: Option<String>,
+    /// Sign Mayfly's CA with this upstream CA certificate (PEM).
+    #[arg(long)]
+    upstream_ca_cert: Option<PathBuf>,
+    /// The upstream CA's key (PEM PKCS#8).
+    #[arg(long)]
+    upstream_ca_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a single-use join token and the SPIFFE ID its agent will get.
+    Generate {
+        /// How long the token stays usable.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EntryCommand {
+    /// Register a workload; prints the entry ID.
+    Create(EntryCreateArgs),
+    /// List the entries.
+    List,
+    /// Show one entry.
+    Show {
+        /// The entry ID.
+        id: String,
+    },
+    /// Delete an entry: its workloads get nothing more.
+    Delete {
+        /// The entry ID.
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct EntryCreateArgs {
+    /// The workload's identity, e.g. spiffe://mayfly.local/agents/billing-bot.
+    #[arg(long)]
+    spiffe_id: String,
+    /// The agent allowed to ask for it (see `mayfly agent list` or `mayfly token generate`).
+    #[arg(long)]
+    parent_id: String,
+    /// TYPE:KIND:VALUE the workload must have, e.g. unix:uid:1001 (repeat for more; all must match).
+    #[arg(long = "selector", required = true)]
+    selectors: Vec<String>,
+    /// A scope task SVIDs may carry, e.g. stripe:read:customers (repeat for more).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// The longest SVID lifetime for this entry (at most 1h).
+    #[arg(long, default_value = "5m")]
+    ttl: String,
+    /// A DNS name to put in its SVIDs (repeat for more).
+    #[arg(long = "dns")]
+    dns_names: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// List the attested agents.
+    List,
+    /// Ban an agent: refused at its next call, for good.
+    Ban {
+        /// The agent's SPIFFE ID.
+        id: String,
+    },
+    /// Evict an agent: it must attest again with a new join token.
+    Evict {
+        /// The agent's SPIFFE ID.
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BundleFormat {
+    Pem,
+    Spiffe,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Print the trust bundle.
+    Show {
+        /// PEM certificates, or a SPIFFE bundle (JWKS).
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// List audit records, oldest first.
+    List {
+        /// Only this task's records.
+        #[arg(long)]
+        task: Option<String>,
+        /// Keep printing new records as they are written.
+        #[arg(long)]
+        follow: bool,
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many records (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Check the hash chain: detects edited, inserted and deleted records.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Issuance over the real node API with concurrent mTLS clients, audit durable.
+    Issue(BenchIssueArgs),
+}
+
+#[derive(Args)]
+struct BenchIssueArgs {
+    /// Concurrent mTLS connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// A postgres:// URL instead of SQLite.
+    #[arg(long)]
+    database: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let output = cli.output;
+    match cli.command {
+        Command::Server(ServerCommand::Run(args)) => server_run(args).await,
+        Command::Bench(BenchCommand::Issue(args)) => bench_issue(args, output).await,
+        command => {
+            let admin = connect_admin(&cli.admin_socket).await?;
+            admin_command(admin, command, output).await
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn server_run(args: ServerRunArgs) -> Result<()> {
+    init_logging();
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let flags = Settings {
+        trust_domain: args.trust_domain,
+        data_dir: args.data_dir,
+        bind: args.bind,
+        database: args.database,
+        ca_ttl: args.ca_ttl,
+        agent_ttl: args.agent_ttl,
+        upstream_ca_cert: args.upstream_ca_cert,
+        upstream_ca_key: args.upstream_ca_key,
+    };
+    let config = file.overridden_by(flags).resolve()?;
+    let server = mayfly::server::start(config).await?;
+    tracing::info!(
+        trust_domain = %server.trust_domain,
+        node_api = %server.node_addr,
+        admin_socket = %server.admin_socket.display(),
+        "mayfly server running; stop with Ctrl-C"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+async fn bench_issue(args: BenchIssueArgs, output: Output) -> Result<()> {
+    // BENCH-WIRE: replaced once src/bench.rs lands.
+    let _ = (args.connections, args.in_flight, args.duration, args.database, output);
+    Err(anyhow!("the issuance benchmark is not built yet"))
+}
+
+/// A gRPC status as the one sentence the server wrote.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow!("{}", status.message())
+}
+
+async fn admin_command(mut admin: Admin, command: Command, output: Output) -> Result<()> {
+    match command {
+        Command::Token(TokenCommand::Generate { ttl }) => {
+            let ttl = mayfly::duration::parse(&ttl)?;
+            let token = admin
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&serde_json::json!({
+                    "token": token.token,
+                    "agent_id": token.agent_id,
+                    "expires_at": token.expires_at,
+                }))?,
+                Output::Text => {
+                    println!("Token:    {}", token.token);
+                    println!("Agent ID: {}", token.agent_id);
+                    println!("Expires:  {} (Unix time; single use)", token.expires_at);
+                }
+            }
+        }
+        Command::Entry(cmd) => entry_command(&mut admin, cmd, output).await?,
+        Command::Agent(cmd) => agent_command(&mut admin, cmd, output).await?,
+        Command::Bundle(BundleCommand::Show { format }) => {
+            let bundle = admin
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match format {
+                BundleFormat::Pem => print!("{}", mayfly::bundle::to_pem(&bundle.certificates)),
+                BundleFormat::Spiffe => {
+                    println!("{}", mayfly::bundle::to_spiffe_json(&bundle.certificates)?)
+                }
+            }
+        }
+        Command::Audit(AuditCommand::List {
+            task,
+            follow,
+            after,
+            limit,
+        }) => {
+            let mut stream = admin
+                .list_audit(pb::ListAuditRequest {
+                    after_seq: after,
+                    task_id: task.unwrap_or_default(),
+                    follow,
+                    limit,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let stdout = std::io::stdout();
+            while let Some(record) = stream.next().await {
+                let record = record.map_err(refused)?;
+                let mut out = stdout.lock();
+                match output {
+                    Output::Json => writeln!(out, "{}", audit_json(&record))?,
+                    Output::Text => writeln!(out, "{}", audit_line(&record))?,
+                }
+                out.flush()?;
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let answer = admin
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if output == Output::Json {
+                print_json(&serde_json::json!({
+                    "ok": answer.ok, "records": answer.records, "problem": answer.problem,
+                }))?;
+            }
+            if !answer.ok {
+                return Err(anyhow!("the audit log has been tampered with: {}", answer.problem));
+            }
+            if output == Output::Text {
+                println!("audit log intact: {} records, hash chain verified", answer.records);
+            }
+        }
+        Command::Server(_) | Command::Bench(_) => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+async fn entry_command(admin: &mut Admin, cmd: EntryCommand, output: Output) -> Result<()> {
+    match cmd {
+        EntryCommand::Create(args) => {
+            let ttl = mayfly::duration::parse(&args.ttl)?;
+            let entry = admin
+                .create_entry(pb::CreateEntryRequest {
+                    spiffe_id: args.spiffe_id,
+                    parent_id: args.parent_id,
+                    selectors: args.selectors,
+                    scopes: args.scopes,
+                    ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                    dns_names: args.dns_names,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&entry_json(&entry))?,
+                Output::Text => println!("{}", entry.id),
+            }
+        }
+        EntryCommand::List => {
+            let entries = admin
+                .list_entries(pb::ListEntriesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .entries;
+            match output {
+                Output::Json => print_json(&entries.iter().map(entry_json).collect::<Vec<_>>())?,
+                Output::Text if entries.is_empty() => println!("no entries"),
+                Output::Text => {
+                    for e in &entries {
+                        println!("{}", entry_text(e));
+                    }
+                }
+            }
+        }
+        EntryCommand::Show { id } => {
+            let entry = admin
+                .get_entry(pb::EntryIdRequest { id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&entry_json(&entry))?,
+                Output::Text => println!("{}", entry_text(&entry)),
+            }
+        }
+        EntryCommand::Delete { id } => {
+            admin
+                .delete_entry(pb::EntryIdRequest { id: id.clone() })
+                .await
+                .map_err(refused)?;
+            if output == Output::Json {
+                print_json(&serde_json::json!({ "deleted": id }))?;
+            } else {
+                println!("deleted entry {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn agent_command(admin: &mut Admin, cmd: AgentCommand, output: Output) -> Result<()> {
+    match cmd {
+        AgentCommand::List => {
+            let agents = admin
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .agents;
+            match output {
+                Output::Json => print_json(&agents.iter().map(agent_json).collect::<Vec<_>>())?,
+                Output::Text if agents.is_empty() => println!("no agents"),
+                Output::Text => {
+                    for a in &agents {
+                        println!(
+                            "{}  attestor={}  serial={}  not_after={}{}",
+                            a.spiffe_id,
+                            a.attestor,
+                            a.current_serial,
+                            a.not_after,
+                            if a.banned { "  BANNED" } else { "" }
+                        );
+                    }
+                }
+            }
+        }
+        AgentCommand::Ban { id } => {
+            let agent = admin
+                .ban_agent(pb::AgentIdRequest { spiffe_id: id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&agent_json(&agent))?,
+                Output::Text => println!("banned {}", agent.spiffe_id),
+            }
+        }
+        AgentCommand::Evict { id } => {
+            admin
+                .evict_agent(pb::AgentIdRequest {
+                    spiffe_id: id.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            match output {
+                Output::Json => print_json(&serde_json::json!({ "evicted": id }))?,
+                Output::Text => println!("evicted {id}; it must attest again"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("could not encode JSON")?
+    );
+    Ok(())
+}
+
+fn entry_json(e: &pb::Entry) -> serde_json::Value {
+    serde_json::json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "scopes": e.scopes,
+        "ttl_seconds": e.ttl_seconds,
+        "dns_names": e.dns_names,
+        "created_at": e.created_at,
+    })
+}
+
+fn entry_text(e: &pb::Entry) -> String {
+    format!(
+        "{}  {}\n  parent:    {}\n  selectors: {}\n  scopes:    {}\n  ttl:       {}s{}",
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        e.selectors.join(", "),
+        if e.scopes.is_empty() {
+            "(none)".to_owned()
+        } else {
+            e.scopes.join(", ")
+        },
+        e.ttl_seconds,
+        if e.dns_names.is_empty() {
+            String::new()
+        } else {
+            format!("\n  dns:       {}", e.dns_names.join(", "))
+        }
+    )
+}
+
+fn agent_json(a: &pb::Agent) -> serde_json::Value {
+    serde_json::json!({
+        "spiffe_id": a.spiffe_id,
+        "attestor": a.attestor,
+        "current_serial": a.current_serial,
+        "next_serial": a.next_serial,
+        "not_after": a.not_after,
+        "banned": a.banned,
+        "created_at": a.created_at,
+    })
+}
+
+fn audit_json(r: &pb::AuditRecord) -> String {
+    serde_json::json!({
+        "seq": r.seq,
+        "time_ms": r.time_ms,
+        "action": r.action,
+        "decision": r.decision,
+        "reason": r.reason,
+        "agent_id": r.agent_id,
+        "attestor": r.attestor,
+        "entry_id": r.entry_id,
+        "spiffe_id": r.spiffe_id,
+        "task_id": r.task_id,
+        "scopes": r.scopes,
+        "serial": r.serial,
+        "not_after": r.not_after,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    })
+    .to_string()
+}
+
+fn audit_line(r: &pb::AuditRecord) -> String {
+    let mut line = format!(
+        "#{} {} {} {}",
+        r.seq,
+        r.time_ms,
+        r.action,
+        if r.decision.is_empty() {
+            "-"
+        } else {
+            &r.decision
+        }
+    );
+    let fields = [
+        ("agent", &r.agent_id),
+        ("entry", &r.entry_id),
+        ("id", &r.spiffe_id),
+        ("task", &r.task_id),
+        ("serial", &r.serial),
+    ];
+    for (name, value) in fields {
+        if !value.is_empty() {
+            line.push_str(&format!(" {name}={value}"));
+        }
+    }
+    if !r.scopes.is_empty() {
+        line.push_str(&format!(" scopes={}", r.scopes.join(",")));
+    }
+    if r.not_after != 0 {
+        line.push_str(&format!(" not_after={}", r.not_after));
+    }
+    line.push_str(&format!(" reason=\"{}\"", r.reason));
+    line
+}

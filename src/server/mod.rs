@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod audit_log;
+pub mod config;
 pub mod conn;
 pub mod node;
 pub mod policy;
