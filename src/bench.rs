@@ -173,6 +173,9 @@ pub struct IssueBenchReport {
     /// The process's CPU time during the timed window over what `threads` cores offer (1.0:
     /// all busy); `None` where /proc is not available.
     pub cpu_busy: Option<f64>,
+    /// The process's CPU time per SVID issued in the timed window (server and load generator
+    /// together), in microseconds; `None` where /proc is not available.
+    pub cpu_us_per_svid: Option<f64>,
     /// Records in the audit log after the run (setup records included).
     pub audit_records: i64,
     /// Whether the audit hash chain verified after the run.
@@ -329,6 +332,10 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         cpu_busy: load
             .cpu_secs
             .map(|cpu| cpu / (secs * threads.max(1) as f64)),
+        cpu_us_per_svid: load
+            .cpu_secs
+            .filter(|_| load.issued > 0)
+            .map(|cpu| cpu * 1e6 / load.issued as f64),
         audit_records: load.audit_records,
         audit_chain_ok: load.audit_chain_ok,
         reference_single_per_sec: single,

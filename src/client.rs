@@ -69,8 +69,7 @@ pub async fn connect_node(
             target: addr.to_string(),
             source,
         })?;
-    Ok(NodeClient::new(channel)
-        .max_decoding_message_size(crate::server::MAX_NODE_MESSAGE))
+    Ok(NodeClient::new(channel).max_decoding_message_size(crate::server::MAX_NODE_MESSAGE))
 }
 
 /// Connects to the admin API on the Unix socket `path`.
@@ -157,8 +156,8 @@ pub async fn attest_with_join_token(
     let svid = answer
         .svid
         .ok_or_else(|| AttestError::BadAnswer("no SVID".into()))?;
-    let spiffe_id = SpiffeId::parse(&svid.spiffe_id)
-        .map_err(|e| AttestError::BadAnswer(e.to_string()))?;
+    let spiffe_id =
+        SpiffeId::parse(&svid.spiffe_id).map_err(|e| AttestError::BadAnswer(e.to_string()))?;
     let chain: Vec<_> = svid
         .cert_chain
         .into_iter()

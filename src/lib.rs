@@ -8,8 +8,8 @@
 pub mod audit;
 pub mod bench;
 pub mod bundle;
-pub mod client;
 pub mod ca;
+pub mod client;
 pub mod duration;
 pub mod id;
 pub mod proto;

@@ -311,9 +311,19 @@ async fn shutdown_signal() {
 }
 
 async fn bench_issue(args: BenchIssueArgs, output: Output) -> Result<()> {
-    // BENCH-WIRE: replaced once src/bench.rs lands.
-    let _ = (args.connections, args.in_flight, args.duration, args.database, output);
-    Err(anyhow!("the issuance benchmark is not built yet"))
+    let options = mayfly::bench::IssueBenchOptions {
+        connections: args.connections,
+        in_flight: args.in_flight,
+        duration: mayfly::duration::parse(&args.duration)?,
+        database: args.database,
+        ..Default::default()
+    };
+    let report = mayfly::bench::issue_benchmark(options).await?;
+    match output {
+        Output::Json => print_json(&report)?,
+        Output::Text => println!("{report}"),
+    }
+    Ok(())
 }
 
 /// A gRPC status as the one sentence the server wrote.
@@ -399,10 +409,16 @@ async fn admin_command(mut admin: Admin, command: Command, output: Output) -> Re
                 }))?;
             }
             if !answer.ok {
-                return Err(anyhow!("the audit log has been tampered with: {}", answer.problem));
+                return Err(anyhow!(
+                    "the audit log has been tampered with: {}",
+                    answer.problem
+                ));
             }
             if output == Output::Text {
-                println!("audit log intact: {} records, hash chain verified", answer.records);
+                println!(
+                    "audit log intact: {} records, hash chain verified",
+                    answer.records
+                );
             }
         }
         Command::Server(_) | Command::Bench(_) => unreachable!("handled before connecting"),

@@ -77,7 +77,11 @@ fn ok(o: Output) -> String {
 /// A refusal: non-zero exit, one `error:` sentence on stderr containing `needle`, no panic.
 fn refused(o: Output, needle: &str) {
     let err = stderr(&o);
-    assert!(!o.status.success(), "expected a refusal, got success: {}", stdout(&o));
+    assert!(
+        !o.status.success(),
+        "expected a refusal, got success: {}",
+        stdout(&o)
+    );
     assert!(err.starts_with("error: "), "stderr: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(err.contains(needle), "'{needle}' not in: {err}");
@@ -104,9 +108,9 @@ fn operator_workflow_on_the_embedded_defaults() {
     );
     assert_eq!(mode & 0o777, 0o600, "admin socket mode");
 
-    let token: serde_json::Value = serde_json::from_str(&ok(server.mayfly(&[
-        "token", "generate", "--ttl", "5m", "--output", "json",
-    ])))
+    let token: serde_json::Value = serde_json::from_str(&ok(
+        server.mayfly(&["token", "generate", "--ttl", "5m", "--output", "json"])
+    ))
     .unwrap();
     let agent = token["agent_id"].as_str().unwrap().to_owned();
     assert!(agent.starts_with("spiffe://mayfly.local/mayfly/agent/join_token/"));
@@ -130,10 +134,14 @@ fn operator_workflow_on_the_embedded_defaults() {
     ]));
     let id = id.trim();
     assert_eq!(id.len(), 32);
-    let shown: serde_json::Value =
-        serde_json::from_str(&ok(server.mayfly(&["entry", "show", id, "--output", "json"])))
-            .unwrap();
-    assert_eq!(shown["spiffe_id"], "spiffe://mayfly.local/agents/billing-bot");
+    let shown: serde_json::Value = serde_json::from_str(&ok(
+        server.mayfly(&["entry", "show", id, "--output", "json"])
+    ))
+    .unwrap();
+    assert_eq!(
+        shown["spiffe_id"],
+        "spiffe://mayfly.local/agents/billing-bot"
+    );
     assert_eq!(
         shown["scopes"],
         serde_json::json!(["stripe:read:customers", "stripe:write:refunds"])
@@ -192,11 +200,20 @@ fn bad_input_is_one_sentence_and_stores_nothing() {
         create("spiffe://mayfly.local/agents//bot", "unix:uid:1", &[]),
         "empty path segment",
     );
-    refused(create("http://mayfly.local/bot", "unix:uid:1", &[]), "spiffe://");
+    refused(
+        create("http://mayfly.local/bot", "unix:uid:1", &[]),
+        "spiffe://",
+    );
     refused(create(good, "unix:pid:1", &[]), "unknown unix selector");
     refused(create(good, "uid:1", &[]), "is not a selector");
-    refused(create(good, "unix:uid:1", &["--ttl", "2h"]), "above the ceiling");
-    refused(create(good, "unix:uid:1", &["--ttl", "5 minutes"]), "not a duration");
+    refused(
+        create(good, "unix:uid:1", &["--ttl", "2h"]),
+        "above the ceiling",
+    );
+    refused(
+        create(good, "unix:uid:1", &["--ttl", "5 minutes"]),
+        "not a duration",
+    );
     refused(
         create("spiffe://mayfly.local/agents/scope/bot", "unix:uid:1", &[]),
         "reserves",
@@ -215,7 +232,10 @@ fn bad_input_is_one_sentence_and_stores_nothing() {
     ok(create(good, "unix:uid:1", &["--ttl", "1h"]));
     assert_eq!(entry_count(&server), 1);
 
-    refused(server.mayfly(&["entry", "show", "not-an-id"]), "not an entry ID");
+    refused(
+        server.mayfly(&["entry", "show", "not-an-id"]),
+        "not an entry ID",
+    );
     refused(
         server.mayfly(&["agent", "ban", "spiffe://mayfly.local/mayfly/agent/x/y"]),
         "no agent",

@@ -103,7 +103,7 @@ impl AdminService {
         let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
         spiffe_id.check_registrable(td)?;
         let parent_id = SpiffeId::parse(&req.parent_id)?;
-        if parent_id.trust_domain_name() != td.as_str() || parent_id.is_root() {
+        if !self.state.policy.is_agent_id(&parent_id) {
             return Err(AdminError::Invalid(format!(
                 "parent ID '{parent_id}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>"
             )));

@@ -79,15 +79,25 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections on `listener`, handshakes each concurrently, and yields the
 /// successful ones. Failed handshakes are logged and dropped; the listener keeps serving.
+///
+/// The listener is closed as soon as the stream is dropped (the server stopped); the returned
+/// task ends then, so awaiting it guarantees the address is free again.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     bundles: LiveBundles,
-) -> impl Stream<Item = Result<TlsConn, io::Error>> {
+) -> (
+    impl Stream<Item = Result<TlsConn, io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel::<Result<TlsConn, io::Error>>(128);
-    tokio::spawn(async move {
+    let accept_loop = tokio::spawn(async move {
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => break,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -95,9 +105,6 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.is_closed() {
-                break;
-            }
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let bundles = bundles.clone();
@@ -114,7 +121,7 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    (tokio_stream::wrappers::ReceiverStream::new(rx), accept_loop)
 }
 
 /// The verifier already accepted the chain during the handshake; this parses it once more to

@@ -311,7 +311,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let node = NodeServer::new(node::NodeService::new(state.clone()))
         .max_decoding_message_size(MAX_NODE_MESSAGE);
-    let incoming = conn::incoming(
+    let (incoming, accept_loop) = conn::incoming(
         listener,
         TlsAcceptor::from(Arc::new(tls_config)),
         bundles.clone(),
@@ -328,6 +328,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         if let Err(e) = result {
             tracing::error!(error = %e, "node API stopped");
         }
+        // The stream is gone with the server: wait for the listener to close, so the address
+        // is free when `shutdown` returns.
+        let _ = accept_loop.await;
     }));
 
     let admin = AdminServer::new(admin::AdminService::new(state.clone()));

@@ -10,6 +10,7 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::{Arc, LazyLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +18,8 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
@@ -42,7 +44,108 @@ pub struct SqliteStore {
     /// The single connection every write goes through.
     writer: SqlitePool,
     /// Connections for reads.
-    reader: SqlitePool,
+    reader: Arc<Readers>,
+}
+
+/// The connections reads go through, lent whole. A `SqlitePool` pings every connection it
+/// takes back, a round trip to that connection's worker thread; the issuance path reads twice
+/// per request, so lending connections directly halves its trips to SQLite's threads. A read
+/// cancelled half-way is harmless: its connection's worker finishes the statement before it
+/// takes the next one, and each statement answers on its own channel.
+struct Readers {
+    idle: std::sync::Mutex<Vec<SqliteConnection>>,
+    /// One permit per idle connection; closed when the store is.
+    available: Semaphore,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers")
+            .field("available", &self.available.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Readers {
+    async fn open(options: &SqliteConnectOptions) -> Result<Self, sqlx::Error> {
+        let mut idle = Vec::with_capacity(READERS as usize);
+        for _ in 0..READERS {
+            idle.push(options.connect().await?);
+        }
+        Ok(Self {
+            idle: std::sync::Mutex::new(idle),
+            available: Semaphore::new(READERS as usize),
+        })
+    }
+
+    /// An idle connection, waiting (first come, first served) for one when all are lent.
+    async fn get(&self) -> Result<Reader<'_>, sqlx::Error> {
+        let permit = self
+            .available
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let conn = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .ok_or(sqlx::Error::PoolClosed)?;
+        Ok(Reader {
+            conn: Some(conn),
+            readers: self,
+            _permit: permit,
+        })
+    }
+
+    /// Waits for every lent connection to come back, then closes them all.
+    async fn close(&self) {
+        if let Ok(all) = self.available.acquire_many(READERS).await {
+            all.forget();
+        }
+        self.available.close();
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        for conn in idle {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// A lent read connection; it goes back to its [`Readers`] when dropped.
+struct Reader<'a> {
+    conn: Option<SqliteConnection>,
+    readers: &'a Readers,
+    /// Released after `drop` has put the connection back, so whoever it wakes finds it.
+    _permit: SemaphorePermit<'a>,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_ref()
+            .expect("a lent connection is present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("a lent connection is present until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.readers
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -70,13 +173,11 @@ impl SqliteStore {
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(READERS)
-            .connect_with(options)
-            .await?;
+        let reader = Arc::new(Readers::open(&options).await?);
         Ok(Self { writer, reader })
     }
 
@@ -89,6 +190,11 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.reader.close().await;
         self.writer.close().await;
+    }
+
+    /// A connection for one read.
+    async fn read(&self) -> Result<Reader<'_>, sqlx::Error> {
+        self.reader.get().await
     }
 
     /// A write transaction holding SQLite's write lock from its first statement.
@@ -117,6 +223,91 @@ fn prepare_file(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Rows per multi-row `INSERT INTO audit`: a batch is written in chunks of these sizes, largest
+/// first, so each batch costs a few statements instead of one per record, and only these few
+/// statements are ever prepared (and cached) on the writer connection.
+const AUDIT_CHUNKS: [usize; 6] = [32, 16, 8, 4, 2, 1];
+
+/// The `INSERT INTO audit` statement for each size in [`AUDIT_CHUNKS`].
+static AUDIT_INSERTS: LazyLock<Vec<(usize, String)>> = LazyLock::new(|| {
+    AUDIT_CHUNKS
+        .iter()
+        .map(|&rows| {
+            let values = (0..rows)
+                .map(|r| {
+                    let params = (1..=AUDIT_COLUMNS)
+                        .map(|c| format!("${}", r * AUDIT_COLUMNS + c))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    format!("({params})")
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            (
+                rows,
+                format!(
+                    concat!("INSERT INTO audit (", audit_columns!(), ") VALUES {}"),
+                    values
+                ),
+            )
+        })
+        .collect()
+});
+
+/// The number of columns in `audit_columns!()`.
+const AUDIT_COLUMNS: usize = 15;
+
+/// Inserts `records` (at most 32, a size in [`AUDIT_CHUNKS`]) with one statement.
+async fn insert_audit_rows(
+    tx: &mut Transaction<'static, Sqlite>,
+    records: &[AuditRecord],
+) -> Result<(), sqlx::Error> {
+    let sql = AUDIT_INSERTS
+        .iter()
+        .find(|(rows, _)| *rows == records.len())
+        .map(|(_, sql)| sql.as_str())
+        .ok_or_else(|| {
+            sqlx::Error::Protocol(format!("no audit insert for {} rows", records.len()))
+        })?;
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for record in records {
+        let event = &record.event;
+        query = query
+            .bind(record.seq)
+            .bind(event.time_ms)
+            .bind(&event.action)
+            .bind(event.decision.map(Decision::as_str))
+            .bind(&event.reason)
+            .bind(event.agent_id.as_deref())
+            .bind(event.attestor.as_deref())
+            .bind(event.entry_id.as_deref())
+            .bind(event.spiffe_id.as_deref())
+            .bind(event.task_id.as_deref())
+            .bind(rows::audit_scopes(event))
+            .bind(event.serial.as_deref())
+            .bind(event.not_after)
+            .bind(&record.prev_hash[..])
+            .bind(&record.hash[..]);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// A failed audit insert, as [`StoreError::AlreadyExists`] naming the serial of `record` when it
+/// is a unique violation.
+fn audit_exists(err: sqlx::Error, record: &AuditRecord) -> StoreError {
+    rows::unique_violation(err, || {
+        format!(
+            "an audit record for serial {}",
+            record.event.serial.as_deref().unwrap_or("?")
+        )
+    })
 }
 
 #[async_trait]
@@ -154,7 +345,7 @@ impl Store for SqliteStore {
             " FROM entries WHERE id = $1"
         ))
         .bind(id.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut *self.read().await?)
         .await?
         .map(Entry::try_from)
         .transpose()
@@ -166,7 +357,7 @@ impl Store for SqliteStore {
             entry_columns!(),
             " FROM entries ORDER BY spiffe_id, id"
         ))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .into_iter()
         .map(Entry::try_from)
@@ -180,7 +371,7 @@ impl Store for SqliteStore {
             " FROM entries WHERE parent_id = $1 ORDER BY spiffe_id, id"
         ))
         .bind(parent.as_str())
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .into_iter()
         .map(Entry::try_from)
@@ -207,7 +398,7 @@ impl Store for SqliteStore {
     async fn entries_revision(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT revision FROM entries_revision WHERE id = 1")
-                .fetch_one(&self.reader)
+                .fetch_one(&mut *self.read().await?)
                 .await?,
         )
     }
@@ -275,7 +466,7 @@ impl Store for SqliteStore {
             " FROM agents WHERE spiffe_id = $1"
         ))
         .bind(id.as_str())
-        .fetch_optional(&self.reader)
+        .fetch_optional(&mut *self.read().await?)
         .await?
         .map(AgentRecord::try_from)
         .transpose()
@@ -287,7 +478,7 @@ impl Store for SqliteStore {
             agent_columns!(),
             " FROM agents ORDER BY spiffe_id"
         ))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .into_iter()
         .map(AgentRecord::try_from)
@@ -381,7 +572,7 @@ impl Store for SqliteStore {
              ORDER BY fingerprint",
         )
         .bind(now)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .into_iter()
         .map(CaCertRecord::from)
@@ -399,38 +590,28 @@ impl Store for SqliteStore {
                 .await?,
         )?;
         let records = audit::chain(head_seq, head_hash, events);
-        for record in &records {
-            let event = &record.event;
-            sqlx::query(concat!(
-                "INSERT INTO audit (",
-                audit_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-            ))
-            .bind(record.seq)
-            .bind(event.time_ms)
-            .bind(&event.action)
-            .bind(event.decision.map(Decision::as_str))
-            .bind(&event.reason)
-            .bind(event.agent_id.as_deref())
-            .bind(event.attestor.as_deref())
-            .bind(event.entry_id.as_deref())
-            .bind(event.spiffe_id.as_deref())
-            .bind(event.task_id.as_deref())
-            .bind(rows::audit_scopes(event))
-            .bind(event.serial.as_deref())
-            .bind(event.not_after)
-            .bind(&record.prev_hash[..])
-            .bind(&record.hash[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                rows::unique_violation(e, || {
-                    format!(
-                        "an audit record for serial {}",
-                        event.serial.as_deref().unwrap_or("?")
-                    )
-                })
-            })?;
+        let mut rest = &records[..];
+        while !rest.is_empty() {
+            let rows = AUDIT_CHUNKS
+                .into_iter()
+                .find(|&n| n <= rest.len())
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(rows);
+            match insert_audit_rows(&mut tx, chunk).await {
+                Ok(()) => {}
+                // A multi-row statement that breaks a constraint is backed out on its own
+                // (the transaction stays open): insert its rows one by one so the error names
+                // the offending serial, exactly as a single-row batch does.
+                Err(e) if rows > 1 && is_unique_violation(&e) => {
+                    for one in chunk {
+                        insert_audit_rows(&mut tx, std::slice::from_ref(one))
+                            .await
+                            .map_err(|e| audit_exists(e, one))?;
+                    }
+                }
+                Err(e) => return Err(audit_exists(e, &chunk[0])),
+            }
+            rest = tail;
         }
         if let Some(last) = records.last() {
             sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
@@ -453,7 +634,7 @@ impl Store for SqliteStore {
         .bind(filter.after_seq)
         .bind(filter.task_id.as_deref())
         .bind(rows::limit(filter.limit))
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *self.read().await?)
         .await?
         .into_iter()
         .map(AuditRecord::try_from)
@@ -463,7 +644,7 @@ impl Store for SqliteStore {
     async fn audit_head(&self) -> Result<(i64, [u8; 32]), StoreError> {
         rows::audit_head(
             sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-                .fetch_one(&self.reader)
+                .fetch_one(&mut *self.read().await?)
                 .await?,
         )
     }
