@@ -19,7 +19,7 @@ use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::policy::{self, Refusal, Standing, check_task_id, unix_secs};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
-use crate::svid::{self, IssuedSvid, LeafSpec, SvidError, VerifiedSvid};
+use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError, VerifiedSvid};
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
@@ -121,6 +121,50 @@ impl NodeService {
         Ok(record)
     }
 
+    /// Signs an SVID for `id` with the current CA; of the CSR only the public key is used.
+    fn sign(
+        &self,
+        id: &ScopedId,
+        csr: &[u8],
+        ttl: std::time::Duration,
+        dns_names: &[String],
+    ) -> Result<IssuedSvid, NodeError> {
+        let key = svid::parse_csr(csr).map_err(NodeError::Csr)?;
+        self.sign_key(id, &key, ttl, dns_names)
+    }
+
+    fn sign_key(
+        &self,
+        id: &ScopedId,
+        key: &RequestedKey,
+        ttl: std::time::Duration,
+        dns_names: &[String],
+    ) -> Result<IssuedSvid, NodeError> {
+        let spec = LeafSpec {
+            id,
+            key,
+            ttl,
+            dns_names,
+        };
+        svid::issue(&self.state.cas.current(), &spec, SystemTime::now()).map_err(NodeError::Sign)
+    }
+
+    /// Records the issuance durably; only then may the SVID be returned.
+    async fn audit_issued(
+        &self,
+        id: &ScopedId,
+        issued: &IssuedSvid,
+        mut event: AuditEvent,
+    ) -> Result<(), NodeError> {
+        event.decision = Some(Decision::Allow);
+        event.reason = "issued".into();
+        event.spiffe_id = Some(id.to_string());
+        event.serial = Some(issued.serial.to_hex());
+        event.not_after = Some(unix_secs(issued.not_after));
+        self.state.audit.record(event).await?;
+        Ok(())
+    }
+
     /// Signs an SVID for `id`, audits it durably, then returns it.
     async fn issue_audited(
         &self,
@@ -128,24 +172,25 @@ impl NodeService {
         csr: &[u8],
         ttl: std::time::Duration,
         dns_names: &[String],
-        mut event: AuditEvent,
+        event: AuditEvent,
     ) -> Result<IssuedSvid, NodeError> {
-        let key = svid::parse_csr(csr).map_err(NodeError::Csr)?;
-        let authority = self.state.cas.current();
-        let spec = LeafSpec {
-            id,
-            key: &key,
-            ttl,
-            dns_names,
-        };
-        let issued = svid::issue(&authority, &spec, SystemTime::now()).map_err(NodeError::Sign)?;
-        event.decision = Some(Decision::Allow);
-        event.reason = "issued".into();
-        event.spiffe_id = Some(id.to_string());
-        event.serial = Some(issued.serial.to_hex());
-        event.not_after = Some(unix_secs(issued.not_after));
-        self.state.audit.record(event).await?;
+        let issued = self.sign(id, csr, ttl, dns_names)?;
+        self.audit_issued(id, &issued, event).await?;
         Ok(issued)
+    }
+
+    /// The answer to an issuance: the SVID, or the audited refusal.
+    async fn answer(
+        &self,
+        event: AuditEvent,
+        result: Result<(ScopedId, IssuedSvid), NodeError>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        match result {
+            Ok((id, issued)) => Ok(Response::new(pb::IssueResponse {
+                svid: Some(svid_message(&id, issued)),
+            })),
+            Err(e) => Err(self.refuse(event, e).await),
+        }
     }
 
     fn check_csr_size(csr: &[u8]) -> Result<(), Refusal> {
@@ -263,7 +308,7 @@ impl pb::node_server::Node for NodeService {
                 .agent_id(JoinTokenAttestor.name(), &node_id)?;
             event.agent_id = Some(agent_id.to_string());
             // The CSR is checked before the token is spent, so a bad request does not burn it.
-            svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
+            let key = svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
             let now = SystemTime::now();
             if self
                 .state
@@ -275,9 +320,9 @@ impl pb::node_server::Node for NodeService {
                 return Err(Refusal::TokenRefused.into());
             }
             let id = ScopedId::new(agent_id.clone(), Default::default()).map_err(Refusal::from)?;
-            let issued = self
-                .issue_audited(&id, &req.csr, self.state.agent_ttl, &[], event.clone())
-                .await?;
+            // The agent is stored before the issuance is audited, so the log never shows an
+            // agent SVID whose agent the server does not know.
+            let issued = self.sign_key(&id, &key, self.state.agent_ttl, &[])?;
             let record = AgentRecord {
                 spiffe_id: agent_id,
                 attestor: JoinTokenAttestor.name().into(),
@@ -288,6 +333,7 @@ impl pb::node_server::Node for NodeService {
                 created_at: unix_secs(now),
             };
             self.state.store.create_agent(&record).await?;
+            self.audit_issued(&id, &issued, event.clone()).await?;
             Ok((id, issued))
         }
         .await;
@@ -316,24 +362,14 @@ impl pb::node_server::Node for NodeService {
             // Sign first, record the new serial, then audit: if the agent's standing changed
             // meanwhile (banned, evicted, renewed elsewhere) the store refuses the serial and
             // the new SVID is never returned.
-            let key = svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
-            let authority = self.state.cas.current();
-            let spec = LeafSpec {
-                id: &id,
-                key: &key,
-                ttl: self.state.agent_ttl,
-                dns_names: &[],
-            };
-            let issued =
-                svid::issue(&authority, &spec, SystemTime::now()).map_err(NodeError::Sign)?;
-            let serial = issued.serial.to_hex();
+            let issued = self.sign(&id, &req.csr, self.state.agent_ttl, &[])?;
             if !self
                 .state
                 .store
                 .set_agent_next_serial(
                     &agent.spiffe_id,
                     &presented,
-                    &serial,
+                    &issued.serial.to_hex(),
                     unix_secs(issued.not_after),
                 )
                 .await?
@@ -344,13 +380,7 @@ impl pb::node_server::Node for NodeService {
                 }
                 .into());
             }
-            let mut allow = event.clone();
-            allow.decision = Some(Decision::Allow);
-            allow.reason = "issued".into();
-            allow.spiffe_id = Some(id.to_string());
-            allow.serial = Some(serial);
-            allow.not_after = Some(unix_secs(issued.not_after));
-            self.state.audit.record(allow).await?;
+            self.audit_issued(&id, &issued, event.clone()).await?;
             Ok((id, issued))
         }
         .await;
@@ -421,12 +451,7 @@ impl pb::node_server::Node for NodeService {
             Ok((id, issued))
         }
         .await;
-        match result {
-            Ok((id, issued)) => Ok(Response::new(pb::IssueResponse {
-                svid: Some(svid_message(&id, issued)),
-            })),
-            Err(e) => Err(self.refuse(event, e).await),
-        }
+        self.answer(event, result).await
     }
 
     async fn issue_task(
@@ -461,11 +486,6 @@ impl pb::node_server::Node for NodeService {
             Ok((id, issued))
         }
         .await;
-        match result {
-            Ok((id, issued)) => Ok(Response::new(pb::IssueResponse {
-                svid: Some(svid_message(&id, issued)),
-            })),
-            Err(e) => Err(self.refuse(event, e).await),
-        }
+        self.answer(event, result).await
     }
 }
