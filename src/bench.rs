@@ -22,7 +22,8 @@
 //! Run a short one with
 //! `cargo test --release --lib bench -- --ignored --nocapture`
 //! (environment `MAYFLY_BENCH_SECS`, `MAYFLY_BENCH_CONNECTIONS`, `MAYFLY_BENCH_IN_FLIGHT`,
-//! `MAYFLY_BENCH_DATABASE` override its settings).
+//! `MAYFLY_BENCH_DATABASE` and `MAYFLY_BENCH_WORKERS`, the runtime's worker threads, override
+//! its settings).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -63,7 +64,8 @@ pub struct IssueBenchOptions {
     pub warmup: Duration,
     /// How long each reference measurement (one thread, then all) runs (default 3 s).
     pub reference_duration: Duration,
-    /// The server's data dir; a fresh temporary one, removed afterwards, when `None`.
+    /// The server's data dir (a scratch one: the benchmark registers agents and entries and
+    /// fills the audit log); a fresh temporary one, removed afterwards, when `None`.
     pub data_dir: Option<PathBuf>,
     /// `postgres://…` to use PostgreSQL (the benchmark writes entries, agents and audit records
     /// into it); `None` for SQLite in the data dir.
@@ -171,7 +173,8 @@ pub struct IssueBenchReport {
     /// Slowest request, in milliseconds.
     pub latency_max_ms: f64,
     /// The process's CPU time during the timed window over what `threads` cores offer (1.0:
-    /// all busy); `None` where /proc is not available.
+    /// all busy); `None` where /proc is not available. A PostgreSQL server's own work is not
+    /// in it.
     pub cpu_busy: Option<f64>,
     /// The process's CPU time per SVID issued in the timed window (server and load generator
     /// together), in microseconds; `None` where /proc is not available.
@@ -210,12 +213,17 @@ impl fmt::Display for IssueBenchReport {
             None => writeln!(f, "errors: 0")?,
             Some(e) => writeln!(f, "errors: {} (first: {e})", self.errors)?,
         }
-        if let Some(busy) = self.cpu_busy {
+        if let (Some(busy), Some(per_svid)) = (self.cpu_busy, self.cpu_us_per_svid) {
+            let reference = if self.reference_single_per_sec > 0.0 {
+                1e6 / self.reference_single_per_sec
+            } else {
+                0.0
+            };
             writeln!(
                 f,
-                "cpu: {:.0}% of {} cores busy",
+                "cpu: {:.0}% of {} cores busy; {per_svid:.0} µs of CPU per SVID (server and load generator), against {reference:.0} µs for the reference",
                 busy * 100.0,
-                self.threads
+                self.threads,
             )?;
         }
         writeln!(
@@ -286,14 +294,12 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
     }
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
 
-    let temp = match &opts.data_dir {
-        Some(_) => None,
-        None => Some(TempDir::create()?),
-    };
-    let data_dir = match (&opts.data_dir, &temp) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(t)) => t.0.join("server"),
-        (None, None) => unreachable!("a temporary dir exists when none was given"),
+    let (data_dir, temp) = match &opts.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = TempDir::create()?;
+            (temp.0.join("server"), Some(temp))
+        }
     };
     let mut config = ServerConfig::with_defaults(data_dir);
     config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -662,7 +668,8 @@ mod tests {
     #[test]
     #[ignore = "a benchmark: run it in release mode on purpose"]
     fn issue_benchmark_short() {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = env_num("MAYFLY_BENCH_WORKERS")
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()

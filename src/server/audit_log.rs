@@ -76,18 +76,24 @@ pub fn now_ms() -> i64 {
 
 async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    // The batch split in two, so the events go to the store without being copied.
+    let mut events: Vec<AuditEvent> = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let events: Vec<AuditEvent> = batch.iter().map(|(e, _)| e.clone()).collect();
+        for (event, reply) in batch.drain(..) {
+            events.push(event);
+            replies.push(reply);
+        }
         match store.append_audit(&events).await {
             Ok(records) => {
-                for ((_, reply), record) in batch.drain(..).zip(records) {
+                for (reply, record) in replies.drain(..).zip(records) {
                     let _ = reply.send(Ok(record));
                 }
             }
-            Err(StoreError::AlreadyExists(_)) if batch.len() > 1 => {
+            Err(StoreError::AlreadyExists(_)) if events.len() > 1 => {
                 // One record in the batch repeats a serial and the store wrote nothing: append
                 // the records one by one so only the offending one fails.
-                for (event, reply) in batch.drain(..) {
+                for (event, reply) in events.drain(..).zip(replies.drain(..)) {
                     let result = store
                         .append_audit(std::slice::from_ref(&event))
                         .await
@@ -97,13 +103,15 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit append failed");
+                tracing::error!(error = %e, records = events.len(), "audit append failed");
                 let err = to_audit_error(e);
-                for (_, reply) in batch.drain(..) {
+                for reply in replies.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }
             }
         }
+        events.clear();
+        replies.clear();
     }
 }
 

@@ -4,8 +4,9 @@
 //! describes is returned. Concurrency: every write goes through one writer connection (a
 //! pool of one, which queues callers fairly), and multi-statement writes open with
 //! `BEGIN IMMEDIATE`, so they take SQLite's write lock up front and wait for it (busy timeout
-//! 5 s) instead of failing when another process writes the same file. Reads use a separate pool
-//! and, thanks to WAL, never wait for the writer.
+//! 5 s) instead of failing when another process writes the same file. Reads use connections of
+//! their own (`Readers`; the agent and entry lookups of every issuance are batched, see
+//! `serve_lookups`) and, thanks to WAL, never wait for the writer.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -16,10 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, Transaction};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use sqlx::{ConnectOptions, Connection, FromRow, Row, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
 use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
@@ -45,6 +47,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Connections for reads.
     reader: Arc<Readers>,
+    /// The batcher of agent and entry lookups (see [`serve_lookups`]).
+    lookups: mpsc::UnboundedSender<Lookup>,
 }
 
 /// The connections reads go through, lent whole. A `SqlitePool` pings every connection it
@@ -178,7 +182,17 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&writer).await?;
         let reader = Arc::new(Readers::open(&options).await?);
-        Ok(Self { writer, reader })
+        let (lookups, requests) = mpsc::unbounded_channel();
+        // Outside a tokio runtime the receiver is dropped here, and lookups go straight to the
+        // readers (see `lookup`).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(serve_lookups(reader.clone(), requests));
+        }
+        Ok(Self {
+            writer,
+            reader,
+            lookups,
+        })
     }
 
     /// The pool writes go through (one connection), for tests and maintenance.
@@ -225,6 +239,181 @@ fn prepare_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Looks up one agent by SPIFFE ID.
+const AGENT_BY_ID: &str = concat!(
+    "SELECT ",
+    agent_columns!(),
+    " FROM agents WHERE spiffe_id = $1"
+);
+/// Looks up one entry by ID.
+const ENTRY_BY_ID: &str = concat!("SELECT ", entry_columns!(), " FROM entries WHERE id = $1");
+
+/// The sizes a batched lookup is padded to (repeating its last key), so only these few
+/// statements are ever prepared; the largest is the most keys one statement asks for.
+const LOOKUP_SIZES: [usize; 6] = [1, 2, 4, 8, 16, 32];
+
+/// `SELECT … FROM agents WHERE spiffe_id IN (…)` for each size in [`LOOKUP_SIZES`].
+static AGENT_LOOKUPS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    lookup_statements(concat!(
+        "SELECT ",
+        agent_columns!(),
+        " FROM agents WHERE spiffe_id IN "
+    ))
+});
+/// `SELECT … FROM entries WHERE id IN (…)` for each size in [`LOOKUP_SIZES`].
+static ENTRY_LOOKUPS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    lookup_statements(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM entries WHERE id IN "
+    ))
+});
+
+fn lookup_statements(prefix: &str) -> Vec<String> {
+    LOOKUP_SIZES
+        .iter()
+        .map(|&n| format!("{prefix}({})", vec!["?"; n].join(", ")))
+        .collect()
+}
+
+type Reply<T> = oneshot::Sender<Result<Option<T>, StoreError>>;
+
+/// A point lookup waiting for the batcher: the key and where to send the answer.
+enum Lookup {
+    Agent(String, Reply<AgentRecord>),
+    Entry(String, Reply<Entry>),
+}
+
+/// Answers agent and entry lookups, the two reads of every issuance, in batches: whatever
+/// lookups are waiting when a batch starts are asked with one statement per table, so under
+/// load the trips to SQLite's threads no longer grow with the request rate. Each statement
+/// starts after the lookups it answers were asked, so every caller still reads what was
+/// committed before it asked, as with a query of its own.
+///
+/// It runs on the runtime that opened the store, so that runtime must keep running while the
+/// store is used (a current-thread runtime left idle would leave lookups waiting); once that
+/// runtime is gone, lookups go straight to the readers.
+async fn serve_lookups(readers: Arc<Readers>, mut requests: mpsc::UnboundedReceiver<Lookup>) {
+    let most = 2 * LOOKUP_SIZES[LOOKUP_SIZES.len() - 1];
+    let mut batch = Vec::with_capacity(most);
+    while requests.recv_many(&mut batch, most).await > 0 {
+        let mut agents = Vec::new();
+        let mut entries = Vec::new();
+        for lookup in batch.drain(..) {
+            match lookup {
+                Lookup::Agent(key, reply) => agents.push((key, reply)),
+                Lookup::Entry(key, reply) => entries.push((key, reply)),
+            }
+        }
+        tokio::join!(
+            answer_lookups::<AgentRow, AgentRecord>(
+                &readers,
+                &AGENT_LOOKUPS,
+                AGENT_BY_ID,
+                "spiffe_id",
+                agents
+            ),
+            answer_lookups::<EntryRow, Entry>(&readers, &ENTRY_LOOKUPS, ENTRY_BY_ID, "id", entries),
+        );
+    }
+}
+
+/// Answers `waiting` lookups of one table, [`LOOKUP_SIZES`]'s largest at a time. Should a
+/// batch fail (a database error, a corrupt row), each of its lookups is asked again on its
+/// own, so every caller gets exactly the answer a query of its own would have given.
+async fn answer_lookups<R, T>(
+    readers: &Readers,
+    statements: &[String],
+    one: &'static str,
+    key_column: &str,
+    mut waiting: Vec<(String, Reply<T>)>,
+) where
+    R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    T: TryFrom<R, Error = StoreError> + Clone,
+{
+    while !waiting.is_empty() {
+        let take = waiting.len().min(LOOKUP_SIZES[LOOKUP_SIZES.len() - 1]);
+        let chunk: Vec<_> = waiting.drain(..take).collect();
+        let size = LOOKUP_SIZES
+            .iter()
+            .position(|&n| n >= chunk.len())
+            .unwrap_or(LOOKUP_SIZES.len() - 1);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statements[size].as_str()));
+        for i in 0..LOOKUP_SIZES[size] {
+            query = query.bind(chunk[i.min(chunk.len() - 1)].0.as_str());
+        }
+        let rows = match readers.get().await {
+            Ok(mut conn) => query.fetch_all(&mut *conn).await.ok(),
+            Err(_) => None,
+        };
+        let found = rows.and_then(|rows| {
+            rows.iter()
+                .map(|row| {
+                    let key: String = row.try_get(key_column).ok()?;
+                    let record = T::try_from(R::from_row(row).ok()?).ok()?;
+                    Some((key, record))
+                })
+                .collect::<Option<Vec<_>>>()
+        });
+        match found {
+            Some(found) => {
+                for (key, reply) in chunk {
+                    let record = found
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, r)| r.clone());
+                    let _ = reply.send(Ok(record));
+                }
+            }
+            None => {
+                for (key, reply) in chunk {
+                    let _ = reply.send(lookup_one::<R, T>(readers, one, &key).await);
+                }
+            }
+        }
+    }
+}
+
+/// One lookup by key, on its own.
+async fn lookup_one<R, T>(
+    readers: &Readers,
+    sql: &'static str,
+    key: &str,
+) -> Result<Option<T>, StoreError>
+where
+    R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    T: TryFrom<R, Error = StoreError>,
+{
+    sqlx::query_as::<_, R>(sql)
+        .bind(key)
+        .fetch_optional(&mut *readers.get().await?)
+        .await?
+        .map(T::try_from)
+        .transpose()
+}
+
+impl SqliteStore {
+    /// Asks the lookup batcher; should it be gone (its runtime shut down), asks directly.
+    async fn lookup<R, T>(
+        &self,
+        lookup: impl FnOnce(Reply<T>) -> Lookup,
+        one: &'static str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        let (reply, answer) = oneshot::channel();
+        if self.lookups.send(lookup(reply)).is_ok()
+            && let Ok(result) = answer.await
+        {
+            return result;
+        }
+        lookup_one::<R, T>(&self.reader, one, key).await
+    }
+}
+
 /// Rows per multi-row `INSERT INTO audit`: a batch is written in chunks of these sizes, largest
 /// first, so each batch costs a few statements instead of one per record, and only these few
 /// statements are ever prepared (and cached) on the writer connection.
@@ -235,16 +424,11 @@ static AUDIT_INSERTS: LazyLock<Vec<(usize, String)>> = LazyLock::new(|| {
     AUDIT_CHUNKS
         .iter()
         .map(|&rows| {
-            let values = (0..rows)
-                .map(|r| {
-                    let params = (1..=AUDIT_COLUMNS)
-                        .map(|c| format!("${}", r * AUDIT_COLUMNS + c))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    format!("({params})")
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            // Anonymous `?` parameters, bound in order: SQLite looks a named one (`$N`) up
+            // by a scan of all the names, which over hundreds of them costs more than the
+            // insert itself.
+            let row = format!("({})", vec!["?"; AUDIT_COLUMNS].join(", "));
+            let values = vec![row; rows].join(", ");
             (
                 rows,
                 format!(
@@ -339,16 +523,9 @@ impl Store for SqliteStore {
     }
 
     async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
-        sqlx::query_as::<_, EntryRow>(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM entries WHERE id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *self.read().await?)
-        .await?
-        .map(Entry::try_from)
-        .transpose()
+        let key = id.as_str().to_owned();
+        self.lookup::<EntryRow, Entry>(|reply| Lookup::Entry(key, reply), ENTRY_BY_ID, id.as_str())
+            .await
     }
 
     async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -460,16 +637,13 @@ impl Store for SqliteStore {
     }
 
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
-        sqlx::query_as::<_, AgentRow>(concat!(
-            "SELECT ",
-            agent_columns!(),
-            " FROM agents WHERE spiffe_id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&mut *self.read().await?)
-        .await?
-        .map(AgentRecord::try_from)
-        .transpose()
+        let key = id.as_str().to_owned();
+        self.lookup::<AgentRow, AgentRecord>(
+            |reply| Lookup::Agent(key, reply),
+            AGENT_BY_ID,
+            id.as_str(),
+        )
+        .await
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
