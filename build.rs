@@ -4,6 +4,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/mayfly/node/v1/node.proto",
         "proto/mayfly/admin/v1/admin.proto",
+        "proto/mayfly/task/v1/task.proto",
+        "proto/spiffe/workload.proto",
     ];
     println!("cargo:rerun-if-changed=migrations");
     for p in protos {

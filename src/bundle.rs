@@ -15,20 +15,74 @@ pub enum BundleError {
     /// A certificate's key is not an uncompressed P-256 point.
     #[error("a bundle certificate's key is not a P-256 key, which Mayfly CAs always use")]
     NotP256,
+    /// The text holds no PEM certificate, or a block that does not decode.
+    #[error(
+        "the trust bundle is not PEM certificates ({0}); pass the output of `mayfly bundle show`"
+    )]
+    BadPem(String),
+    /// A CA certificate does not name a trust domain (a URI SAN `spiffe://<td>`).
+    #[error(
+        "a bundle certificate names no SPIFFE trust domain in its URI SAN ({0}); pass the output of `mayfly bundle show`"
+    )]
+    NoTrustDomain(String),
+}
+
+/// Reads concatenated PEM certificates into DER.
+///
+/// # Errors
+/// [`BundleError::BadPem`] when a block does not decode or there is none.
+pub fn from_pem(text: &[u8]) -> Result<Vec<Vec<u8>>, BundleError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(text)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BundleError::BadPem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(BundleError::BadPem("no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+/// The trust domain a CA certificate serves, from its URI SAN `spiffe://<td>`.
+///
+/// # Errors
+/// [`BundleError`] when the certificate cannot be parsed or names no trust domain.
+pub fn trust_domain_of(ca_der: &[u8]) -> Result<crate::id::TrustDomain, BundleError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = X509Certificate::from_der(ca_der)
+        .map_err(|e| BundleError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| BundleError::BadCertificate(e.to_string()))?
+        .ok_or_else(|| BundleError::NoTrustDomain("it has no subjectAltName".into()))?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            let id = crate::id::SpiffeId::parse(uri)
+                .map_err(|e| BundleError::NoTrustDomain(e.to_string()))?;
+            return Ok(id.trust_domain());
+        }
+    }
+    Err(BundleError::NoTrustDomain("it has no URI SAN".into()))
 }
 
 /// Certificates as concatenated PEM blocks.
 pub fn to_pem(certs: &[Vec<u8>]) -> String {
-    let mut out = String::new();
-    for der in certs {
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = STANDARD.encode(der);
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).unwrap_or_default());
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
+    certs
+        .iter()
+        .map(|der| pem_block("CERTIFICATE", der))
+        .collect()
+}
+
+/// One PEM block of `der` labelled `label` (e.g. `PRIVATE KEY`), 64 characters a line.
+pub fn pem_block(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
     }
+    out.push_str(&format!("-----END {label}-----\n"));
     out
 }
 

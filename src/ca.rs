@@ -9,8 +9,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,6 +27,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
+use crate::files;
 use crate::id::TrustDomain;
 use crate::svid::{Bundles, CLOCK_SKEW, Serial};
 
@@ -553,46 +553,10 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 
 /// Creates `dir` (0700) and writes the key (0600) and certificate (0644) atomically.
 fn write_ca_files(dir: &Path, key_pem: &str, cert_pem: &str) -> Result<(), CaError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_error("create directory", dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(io_error("set the mode of", dir))?;
-    write_atomically(dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
-    write_atomically(dir, CERT_FILE, cert_pem.as_bytes(), 0o644)?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("sync directory", dir))?;
+    files::create_dir(dir, 0o700)?;
+    files::write_atomically(dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
+    files::write_atomically(dir, CERT_FILE, cert_pem.as_bytes(), 0o644)?;
     Ok(())
-}
-
-/// Writes `dir/name` through a temporary file in the same directory, created with `mode` (and
-/// set to it explicitly, whatever the umask), synced, then renamed over the target.
-fn write_atomically(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let target = dir.join(name);
-    let suffix = Serial::try_generate()
-        .map_err(|e| CaError::Crypto(e.to_string()))?
-        .to_hex();
-    let tmp = dir.join(format!(".{name}.{}.tmp", &suffix[..16]));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_error("create", &tmp))?;
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_error("set the mode of", &tmp))?;
-        file.write_all(contents).map_err(io_error("write", &tmp))?;
-        file.sync_all().map_err(io_error("sync", &tmp))?;
-        fs::rename(&tmp, &target).map_err(io_error("replace", &target))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// The authorities of one trust domain around a rotation: the one that signs now, the next one
@@ -755,5 +719,15 @@ mod tests {
         set.prune_expired(SystemTime::now() + Duration::from_secs(5000));
         assert_eq!(set.bundle(), vec![b_cert.clone()]);
         assert_eq!(set.bundles().get(&td()), Some(&vec![b_cert]));
+    }
+}
+
+impl From<files::FileError> for CaError {
+    fn from(e: files::FileError) -> Self {
+        Self::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
     }
 }

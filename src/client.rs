@@ -48,7 +48,20 @@ pub async fn connect_node(
     server_id: SpiffeId,
     agent_cert: Option<Arc<RotatingCert>>,
 ) -> Result<NodeClient<Channel>, ClientError> {
-    let config = Arc::new(tls::node_client_config(bundles, server_id, agent_cert)?);
+    let config = tls::node_client_config(bundles, server_id, agent_cert)?;
+    connect_node_with(addr, config).await
+}
+
+/// Connects to the node API at `addr` with a prepared TLS client config (an insecure
+/// bootstrap's, say).
+///
+/// # Errors
+/// [`ClientError::Connect`] when the server cannot be reached.
+pub async fn connect_node_with(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> Result<NodeClient<Channel>, ClientError> {
+    let config = Arc::new(config);
     let connector = tower::service_fn(move |_uri| {
         let config = config.clone();
         async move {

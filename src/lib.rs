@@ -5,18 +5,21 @@
 //! [`store`] (persistence), [`audit`] (the hash-chained log), [`server`] (node and admin APIs).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod audit;
 pub mod bench;
 pub mod bundle;
 pub mod ca;
 pub mod client;
 pub mod duration;
+pub mod files;
 pub mod id;
 pub mod proto;
 pub mod server;
 pub mod store;
 pub mod svid;
 pub mod tls;
+pub mod workload_client;
 
 pub use mayfly_attestors as attestors;
 pub use mayfly_attestors::Selector;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use mayfly::agent::config::AgentSettings;
 use mayfly::client::connect_admin;
 use mayfly::proto::admin as pb;
 use mayfly::server::config::Settings;
@@ -58,6 +59,9 @@ enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// SVIDs for this workload, from the agent's socket.
+    #[command(subcommand)]
+    Svid(SvidCommand),
     /// The issuance audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -101,6 +105,67 @@ struct ServerRunArgs {
     /// The upstream CA's key (PEM PKCS#8).
     #[arg(long)]
     upstream_ca_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AgentRunArgs {
+    /// A TOML file with the same settings as the flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's node API, HOST:PORT [default: 127.0.0.1:8081].
+    #[arg(long)]
+    server: Option<String>,
+    /// A single-use join token from `mayfly token generate` (needed until the agent has an SVID).
+    #[arg(long, env = "MAYFLY_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
+    #[arg(long)]
+    trust_bundle: Option<PathBuf>,
+    /// Trust the first server that answers instead of a bundle (not for production).
+    #[arg(long)]
+    insecure_bootstrap: bool,
+    /// The Workload API socket [default: .mayfly/agent.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Where the agent keeps its SVID and key [default: .mayfly/agent].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How often to ask the server for entry changes [default: 2s].
+    #[arg(long)]
+    sync_interval: Option<String>,
+}
+
+#[derive(Args)]
+struct WorkloadArgs {
+    /// The agent's socket, unix:///path [default: SPIFFE_ENDPOINT_SOCKET, else .mayfly/agent.sock].
+    #[arg(long)]
+    socket: Option<String>,
+    /// Write svid.pem (chain), svid.key (0600) and bundle.pem into this directory.
+    #[arg(long)]
+    write: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SvidCommand {
+    /// This workload's identity SVID, from the SPIFFE Workload API.
+    Fetch(WorkloadArgs),
+    /// A task SVID with exactly the given scopes, from the task API.
+    Mint {
+        /// The task this SVID is for (1-128 of A-Z a-z 0-9 . _ : -), recorded in the audit log.
+        #[arg(long)]
+        task: String,
+        /// A scope the task needs, e.g. stripe:read:customers (repeat for several).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Its lifetime, e.g. 90s or 5m [default: 5m, or the entry's ceiling if lower].
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Which of this workload's identities to use [default: the first that matches].
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,6 +220,8 @@ struct EntryCreateArgs {
 
 #[derive(Subcommand)]
 enum AgentCommand {
+    /// Run an agent: attest this node, then serve the Workload API to its workloads.
+    Run(AgentRunArgs),
     /// List the attested agents.
     List,
     /// Ban an agent: refused at its next call, for good.
@@ -250,6 +317,8 @@ async fn run(cli: Cli) -> Result<()> {
     let output = cli.output;
     match cli.command {
         Command::Server(ServerCommand::Run(args)) => server_run(args).await,
+        Command::Agent(AgentCommand::Run(args)) => agent_run(args).await,
+        Command::Svid(cmd) => svid_command(cmd, output).await,
         Command::Bench(BenchCommand::Issue(args)) => bench_issue(args, output).await,
         command => {
             let admin = connect_admin(&cli.admin_socket).await?;
@@ -295,6 +364,103 @@ async fn server_run(args: ServerRunArgs) -> Result<()> {
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+async fn agent_run(args: AgentRunArgs) -> Result<()> {
+    init_logging();
+    let file = match &args.config {
+        Some(path) => AgentSettings::from_file(path)?,
+        None => AgentSettings::default(),
+    };
+    let flags = AgentSettings {
+        server: args.server,
+        join_token: args.join_token,
+        trust_bundle: args.trust_bundle,
+        insecure_bootstrap: args.insecure_bootstrap.then_some(true),
+        socket: args.socket,
+        data_dir: args.data_dir,
+        sync_interval: args.sync_interval,
+    };
+    let config = file.overridden_by(flags).resolve()?;
+    let agent = mayfly::agent::start(config).await?;
+    tracing::info!(
+        agent = %agent.spiffe_id,
+        socket = %agent.socket.display(),
+        "mayfly agent running; workloads use SPIFFE_ENDPOINT_SOCKET=unix://{}; stop with Ctrl-C",
+        agent.socket.display()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn svid_command(cmd: SvidCommand, output: Output) -> Result<()> {
+    use mayfly::workload_client as wc;
+    let default_socket = PathBuf::from(mayfly::agent::defaults::SOCKET);
+    let (workload, svid) = match cmd {
+        SvidCommand::Fetch(workload) => {
+            let path = wc::socket_path(workload.socket.as_deref(), &default_socket)?;
+            let svid = wc::fetch_x509(wc::connect(&path).await?).await?;
+            (workload, svid)
+        }
+        SvidCommand::Mint {
+            task,
+            scopes,
+            ttl,
+            spiffe_id,
+            workload,
+        } => {
+            let ttl_seconds = match ttl {
+                Some(t) => u32::try_from(mayfly::duration::parse(&t)?.as_secs())
+                    .context("the TTL is too long")?,
+                None => 0,
+            };
+            let path = wc::socket_path(workload.socket.as_deref(), &default_socket)?;
+            let request = mayfly::proto::task::MintX509svidRequest {
+                task_id: task,
+                scopes,
+                ttl_seconds,
+                spiffe_id: spiffe_id.unwrap_or_default(),
+            };
+            let svid = wc::mint_x509(wc::connect(&path).await?, request).await?;
+            (workload, svid)
+        }
+    };
+    if let Some(dir) = &workload.write {
+        wc::write_files(dir, &svid)?;
+    }
+    let (serial, not_after) = svid.leaf_summary().unwrap_or_default();
+    match output {
+        Output::Json => print_json(&serde_json::json!({
+            "spiffe_id": svid.spiffe_id,
+            "serial": serial,
+            "not_after": not_after,
+            "written_to": workload.write,
+        }))?,
+        Output::Text => {
+            println!("SPIFFE ID: {}", svid.spiffe_id);
+            println!("Serial:    {serial}");
+            println!("Expires:   {}", expires_in(not_after));
+            match &workload.write {
+                Some(dir) => println!(
+                    "Wrote {0}/svid.pem, {0}/svid.key and {0}/bundle.pem",
+                    dir.display()
+                ),
+                None => print!("{}", mayfly::bundle::to_pem(&svid.chain)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A notAfter in Unix seconds, with how far away it is.
+fn expires_in(not_after: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    format!("{not_after} (Unix seconds; in {}s)", not_after - now)
 }
 
 async fn shutdown_signal() {
@@ -421,7 +587,9 @@ async fn admin_command(mut admin: Admin, command: Command, output: Output) -> Re
                 );
             }
         }
-        Command::Server(_) | Command::Bench(_) => unreachable!("handled before connecting"),
+        Command::Server(_) | Command::Bench(_) | Command::Svid(_) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
 }
@@ -539,6 +707,7 @@ async fn agent_command(admin: &mut Admin, cmd: AgentCommand, output: Output) -> 
                 Output::Text => println!("evicted {id}; it must attest again"),
             }
         }
+        AgentCommand::Run(_) => unreachable!("handled before connecting"),
     }
     Ok(())
 }

@@ -10,3 +10,14 @@ pub mod node {
 pub mod admin {
     tonic::include_proto!("mayfly.admin.v1");
 }
+
+/// Mayfly's task API (workloads → agent): just-in-time task SVIDs.
+pub mod task {
+    tonic::include_proto!("mayfly.task.v1");
+}
+
+/// The SPIFFE Workload API (workloads → agent). The upstream proto declares no package, so
+/// prost writes it to `_.rs`.
+pub mod workload {
+    tonic::include_proto!("_");
+}

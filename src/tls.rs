@@ -313,6 +313,72 @@ pub fn node_server_config(
     Ok(config)
 }
 
+/// Accepts any server certificate. Only for `mayfly agent run --insecure-bootstrap`, whose first
+/// connection has no bundle to check the server against: the agent then learns the bundle from
+/// the server it happened to reach, which an attacker on the path could be. The handshake
+/// signature is still checked, so the server at least holds the key of what it shows.
+#[derive(Debug)]
+pub struct InsecureBootstrapVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for InsecureBootstrapVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls13_signature(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client config of an insecure bootstrap: any server certificate, no client certificate,
+/// TLS 1.3, HTTP/2, no resumption. See [`InsecureBootstrapVerifier`] for what this gives up.
+///
+/// # Errors
+/// [`TlsError::Rustls`] when rustls refuses the configuration.
+pub fn insecure_bootstrap_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(InsecureBootstrapVerifier {
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
 /// A client config that accepts only the server `expected` and presents `client_cert` when
 /// given (an agent's SVID), TLS 1.3, HTTP/2, no session resumption.
 ///

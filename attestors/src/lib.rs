@@ -1,14 +1,26 @@
-//! Mayfly's attestors: the [`NodeAttestor`] trait and its plugins, and the [`Selector`] type
-//! workload attestors produce.
+//! Mayfly's attestors: the [`NodeAttestor`] trait and its plugins, the [`WorkloadAttestor`]
+//! trait and the `unix` workload attestor, and the [`Selector`] type workload attestors produce.
 //!
 //! Attestors are pure: they turn evidence into claims and hold no server or agent state. The
 //! server decides what a claim is worth (for a join token: whether the store still holds it,
 //! consumed atomically).
+//!
+//! For a workload, the evidence is the process at the other end of the agent's socket. The
+//! agent records it at accept with [`PeerProcess::from_socket`], attests
+//! [`PeerProcess::credentials`] with a [`WorkloadAttestor`] on a blocking thread, and calls
+//! [`PeerProcess::confirm`] before answering, so that selectors read from /proc for a pid are
+//! never credited to a workload that has exited and left its pid to another process. Any error
+//! along the way means refusing the workload.
 #![forbid(unsafe_code)]
 
 pub mod join_token;
 pub mod node;
 pub mod selector;
+pub mod unix;
+pub mod workload;
 
 pub use node::{AttestError, NodeAttestor, NodeClaim};
 pub use selector::{Selector, SelectorError};
+pub use unix::peer::{PeerError, PeerProcess};
+pub use unix::{UnixAttestor, UnixAttestorConfig};
+pub use workload::{PeerCredentials, WorkloadAttestError, WorkloadAttestor};

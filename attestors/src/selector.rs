@@ -164,9 +164,12 @@ mod tests {
         }
     }
 
+    /// An input and a test of the error it must give.
+    type Case = (&'static str, fn(&SelectorError) -> bool);
+
     #[test]
     fn refuses_malformed_selectors() {
-        let cases: &[(&str, fn(&SelectorError) -> bool)] = &[
+        let cases: &[Case] = &[
             ("unix", |e| matches!(e, SelectorError::Shape(_))),
             ("unix:uid", |e| matches!(e, SelectorError::Shape(_))),
             ("k8s:ns:default", |e| {

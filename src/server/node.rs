@@ -45,6 +45,17 @@ enum NodeError {
 
 impl NodeError {
     fn status(&self) -> Status {
+        let mut status = self.bare_status();
+        if let Self::Refused(r) = self {
+            status.metadata_mut().insert(
+                super::policy::REFUSAL_METADATA,
+                tonic::metadata::MetadataValue::from_static(r.kind()),
+            );
+        }
+        status
+    }
+
+    fn bare_status(&self) -> Status {
         match self {
             Self::Refused(Refusal::NotAuthenticated) => Status::unauthenticated(self.to_string()),
             Self::Refused(r) if r.is_invalid_argument() => {

@@ -81,7 +81,29 @@ pub enum Refusal {
     TokenRefused,
 }
 
+/// The gRPC metadata key that carries [`Refusal::kind`], so agents act on the reason without
+/// parsing the message.
+pub const REFUSAL_METADATA: &str = "mayfly-refusal";
+
 impl Refusal {
+    /// A stable machine-readable name of the reason, sent beside the message as
+    /// [`REFUSAL_METADATA`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotAuthenticated => "not-authenticated",
+            Self::NotAnAgent(_) => "not-an-agent",
+            Self::UnknownAgent(_) => "unknown-agent",
+            Self::Banned(_) => "banned",
+            Self::SupersededSvid { .. } => "superseded-svid",
+            Self::ExpiredSvid(_) => "expired-svid",
+            Self::EntryNotAuthorized(_) => "entry-not-authorized",
+            Self::ScopeNotGranted { .. } => "scope-not-granted",
+            Self::TtlAboveCeiling { .. } => "ttl-above-ceiling",
+            Self::Invalid(_) => "invalid",
+            Self::TokenRefused => "token-refused",
+        }
+    }
+
     /// Whether the request itself was malformed (as opposed to not allowed).
     pub fn is_invalid_argument(&self) -> bool {
         matches!(self, Self::Invalid(_))

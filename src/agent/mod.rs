@@ -1,0 +1,225 @@
+//! The agent: attests its node to the server, keeps the entries authorized for it and their
+//! identity SVIDs current, and answers the workloads on its node over a Unix socket with the
+//! SPIFFE Workload API and Mayfly's task API.
+//!
+//! [`start`] attests (or reuses the identity stored in the data dir), binds the workload
+//! socket, and spawns two tasks: the [`sync::Syncer`] loop, the only writer of the serving
+//! [`state::Snapshot`], and the [`endpoint`] that answers workloads from it.
+
+pub mod config;
+pub mod endpoint;
+pub mod identity;
+pub mod link;
+pub mod state;
+pub mod sync;
+pub mod task_api;
+pub mod workload_api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::id::SpiffeId;
+use identity::{AgentSvid, Bootstrap, IdentityError, IdentityFiles};
+use link::ServerLink;
+use state::SnapshotRx;
+
+/// Defaults a user gets without configuring.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// The agent's data dir.
+    pub const DATA_DIR: &str = ".mayfly/agent";
+    /// The Workload API socket.
+    pub const SOCKET: &str = ".mayfly/agent.sock";
+    /// How often the agent asks the server whether its entries changed. The call is cheap
+    /// (a revision compare), and a new or deleted entry must reach workloads within 5 s.
+    pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+}
+
+/// Everything `mayfly agent run` needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The server's node API.
+    pub server: SocketAddr,
+    /// A single-use join token; needed only when the agent has no valid stored identity.
+    pub join_token: Option<String>,
+    /// How to trust the server before the agent has a bundle of its own.
+    pub bootstrap: Option<Bootstrap>,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// Where the agent keeps its SVID, key and bundle.
+    pub data_dir: PathBuf,
+    /// How often to poll the server for entry changes.
+    pub sync_interval: Duration,
+}
+
+impl AgentConfig {
+    /// The defaults, for the server at `server`.
+    pub fn with_defaults(server: SocketAddr) -> Self {
+        Self {
+            server,
+            join_token: None,
+            bootstrap: None,
+            socket: PathBuf::from(defaults::SOCKET),
+            data_dir: PathBuf::from(defaults::DATA_DIR),
+            sync_interval: defaults::SYNC_INTERVAL,
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Its identity could not be loaded or obtained.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A fresh agent needs to know how to trust the server.
+    #[error(
+        "the agent has no trust bundle yet: pass --trust-bundle with the output of `mayfly bundle show`, or --insecure-bootstrap to trust the first server that answers"
+    )]
+    NoBootstrap,
+    /// The workload socket could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
+    /// The node API could not be reached with the agent's SVID.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    /// The agent's SPIFFE ID at start.
+    pub spiffe_id: SpiffeId,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    snapshot: SnapshotRx,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    /// The serving state, for tests and benchmarks that wait on it.
+    pub fn snapshot(&self) -> SnapshotRx {
+        self.snapshot.clone()
+    }
+
+    /// Stops serving, removes the socket file, and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Starts the agent: its identity (stored, or attested with the join token), the sync loop,
+/// and the workload socket.
+///
+/// # Errors
+/// [`AgentError`] when the agent has no usable identity and cannot get one, or the socket
+/// cannot be bound.
+pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+    let files = IdentityFiles::new(&config.data_dir);
+    let agent = obtain_identity(&config, &files).await?;
+    tracing::info!(agent = %agent.spiffe_id, not_after = ?agent.not_after, "agent identity ready");
+
+    let bundles = agent.live_bundles();
+    let cert = Arc::new(crate::tls::RotatingCert::new(
+        agent.cert_chain(),
+        &agent.key_pkcs8,
+        crate::tls::provider(),
+    )?);
+    let server_id = crate::server::server_id(&agent.trust_domain());
+    // Connecting is lazy in spirit: if the server is down now, the sync loop retries, and the
+    // agent still serves whatever it can.
+    let node = crate::client::connect_node(
+        config.server,
+        bundles.clone(),
+        server_id.clone(),
+        Some(cert.clone()),
+    )
+    .await?;
+    let link = Arc::new(ServerLink::new(
+        config.server,
+        server_id,
+        bundles,
+        cert,
+        node,
+    ));
+
+    let (tx, rx) = watch::channel(Arc::new(sync::initial_snapshot(&agent)));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let listener = endpoint::bind(&config.socket)?;
+    let spiffe_id = agent.spiffe_id.clone();
+    let syncer = sync::Syncer::new(
+        link.clone(),
+        files,
+        agent,
+        sync::Reattest {
+            addr: config.server,
+            join_token: config.join_token.clone(),
+        },
+        config.sync_interval,
+        tx,
+    );
+    let sync_task = tokio::spawn(syncer.run(shutdown_rx.clone()));
+    let attestor: Arc<dyn mayfly_attestors::WorkloadAttestor> = Arc::new(
+        mayfly_attestors::UnixAttestor::new(mayfly_attestors::UnixAttestorConfig::default()),
+    );
+    let mut stop = shutdown_rx;
+    let rx_serve = rx.clone();
+    let serve_task = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = endpoint::serve(listener, rx_serve, link, attestor, stopped).await {
+            tracing::error!(error = %e, "the workload socket stopped serving");
+        }
+    });
+    Ok(RunningAgent {
+        spiffe_id,
+        socket: config.socket,
+        snapshot: rx,
+        shutdown,
+        tasks: vec![sync_task, serve_task],
+    })
+}
+
+/// The stored identity if it is still valid, else a fresh attestation with the join token.
+async fn obtain_identity(
+    config: &AgentConfig,
+    files: &IdentityFiles,
+) -> Result<AgentSvid, AgentError> {
+    let stored = files.load()?;
+    if let Some(svid) = &stored {
+        if svid.is_valid_at(SystemTime::now()) {
+            return Ok(svid.clone());
+        }
+        tracing::warn!(agent = %svid.spiffe_id, "the stored agent SVID has expired; attesting again");
+    }
+    let token = config.join_token.as_deref().ok_or(IdentityError::NoToken)?;
+    // A stored bundle is newer than any file given at first start (the CA may have rotated).
+    let bootstrap = match (&stored, &config.bootstrap) {
+        (Some(svid), _) => Bootstrap::Bundle(svid.bundle.clone()),
+        (None, Some(b)) => b.clone(),
+        (None, None) => return Err(AgentError::NoBootstrap),
+    };
+    if matches!(bootstrap, Bootstrap::Insecure) {
+        tracing::warn!(
+            "INSECURE BOOTSTRAP: the server's certificate is not verified for this first attestation; an attacker on the path to {} could impersonate it and hand this agent its own trust bundle. Use --trust-bundle in production.",
+            config.server
+        );
+    }
+    let svid = identity::attest(config.server, &bootstrap, token).await?;
+    files.save(&svid)?;
+    Ok(svid)
+}

@@ -1,0 +1,394 @@
+//! The agent's one background loop: poll the server for the entries authorized for this agent
+//! and the bundle, keep an identity SVID for every entry and rotate it at half its life (±10%
+//! jitter, so a fleet does not renew in lockstep), renew the agent's own SVID at half-life, and
+//! re-attest when the server has forgotten the agent.
+//!
+//! While the server is unreachable nothing is dropped: the last snapshot stays published, and
+//! the Workload API withdraws each SVID at its notAfter on its own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::identity::{self, AgentSvid, Bootstrap, IdentityError, IdentityFiles};
+use super::link::ServerLink;
+use super::state::{AgentEntry, CachedSvid, Snapshot, SnapshotTx};
+use crate::attestors::Selector;
+use crate::id::{SpiffeId, parse_scopes};
+use crate::proto::node as pb;
+use crate::server::policy::REFUSAL_METADATA;
+
+/// How many identity SVIDs are requested at once.
+const ISSUE_CONCURRENCY: usize = 16;
+/// The longest wait between attempts while the server refuses or is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the loop needs to re-attest on its own.
+pub struct Reattest {
+    /// The server's node API address.
+    pub addr: SocketAddr,
+    /// The join token the agent was started with, if any.
+    pub join_token: Option<String>,
+}
+
+/// The sync loop's state.
+pub struct Syncer {
+    link: Arc<ServerLink>,
+    files: IdentityFiles,
+    agent: AgentSvid,
+    reattest: Reattest,
+    interval: Duration,
+    tx: SnapshotTx,
+    revision: i64,
+    /// When each entry's SVID is due for rotation.
+    rotate_at: HashMap<String, SystemTime>,
+    failures: u32,
+}
+
+impl Syncer {
+    /// A loop for the agent `agent`, talking over `link`, publishing to `tx`.
+    pub fn new(
+        link: Arc<ServerLink>,
+        files: IdentityFiles,
+        agent: AgentSvid,
+        reattest: Reattest,
+        interval: Duration,
+        tx: SnapshotTx,
+    ) -> Self {
+        Self {
+            link,
+            files,
+            agent,
+            reattest,
+            interval,
+            tx,
+            revision: 0,
+            rotate_at: HashMap::new(),
+            failures: 0,
+        }
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let wait = match self.tick().await {
+                Ok(()) => {
+                    self.failures = 0;
+                    self.next_wake()
+                }
+                Err(e) => {
+                    self.failures = self.failures.saturating_add(1);
+                    // Say it once per streak at warn level, then quietly, so an outage does
+                    // not flood the log.
+                    if self.failures == 1 {
+                        tracing::warn!(error = %e, "sync with the server failed; serving cached SVIDs until they expire");
+                    } else {
+                        tracing::debug!(error = %e, failures = self.failures, "sync failed again");
+                    }
+                    backoff(self.failures)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// How long to sleep: the poll interval, or less when an SVID is due sooner.
+    fn next_wake(&self) -> Duration {
+        let now = SystemTime::now();
+        let mut due = now + self.interval;
+        for at in self.rotate_at.values() {
+            due = due.min(*at);
+        }
+        due = due.min(self.agent.renew_at());
+        due.duration_since(now)
+            .unwrap_or_default()
+            .max(Duration::from_millis(50))
+    }
+
+    /// One round: renew the agent SVID if due, sync entries and bundle, issue and rotate
+    /// identity SVIDs, publish.
+    async fn tick(&mut self) -> Result<(), SyncError> {
+        let now = SystemTime::now();
+        if !self.agent.is_valid_at(now) {
+            self.reattest_now().await?;
+        } else if now >= self.agent.renew_at() {
+            self.renew_agent().await?;
+        }
+        let answer = match self.list_entries().await {
+            Err(SyncError::Refused(status)) if refusal_kind(&status) == Some("unknown-agent") => {
+                self.reattest_now().await?;
+                self.list_entries().await?
+            }
+            other => other?,
+        };
+        self.apply(answer).await
+    }
+
+    async fn list_entries(&self) -> Result<pb::ListEntriesResponse, SyncError> {
+        Ok(self
+            .link
+            .client()
+            .list_entries(pb::ListEntriesRequest {
+                known_revision: self.revision,
+            })
+            .await
+            .map_err(SyncError::Refused)?
+            .into_inner())
+    }
+
+    async fn apply(&mut self, answer: pb::ListEntriesResponse) -> Result<(), SyncError> {
+        let current = self.tx.borrow().clone();
+        let mut next = (*current).clone();
+        if !answer.bundle.is_empty() && answer.bundle != next.bundle {
+            self.set_bundle(&answer.bundle)?;
+            next.bundle = answer.bundle;
+        }
+        if !answer.unchanged {
+            next.entries = answer
+                .entries
+                .into_iter()
+                .filter_map(|e| match to_entry(e) {
+                    Ok(entry) => Some(Arc::new(entry)),
+                    Err(reason) => {
+                        tracing::warn!(%reason, "ignoring an entry the agent cannot use");
+                        None
+                    }
+                })
+                .collect();
+            self.revision = answer.revision;
+        }
+        // Drop the SVIDs of entries that are gone or changed, then issue what is missing or due.
+        let by_id: HashMap<&str, &Arc<AgentEntry>> =
+            next.entries.iter().map(|e| (e.id.as_str(), e)).collect();
+        next.svids.retain(|id, svid| {
+            by_id
+                .get(id.as_str())
+                .is_some_and(|e| e.spiffe_id == svid.spiffe_id)
+        });
+        self.rotate_at.retain(|id, _| next.svids.contains_key(id));
+        let now = SystemTime::now();
+        let due: Vec<Arc<AgentEntry>> = next
+            .entries
+            .iter()
+            .filter(|e| match next.svids.get(&e.id) {
+                None => true,
+                Some(svid) => {
+                    !svid.is_valid_at(now) || self.rotate_at.get(&e.id).is_none_or(|at| *at <= now)
+                }
+            })
+            .cloned()
+            .collect();
+        let link = self.link.clone();
+        let issued: Vec<(Arc<AgentEntry>, Result<CachedSvid, tonic::Status>)> =
+            futures::stream::iter(due)
+                .map(|entry| {
+                    let link = link.clone();
+                    async move {
+                        let result = link.issue_identity(&entry).await;
+                        (entry, result)
+                    }
+                })
+                .buffer_unordered(ISSUE_CONCURRENCY)
+                .collect()
+                .await;
+        let mut refused = None;
+        for (entry, result) in issued {
+            match result {
+                Ok(svid) => {
+                    self.rotate_at
+                        .insert(entry.id.clone(), rotation_time(&svid));
+                    next.svids.insert(entry.id.clone(), Arc::new(svid));
+                }
+                Err(status) => {
+                    tracing::warn!(entry = %entry.id, spiffe_id = %entry.spiffe_id, reason = status.message(), "the server refused an identity SVID");
+                    refused = Some(status);
+                }
+            }
+        }
+        next.ready = true;
+        let changed = next.entries != current.entries
+            || next.bundle != current.bundle
+            || next.svids != current.svids
+            || !current.ready;
+        if changed {
+            self.tx.send_replace(Arc::new(next));
+        }
+        match refused {
+            Some(status) => Err(SyncError::Refused(status)),
+            None => Ok(()),
+        }
+    }
+
+    fn set_bundle(&mut self, certs: &[Vec<u8>]) -> Result<(), SyncError> {
+        let td = self.agent.trust_domain();
+        let replacement = crate::client::bundles_from_der(&td, certs);
+        let map = replacement
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        *self
+            .link
+            .bundles()
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = map;
+        self.agent.bundle = certs.to_vec();
+        self.files.save_bundle(certs)?;
+        Ok(())
+    }
+
+    async fn renew_agent(&mut self) -> Result<(), SyncError> {
+        let renewed = match identity::renew(&self.link).await {
+            Err(IdentityError::Refused(status))
+                if refusal_kind(&status) == Some("unknown-agent") =>
+            {
+                return self.reattest_now().await;
+            }
+            other => other?,
+        };
+        self.adopt(renewed).await?;
+        tracing::info!(agent = %self.agent.spiffe_id, not_after = ?self.agent.not_after, "renewed the agent SVID");
+        Ok(())
+    }
+
+    /// Attests again with the join token the agent was started with.
+    async fn reattest_now(&mut self) -> Result<(), SyncError> {
+        let Some(token) = self.reattest.join_token.clone() else {
+            tracing::error!(agent = %self.agent.spiffe_id, "the server no longer knows this agent (evicted, or its SVID expired) and it was started without a join token: generate one with `mayfly token generate` and restart the agent with --join-token");
+            return Err(SyncError::NeedsToken);
+        };
+        let bootstrap = Bootstrap::Bundle(self.agent.bundle.clone());
+        match identity::attest(self.reattest.addr, &bootstrap, &token).await {
+            Ok(svid) => {
+                tracing::info!(agent = %svid.spiffe_id, "attested again with the join token");
+                self.adopt(svid).await
+            }
+            Err(IdentityError::Refused(status))
+                if refusal_kind(&status) == Some("token-refused") =>
+            {
+                tracing::error!(agent = %self.agent.spiffe_id, "the server no longer knows this agent (evicted, or its SVID expired) and its join token is spent: generate a new one with `mayfly token generate` and restart the agent with --join-token");
+                self.files.forget();
+                Err(SyncError::NeedsToken)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes `svid` the agent's identity: on disk first, then for new connections.
+    async fn adopt(&mut self, svid: AgentSvid) -> Result<(), SyncError> {
+        self.files.save(&svid)?;
+        self.link
+            .cert()
+            .replace(svid.cert_chain(), &svid.key_pkcs8)
+            .map_err(|e| SyncError::Identity(IdentityError::Key(e.to_string())))?;
+        self.agent = svid;
+        self.link
+            .reconnect()
+            .await
+            .map_err(|e| SyncError::Identity(e.into()))
+    }
+}
+
+/// Why a sync round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The server refused a call.
+    #[error("the server refused: {}", .0.message())]
+    Refused(tonic::Status),
+    /// The agent's identity could not be renewed or re-established.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The agent needs a new join token from an operator.
+    #[error("the agent needs a new join token")]
+    NeedsToken,
+}
+
+/// The machine-readable reason the server attached to a refusal.
+pub fn refusal_kind(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(REFUSAL_METADATA)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.min(4).saturating_sub(1);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// Half-way through the SVID's life, moved by up to ±10% of the life at random.
+fn rotation_time(svid: &CachedSvid) -> SystemTime {
+    let life = svid
+        .not_after
+        .duration_since(svid.issued_at)
+        .unwrap_or_default();
+    let mut byte = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    // A fraction in [0.4, 0.6] of the lifetime.
+    let fraction = 0.4 + 0.2 * f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
+    svid.issued_at + life.mul_f64(fraction)
+}
+
+fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
+    let spiffe_id = SpiffeId::parse(&e.spiffe_id).map_err(|err| err.to_string())?;
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| Selector::parse(s).map_err(|err| err.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scopes = parse_scopes(&e.scopes).map_err(|err| err.to_string())?;
+    Ok(AgentEntry {
+        id: e.id,
+        spiffe_id,
+        selectors,
+        scopes,
+        ttl: Duration::from_secs(u64::from(e.ttl_seconds)),
+        dns_names: e.dns_names,
+    })
+}
+
+/// An empty snapshot for `agent`, not ready until the first sync.
+pub fn initial_snapshot(agent: &AgentSvid) -> Snapshot {
+    Snapshot::empty(agent.trust_domain(), agent.bundle.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_falls_within_ten_percent_of_half_life() {
+        let issued_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let svid = CachedSvid {
+            spiffe_id: SpiffeId::parse("spiffe://t.test/w").unwrap(),
+            chain: vec![],
+            key_pkcs8: vec![],
+            serial: String::new(),
+            issued_at,
+            not_after: issued_at + Duration::from_secs(100),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let at = rotation_time(&svid).duration_since(issued_at).unwrap();
+            assert!(
+                at >= Duration::from_secs(40) && at <= Duration::from_secs(60),
+                "{at:?}"
+            );
+            seen.insert(at.as_secs());
+        }
+        assert!(seen.len() > 5, "jitter spreads rotations: {seen:?}");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert!(backoff(100) <= MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,116 @@
+//! Mayfly's task API (`mayfly.task.v1.Task`): a just-in-time SVID for one task, carrying
+//! exactly the scopes asked for.
+//!
+//! The agent only decides which of the caller's entries the SVID is for, since only it knows
+//! the caller's selectors; the task ID, the scopes and the TTL are the server's to judge and
+//! audit, so they are passed on untouched and the server's refusal comes back unchanged.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::endpoint::{self, EndpointError};
+use super::link::ServerLink;
+use super::state::{AgentEntry, Snapshot, SnapshotRx};
+use super::workload_api::wait_ready;
+use crate::attestors::Selector;
+use crate::id::SpiffeId;
+use crate::proto::task as pb;
+
+/// The longest SPIFFE ID echoed back in an error.
+const ECHO_LIMIT: usize = 200;
+
+/// The `mayfly.task.v1.Task` service.
+pub struct TaskApi {
+    snapshot: SnapshotRx,
+    link: Arc<ServerLink>,
+    stop: watch::Receiver<bool>,
+}
+
+impl TaskApi {
+    /// A service choosing entries from `snapshot` and minting over `link`; a call still waiting
+    /// for the agent to be ready gives up once `stop` turns true.
+    pub fn new(snapshot: SnapshotRx, link: Arc<ServerLink>, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            snapshot,
+            link,
+            stop,
+        }
+    }
+}
+
+/// The caller's entry a task SVID is for: the one with the SPIFFE ID `wanted` (empty: the first
+/// entry matching `selectors`).
+///
+/// # Errors
+/// [`EndpointError::BadSpiffeId`] for a malformed `wanted`, [`EndpointError::NotCallersEntry`]
+/// when no matching entry has that ID, [`EndpointError::NoEntry`] when none matches at all.
+fn choose_entry(
+    snapshot: &Snapshot,
+    selectors: &[Selector],
+    wanted: &str,
+) -> Result<Arc<AgentEntry>, EndpointError> {
+    let wanted = if wanted.is_empty() {
+        None
+    } else {
+        Some(
+            SpiffeId::parse(wanted).map_err(|e| EndpointError::BadSpiffeId {
+                id: wanted.chars().take(ECHO_LIMIT).collect(),
+                reason: e.to_string(),
+            })?,
+        )
+    };
+    // A task SVID needs the entry, not its identity SVID, so entries without one count too.
+    let mut entries = snapshot
+        .identities_for(selectors, SystemTime::now())
+        .into_iter()
+        .map(|i| i.entry);
+    match wanted {
+        None => entries.next().ok_or_else(|| EndpointError::NoEntry {
+            selectors: selectors
+                .iter()
+                .map(Selector::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+        Some(id) => entries
+            .find(|e| e.spiffe_id == id)
+            .ok_or_else(|| EndpointError::NotCallersEntry(id.to_string())),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::task_server::Task for TaskApi {
+    async fn mint_x509svid(
+        &self,
+        request: Request<pb::MintX509svidRequest>,
+    ) -> Result<Response<pb::MintX509svidResponse>, Status> {
+        let peer = endpoint::caller(&request)?;
+        let ask = request.into_inner();
+        let mut snapshot = self.snapshot.clone();
+        let mut stop = self.stop.clone();
+        let ready = wait_ready(&mut snapshot, &mut stop).await?;
+        let entry = choose_entry(&ready, peer.selectors(), &ask.spiffe_id)?;
+        let minted = self
+            .link
+            .mint_task(&entry, &ask.task_id, &ask.scopes, ask.ttl_seconds)
+            .await?;
+        // The mint was a round trip to the server: the key goes only to a process still alive.
+        peer.confirm()?;
+        let not_after = minted
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Ok(Response::new(pb::MintX509svidResponse {
+            spiffe_id: minted.spiffe_id.as_str().to_owned(),
+            x509_svid: minted.chain.concat(),
+            x509_svid_key: minted.key_pkcs8,
+            // The newest bundle: it may have changed during the round trip.
+            bundle: self.snapshot.borrow().bundle_der(),
+            serial: minted.serial,
+            not_after,
+        }))
+    }
+}
