@@ -18,6 +18,7 @@ use super::workload_api::wait_ready;
 use crate::attestors::Selector;
 use crate::id::SpiffeId;
 use crate::proto::task as pb;
+use crate::server::policy::REFUSAL_METADATA;
 
 /// The longest SPIFFE ID echoed back in an error.
 const ECHO_LIMIT: usize = 200;
@@ -81,6 +82,19 @@ fn choose_entry(
     }
 }
 
+/// The server's refusal as the workload gets it: the same code, message and refusal kind. The
+/// rest of the status's metadata (the HTTP headers of the server's answer) is left behind, as it
+/// describes that other response, not this one.
+fn relay(status: Status) -> Status {
+    let mut relayed = Status::new(status.code(), status.message());
+    if let Some(kind) = status.metadata().get(REFUSAL_METADATA) {
+        relayed
+            .metadata_mut()
+            .insert(REFUSAL_METADATA, kind.clone());
+    }
+    relayed
+}
+
 #[tonic::async_trait]
 impl pb::task_server::Task for TaskApi {
     async fn mint_x509svid(
@@ -96,7 +110,8 @@ impl pb::task_server::Task for TaskApi {
         let minted = self
             .link
             .mint_task(&entry, &ask.task_id, &ask.scopes, ask.ttl_seconds)
-            .await?;
+            .await
+            .map_err(relay)?;
         // The mint was a round trip to the server: the key goes only to a process still alive.
         peer.confirm()?;
         let not_after = minted

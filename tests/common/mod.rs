@@ -550,3 +550,4 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+pub mod cluster;
