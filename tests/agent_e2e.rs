@@ -490,3 +490,42 @@ async fn cached_svids_outlive_a_server_outage_until_expiry_never_after_and_refre
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_own_svid_at_half_life_and_keeps_working() {
+    let mut cluster = Cluster::start_with(&["--agent-ttl", "6s"]);
+    cluster.start_agent();
+    let id = "spiffe://mayfly.local/agents/long-runner";
+    cluster.create_entry(id, &["--selector", "unix:uid:0", "--scope", "db:read"]);
+    let serial = |c: &Cluster| -> String {
+        let out = c.ok(&["agent", "list", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array().expect("array")[0]["current_serial"]
+            .as_str()
+            .expect("serial")
+            .to_owned()
+    };
+    let first = serial(&cluster);
+    // Two lifetimes of the first agent SVID: without renewals the agent would be refused.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let out = cluster.mayfly(&["svid", "mint", "--task", "late", "--scope", "db:read"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        cluster.agent_log()
+    );
+    assert_ne!(
+        serial(&cluster),
+        first,
+        "the server saw a renewed agent SVID in use"
+    );
+    assert!(cluster.agent_log().contains("renewed the agent SVID"));
+    let stored = std::fs::read(cluster.path("agent-data/agent.pem")).expect("stored SVID");
+    let leaf = mayfly::bundle::from_pem(&stored).unwrap().remove(0);
+    let (_, _, not_after) = leaf_facts(&leaf);
+    assert!(
+        not_after > SystemTime::now(),
+        "the stored agent SVID is the renewed one"
+    );
+}

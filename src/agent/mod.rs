@@ -130,7 +130,7 @@ impl RunningAgent {
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let files = IdentityFiles::new(&config.data_dir);
     let agent = obtain_identity(&config, &files).await?;
-    tracing::info!(agent = %agent.spiffe_id, not_after = ?agent.not_after, "agent identity ready");
+    tracing::info!(agent = %agent.spiffe_id, not_after = crate::server::policy::unix_secs(agent.not_after), "agent identity ready");
 
     let bundles = agent.live_bundles();
     let cert = Arc::new(crate::tls::RotatingCert::new(

@@ -253,7 +253,7 @@ impl Syncer {
             other => other?,
         };
         self.adopt(renewed).await?;
-        tracing::info!(agent = %self.agent.spiffe_id, not_after = ?self.agent.not_after, "renewed the agent SVID");
+        tracing::info!(agent = %self.agent.spiffe_id, not_after = crate::server::policy::unix_secs(self.agent.not_after), "renewed the agent SVID");
         Ok(())
     }
 
