@@ -529,3 +529,132 @@ async fn the_agent_renews_its_own_svid_at_half_life_and_keeps_working() {
         "the stored agent SVID is the renewed one"
     );
 }
+
+/// A process (A) that connects to the agent as uid 65534 and forks a relay (B) that keeps the
+/// connection and exposes it on `relay`; A then exits (`die`) or stays (`live`). A prints its
+/// pid once the agent has had time to attest it at accept.
+const PID_REUSE_SCRIPT: &str = r#"
+import os, socket, sys, threading, time
+agent, relay, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_UNIX)
+s.connect(agent)
+if os.fork() != 0:
+    time.sleep(1.0)
+    print(os.getpid(), flush=True)
+    if mode == "die":
+        os._exit(0)
+    time.sleep(60)
+    os._exit(0)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(relay)
+srv.listen(1)
+c, _ = srv.accept()
+def pump(a, b):
+    while True:
+        d = a.recv(65536)
+        if not d:
+            b.shutdown(socket.SHUT_WR)
+            return
+        b.sendall(d)
+threading.Thread(target=pump, args=(c, s), daemon=True).start()
+pump(s, c)
+"#;
+
+/// Puts a new process of uid 0 on `pid` by steering the kernel's next pid; None if another
+/// process took it first every time.
+fn occupy_pid(pid: i32) -> Option<common::cluster::Proc> {
+    for _ in 0..20 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let child = Command::new("sleep").arg("30").spawn().ok()?;
+        if child.id() as i32 == pid {
+            return Some(common::cluster::Proc(child));
+        }
+        drop(common::cluster::Proc(child));
+    }
+    None
+}
+
+/// Runs the relay fixture in `mode` and returns what FetchX509SVID over the relayed
+/// connection answered, keeping the processes alive until then.
+async fn fetch_through_relay(cluster: &Cluster, mode: &str) -> Result<Vec<String>, Code> {
+    use std::io::BufRead;
+    let dir = cluster.path(&format!("relay-{mode}"));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let relay = dir.join("relay.sock");
+    let mut a = Command::new("/usr/bin/python3")
+        .args(["-c", PID_REUSE_SCRIPT])
+        .arg(cluster.socket())
+        .arg(&relay)
+        .arg(mode)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(a.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: i32 = line.trim().parse().expect("A's pid");
+    let mut _a = common::cluster::Proc(a);
+    let _occupier = if mode == "die" {
+        _a.0.wait().unwrap();
+        let occupier = occupy_pid(pid);
+        if occupier.is_none() {
+            println!(
+                "note: pid {pid} could not be reused; the test still shows a dead peer gets nothing"
+            );
+        }
+        occupier
+    } else {
+        None
+    };
+    common::cluster::wait_for_path(&relay, Duration::from_secs(5), "the relay socket");
+    let channel = workload_client::connect(&relay).await.expect("relay");
+    let mut stream = match workload_client::workload_api(channel)
+        .fetch_x509svid(X509svidRequest {})
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => return Err(s.code()),
+    };
+    match stream.message().await {
+        Ok(Some(m)) => Ok(m.svids.into_iter().map(|s| s.spiffe_id).collect()),
+        Ok(None) => Err(Code::Ok),
+        Err(s) => Err(s.code()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_process_died_gets_nothing_even_when_its_pid_is_reused() {
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let nobody_id = "spiffe://mayfly.local/agents/nobody";
+    let root_id = "spiffe://mayfly.local/agents/root";
+    cluster.create_entry(nobody_id, &["--selector", &format!("unix:uid:{NOBODY}")]);
+    cluster.create_entry(root_id, &["--selector", "unix:uid:0"]);
+    // Wait until both entries are on the agent (root's is visible to this process).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fetch_status(&cluster).await != Ok(vec![root_id.to_owned()]) {
+        assert!(
+            Instant::now() < deadline,
+            "the entries never reached the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Positive control: the connecting process is alive, so its own identity is served over
+    // the relayed connection.
+    assert_eq!(
+        fetch_through_relay(&cluster, "live").await,
+        Ok(vec![nobody_id.to_owned()])
+    );
+    // The same fixture, but the connecting process exits and a root process takes its pid:
+    // neither its identity nor root's is served.
+    assert_eq!(
+        fetch_through_relay(&cluster, "die").await,
+        Err(Code::PermissionDenied)
+    );
+}
