@@ -660,6 +660,16 @@ impl CaSet {
     }
 }
 
+impl From<files::FileError> for CaError {
+    fn from(e: files::FileError) -> Self {
+        Self::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,12 +732,3 @@ mod tests {
     }
 }
 
-impl From<files::FileError> for CaError {
-    fn from(e: files::FileError) -> Self {
-        Self::Io {
-            action: e.action,
-            path: e.path,
-            source: e.source,
-        }
-    }
-}

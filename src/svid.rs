@@ -506,7 +506,7 @@ fn unique_extension<'c, 'a>(
 }
 
 /// The leaf's one SPIFFE ID, after the X509-SVID SAN rules.
-fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+pub(crate) fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let uris: Vec<&str> =
         match unique_extension(cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
             None => Vec::new(),
@@ -537,7 +537,7 @@ fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
 }
 
 /// The leaf's basicConstraints and keyUsage, after the X509-SVID rules.
-fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
+pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
     match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
         Some(ParsedExtension::BasicConstraints(bc)) if bc.ca => return Err(SvidError::LeafIsCa),
         None | Some(ParsedExtension::BasicConstraints(_)) => {}
@@ -566,7 +566,7 @@ fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
     }
 }
 
-fn map_webpki_error(e: &webpki::Error) -> SvidError {
+pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     match e {
         webpki::Error::CertExpired { .. } => SvidError::Expired,
         webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,

@@ -20,7 +20,7 @@ use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 /// The environment variable SPIFFE clients read the socket address from.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// The header every Workload API call carries.
-pub const HEADER: &str = "workload.spiffe.io";
+pub use crate::agent::endpoint::HEADER;
 
 /// Why a workload call failed.
 #[derive(Debug, thiserror::Error)]
@@ -249,8 +249,6 @@ pub fn write_files(dir: &Path, svid: &WorkloadSvid) -> Result<(), WorkloadClient
     )?;
     Ok(())
 }
-
-/// One PEM block.
 
 #[cfg(test)]
 mod tests {
