@@ -731,4 +731,3 @@ mod tests {
         assert_eq!(set.bundles().get(&td()), Some(&vec![b_cert]));
     }
 }
-
