@@ -25,6 +25,8 @@
 //! `MAYFLY_BENCH_DATABASE` and `MAYFLY_BENCH_WORKERS`, the runtime's worker threads, override
 //! its settings).
 
+pub mod agent;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;

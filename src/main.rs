@@ -11,6 +11,7 @@ use futures::StreamExt;
 use mayfly::agent::config::AgentSettings;
 use mayfly::client::connect_admin;
 use mayfly::proto::admin as pb;
+use mayfly::proxy::config::ProxySettings;
 use mayfly::server::config::Settings;
 use tonic::transport::Channel;
 
@@ -62,6 +63,8 @@ enum Command {
     /// SVIDs for this workload, from the agent's socket.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// The enforcing mTLS proxy: verifies SPIFFE ID and scope, then forwards.
+    Proxy(ProxyArgs),
     /// The issuance audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -133,6 +136,35 @@ struct AgentRunArgs {
     /// How often to ask the server for entry changes [default: 2s].
     #[arg(long)]
     sync_interval: Option<String>,
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// A TOML file with the same settings as the flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to listen for mTLS clients, HOST:PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where to forward, HOST:PORT (plain TCP or HTTP).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// HTTP mode: 'METHOD /prefix scope' ('*' any method, '-' no scope); first match wins, no
+    /// match is a 403.
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// A scope every client must carry, checked in the handshake (repeat for several).
+    #[arg(long = "require-scope")]
+    require_scopes: Vec<String>,
+    /// A SPIFFE ID allowed to connect, exact or ending in /* (repeat for several).
+    #[arg(long = "allow-id")]
+    allow_ids: Vec<String>,
+    /// The agent's socket the proxy gets its own SVID from [default: SPIFFE_ENDPOINT_SOCKET, else .mayfly/agent.sock].
+    #[arg(long)]
+    socket: Option<String>,
+    /// Which of the proxy's identities to present, when its process matches several entries.
+    #[arg(long)]
+    spiffe_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -277,6 +309,39 @@ enum AuditCommand {
 enum BenchCommand {
     /// Issuance over the real node API with concurrent mTLS clients, audit durable.
     Issue(BenchIssueArgs),
+    /// Task SVID latency, workload -> agent -> server -> workload, over the agent socket.
+    Task(BenchTaskArgs),
+    /// Cached FetchX509SVID latency: a new stream per request on one connection.
+    Fetch(BenchFetchArgs),
+    /// Agent memory with many workloads holding FetchX509SVID streams, and fan-out of a change.
+    Streams(BenchStreamsArgs),
+}
+
+#[derive(Args)]
+struct BenchTaskArgs {
+    /// Requests in flight on the one connection: one measurement per level.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    in_flight: Vec<usize>,
+    /// How long to measure each level.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+}
+
+#[derive(Args)]
+struct BenchFetchArgs {
+    /// How long to measure.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+}
+
+#[derive(Args)]
+struct BenchStreamsArgs {
+    /// Workloads, each with its own connection and stream.
+    #[arg(long, default_value_t = 1000)]
+    workloads: usize,
+    /// The mayfly executable to run `agent run` with [default: this one].
+    #[arg(long)]
+    agent_exe: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -319,7 +384,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Server(ServerCommand::Run(args)) => server_run(args).await,
         Command::Agent(AgentCommand::Run(args)) => agent_run(args).await,
         Command::Svid(cmd) => svid_command(cmd, output).await,
-        Command::Bench(BenchCommand::Issue(args)) => bench_issue(args, output).await,
+        Command::Proxy(args) => proxy_run(args).await,
+        Command::Bench(cmd) => bench_command(cmd, output).await,
         command => {
             let admin = connect_admin(&cli.admin_socket).await?;
             admin_command(admin, command, output).await
@@ -454,6 +520,49 @@ async fn svid_command(cmd: SvidCommand, output: Output) -> Result<()> {
     Ok(())
 }
 
+async fn proxy_run(args: ProxyArgs) -> Result<()> {
+    init_logging();
+    let file = match &args.config {
+        Some(path) => ProxySettings::from_file(path)?,
+        None => ProxySettings::default(),
+    };
+    let flags = ProxySettings {
+        listen: args.listen,
+        upstream: args.upstream,
+        routes: args.routes,
+        require_scopes: args.require_scopes,
+        allow_ids: args.allow_ids,
+        socket: args.socket,
+        spiffe_id: args.spiffe_id,
+    };
+    let settings = file.overridden_by(flags);
+    let socket = mayfly::workload_client::socket_path(
+        settings.socket.as_deref(),
+        std::path::Path::new(mayfly::agent::defaults::SOCKET),
+    )?;
+    let config = settings.resolve()?;
+    let source = mayfly::mtls::SvidSource::spawn_for(&socket, config.own_id.clone());
+    source
+        .wait_ready(std::time::Duration::from_secs(30))
+        .await
+        .with_context(|| {
+            format!(
+                "the proxy got no SVID from the agent at {}",
+                socket.display()
+            )
+        })?;
+    let proxy = mayfly::proxy::start(config.clone(), source).await?;
+    tracing::info!(
+        listen = %proxy.local_addr,
+        upstream = %config.upstream,
+        mode = if matches!(config.mode, mayfly::proxy::ProxyMode::Http(_)) { "http" } else { "tcp" },
+        "mayfly proxy running; stop with Ctrl-C"
+    );
+    shutdown_signal().await;
+    proxy.shutdown().await;
+    Ok(())
+}
+
 /// A notAfter in Unix seconds, with how far away it is.
 fn expires_in(not_after: i64) -> String {
     let now = std::time::SystemTime::now()
@@ -474,6 +583,58 @@ async fn shutdown_signal() {
             }
         } => {}
     }
+}
+
+async fn bench_command(cmd: BenchCommand, output: Output) -> Result<()> {
+    match cmd {
+        BenchCommand::Issue(args) => bench_issue(args, output).await,
+        BenchCommand::Task(args) => bench_task(args, output).await,
+        BenchCommand::Fetch(args) => bench_fetch(args, output).await,
+        BenchCommand::Streams(args) => bench_streams(args, output).await,
+    }
+}
+
+/// Prints a benchmark report as text or JSON.
+fn print_report(
+    report: &(impl serde::Serialize + std::fmt::Display),
+    output: Output,
+) -> Result<()> {
+    match output {
+        Output::Json => print_json(report),
+        Output::Text => {
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+async fn bench_task(args: BenchTaskArgs, output: Output) -> Result<()> {
+    let options = mayfly::bench::agent::TaskBenchOptions {
+        in_flight: args.in_flight,
+        duration: mayfly::duration::parse(&args.duration)?,
+        ..Default::default()
+    };
+    let report = mayfly::bench::agent::task_benchmark(options).await?;
+    print_report(&report, output)
+}
+
+async fn bench_fetch(args: BenchFetchArgs, output: Output) -> Result<()> {
+    let options = mayfly::bench::agent::FetchBenchOptions {
+        duration: mayfly::duration::parse(&args.duration)?,
+        ..Default::default()
+    };
+    let report = mayfly::bench::agent::fetch_benchmark(options).await?;
+    print_report(&report, output)
+}
+
+async fn bench_streams(args: BenchStreamsArgs, output: Output) -> Result<()> {
+    let options = mayfly::bench::agent::StreamsBenchOptions {
+        workloads: args.workloads,
+        agent_exe: args.agent_exe,
+        ..Default::default()
+    };
+    let report = mayfly::bench::agent::streams_benchmark(options).await?;
+    print_report(&report, output)
 }
 
 async fn bench_issue(args: BenchIssueArgs, output: Output) -> Result<()> {
@@ -587,7 +748,7 @@ async fn admin_command(mut admin: Admin, command: Command, output: Output) -> Re
                 );
             }
         }
-        Command::Server(_) | Command::Bench(_) | Command::Svid(_) => {
+        Command::Server(_) | Command::Bench(_) | Command::Svid(_) | Command::Proxy(_) => {
             unreachable!("handled before connecting")
         }
     }

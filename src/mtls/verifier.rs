@@ -1,0 +1,337 @@
+//! The peer verifiers of both sides: the five steps listed in the [`super`] module's
+//! documentation, then rustls' own check of the handshake signature.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+
+use super::VerifiedPeer;
+use super::policy::{PeerPolicy, Refusal};
+use super::source::{SvidSource, TrustSet};
+use crate::id::ScopedId;
+use crate::svid::{self, MAX_CHAIN_LEN, MAX_LEAF_LEN, Serial, SvidError, Usage};
+
+/// Why a peer failed the handshake.
+///
+/// Its `Debug` form is its message: rustls shows a verifier's error through `Debug`, so that is
+/// what a log line of a refused handshake reads.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The chain broke an X509-SVID rule or did not validate (steps 1–4).
+    #[error("the peer's X509-SVID was refused: {0}")]
+    Svid(#[from] SvidError),
+    /// The leaf's extendedKeyUsage did not allow its role in this handshake (step 4).
+    #[error(
+        "the peer's X509-SVID was refused: its extended key usage lacks {0}, which its role in this handshake requires"
+    )]
+    ExtendedKeyUsage(&'static str),
+    /// The peer is authentic but its policy refused it (step 5).
+    #[error("the peer was refused by policy: {0}")]
+    Policy(#[from] Refusal),
+}
+
+impl fmt::Debug for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<PeerError> for rustls::Error {
+    fn from(e: PeerError) -> Self {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    }
+}
+
+/// Parses a leaf, bounded: the first step of verification, and all [`super::peer_of`] needs.
+fn parse_leaf<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, SvidError> {
+    if der.len() > MAX_LEAF_LEN {
+        return Err(SvidError::LeafTooLarge(der.len()));
+    }
+    let (rest, leaf) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::Malformed(
+            "it has bytes after the certificate".to_owned(),
+        ));
+    }
+    Ok(leaf)
+}
+
+fn serial_and_not_after(leaf: &X509Certificate<'_>) -> Result<(Serial, SystemTime), SvidError> {
+    let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
+    let secs = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
+/// Runs the five steps (see the module documentation) over one presented chain.
+pub(crate) fn verify_peer(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    trust: &TrustSet,
+    policy: &PeerPolicy,
+    usage: Usage,
+    provider: &CryptoProvider,
+    now: UnixTime,
+) -> Result<VerifiedPeer, PeerError> {
+    // 1. Parse the leaf, bounded.
+    if intermediates.len() >= MAX_CHAIN_LEN {
+        return Err(SvidError::ChainTooLong(intermediates.len() + 1).into());
+    }
+    let leaf = parse_leaf(end_entity)?;
+
+    // 2. The one SPIFFE ID, and the roots of its trust domain only.
+    let id = svid::leaf_spiffe_id(&leaf)?;
+    let td = id.trust_domain_name();
+    let roots = trust
+        .roots(td)
+        .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_owned()))?;
+    if roots.anchors.is_empty() {
+        return Err(SvidError::Untrusted(format!(
+            "the bundle of trust domain '{td}' holds no usable root"
+        ))
+        .into());
+    }
+
+    // 3. The X509-SVID leaf rules.
+    svid::check_leaf_constraints(&leaf)?;
+    let (serial, not_after) = serial_and_not_after(&leaf)?;
+
+    // 4. The path, with webpki, at the handshake's time.
+    let end_entity = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let (eku, eku_name) = match usage {
+        Usage::Client => (webpki::KeyUsage::client_auth(), "clientAuth"),
+        Usage::Server => (webpki::KeyUsage::server_auth(), "serverAuth"),
+    };
+    end_entity
+        .verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &roots.anchors,
+            intermediates,
+            now,
+            eku,
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            #[allow(deprecated)]
+            webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => {
+                PeerError::ExtendedKeyUsage(eku_name)
+            }
+            other => svid::map_webpki_error(&other).into(),
+        })?;
+
+    // 5. Authorize: identity, then scopes.
+    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
+    policy.authorize(&id)?;
+    Ok(VerifiedPeer {
+        id,
+        serial,
+        not_after,
+    })
+}
+
+/// Reads the identity of a leaf that already verified (see [`super::peer_of`]).
+pub(crate) fn describe_leaf(der: &CertificateDer<'_>) -> Result<VerifiedPeer, SvidError> {
+    let leaf = parse_leaf(der)?;
+    let id = svid::leaf_spiffe_id(&leaf)?;
+    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
+    let (serial, not_after) = serial_and_not_after(&leaf)?;
+    Ok(VerifiedPeer {
+        id,
+        serial,
+        not_after,
+    })
+}
+
+/// The state both verifiers share.
+struct PeerVerifier {
+    source: SvidSource,
+    policy: PeerPolicy,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PeerVerifier {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        usage: Usage,
+        now: UnixTime,
+    ) -> Result<VerifiedPeer, rustls::Error> {
+        let trust = self.source.trust();
+        verify_peer(
+            end_entity,
+            intermediates,
+            &trust,
+            &self.policy,
+            usage,
+            &self.provider,
+            now,
+        )
+        .map_err(|e| {
+            tracing::info!(error = %e, "mTLS peer refused");
+            e.into()
+        })
+    }
+
+    fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Configs are TLS 1.3 only, so a TLS 1.2 signature never reaches a verifier.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls12NotOffered,
+    ))
+}
+
+/// The server side: a client certificate is required and verified against the policy.
+pub(crate) struct SpiffeClientVerifier(PeerVerifier);
+
+impl SpiffeClientVerifier {
+    pub(crate) fn new(source: SvidSource, policy: PeerPolicy) -> Self {
+        let provider = source.provider();
+        Self(PeerVerifier {
+            source,
+            policy,
+            provider,
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeClientVerifier({:?})", self.0.policy)
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify(end_entity, intermediates, Usage::Client, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.schemes()
+    }
+}
+
+/// The client side: the server's SVID is verified against the expected policy; the server
+/// name the connection was opened with is ignored (no DNS name matching).
+pub(crate) struct SpiffeServerVerifier(PeerVerifier);
+
+impl SpiffeServerVerifier {
+    pub(crate) fn new(source: SvidSource, policy: PeerPolicy) -> Self {
+        let provider = source.provider();
+        Self(PeerVerifier {
+            source,
+            policy,
+            provider,
+        })
+    }
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeServerVerifier({:?})", self.0.policy)
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .verify(end_entity, intermediates, Usage::Server, now)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.schemes()
+    }
+}

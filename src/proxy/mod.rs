@@ -1,0 +1,46 @@
+//! `mayfly proxy`: an mTLS front for any service. Peers are verified in the handshake (chain,
+//! X509-SVID rules, allowed IDs, required scopes); in HTTP mode each request is then decided
+//! by route rules, in TCP mode bytes are piped once the handshake passed.
+
+pub mod http;
+pub mod routes;
+
+use crate::id::ScopedId;
+
+/// The verified peer of one connection, as the proxy logs and forwards it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Identity and scopes, from the peer's one URI SAN.
+    pub id: ScopedId,
+    /// Leaf serial, lowercase hex.
+    pub serial: String,
+    /// Leaf notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+impl PeerInfo {
+    /// The peer's scopes in human form, comma-separated (empty for none).
+    pub fn scopes_header(&self) -> String {
+        self.id
+            .scopes()
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl From<crate::mtls::VerifiedPeer> for PeerInfo {
+    fn from(peer: crate::mtls::VerifiedPeer) -> Self {
+        Self {
+            id: peer.id,
+            serial: peer.serial.to_hex(),
+            not_after: crate::server::policy::unix_secs(peer.not_after),
+        }
+    }
+}
+
+pub mod config;
+mod run;
+
+pub use run::{ProxyConfig, ProxyError, ProxyMode, RunningProxy, start};

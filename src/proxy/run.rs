@@ -1,0 +1,186 @@
+//! The proxy's listener: accept, mTLS handshake with the SPIFFE verifier and the ID/scope
+//! policy, then HTTP routing or a TCP pipe, with one access log line per request or
+//! connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::PeerInfo;
+use super::http::HttpProxy;
+use super::routes::Routes;
+use crate::mtls::{self, MtlsError, PeerPolicy, SvidSource};
+
+/// How long a client may take to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the proxy does after the handshake.
+#[derive(Debug, Clone)]
+pub enum ProxyMode {
+    /// HTTP/1.1 and HTTP/2, each request decided by the routes.
+    Http(Routes),
+    /// Bytes piped to the upstream.
+    Tcp,
+}
+
+/// A validated proxy configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where to forward.
+    pub upstream: SocketAddr,
+    /// HTTP or TCP.
+    pub mode: ProxyMode,
+    /// Who may complete the handshake: allowed IDs and the scopes every peer must carry.
+    pub policy: PeerPolicy,
+    /// Which of the proxy's own SVIDs to present; the first when `None`.
+    pub own_id: Option<crate::id::SpiffeId>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The listen address could not be bound.
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Mtls(#[from] MtlsError),
+}
+
+/// A running proxy.
+pub struct RunningProxy {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// Stops accepting; open connections are dropped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the proxy with its SVID and bundles from `source`.
+///
+/// # Errors
+/// [`ProxyError`] when the address cannot be bound or TLS cannot be configured.
+pub async fn start(config: ProxyConfig, source: SvidSource) -> Result<RunningProxy, ProxyError> {
+    let mut tls = mtls::server_config(&source, config.policy.clone())?;
+    if matches!(config.mode, ProxyMode::Http(_)) {
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ProxyError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let http = match &config.mode {
+        ProxyMode::Http(routes) => Some(Arc::new(HttpProxy::new(routes.clone(), config.upstream))),
+        ProxyMode::Tcp => None,
+    };
+    let (shutdown, mut stop) = watch::channel(false);
+    let upstream = config.upstream;
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let acceptor = acceptor.clone();
+            let http = http.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                handle(acceptor, tcp, remote, http, upstream).await;
+            });
+        }
+    });
+    Ok(RunningProxy {
+        local_addr,
+        shutdown,
+        task,
+    })
+}
+
+async fn handle(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    http: Option<Arc<HttpProxy>>,
+    upstream: SocketAddr,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(target: "mayfly::access", %remote, decision = "deny", reason = %e, "handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(target: "mayfly::access", %remote, decision = "deny", reason = "handshake timed out", "handshake refused");
+            return;
+        }
+    };
+    let Some(peer) = mtls::peer_of(tls.get_ref().1).map(PeerInfo::from) else {
+        return;
+    };
+    match http {
+        Some(proxy) => proxy.serve_connection(Arc::new(peer), tls).await,
+        None => pipe(tls, peer, upstream).await,
+    }
+}
+
+async fn pipe(
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerInfo,
+    upstream: SocketAddr,
+) {
+    let log = |decision: &str, detail: String| {
+        tracing::info!(
+            target: "mayfly::access",
+            peer = %peer.id.base(),
+            scopes = %peer.scopes_header(),
+            serial = %peer.serial,
+            decision,
+            detail,
+        );
+    };
+    let mut up = match TcpStream::connect(upstream).await {
+        Ok(up) => up,
+        Err(e) => {
+            log("allow", format!("the upstream {upstream} refused: {e}"));
+            return;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut tls, &mut up).await {
+        Ok((sent, received)) => log("allow", format!("closed; {sent} bytes up, {received} down")),
+        Err(e) => log("allow", format!("ended: {e}")),
+    }
+}
