@@ -65,6 +65,8 @@ enum Command {
     Svid(SvidCommand),
     /// The enforcing mTLS proxy: verifies SPIFFE ID and scope, then forwards.
     Proxy(ProxyArgs),
+    /// The whole story in one process on a throwaway data dir, narrated.
+    Demo,
     /// The issuance audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -385,6 +387,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(AgentCommand::Run(args)) => agent_run(args).await,
         Command::Svid(cmd) => svid_command(cmd, output).await,
         Command::Proxy(args) => proxy_run(args).await,
+        Command::Demo => {
+            let mut say = |line: &str| println!("{line}");
+            mayfly::demo::run(&mut say).await?;
+            Ok(())
+        }
         Command::Bench(cmd) => bench_command(cmd, output).await,
         command => {
             let admin = connect_admin(&cli.admin_socket).await?;
@@ -748,7 +755,11 @@ async fn admin_command(mut admin: Admin, command: Command, output: Output) -> Re
                 );
             }
         }
-        Command::Server(_) | Command::Bench(_) | Command::Svid(_) | Command::Proxy(_) => {
+        Command::Server(_)
+        | Command::Bench(_)
+        | Command::Svid(_)
+        | Command::Proxy(_)
+        | Command::Demo => {
             unreachable!("handled before connecting")
         }
     }

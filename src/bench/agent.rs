@@ -514,14 +514,14 @@ impl fmt::Display for TaskBenchReport {
             "reference (one thread, in process): keygen + CSR sign {:.0} µs, CSR verify + leaf sign {:.0} µs, together {:.0} µs ({:.0}/s)",
             r.keygen_csr_us, r.verify_sign_us, r.total_us, r.per_sec
         )?;
-        if let Some(one) = self.levels.iter().find(|l| l.in_flight == 1) {
-            if r.total_us > 0.0 {
-                writeln!(
-                    f,
-                    "ratio at 1 in flight: p50 {:.1}x the reference",
-                    one.latency.p50_us / r.total_us
-                )?;
-            }
+        if let Some(one) = self.levels.iter().find(|l| l.in_flight == 1)
+            && r.total_us > 0.0
+        {
+            writeln!(
+                f,
+                "ratio at 1 in flight: p50 {:.1}x the reference",
+                one.latency.p50_us / r.total_us
+            )?;
         }
         writeln!(
             f,
