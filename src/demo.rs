@@ -267,7 +267,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
     }
     let answer = call(proxy.local_addr, &short, &bundle, "GET", "/customers").await;
     c.check(
-        matches!(&answer, Err(_)),
+        answer.is_err(),
         &format!("GET /customers with the expired SVID → {}", show(&answer)),
     );
 

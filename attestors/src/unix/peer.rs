@@ -184,12 +184,12 @@ impl PeerProcess {
         self.pidfd.is_some()
     }
 
-    /// Confirms the process that connected is still the one at that pid: with a pidfd,
-    /// `/proc/self/fdinfo/<pidfd>` has a "Pid:" line that must equal the pid (it reads -1 once the
-    /// process has exited); in all cases `/proc/<pid>/stat`'s start time must equal the one read
-    /// at accept, must not be later than the accept time (a process started after the
-    /// connection cannot be its peer), and `/proc/<pid>/status`'s effective uid (2nd field of
-    /// `Uid:`) must equal the peer uid.
+    /// Confirms the process that connected is still the one at that pid, running with the
+    /// peer's effective uid (2nd field of `Uid:` in `/proc/<pid>/status`), and did not start
+    /// after the accept (a process started after the connection cannot be its peer). With a
+    /// pidfd, `/proc/self/fdinfo/<pidfd>`'s "Pid:" line, read last, must equal the pid (it
+    /// reads -1 once the process has exited); without one, `/proc/<pid>/stat`'s start time,
+    /// read before and after the status, must equal the one read at accept.
     ///
     /// # Errors
     /// [`PeerError::Gone`] once the peer has exited, [`PeerError::StartTimeChanged`],
@@ -197,7 +197,6 @@ impl PeerProcess {
     /// [`PeerError::PidfdMismatch`] when the pid is not the peer's, and the /proc read errors.
     pub fn confirm(&self) -> Result<(), PeerError> {
         let pid = self.credentials.pid;
-        self.check_start_time()?;
         if self.start_ticks > self.accept_ticks {
             return Err(PeerError::StartedAfterAccept {
                 pid,
@@ -205,38 +204,50 @@ impl PeerProcess {
                 accept_ticks: self.accept_ticks,
             });
         }
+        match &self.pidfd {
+            // With a pidfd, the fdinfo read last proves the peer still holds its pid, hence held
+            // it while its status was read: two reads, no walk of /proc/<pid>/stat (which visits
+            // every thread of the peer and dominated the cost of a cached fetch).
+            Some(pidfd) => {
+                self.check_uid()?;
+                let path = format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd());
+                let fdinfo = procfs::read(&path, None)?;
+                let found = procfs::parse_fdinfo_pid(&fdinfo).ok_or(PeerError::ProcMalformed {
+                    path,
+                    reason: "no well-formed Pid: line",
+                })?;
+                if found == -1 {
+                    return Err(PeerError::Gone { pid });
+                }
+                if found != i64::from(pid) {
+                    return Err(PeerError::PidfdMismatch { pid, found });
+                }
+                Ok(())
+            }
+            // Without one, the start time read before and after the status shows the status
+            // was the same process's, and not one that took the pid in between.
+            None => {
+                self.check_start_time()?;
+                self.check_uid()?;
+                self.check_start_time()
+            }
+        }
+    }
 
+    /// Checks that the process at the pid runs with the peer's effective uid.
+    fn check_uid(&self) -> Result<(), PeerError> {
+        let pid = self.credentials.pid;
         let (path, status) = procfs::status(pid)?;
         let euid = procfs::parse_effective_uid(&status).ok_or(PeerError::ProcMalformed {
             path,
             reason: "no well-formed Uid: line",
         })?;
-        // The start time is read again so that the status file just read is known to be that
-        // same process's, and not a process that took the pid in between.
-        self.check_start_time()?;
         if euid != self.credentials.uid {
             return Err(PeerError::UidChanged {
                 pid,
                 expected: self.credentials.uid,
                 found: euid,
             });
-        }
-
-        if let Some(pidfd) = &self.pidfd {
-            // Read last: if the peer still holds the pid now, it held it during every read
-            // above, since a process keeps its pid from start until it is reaped.
-            let path = format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd());
-            let fdinfo = procfs::read(&path, None)?;
-            let found = procfs::parse_fdinfo_pid(&fdinfo).ok_or(PeerError::ProcMalformed {
-                path,
-                reason: "no well-formed Pid: line",
-            })?;
-            if found == -1 {
-                return Err(PeerError::Gone { pid });
-            }
-            if found != i64::from(pid) {
-                return Err(PeerError::PidfdMismatch { pid, found });
-            }
         }
         Ok(())
     }

@@ -146,8 +146,16 @@ fn confirm_fails_when_the_pid_was_reused() {
     let Some(mut reused) = spawn_on_pid(pid) else {
         return;
     };
-    // The new process has the same pid and the same uid: only the guard tells it apart.
+    // The new process has the same pid and the same uid: only the guard tells it apart, by
+    // the pidfd where the kernel has one, and by the start time without it.
     let err = peer.confirm().unwrap_err();
+    if peer.pidfd.is_some() {
+        assert!(
+            matches!(err, PeerError::Gone { pid: p } if p == pid),
+            "{err:?}"
+        );
+    }
+    let err = without_pidfd(&peer).confirm().unwrap_err();
     assert!(
         matches!(err, PeerError::StartTimeChanged { pid: p, .. } if p == pid),
         "{err:?}"
