@@ -658,3 +658,97 @@ async fn a_connection_whose_process_died_gets_nothing_even_when_its_pid_is_reuse
         Err(Code::PermissionDenied)
     );
 }
+
+/// Runs `mayfly agent run` against the cluster's server with `args`, in its own data dir.
+fn agent_command(cluster: &Cluster, data_dir: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["agent", "run", "--server"])
+        .arg(format!("127.0.0.1:{}", cluster.port))
+        .arg("--socket")
+        .arg(cluster.path(&format!("{data_dir}.sock")))
+        .arg("--data-dir")
+        .arg(cluster.path(data_dir))
+        .args(args)
+        .current_dir(cluster.dir.path())
+        .env("RUST_LOG", "info");
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_trust_is_explicit_and_the_stored_key_is_private() {
+    let cluster = Cluster::start();
+    let bundle = cluster.path("bundle.pem").display().to_string();
+
+    // No way to trust the server, both ways, a bundle of another trust domain's CA: one
+    // sentence each, non-zero exit, the token not spent.
+    let other = Cluster::start();
+    let other_bundle = other.path("bundle.pem").display().to_string();
+    for (args, needle) in [
+        (vec!["--join-token", &cluster.token], "--trust-bundle"),
+        (
+            vec![
+                "--join-token",
+                &cluster.token,
+                "--trust-bundle",
+                &bundle,
+                "--insecure-bootstrap",
+            ],
+            "contradict",
+        ),
+        (
+            vec![
+                "--join-token",
+                &cluster.token,
+                "--trust-bundle",
+                &other_bundle,
+            ],
+            "could not connect",
+        ),
+        (vec!["--trust-bundle", &bundle], "join token"),
+    ] {
+        let out = agent_command(&cluster, "refused", &args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = stderr(&out);
+        assert!(
+            err.contains("error:") && err.contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // --insecure-bootstrap works, and says loudly what it skips.
+    let mut agent = common::cluster::Proc(
+        agent_command(
+            &cluster,
+            "insecure",
+            &["--join-token", &cluster.token, "--insecure-bootstrap"],
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    common::cluster::wait_for_path(
+        &cluster.path("insecure.sock"),
+        Duration::from_secs(20),
+        "the insecure agent's socket",
+    );
+    let key = cluster.path("insecure/agent.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the agent key is private");
+    agent.stop();
+    let mut log = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("INSECURE BOOTSTRAP"), "{log}");
+    // The token was spent by the insecure agent only: the refused starts above spent nothing.
+    let agents = cluster.ok(&["agent", "list", "--output", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&agents)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
