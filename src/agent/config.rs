@@ -15,22 +15,9 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:8081";
 /// Why the agent's configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentConfigError {
-    /// The file could not be read.
-    #[error("could not read the config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this config.
-    #[error("the config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said.
-        message: String,
-    },
+    /// The settings file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] crate::config_file::ConfigFileError),
     /// The server address does not resolve.
     #[error("'{0}' is not a server address: write HOST:PORT, such as 127.0.0.1:8081")]
     Server(String),
@@ -71,16 +58,9 @@ impl AgentSettings {
     /// Reads a TOML file.
     ///
     /// # Errors
-    /// [`AgentConfigError::Read`] or [`AgentConfigError::Parse`].
+    /// [`AgentConfigError::File`].
     pub fn from_file(path: &Path) -> Result<Self, AgentConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| AgentConfigError::Parse {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })
+        Ok(crate::config_file::read(path)?)
     }
 
     /// `self`, with every setting `over` has replacing ours.

@@ -1,7 +1,7 @@
 //! The proxy's configuration: a TOML file, command-line flags over it.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -13,22 +13,9 @@ use crate::mtls::{PeerPolicy, PolicyError};
 /// Why the proxy's configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyConfigError {
-    /// The file could not be read.
-    #[error("could not read the config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this config.
-    #[error("the config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said.
-        message: String,
-    },
+    /// The settings file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] crate::config_file::ConfigFileError),
     /// A required address is missing.
     #[error("--{0} is required: give HOST:PORT")]
     Missing(&'static str),
@@ -82,16 +69,9 @@ impl ProxySettings {
     /// Reads a TOML file.
     ///
     /// # Errors
-    /// [`ProxyConfigError::Read`] or [`ProxyConfigError::Parse`].
+    /// [`ProxyConfigError::File`].
     pub fn from_file(path: &Path) -> Result<Self, ProxyConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ProxyConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ProxyConfigError::Parse {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })
+        Ok(crate::config_file::read(path)?)
     }
 
     /// `self`, with every setting `over` has replacing ours (lists replace lists).

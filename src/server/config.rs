@@ -12,22 +12,9 @@ use crate::server::{ServerConfig, defaults};
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("could not read the config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this config.
-    #[error("the config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the TOML parser said.
-        message: String,
-    },
+    /// The settings file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] crate::config_file::ConfigFileError),
     /// The trust domain is malformed.
     #[error("bad trust domain: {0}")]
     TrustDomain(#[from] IdError),
@@ -68,16 +55,9 @@ impl Settings {
     /// Reads a TOML file.
     ///
     /// # Errors
-    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    /// [`ConfigError::File`].
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })
+        Ok(crate::config_file::read(path)?)
     }
 
     /// `self`, with every setting `over` has replacing ours.
