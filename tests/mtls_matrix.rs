@@ -8,12 +8,10 @@
 //! The whole PKI is generated with rcgen at test time. Our configs run on a fixed clock, so
 //! "expired by 1 s" and "not yet valid by 1 s" are exact, whatever the machine's load.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
@@ -1147,21 +1145,13 @@ async fn svid_and_bundle_updates_apply_to_the_next_handshake() {
 // ---------------------------------------------------------------------------------------------
 // The source fed by a Workload API.
 
-#[derive(Clone)]
-enum SvidFeed {
-    Svid(pb::X509svidResponse),
-    /// The stream fails with Unavailable (the source must reconnect).
-    Fail,
-    /// The stream ends with PermissionDenied (the workload lost its identity).
-    Denied,
-}
-
-/// A Workload API that serves whatever the test puts in its feeds, like the agent: each
-/// message the full current state, a new one on every change.
+/// A third-party Workload API server of the kind Mayfly's agent is not: one without
+/// FetchX509Bundles (older SPIFFE implementations predate that RPC). Mayfly's own agent serves
+/// both streams and is tested as itself in tests/proxy_e2e.rs; this stand-in exists only to show
+/// the source's fallback for such servers, speaking the real protocol: each message the full
+/// current state, a new one on every change.
 struct FakeAgent {
-    svids: watch::Receiver<SvidFeed>,
-    bundles: Option<watch::Receiver<pb::X509BundlesResponse>>,
-    svid_calls: Arc<AtomicUsize>,
+    svids: watch::Receiver<pb::X509svidResponse>,
 }
 
 type FakeStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
@@ -1176,22 +1166,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for FakeAgent {
         &self,
         _request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        self.svid_calls.fetch_add(1, Ordering::SeqCst);
         let mut feed = self.svids.clone();
         Ok(Response::new(Box::pin(async_stream::stream! {
             loop {
                 let current = feed.borrow_and_update().clone();
-                match current {
-                    SvidFeed::Svid(message) => yield Ok(message),
-                    SvidFeed::Fail => {
-                        yield Err(Status::unavailable("the agent is restarting"));
-                        break;
-                    }
-                    SvidFeed::Denied => {
-                        yield Err(Status::permission_denied("no identity for this workload"));
-                        break;
-                    }
-                }
+                yield Ok(current);
                 if feed.changed().await.is_err() {
                     break;
                 }
@@ -1203,19 +1182,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for FakeAgent {
         &self,
         _request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let Some(feed) = &self.bundles else {
-            return Err(Status::unimplemented("no FetchX509Bundles here"));
-        };
-        let mut feed = feed.clone();
-        Ok(Response::new(Box::pin(async_stream::stream! {
-            loop {
-                let current = feed.borrow_and_update().clone();
-                yield Ok(current);
-                if feed.changed().await.is_err() {
-                    break;
-                }
-            }
-        })))
+        Err(Status::unimplemented("no FetchX509Bundles here"))
     }
 
     async fn fetch_jwtsvid(
@@ -1278,21 +1245,6 @@ fn svid_message(
     }
 }
 
-fn bundles_message(domains: &[(&str, &[&Ca])]) -> pb::X509BundlesResponse {
-    pb::X509BundlesResponse {
-        crl: Vec::new(),
-        bundles: domains
-            .iter()
-            .map(|(td, cas)| {
-                (
-                    format!("spiffe://{td}"),
-                    cas.iter().flat_map(|ca| ca.der.to_vec()).collect(),
-                )
-            })
-            .collect::<HashMap<_, _>>(),
-    }
-}
-
 /// Polls `check` until it holds, for up to 10 s.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -1311,144 +1263,6 @@ where
 
 const SERVER_URI: &str = "spiffe://a.test/svc/server";
 
-/// Follows a Workload API: ready once the first messages arrive; each SVID message rotates
-/// the presented certificate; the bundles stream is the authority for trust (a later SVID
-/// message still carrying a removed CA does not bring it back); a failed stream is
-/// reconnected while the SVID keeps being served; PermissionDenied withdraws the SVID.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn source_follows_the_workload_api() {
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("agent.sock");
-    let svids: Vec<Svid> = (0..4).map(|_| pki.valid_a(SERVER_URI)).collect();
-    let both: &[(&str, &[&Ca])] = &[("a.test", &[&pki.ca_a]), ("b.test", &[&pki.ca_b])];
-    let fed_b: &[(&str, &[&Ca])] = &[("b.test", &[&pki.ca_b])];
-    let (svid_tx, svid_rx) = watch::channel(SvidFeed::Svid(svid_message(
-        &svids[0],
-        SERVER_URI,
-        &[&pki.ca_a],
-        fed_b,
-    )));
-    let (bundles_tx, bundles_rx) = watch::channel(bundles_message(both));
-    let calls = Arc::new(AtomicUsize::new(0));
-    serve_fake(
-        &socket,
-        FakeAgent {
-            svids: svid_rx,
-            bundles: Some(bundles_rx),
-            svid_calls: calls.clone(),
-        },
-    );
-
-    // Not ready while nothing answers; then ready.
-    let lonely = SvidSource::spawn(dir.path().join("nobody.sock"));
-    let error = lonely
-        .wait_ready(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(
-        error.to_string().contains("could not reach the agent"),
-        "{error}"
-    );
-
-    let source = SvidSource::connect(&socket, Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(source.svid_id().unwrap().to_string(), SERVER_URI);
-    assert_eq!(source.bundles().len(), 2);
-    let server = Arc::new(mtls::server_config(&source, matrix_policy()).unwrap());
-    let client = Arc::new(plain_client(&pki.valid_a(GOOD)));
-    let served = |expected: CertificateDer<'static>| {
-        let (server, client) = (server.clone(), client.clone());
-        async move {
-            let h = handshake(server, client).await;
-            h.both_accepted() && h.server_leaf.as_ref() == Some(&expected)
-        }
-    };
-    assert!(served(svids[0].chain[0].clone()).await);
-
-    // Rotation.
-    svid_tx.send_replace(SvidFeed::Svid(svid_message(
-        &svids[1],
-        SERVER_URI,
-        &[&pki.ca_a],
-        fed_b,
-    )));
-    eventually("the rotated SVID is served", || {
-        served(svids[1].chain[0].clone())
-    })
-    .await;
-
-    // Trust in A removed by the bundles stream; a later SVID message that still carries A's
-    // bundle does not bring it back.
-    bundles_tx.send_replace(bundles_message(fed_b));
-    eventually("A is no longer trusted", || {
-        let source = source.clone();
-        async move { !source.bundles().contains_key(&td("a.test")) }
-    })
-    .await;
-    svid_tx.send_replace(SvidFeed::Svid(svid_message(
-        &svids[2],
-        SERVER_URI,
-        &[&pki.ca_a],
-        fed_b,
-    )));
-    let from_b = Arc::new(plain_client(&pki.leaf(GOOD_B).sign(&pki.ca_b, &[])));
-    let third = svids[2].chain[0].clone();
-    eventually("the next SVID is served, to a client of B", || {
-        let (server, from_b, third) = (server.clone(), from_b.clone(), third.clone());
-        async move {
-            let h = handshake(server, from_b).await;
-            h.both_accepted() && h.server_leaf == Some(third)
-        }
-    })
-    .await;
-    let refused = handshake(server.clone(), client.clone()).await;
-    assert!(
-        refused
-            .server
-            .unwrap_err()
-            .contains("no trust bundle is known for trust domain 'a.test'"),
-        "A's CA must stay removed"
-    );
-    bundles_tx.send_replace(bundles_message(both));
-    eventually("A is trusted again", || served(svids[2].chain[0].clone())).await;
-
-    // The stream fails: the source reconnects and keeps serving meanwhile.
-    let before = calls.load(Ordering::SeqCst);
-    svid_tx.send_replace(SvidFeed::Fail);
-    eventually("the source reconnected", || {
-        let calls = calls.clone();
-        async move { calls.load(Ordering::SeqCst) >= before + 2 }
-    })
-    .await;
-    assert!(
-        served(svids[2].chain[0].clone()).await,
-        "still served while reconnecting"
-    );
-    assert!(source.last_error().unwrap().contains("Unavailable"));
-    svid_tx.send_replace(SvidFeed::Svid(svid_message(
-        &svids[3],
-        SERVER_URI,
-        &[&pki.ca_a],
-        fed_b,
-    )));
-    eventually("the SVID after the reconnection is served", || {
-        served(svids[3].chain[0].clone())
-    })
-    .await;
-
-    // The workload loses its identity: the SVID is withdrawn, handshakes fail.
-    svid_tx.send_replace(SvidFeed::Denied);
-    eventually("the SVID is withdrawn", || {
-        let source = source.clone();
-        async move { source.svid_id().is_none() && !source.is_ready() }
-    })
-    .await;
-    let h = handshake(server.clone(), client.clone()).await;
-    assert!(h.server.is_err() && h.client.is_err(), "{h:?}");
-}
-
 /// Against an agent without FetchX509Bundles, the bundles come from the SVID messages: the
 /// SVID's own trust domain and the federated ones, replaced on every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1457,20 +1271,13 @@ async fn source_takes_bundles_from_svid_messages_without_fetch_x509_bundles() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let svid = pki.valid_a(SERVER_URI);
-    let (svid_tx, svid_rx) = watch::channel(SvidFeed::Svid(svid_message(
+    let (svid_tx, svid_rx) = watch::channel(svid_message(
         &svid,
         SERVER_URI,
         &[&pki.ca_a],
         &[("b.test", &[&pki.ca_b])],
-    )));
-    serve_fake(
-        &socket,
-        FakeAgent {
-            svids: svid_rx,
-            bundles: None,
-            svid_calls: Arc::new(AtomicUsize::new(0)),
-        },
-    );
+    ));
+    serve_fake(&socket, FakeAgent { svids: svid_rx });
     let source = SvidSource::connect(&socket, Duration::from_secs(10))
         .await
         .unwrap();
@@ -1493,12 +1300,7 @@ async fn source_takes_bundles_from_svid_messages_without_fetch_x509_bundles() {
     );
 
     // B is no longer federated.
-    svid_tx.send_replace(SvidFeed::Svid(svid_message(
-        &svid,
-        SERVER_URI,
-        &[&pki.ca_a],
-        &[],
-    )));
+    svid_tx.send_replace(svid_message(&svid, SERVER_URI, &[&pki.ca_a], &[]));
     eventually("B is dropped", || {
         let source = source.clone();
         async move { !source.bundles().contains_key(&td("b.test")) }

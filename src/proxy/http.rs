@@ -36,6 +36,11 @@ const HOP_BY_HOP: [&str; 7] = [
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// How much of a refused request's body is read before the refusal is sent.
+const REFUSED_BODY_LIMIT: usize = 64 * 1024;
+/// How long a refused request's body is read before the refusal is sent.
+const REFUSED_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Routes, the upstream, and a pooled HTTP/1.1 client to it.
 pub struct HttpProxy {
     routes: Routes,
@@ -77,8 +82,14 @@ impl HttpProxy {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let (response, decision) = match self.routes.decide(&peer.id, &method, &path) {
-            Decision::BadPath(e) => (plain(StatusCode::BAD_REQUEST, &e.to_string()), "bad-path"),
-            Decision::Deny(reason) => (plain(StatusCode::FORBIDDEN, &reason), "deny"),
+            Decision::BadPath(e) => (
+                refuse(StatusCode::BAD_REQUEST, &e.to_string(), request).await,
+                "bad-path",
+            ),
+            Decision::Deny(reason) => (
+                refuse(StatusCode::FORBIDDEN, &reason, request).await,
+                "deny",
+            ),
             Decision::Allow { .. } => match self.forward(peer, request).await {
                 Ok(response) => (response, "allow"),
                 Err(e) => {
@@ -159,6 +170,44 @@ pub fn strip_and_set_headers(headers: &mut http::HeaderMap, peer: &PeerInfo) {
             headers.insert(HeaderName::from_static(name), value);
         }
     }
+}
+
+/// A one-line refusal. What the client is still sending of its request body is read first (at
+/// most [`REFUSED_BODY_LIMIT`] bytes for [`REFUSED_BODY_TIME`]; nothing when it waits for
+/// `100-continue`), so that it gets the answer to a complete request: clients still uploading
+/// when the stream closes report an error instead of the reason (curl 7.88 over HTTP/2 does).
+/// Whatever remains unread is held until the answer has been sent, so that HTTP/2 resets the
+/// stream with NO_ERROR after the response (RFC 9113 §8.1) rather than with CANCEL before it,
+/// which would cut the response short.
+async fn refuse(
+    status: StatusCode,
+    reason: &str,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let waits_for_continue = request
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut unread = request.into_body();
+    if !waits_for_continue {
+        let drain = async {
+            let mut read = 0;
+            while read <= REFUSED_BODY_LIMIT {
+                match unread.frame().await {
+                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSED_BODY_TIME, drain).await;
+    }
+    plain(status, reason).map(|body| {
+        body.map_frame(move |frame| {
+            let _held = &unread;
+            frame
+        })
+        .boxed()
+    })
 }
 
 /// A one-line plain-text answer.

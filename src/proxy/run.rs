@@ -18,6 +18,8 @@ use crate::mtls::{self, MtlsError, PeerPolicy, SvidSource};
 
 /// How long a client may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused client may take to close after the alert.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the proxy does after the handshake.
 #[derive(Debug, Clone)]
@@ -136,10 +138,12 @@ async fn handle(
     http: Option<Arc<HttpProxy>>,
     upstream: SocketAddr,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accept = acceptor.accept(tcp).into_fallible();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, tcp))) => {
             tracing::info!(target: "mayfly::access", %remote, decision = "deny", reason = %e, "handshake refused");
+            linger(tcp).await;
             return;
         }
         Err(_) => {
@@ -154,6 +158,20 @@ async fn handle(
         Some(proxy) => proxy.serve_connection(Arc::new(peer), tls).await,
         None => pipe(tls, peer, upstream).await,
     }
+}
+
+/// Closes a connection whose handshake was refused, after rustls sent its alert: our side is
+/// shut down and what the client already sent is read and discarded (for at most
+/// [`LINGER_TIMEOUT`]), so the connection ends with a FIN. Dropping it with that data unread
+/// would reset it, and the reset can destroy the alert before the client reads it, leaving the
+/// client with "connection reset" instead of the reason (under TLS 1.3 a client learns that its
+/// certificate was refused only from that alert).
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut discard = [0u8; 4096];
+    let drain = async { while let Ok(1..) = tcp.read(&mut discard).await {} };
+    let _ = tokio::time::timeout(LINGER_TIMEOUT, drain).await;
 }
 
 async fn pipe(
