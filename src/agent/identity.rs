@@ -156,13 +156,13 @@ impl AgentSvid {
         self.spiffe_id.trust_domain()
     }
 
-    /// When to renew: half-way through the SVID's life.
+    /// When to renew: half-way through the SVID's life, counted from its issuance. The
+    /// server backdates notBefore by [`crate::svid::CLOCK_SKEW`] to absorb clock drift; counting
+    /// from notBefore would renew a short-lived SVID at once, and again at every round.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+        let issued = (self.not_before + crate::svid::CLOCK_SKEW).min(self.not_after);
+        let life = self.not_after.duration_since(issued).unwrap_or_default();
+        issued + life / 2
     }
 
     /// Whether the SVID is still valid at `now`.
