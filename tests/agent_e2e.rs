@@ -521,7 +521,10 @@ async fn the_agent_renews_its_own_svid_at_half_life_and_keeps_working() {
         "the server saw a renewed agent SVID in use"
     );
     // At half-life, not at every sync round: about four renewals in 12 s of a 6 s SVID.
-    let renewals = cluster.agent_log().matches("renewed the agent SVID").count();
+    let renewals = cluster
+        .agent_log()
+        .matches("renewed the agent SVID")
+        .count();
     assert!((2..=6).contains(&renewals), "{renewals} renewals in 12 s");
     let stored = std::fs::read(cluster.path("agent-data/agent.pem")).expect("stored SVID");
     let leaf = mayfly::bundle::from_pem(&stored).unwrap().remove(0);
