@@ -26,6 +26,8 @@
 //! its settings).
 
 pub mod agent;
+pub mod handshake;
+pub mod proxy;
 
 use std::fmt;
 use std::net::SocketAddr;

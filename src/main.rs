@@ -317,6 +317,36 @@ enum BenchCommand {
     Fetch(BenchFetchArgs),
     /// Agent memory with many workloads holding FetchX509SVID streams, and fan-out of a change.
     Streams(BenchStreamsArgs),
+    /// Server CPU of an mTLS handshake: our SPIFFE+scope verifier against plain webpki.
+    Handshake(BenchHandshakeArgs),
+    /// mayfly proxy against nginx: mTLS requests/s and new-connection handshakes/s.
+    Proxy(BenchProxyArgs),
+}
+
+#[derive(Args)]
+struct BenchProxyArgs {
+    /// How long to measure each load on each target, each round.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Rounds, each measuring both loads on both targets.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The nginx executable (`apt-get install -y nginx`); without it only ours is measured.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchHandshakeArgs {
+    /// Handshakes per verifier (and as many direct verifications).
+    #[arg(long, default_value_t = 5000)]
+    iterations: usize,
+    /// Rounds alternating the two verifiers.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
 }
 
 #[derive(Args)]
@@ -598,7 +628,30 @@ async fn bench_command(cmd: BenchCommand, output: Output) -> Result<()> {
         BenchCommand::Task(args) => bench_task(args, output).await,
         BenchCommand::Fetch(args) => bench_fetch(args, output).await,
         BenchCommand::Streams(args) => bench_streams(args, output).await,
+        BenchCommand::Handshake(args) => bench_handshake(args, output).await,
+        BenchCommand::Proxy(args) => bench_proxy(args, output).await,
     }
+}
+
+async fn bench_proxy(args: BenchProxyArgs, output: Output) -> Result<()> {
+    let options = mayfly::bench::proxy::ProxyBenchOptions {
+        duration: mayfly::duration::parse(&args.duration)?,
+        connections: args.connections,
+        rounds: args.rounds,
+        nginx: args.nginx,
+        ..Default::default()
+    };
+    let report = mayfly::bench::proxy::proxy_benchmark(options).await?;
+    print_report(&report, output)
+}
+
+async fn bench_handshake(args: BenchHandshakeArgs, output: Output) -> Result<()> {
+    let options = mayfly::bench::handshake::HandshakeBenchOptions {
+        iterations: args.iterations,
+        rounds: args.rounds,
+    };
+    let report = mayfly::bench::handshake::handshake_benchmark(options).await?;
+    print_report(&report, output)
 }
 
 /// Prints a benchmark report as text or JSON.

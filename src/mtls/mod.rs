@@ -118,15 +118,23 @@ pub fn server_config(
     source: &SvidSource,
     policy: PeerPolicy,
 ) -> Result<rustls::ServerConfig, MtlsError> {
-    let verifier = Arc::new(verifier::SpiffeClientVerifier::new(source.clone(), policy));
     let mut config = rustls::ServerConfig::builder_with_provider(source.provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(client_cert_verifier(source, policy))
         .with_cert_resolver(Arc::new(source::SvidResolver(source.clone())));
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
     Ok(config)
+}
+
+/// The client-certificate verifier [`server_config`] installs, on its own: for the handshake
+/// benchmark, which calls it directly.
+pub(crate) fn client_cert_verifier(
+    source: &SvidSource,
+    policy: PeerPolicy,
+) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+    Arc::new(verifier::SpiffeClientVerifier::new(source.clone(), policy))
 }
 
 /// The client config of an mTLS client: presents the source's SVID, accepts only a server

@@ -23,15 +23,16 @@ use super::routes::{Decision, Routes};
 /// upstream can trust them.
 pub const PEER_HEADERS: [&str; 3] = ["x-mayfly-spiffe-id", "x-mayfly-scopes", "x-mayfly-serial"];
 
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1). Names, not
+/// strings: removing by a string parses and hashes it first, on every request.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -45,7 +46,32 @@ const REFUSED_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(1)
 pub struct HttpProxy {
     routes: Routes,
     upstream: SocketAddr,
+    /// `upstream` as a URI authority, parsed once (`None` only if it could not be, which a
+    /// socket address cannot cause; the URI is then formatted per request).
+    authority: Option<http::uri::Authority>,
     client: Client<HttpConnector, Incoming>,
+}
+
+/// The headers naming one connection's verified peer, built once for all its requests.
+struct PeerHeaders {
+    values: Vec<(HeaderName, HeaderValue)>,
+    /// The scopes, comma-separated, for the access log.
+    scopes: String,
+}
+
+impl PeerHeaders {
+    fn new(peer: &PeerInfo) -> Self {
+        let scopes = peer.scopes_header();
+        let values = PEER_HEADERS
+            .into_iter()
+            .zip([peer.id.base().as_str(), &scopes, &peer.serial])
+            .filter_map(|(name, value)| {
+                let value = HeaderValue::from_str(value).ok()?;
+                Some((HeaderName::from_static(name), value))
+            })
+            .collect();
+        Self { values, scopes }
+    }
 }
 
 impl HttpProxy {
@@ -57,6 +83,7 @@ impl HttpProxy {
         Self {
             routes,
             upstream,
+            authority: http::uri::Authority::try_from(upstream.to_string()).ok(),
             client,
         }
     }
@@ -66,10 +93,12 @@ impl HttpProxy {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let headers = Arc::new(PeerHeaders::new(&peer));
         let service = hyper::service::service_fn(move |request| {
             let proxy = self.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(&peer, request).await) }
+            let headers = headers.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_with(&peer, &headers, request).await) }
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
@@ -79,6 +108,16 @@ impl HttpProxy {
 
     /// Decides and, if allowed, forwards one request.
     pub async fn handle(&self, peer: &PeerInfo, request: Request<Incoming>) -> Response<ProxyBody> {
+        self.handle_with(peer, &PeerHeaders::new(peer), request)
+            .await
+    }
+
+    async fn handle_with(
+        &self,
+        peer: &PeerInfo,
+        headers: &PeerHeaders,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         let (response, decision) = match self.routes.decide(&peer.id, &method, &path) {
@@ -90,7 +129,7 @@ impl HttpProxy {
                 refuse(StatusCode::FORBIDDEN, &reason, request).await,
                 "deny",
             ),
-            Decision::Allow { .. } => match self.forward(peer, request).await {
+            Decision::Allow { .. } => match self.forward(headers, request).await {
                 Ok(response) => (response, "allow"),
                 Err(e) => {
                     tracing::warn!(error = %e, upstream = %self.upstream, "the upstream failed");
@@ -107,7 +146,7 @@ impl HttpProxy {
         tracing::info!(
             target: "mayfly::access",
             peer = %peer.id.base(),
-            scopes = %peer.scopes_header(),
+            scopes = %headers.scopes,
             serial = %peer.serial,
             method = %method,
             path = %path,
@@ -119,37 +158,51 @@ impl HttpProxy {
 
     async fn forward(
         &self,
-        peer: &PeerInfo,
+        headers: &PeerHeaders,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
         let (mut parts, body) = request.into_parts();
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str)
-            .to_owned();
         // The URI is rebuilt from the validated path, so an absolute-form or HTTP/2 authority
         // cannot steer the request elsewhere.
-        parts.uri = format!("http://{}{}", self.upstream, path_and_query)
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        parts.uri = self.upstream_uri(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        strip_and_set_headers(&mut parts.headers, peer);
+        strip_and_set(&mut parts.headers, headers);
         let upstream = self
             .client
             .request(Request::from_parts(parts, body))
             .await?;
         let (mut parts, body) = upstream.into_parts();
-        for name in HOP_BY_HOP {
+        for name in &HOP_BY_HOP {
             parts.headers.remove(name);
         }
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+
+    /// `http://<upstream><path_and_query>`, from parts (no formatting and parsing again).
+    fn upstream_uri(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> http::Uri {
+        let path_and_query = path_and_query
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let Some(authority) = &self.authority else {
+            return format!("http://{}{}", self.upstream, path_and_query)
+                .parse()
+                .unwrap_or_else(|_| http::Uri::from_static("/"));
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"))
     }
 }
 
 /// Removes hop-by-hop headers and any client-sent peer headers, then names the verified peer.
 pub fn strip_and_set_headers(headers: &mut http::HeaderMap, peer: &PeerInfo) {
-    for name in HOP_BY_HOP {
+    strip_and_set(headers, &PeerHeaders::new(peer));
+}
+
+fn strip_and_set(headers: &mut http::HeaderMap, peer: &PeerHeaders) {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     let forged: Vec<HeaderName> = headers
@@ -160,15 +213,8 @@ pub fn strip_and_set_headers(headers: &mut http::HeaderMap, peer: &PeerInfo) {
     for name in forged {
         headers.remove(name);
     }
-    let values = [
-        peer.id.base().as_str().to_owned(),
-        peer.scopes_header(),
-        peer.serial.clone(),
-    ];
-    for (name, value) in PEER_HEADERS.into_iter().zip(values) {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), value);
-        }
+    for (name, value) in &peer.values {
+        headers.insert(name.clone(), value.clone());
     }
 }
 
