@@ -71,7 +71,62 @@ fn serial_and_not_after(leaf: &X509Certificate<'_>) -> Result<(Serial, SystemTim
     Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
 }
 
+/// What a leaf says, as far as it can be read without a trust anchor: its one SPIFFE ID and
+/// scopes (step 1), and the outcome of the X509-SVID leaf rules with its serial and notAfter
+/// (step 3). A pure function of the leaf's bytes, so it may be cached by them; the path and
+/// time checks (step 4) and the policy (step 5) never are.
+#[derive(Debug, Clone)]
+pub(crate) struct LeafFacts {
+    id: crate::id::SpiffeId,
+    rules: Result<(ScopedId, Serial, SystemTime), SvidError>,
+}
+
+impl LeafFacts {
+    /// Reads the leaf: step 1 fails here, step 3's outcome is kept for its turn.
+    pub(crate) fn read(end_entity: &CertificateDer<'_>) -> Result<Self, SvidError> {
+        let leaf = parse_leaf(end_entity)?;
+        let id = svid::leaf_spiffe_id(&leaf)?;
+        let rules = svid::check_leaf_constraints(&leaf).and_then(|()| {
+            let (serial, not_after) = serial_and_not_after(&leaf)?;
+            let scoped = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
+            Ok((scoped, serial, not_after))
+        });
+        Ok(Self { id, rules })
+    }
+}
+
+/// Leaf facts by leaf bytes. Clients present one SVID on many connections during its
+/// lifetime, so most handshakes skip re-parsing the leaf. Bounded: when full it starts over.
+#[derive(Default)]
+pub(crate) struct LeafCache(std::sync::Mutex<std::collections::HashMap<Box<[u8]>, Arc<LeafFacts>>>);
+
+/// How many leaves a verifier remembers.
+const LEAF_CACHE_ENTRIES: usize = 1024;
+
+impl LeafCache {
+    fn facts(&self, end_entity: &CertificateDer<'_>) -> Result<Arc<LeafFacts>, SvidError> {
+        if end_entity.len() > MAX_LEAF_LEN {
+            return Err(SvidError::LeafTooLarge(end_entity.len()));
+        }
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(facts) = map.get(end_entity.as_ref()) {
+            return Ok(facts.clone());
+        }
+        drop(map);
+        // Leaves that do not parse are not remembered: they cost a parse each time, and
+        // cannot push good entries out.
+        let facts = Arc::new(LeafFacts::read(end_entity)?);
+        map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= LEAF_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(end_entity.as_ref().into(), facts.clone());
+        Ok(facts)
+    }
+}
+
 /// Runs the five steps (see the module documentation) over one presented chain.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn verify_peer(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -80,16 +135,19 @@ pub(crate) fn verify_peer(
     usage: Usage,
     provider: &CryptoProvider,
     now: UnixTime,
+    cache: Option<&LeafCache>,
 ) -> Result<VerifiedPeer, PeerError> {
     // 1. Parse the leaf, bounded.
     if intermediates.len() >= MAX_CHAIN_LEN {
         return Err(SvidError::ChainTooLong(intermediates.len() + 1).into());
     }
-    let leaf = parse_leaf(end_entity)?;
+    let facts = match cache {
+        Some(cache) => cache.facts(end_entity)?,
+        None => Arc::new(LeafFacts::read(end_entity)?),
+    };
 
     // 2. The one SPIFFE ID, and the roots of its trust domain only.
-    let id = svid::leaf_spiffe_id(&leaf)?;
-    let td = id.trust_domain_name();
+    let td = facts.id.trust_domain_name();
     let roots = trust
         .roots(td)
         .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_owned()))?;
@@ -101,8 +159,7 @@ pub(crate) fn verify_peer(
     }
 
     // 3. The X509-SVID leaf rules.
-    svid::check_leaf_constraints(&leaf)?;
-    let (serial, not_after) = serial_and_not_after(&leaf)?;
+    let (id, serial, not_after) = facts.rules.clone()?;
 
     // 4. The path, with webpki, at the handshake's time.
     let end_entity = webpki::EndEntityCert::try_from(end_entity)
@@ -130,7 +187,6 @@ pub(crate) fn verify_peer(
         })?;
 
     // 5. Authorize: identity, then scopes.
-    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
     policy.authorize(&id)?;
     Ok(VerifiedPeer {
         id,
@@ -157,6 +213,7 @@ struct PeerVerifier {
     source: SvidSource,
     policy: PeerPolicy,
     provider: Arc<CryptoProvider>,
+    leaves: LeafCache,
 }
 
 impl PeerVerifier {
@@ -176,6 +233,7 @@ impl PeerVerifier {
             usage,
             &self.provider,
             now,
+            Some(&self.leaves),
         )
         .map_err(|e| {
             tracing::info!(error = %e, "mTLS peer refused");
@@ -221,6 +279,7 @@ impl SpiffeClientVerifier {
             source,
             policy,
             provider,
+            leaves: LeafCache::default(),
         })
     }
 }
@@ -289,6 +348,7 @@ impl SpiffeServerVerifier {
             source,
             policy,
             provider,
+            leaves: LeafCache::default(),
         })
     }
 }
