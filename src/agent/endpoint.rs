@@ -43,6 +43,10 @@ const HANDOFF_QUEUE: usize = 64;
 /// The pause after a failed accept (for instance out of file descriptors), so the loop does not
 /// spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How many connections may be in attestation at once. Attestation reads /proc and may hash an
+/// executable on a blocking thread; past this many, accepting waits, so a flood of connections
+/// queues in the kernel's backlog instead of piling up threads and memory in the agent.
+const MAX_ATTESTING: usize = 64;
 
 /// Why the workload socket could not be set up, or why a workload's request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +275,11 @@ async fn accept_loop(
     attestor: Arc<dyn WorkloadAttestor>,
     handoff: mpsc::Sender<WorkloadConn>,
 ) {
+    let attesting = Arc::new(tokio::sync::Semaphore::new(MAX_ATTESTING));
     loop {
+        let Ok(permit) = attesting.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -284,6 +292,7 @@ async fn accept_loop(
         let handoff = handoff.clone();
         tokio::spawn(async move {
             let peer = attest(&stream, attestor).await;
+            drop(permit);
             // The server is gone only at shutdown; the connection is then dropped with it.
             let _ = handoff.send(WorkloadConn { io: stream, peer }).await;
         });
