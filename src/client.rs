@@ -23,12 +23,12 @@ pub enum ClientError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The server could not be reached.
-    #[error("could not connect to the Mayfly server at {target}: {source}")]
+    #[error("could not connect to the Mayfly server at {target}: {reason}")]
     Connect {
         /// Where.
         target: String,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why: the innermost cause (tonic's own chain repeats itself).
+        reason: String,
     },
     /// The admin socket does not exist.
     #[error(
@@ -78,9 +78,9 @@ pub async fn connect_node_with(
     let channel = Endpoint::from_static("http://mayfly-server")
         .connect_with_connector(connector)
         .await
-        .map_err(|source| ClientError::Connect {
+        .map_err(|e| ClientError::Connect {
             target: addr.to_string(),
-            source,
+            reason: root_cause(&e),
         })?;
     Ok(NodeClient::new(channel).max_decoding_message_size(crate::server::MAX_NODE_MESSAGE))
 }
@@ -102,11 +102,20 @@ pub async fn connect_admin(path: &Path) -> Result<AdminClient<Channel>, ClientEr
     let channel = Endpoint::from_static("http://mayfly-admin")
         .connect_with_connector(connector)
         .await
-        .map_err(|source| ClientError::Connect {
+        .map_err(|e| ClientError::Connect {
             target: path.display().to_string(),
-            source,
+            reason: root_cause(&e),
         })?;
     Ok(AdminClient::new(channel))
+}
+
+/// The innermost cause of `e`, which is what a person can act on ("Connection refused").
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// An agent identity obtained from the server: its SVID chain and key, the bundle, and a node

@@ -32,13 +32,13 @@ pub enum WorkloadClientError {
     BadAddress(String),
     /// Nothing listens at the socket.
     #[error(
-        "could not reach the agent at {path}: {source}; is `mayfly agent run` running with that --socket?"
+        "could not reach the agent at {path}: {reason}; is `mayfly agent run` running with that --socket (or SPIFFE_ENDPOINT_SOCKET)?"
     )]
     Connect {
         /// The socket.
         path: PathBuf,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why: the innermost cause.
+        reason: String,
     },
     /// The agent refused.
     #[error("the agent refused: {}", .0.message())]
@@ -112,9 +112,9 @@ pub async fn connect(path: &Path) -> Result<Channel, WorkloadClientError> {
     Endpoint::from_static("http://mayfly-agent")
         .connect_with_connector(connector)
         .await
-        .map_err(|source| WorkloadClientError::Connect {
+        .map_err(|e| WorkloadClientError::Connect {
             path: path.to_owned(),
-            source,
+            reason: crate::client::root_cause(&e),
         })
 }
 
