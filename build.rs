@@ -1,20 +1,28 @@
 //! Compiles the .proto files in Rust (protox), so the build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
+    let server_protos = [
         "proto/mayfly/node/v1/node.proto",
         "proto/mayfly/admin/v1/admin.proto",
+    ];
+    // The agent socket's APIs hold one long-lived stream per workload: they use small codec
+    // buffers (src/codec.rs).
+    let agent_protos = [
         "proto/mayfly/task/v1/task.proto",
         "proto/spiffe/workload.proto",
     ];
     println!("cargo:rerun-if-changed=migrations");
-    for p in protos {
+    for p in server_protos.iter().chain(&agent_protos) {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(fds)?;
+        .compile_fds(protox::compile(server_protos, ["proto"])?)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::codec::SmallBufferCodec")
+        .compile_fds(protox::compile(agent_protos, ["proto"])?)?;
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod bundle;
 pub mod ca;
 pub mod client;
+pub mod codec;
 pub mod config_file;
 pub mod demo;
 pub mod duration;
