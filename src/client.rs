@@ -200,15 +200,18 @@ pub async fn attest_with_join_token(
     })
 }
 
-/// Bundles holding `certs` (DER) for `td`, ready for the verifiers.
-pub fn bundles_from_der(td: &crate::id::TrustDomain, certs: &[Vec<u8>]) -> LiveBundles {
-    let mut map = std::collections::HashMap::new();
-    map.insert(
+/// Bundles holding `certs` (DER) for `td`.
+pub fn bundle_map(td: &crate::id::TrustDomain, certs: &[Vec<u8>]) -> crate::svid::Bundles {
+    crate::svid::Bundles::from([(
         td.clone(),
         certs
             .iter()
             .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
             .collect(),
-    );
-    Arc::new(std::sync::RwLock::new(map))
+    )])
+}
+
+/// Bundles holding `certs` (DER) for `td`, ready for the verifiers.
+pub fn bundles_from_der(td: &crate::id::TrustDomain, certs: &[Vec<u8>]) -> LiveBundles {
+    Arc::new(std::sync::RwLock::new(bundle_map(td, certs)))
 }

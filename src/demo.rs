@@ -337,18 +337,11 @@ async fn call(
         .iter()
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
-    let td = crate::id::TrustDomain::new("mayfly.local").map_err(|e| e.to_string())?;
-    let bundles = crate::svid::Bundles::from([(
-        td,
-        bundle
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect(),
-    )]);
+    let api = SpiffeId::parse(API).map_err(|e| e.to_string())?;
+    let bundles = crate::client::bundle_map(&api.trust_domain(), bundle);
     let source =
         SvidSource::from_parts(chain, &svid.key_pkcs8, bundles).map_err(|e| e.to_string())?;
-    let expected = PeerPolicy::exact(SpiffeId::parse(API).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    let expected = PeerPolicy::exact(api).map_err(|e| e.to_string())?;
     let mut config = mtls::client_config(&source, expected).map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;

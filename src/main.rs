@@ -602,10 +602,7 @@ async fn proxy_run(args: ProxyArgs) -> Result<()> {
 
 /// A notAfter in Unix seconds, with how far away it is.
 fn expires_in(not_after: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = mayfly::server::policy::unix_secs(std::time::SystemTime::now());
     format!("{not_after} (Unix seconds; in {}s)", not_after - now)
 }
 

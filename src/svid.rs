@@ -574,6 +574,37 @@ pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     }
 }
 
+/// Parses a leaf certificate, bounded: at most [`MAX_LEAF_LEN`] bytes, nothing after it.
+///
+/// # Errors
+/// [`SvidError::LeafTooLarge`] or [`SvidError::Malformed`].
+pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
+    if der.len() > MAX_LEAF_LEN {
+        return Err(SvidError::LeafTooLarge(der.len()));
+    }
+    let (rest, leaf) =
+        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::Malformed(
+            "it has bytes after the certificate".to_owned(),
+        ));
+    }
+    Ok(leaf)
+}
+
+/// A leaf's serial number and notAfter.
+///
+/// # Errors
+/// [`SvidError::UnsupportedSerial`] for a serial that is not a positive integer of at most
+/// 16 bytes.
+pub(crate) fn serial_and_not_after(
+    leaf: &X509Certificate<'_>,
+) -> Result<(Serial, SystemTime), SvidError> {
+    let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
+    let secs = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
 /// Validates a chain (leaf first) as an X509-SVID verifier must.
 ///
 /// The X509-SVID rules come first (SPIFFE X509-SVID spec §5): exactly one URI SAN that is a
@@ -595,21 +626,10 @@ pub fn verify_chain(
     if chain.len() > MAX_CHAIN_LEN {
         return Err(SvidError::ChainTooLong(chain.len()));
     }
-    if leaf_der.len() > MAX_LEAF_LEN {
-        return Err(SvidError::LeafTooLarge(leaf_der.len()));
-    }
-    let (rest, leaf) = X509Certificate::from_der(leaf_der.as_ref())
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(SvidError::Malformed(
-            "it has bytes after the certificate".to_owned(),
-        ));
-    }
+    let leaf = parse_leaf(leaf_der)?;
     let id = leaf_spiffe_id(&leaf)?;
     check_leaf_constraints(&leaf)?;
-    let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
-    let not_after = UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0));
+    let (serial, not_after) = serial_and_not_after(&leaf)?;
 
     let td = id.trust_domain();
     let roots = bundles

@@ -144,12 +144,10 @@ pub struct WorkloadSvid {
 impl WorkloadSvid {
     /// The leaf's serial (lowercase hex) and notAfter (Unix seconds), for printing.
     pub fn leaf_summary(&self) -> Option<(String, i64)> {
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let (_, leaf) = X509Certificate::from_der(self.chain.first()?).ok()?;
-        Some((
-            hex::encode(leaf.raw_serial()),
-            leaf.validity().not_after.timestamp(),
-        ))
+        let leaf = crate::svid::parse_leaf(self.chain.first()?).ok()?;
+        let (serial, not_after) = crate::svid::serial_and_not_after(&leaf).ok()?;
+        // The serial as the audit log writes it, so the two can be matched.
+        Some((serial.to_hex(), crate::server::policy::unix_secs(not_after)))
     }
 }
 

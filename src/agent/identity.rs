@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::CertificateDer;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::link::ServerLink;
 use crate::bundle;
@@ -14,7 +13,7 @@ use crate::client::{self, ClientError};
 use crate::files::{self, FileError};
 use crate::id::{SpiffeId, TrustDomain};
 use crate::proto::node as pb;
-use crate::svid::KeyAndCsr;
+use crate::svid::{self, KeyAndCsr};
 use crate::tls;
 
 const SVID_FILE: &str = "agent.pem";
@@ -122,29 +121,20 @@ impl std::fmt::Debug for AgentSvid {
 impl AgentSvid {
     fn new(chain: Vec<Vec<u8>>, key_pkcs8: Vec<u8>, bundle: Vec<Vec<u8>>) -> Result<Self, String> {
         let leaf = chain.first().ok_or("the certificate chain is empty")?;
-        let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| e.to_string())?;
-        let uri = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .and_then(|san| {
-                san.value.general_names.iter().find_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-                    _ => None,
-                })
-            })
-            .ok_or("the SVID has no URI SAN")?;
-        let spiffe_id = SpiffeId::parse(uri).map_err(|e| e.to_string())?;
-        let time = |t: x509_parser::time::ASN1Time| {
-            UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-        };
+        let cert = svid::parse_leaf(leaf).map_err(|e| e.to_string())?;
+        let spiffe_id = svid::leaf_spiffe_id(&cert).map_err(|e| e.to_string())?;
+        let (_, not_after) = svid::serial_and_not_after(&cert).map_err(|e| e.to_string())?;
+        let not_before = UNIX_EPOCH
+            + Duration::from_secs(
+                u64::try_from(cert.validity().not_before.timestamp()).unwrap_or(0),
+            );
         if bundle.is_empty() {
             return Err("the trust bundle is empty".into());
         }
         Ok(Self {
             spiffe_id,
-            not_before: time(cert.validity().not_before),
-            not_after: time(cert.validity().not_after),
+            not_before,
+            not_after,
             chain,
             key_pkcs8,
             bundle,
@@ -301,10 +291,7 @@ pub async fn attest(
         .await
         .map_err(IdentityError::Refused)?
         .into_inner();
-    let svid = answer
-        .svid
-        .ok_or_else(|| IdentityError::BadAnswer("no SVID".into()))?;
-    AgentSvid::new(svid.cert_chain, key.key_pkcs8, answer.bundle).map_err(IdentityError::BadAnswer)
+    from_answer(answer.svid, key.key_pkcs8, answer.bundle)
 }
 
 /// Renews the agent SVID over `link`: a new key, a new SVID. The caller swaps the certificate
@@ -320,8 +307,15 @@ pub async fn renew(link: &ServerLink) -> Result<AgentSvid, IdentityError> {
         .await
         .map_err(IdentityError::Refused)?
         .into_inner();
-    let svid = answer
-        .svid
-        .ok_or_else(|| IdentityError::BadAnswer("no SVID".into()))?;
-    AgentSvid::new(svid.cert_chain, key.key_pkcs8, answer.bundle).map_err(IdentityError::BadAnswer)
+    from_answer(answer.svid, key.key_pkcs8, answer.bundle)
+}
+
+/// The agent identity in an attestation or renewal answer, with the key made for it.
+fn from_answer(
+    svid: Option<pb::Svid>,
+    key_pkcs8: Vec<u8>,
+    bundle: Vec<Vec<u8>>,
+) -> Result<AgentSvid, IdentityError> {
+    let svid = svid.ok_or_else(|| IdentityError::BadAnswer("no SVID".into()))?;
+    AgentSvid::new(svid.cert_chain, key_pkcs8, bundle).map_err(IdentityError::BadAnswer)
 }

@@ -228,11 +228,7 @@ impl Syncer {
 
     fn set_bundle(&mut self, certs: &[Vec<u8>]) -> Result<(), SyncError> {
         let td = self.agent.trust_domain();
-        let replacement = crate::client::bundles_from_der(&td, certs);
-        let map = replacement
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let map = crate::client::bundle_map(&td, certs);
         *self
             .link
             .bundles()

@@ -3,15 +3,13 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::prelude::FromDer;
 
 use super::VerifiedPeer;
 use super::policy::{PeerPolicy, Refusal};
@@ -50,27 +48,6 @@ impl From<PeerError> for rustls::Error {
     }
 }
 
-/// Parses a leaf, bounded: the first step of verification, and all [`super::peer_of`] needs.
-fn parse_leaf<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, SvidError> {
-    if der.len() > MAX_LEAF_LEN {
-        return Err(SvidError::LeafTooLarge(der.len()));
-    }
-    let (rest, leaf) =
-        X509Certificate::from_der(der.as_ref()).map_err(|e| SvidError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(SvidError::Malformed(
-            "it has bytes after the certificate".to_owned(),
-        ));
-    }
-    Ok(leaf)
-}
-
-fn serial_and_not_after(leaf: &X509Certificate<'_>) -> Result<(Serial, SystemTime), SvidError> {
-    let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
-    let secs = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
-    Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
-}
-
 /// What a leaf says, as far as it can be read without a trust anchor: its one SPIFFE ID and
 /// scopes (step 1), and the outcome of the X509-SVID leaf rules with its serial and notAfter
 /// (step 3). A pure function of the leaf's bytes, so it may be cached by them; the path and
@@ -84,10 +61,10 @@ pub(crate) struct LeafFacts {
 impl LeafFacts {
     /// Reads the leaf: step 1 fails here, step 3's outcome is kept for its turn.
     pub(crate) fn read(end_entity: &CertificateDer<'_>) -> Result<Self, SvidError> {
-        let leaf = parse_leaf(end_entity)?;
+        let leaf = svid::parse_leaf(end_entity)?;
         let id = svid::leaf_spiffe_id(&leaf)?;
         let rules = svid::check_leaf_constraints(&leaf).and_then(|()| {
-            let (serial, not_after) = serial_and_not_after(&leaf)?;
+            let (serial, not_after) = svid::serial_and_not_after(&leaf)?;
             let scoped = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
             Ok((scoped, serial, not_after))
         });
@@ -197,10 +174,10 @@ pub(crate) fn verify_peer(
 
 /// Reads the identity of a leaf that already verified (see [`super::peer_of`]).
 pub(crate) fn describe_leaf(der: &CertificateDer<'_>) -> Result<VerifiedPeer, SvidError> {
-    let leaf = parse_leaf(der)?;
+    let leaf = svid::parse_leaf(der)?;
     let id = svid::leaf_spiffe_id(&leaf)?;
     let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
-    let (serial, not_after) = serial_and_not_after(&leaf)?;
+    let (serial, not_after) = svid::serial_and_not_after(&leaf)?;
     Ok(VerifiedPeer {
         id,
         serial,
