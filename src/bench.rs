@@ -183,6 +183,11 @@ pub struct IssueBenchReport {
     /// The process's CPU time per SVID issued in the timed window (server and load generator
     /// together), in microseconds; `None` where /proc is not available.
     pub cpu_us_per_svid: Option<f64>,
+    /// The server's part of it: every thread but the load generator's (the node API, TLS,
+    /// HTTP/2, policy, store and audit), in microseconds.
+    pub server_cpu_us_per_svid: Option<f64>,
+    /// The load generator's part of it (its TLS, HTTP/2 and gRPC client), in microseconds.
+    pub load_cpu_us_per_svid: Option<f64>,
     /// Records in the audit log after the run (setup records included).
     pub audit_records: i64,
     /// Whether the audit hash chain verified after the run.
@@ -193,6 +198,10 @@ pub struct IssueBenchReport {
     pub reference_parallel_per_sec: f64,
     /// `svids_per_sec / reference_parallel_per_sec`.
     pub ratio: f64,
+    /// The reference's CPU per issuance (one thread) over the server's CPU per SVID: the share
+    /// of the server's work that is the issuance itself, independent of what the load
+    /// generator in the same process costs.
+    pub server_cpu_ratio: Option<f64>,
 }
 
 impl fmt::Display for IssueBenchReport {
@@ -225,9 +234,11 @@ impl fmt::Display for IssueBenchReport {
             };
             writeln!(
                 f,
-                "cpu: {:.0}% of {} cores busy; {per_svid:.0} µs of CPU per SVID (server and load generator), against {reference:.0} µs for the reference",
+                "cpu: {:.0}% of {} cores busy; {per_svid:.0} µs of CPU per SVID: server {:.0} µs, load generator {:.0} µs; reference {reference:.0} µs",
                 busy * 100.0,
                 self.threads,
+                self.server_cpu_us_per_svid.unwrap_or(0.0),
+                self.load_cpu_us_per_svid.unwrap_or(0.0),
             )?;
         }
         writeln!(
@@ -249,7 +260,14 @@ impl fmt::Display for IssueBenchReport {
             f,
             "ratio: {:.2} (node API SVIDs/s / reference on {} threads)",
             self.ratio, self.threads
-        )
+        )?;
+        if let Some(server) = self.server_cpu_ratio {
+            write!(
+                f,
+                "; server CPU ratio {server:.2} (reference µs / server µs per SVID)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -310,15 +328,40 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
     config.database = opts.database.clone();
     let running = server::start(config).await?;
 
-    let load = run_load(&running, &opts).await;
+    // The load generator gets a runtime (and threads) of its own, named so that its CPU time
+    // can be told apart from the server's: both share the machine's cores, and the report
+    // gives the server's CPU per SVID beside the total.
+    let load_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(LOAD_THREAD_NAME)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            BenchError::Task(format!("could not start the load generator's runtime: {e}"))
+        })?;
+    let target = LoadTarget {
+        trust_domain: running.trust_domain.clone(),
+        admin_socket: running.admin_socket.clone(),
+        node_addr: running.node_addr,
+    };
+    let load = load_runtime
+        .spawn(run_load(target, opts.clone()))
+        .await
+        .map_err(|e| BenchError::Task(e.to_string()));
+    load_runtime.shutdown_background();
     running.shutdown().await;
-    let load = load?;
+    let load = load??;
 
     let (single, parallel) = reference(threads, opts.reference_duration).await?;
     drop(temp);
 
     let secs = opts.duration.as_secs_f64();
     let svids_per_sec = load.issued as f64 / secs;
+    let issued = load.issued;
+    let per_svid = |cpu: Option<f64>| {
+        cpu.filter(|_| issued > 0)
+            .map(|cpu| cpu * 1e6 / issued as f64)
+    };
     let mut latencies = load.latencies_us;
     latencies.sort_unstable();
     Ok(IssueBenchReport {
@@ -340,12 +383,11 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         latency_p99_ms: percentile_ms(&latencies, 0.99),
         latency_max_ms: latencies.last().map_or(0.0, |&us| f64::from(us) / 1000.0),
         cpu_busy: load
-            .cpu_secs
-            .map(|cpu| cpu / (secs * threads.max(1) as f64)),
-        cpu_us_per_svid: load
-            .cpu_secs
-            .filter(|_| load.issued > 0)
-            .map(|cpu| cpu * 1e6 / load.issued as f64),
+            .cpu
+            .map(|cpu| cpu.total / (secs * threads.max(1) as f64)),
+        cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.total)),
+        server_cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.total - cpu.load)),
+        load_cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.load)),
         audit_records: load.audit_records,
         audit_chain_ok: load.audit_chain_ok,
         reference_single_per_sec: single,
@@ -355,7 +397,45 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         } else {
             0.0
         },
+        server_cpu_ratio: per_svid(load.cpu.map(|cpu| cpu.total - cpu.load))
+            .filter(|&server_us| server_us > 0.0 && single > 0.0)
+            .map(|server_us| (1e6 / single) / server_us),
     })
+}
+
+/// What the benchmark's load generator threads are called (at most 15 bytes, the kernel's
+/// limit, so /proc shows the whole name).
+const LOAD_THREAD_NAME: &str = "mayfly-load";
+
+/// The server the load is aimed at.
+struct LoadTarget {
+    trust_domain: TrustDomain,
+    admin_socket: PathBuf,
+    node_addr: SocketAddr,
+}
+
+/// CPU seconds over the timed window: the whole process's, and the load generator's part.
+#[derive(Debug, Clone, Copy)]
+struct CpuSplit {
+    total: f64,
+    load: f64,
+}
+
+impl CpuSplit {
+    /// This process's CPU time so far, and that of its load generator threads.
+    fn now() -> Option<Self> {
+        Some(Self {
+            total: process_cpu_secs()?,
+            load: threads_cpu_secs(LOAD_THREAD_NAME)?,
+        })
+    }
+
+    fn since(self, start: Self) -> Self {
+        Self {
+            total: self.total - start.total,
+            load: self.load - start.load,
+        }
+    }
 }
 
 /// What the load phase measured.
@@ -365,7 +445,7 @@ struct LoadResult {
     errors: u64,
     first_error: Option<String>,
     latencies_us: Vec<u32>,
-    cpu_secs: Option<f64>,
+    cpu: Option<CpuSplit>,
     audit_records: i64,
     audit_chain_ok: bool,
 }
@@ -393,12 +473,9 @@ fn admin_err(what: &'static str) -> impl FnOnce(tonic::Status) -> BenchError {
 
 /// Registers and attests one agent per connection, then runs the timed load and checks the
 /// audit log.
-async fn run_load(
-    running: &server::RunningServer,
-    opts: &IssueBenchOptions,
-) -> Result<LoadResult, BenchError> {
-    let td = running.trust_domain.clone();
-    let mut admin = client::connect_admin(&running.admin_socket).await?;
+async fn run_load(target: LoadTarget, opts: IssueBenchOptions) -> Result<LoadResult, BenchError> {
+    let td = target.trust_domain;
+    let mut admin = client::connect_admin(&target.admin_socket).await?;
     let bundle = admin
         .get_bundle(admin_pb::GetBundleRequest {})
         .await
@@ -410,7 +487,7 @@ async fn run_load(
     let mut workers = Vec::with_capacity(opts.connections);
     for i in 0..opts.connections {
         workers.push(
-            register_worker(&mut admin, &td, running.node_addr, &bundles, &server_id, i).await?,
+            register_worker(&mut admin, &td, target.node_addr, &bundles, &server_id, i).await?,
         );
     }
 
@@ -431,7 +508,7 @@ async fn run_load(
             let request = node_pb::IssueTaskRequest {
                 entry_id: worker.entry_id.clone(),
                 csr: Vec::new(),
-                task_id: format!("bench-{c}-{t}"),
+                task_id: String::new(),
                 scopes: vec![SCOPE.to_owned()],
                 ttl_seconds: TTL_SECS,
             };
@@ -440,7 +517,7 @@ async fn run_load(
                 request,
                 worker.expected_id.clone(),
                 csrs.clone(),
-                (c * opts.in_flight + t) % CSR_POOL,
+                c * opts.in_flight + t,
                 (measure_from, measure_until),
                 stop.clone(),
             ));
@@ -448,9 +525,9 @@ async fn run_load(
     }
     // The process's CPU time over the timed window, sampled at both ends of it.
     tokio::time::sleep_until(measure_from.into()).await;
-    let cpu_start = process_cpu_secs();
+    let cpu_start = CpuSplit::now();
     tokio::time::sleep_until(measure_until.into()).await;
-    let cpu_end = process_cpu_secs();
+    let cpu_end = CpuSplit::now();
     stop.store(true, Ordering::Relaxed);
 
     let mut total = Tally::default();
@@ -480,7 +557,7 @@ async fn run_load(
         errors: total.errors,
         first_error: total.first_error,
         latencies_us: total.latencies_us,
-        cpu_secs: cpu_start.zip(cpu_end).map(|(a, b)| b - a),
+        cpu: cpu_start.zip(cpu_end).map(|(a, b)| b.since(a)),
         audit_records: verdict.records,
         audit_chain_ok: verdict.ok,
     })
@@ -532,12 +609,18 @@ async fn load_task(
     mut request: node_pb::IssueTaskRequest,
     expected_id: String,
     csrs: Arc<Vec<Vec<u8>>>,
-    mut next_csr: usize,
+    slot: usize,
     (from, until): (Instant, Instant),
     stop: Arc<AtomicBool>,
 ) -> Tally {
     let mut tally = Tally::default();
+    // Every request is a task of its own with an unpredictable ID, as agents send them (a
+    // UUID, say): the audit log's index by task sees scattered keys, not a few hot ones.
+    let mut task = slot as u64;
+    let mut next_csr = slot % csrs.len();
     while !stop.load(Ordering::Relaxed) {
+        task = task.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        request.task_id = format!("bench-{:016x}", splitmix64(task));
         request.csr.clone_from(&csrs[next_csr]);
         next_csr = (next_csr + 1) % csrs.len();
         let sent = Instant::now();
@@ -581,6 +664,15 @@ async fn load_task(
     tally
 }
 
+/// SplitMix64's output function: a well-mixed 64-bit value for each input, for task IDs that
+/// look random without asking the system for randomness.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The value at quantile `q` of sorted microsecond samples, in milliseconds.
 fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
     if sorted_us.is_empty() {
@@ -601,6 +693,28 @@ fn process_cpu_secs() -> Option<f64> {
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
+}
+
+/// The CPU time in seconds of this process's threads named `name`, from /proc; `None` where
+/// that is unavailable.
+fn threads_cpu_secs(name: &str) -> Option<f64> {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
+            // The thread ended between listing and reading.
+            continue;
+        };
+        let (head, after) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        if comm != name {
+            continue;
+        }
+        let mut fields = after.split_whitespace();
+        let utime: u64 = fields.nth(11)?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        ticks += utime + stime;
+    }
+    Some(ticks as f64 / 100.0)
 }
 
 /// The reference: [`svid::parse_csr`] then [`svid::issue`] with an in-memory CA, for the same

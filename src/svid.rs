@@ -152,13 +152,26 @@ pub enum SvidError {
     Untrusted(String),
 }
 
-/// A certificate serial number: 128 random bits, positive.
+/// A certificate serial number: 16 bytes, positive, ordered by issuance time.
+///
+/// The first 8 bytes are the issuance time in microseconds since the Unix epoch (with bit 62
+/// set, so the first byte is never zero and the DER INTEGER is always exactly 16 bytes), the last
+/// 8 come from the system's CSPRNG. The random half gives the 64 unpredictable bits that keep a
+/// CA's signature input unguessable (the CA/Browser Forum's rule for serials), and makes two
+/// serials drawn in the same microsecond differ; the time half makes serials, and their hex
+/// strings, sort in issuance order. That order matters to the store: the audit log keeps every
+/// serial in a unique index, and a random 128-bit key lands each new record on a random page of
+/// that index, which the write-ahead log then writes whole — time-ordered keys append to the
+/// same last page instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Serial(pub [u8; 16]);
 
+/// Set in the time half of every serial, so its first byte is never zero (the time in
+/// microseconds stays below 2^62 for another 140,000 years).
+const SERIAL_TIME_MARK: u64 = 1 << 62;
+
 impl Serial {
-    /// Draws a fresh serial: 16 random bytes with the top bit cleared and a non-zero first byte,
-    /// so the DER INTEGER is exactly 16 bytes and positive.
+    /// Draws a fresh serial for a certificate issued now (see [`Serial`] for the layout).
     ///
     /// # Panics
     /// Only if the operating system's random number generator fails, which aws-lc treats as
@@ -172,14 +185,19 @@ impl Serial {
     /// # Errors
     /// [`SvidError::Random`] when the random number generator fails.
     pub fn try_generate() -> Result<Self, SvidError> {
+        Self::try_generate_at(SystemTime::now())
+    }
+
+    /// A fresh serial for a certificate issued at `now`.
+    fn try_generate_at(now: SystemTime) -> Result<Self, SvidError> {
+        let micros = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let time = (micros & (SERIAL_TIME_MARK - 1)) | SERIAL_TIME_MARK;
         let mut bytes = [0u8; 16];
-        loop {
-            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| SvidError::Random)?;
-            bytes[0] &= 0x7f;
-            if bytes[0] != 0 {
-                return Ok(Self(bytes));
-            }
-        }
+        bytes[..8].copy_from_slice(&time.to_be_bytes());
+        aws_lc_rs::rand::fill(&mut bytes[8..]).map_err(|_| SvidError::Random)?;
+        Ok(Self(bytes))
     }
 
     /// The serial as 32 lowercase hex digits.
@@ -386,9 +404,9 @@ fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
 ///
 /// The leaf follows the X509-SVID profile exactly: one URI SAN (the scoped ID) plus the DNS
 /// SANs asked for, subject O=Mayfly, basicConstraints CA=false, keyUsage digitalSignature
-/// (critical), extendedKeyUsage serverAuth + clientAuth, a fresh random 128-bit serial,
-/// notBefore `now` − [`CLOCK_SKEW`], notAfter `now` + `ttl` cut to the CA's notAfter, and the
-/// CA's key identifier. Only `spec.key` comes from the requester.
+/// (critical), extendedKeyUsage serverAuth + clientAuth, a fresh [`Serial`] (time-ordered,
+/// 64 random bits), notBefore `now` − [`CLOCK_SKEW`], notAfter `now` + `ttl` cut to the CA's
+/// notAfter, and the CA's key identifier. Only `spec.key` comes from the requester.
 ///
 /// # Errors
 /// [`SvidError::ForeignTrustDomain`] or [`SvidError::RootId`] for an ID this CA must not sign,
@@ -729,6 +747,26 @@ mod tests {
         assert_eq!(Serial::from_hex("zz"), None);
         assert_eq!(Serial::from_hex(&"0".repeat(30)), None);
         assert_eq!(Serial::from_hex(&"g".repeat(32)), None);
+    }
+
+    #[test]
+    fn serials_sort_by_issuance_time_and_carry_64_random_bits() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let a = Serial::try_generate_at(t0).unwrap();
+        let b = Serial::try_generate_at(t0).unwrap();
+        let later = Serial::try_generate_at(t0 + Duration::from_micros(1)).unwrap();
+        // Same microsecond: the time halves agree, the random halves differ.
+        assert_eq!(a.0[..8], b.0[..8]);
+        assert_ne!(a.0[8..], b.0[8..]);
+        // A microsecond later sorts after both, as bytes and as hex.
+        assert!(later > a && later > b);
+        assert!(later.to_hex() > a.to_hex() && later.to_hex() > b.to_hex());
+        // The time half reads back as the issuance time.
+        let time = u64::from_be_bytes(a.0[..8].try_into().unwrap());
+        assert_eq!(time & !SERIAL_TIME_MARK, 1_800_000_000_000_000);
+        // Before the epoch (a broken clock) still gives a positive 16-byte serial.
+        let early = Serial::try_generate_at(UNIX_EPOCH - Duration::from_secs(1)).unwrap();
+        assert_eq!(early.0[0], 0x40);
     }
 
     #[test]
