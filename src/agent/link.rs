@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::transport::Channel;
 
+use super::keys::{KeyPool, POOL_SIZE};
 use super::state::{AgentEntry, CachedSvid};
 use crate::client::{self, ClientError};
 use crate::id::SpiffeId;
 use crate::proto::node as pb;
 use crate::proto::node::node_client::NodeClient;
-use crate::svid::KeyAndCsr;
 use crate::tls::{LiveBundles, RotatingCert};
 
 /// A task SVID minted for a workload: the chain from the server and the key this agent made.
@@ -40,6 +40,8 @@ pub struct ServerLink {
     bundles: LiveBundles,
     cert: Arc<RotatingCert>,
     node: RwLock<NodeClient<Channel>>,
+    /// Keys for the SVIDs asked for, made ahead of time.
+    keys: Arc<KeyPool>,
 }
 
 impl ServerLink {
@@ -57,6 +59,7 @@ impl ServerLink {
             bundles,
             cert,
             node: RwLock::new(node),
+            keys: KeyPool::start(POOL_SIZE),
         }
     }
 
@@ -97,7 +100,7 @@ impl ServerLink {
     /// The server's status, or `Internal` when the key cannot be made or the answer is
     /// malformed.
     pub async fn issue_identity(&self, entry: &AgentEntry) -> Result<CachedSvid, tonic::Status> {
-        let key = KeyAndCsr::generate().map_err(internal)?;
+        let key = self.keys.take().map_err(internal)?;
         let answer = self
             .client()
             .issue_identity(pb::IssueIdentityRequest {
@@ -131,7 +134,7 @@ impl ServerLink {
         scopes: &[String],
         ttl_seconds: u32,
     ) -> Result<MintedSvid, tonic::Status> {
-        let key = KeyAndCsr::generate().map_err(internal)?;
+        let key = self.keys.take().map_err(internal)?;
         let answer = self
             .client()
             .issue_task(pb::IssueTaskRequest {

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod endpoint;
 pub mod identity;
+pub mod keys;
 pub mod link;
 pub mod state;
 pub mod sync;
