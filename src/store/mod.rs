@@ -8,6 +8,7 @@
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+mod sqlite_audit;
 
 use std::sync::Arc;
 

@@ -27,10 +27,11 @@ use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
     entry_columns,
 };
+use super::sqlite_audit::AuditAppender;
 use super::{
     AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store, StoreError,
 };
-use crate::audit::{self, AuditEvent, AuditRecord, Decision};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -49,6 +50,8 @@ pub struct SqliteStore {
     reader: Arc<Readers>,
     /// The batcher of agent and entry lookups (see [`serve_lookups`]).
     lookups: mpsc::UnboundedSender<Lookup>,
+    /// Audit appends, over a connection of their own.
+    audit: Arc<AuditAppender>,
 }
 
 /// The connections reads go through, lent whole. A `SqlitePool` pings every connection it
@@ -192,6 +195,7 @@ impl SqliteStore {
             writer,
             reader,
             lookups,
+            audit: Arc::new(AuditAppender::new(options)),
         })
     }
 
@@ -202,6 +206,7 @@ impl SqliteStore {
 
     /// Closes every connection, waiting for them to finish.
     pub async fn close(&self) {
+        self.audit.close().await;
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -412,86 +417,6 @@ impl SqliteStore {
         }
         lookup_one::<R, T>(&self.reader, one, key).await
     }
-}
-
-/// Rows per multi-row `INSERT INTO audit`: a batch is written in chunks of these sizes, largest
-/// first, so each batch costs a few statements instead of one per record, and only these few
-/// statements are ever prepared (and cached) on the writer connection.
-const AUDIT_CHUNKS: [usize; 6] = [32, 16, 8, 4, 2, 1];
-
-/// The `INSERT INTO audit` statement for each size in [`AUDIT_CHUNKS`].
-static AUDIT_INSERTS: LazyLock<Vec<(usize, String)>> = LazyLock::new(|| {
-    AUDIT_CHUNKS
-        .iter()
-        .map(|&rows| {
-            // Anonymous `?` parameters, bound in order: SQLite looks a named one (`$N`) up
-            // by a scan of all the names, which over hundreds of them costs more than the
-            // insert itself.
-            let row = format!("({})", vec!["?"; AUDIT_COLUMNS].join(", "));
-            let values = vec![row; rows].join(", ");
-            (
-                rows,
-                format!(
-                    concat!("INSERT INTO audit (", audit_columns!(), ") VALUES {}"),
-                    values
-                ),
-            )
-        })
-        .collect()
-});
-
-/// The number of columns in `audit_columns!()`.
-const AUDIT_COLUMNS: usize = 15;
-
-/// Inserts `records` (at most 32, a size in [`AUDIT_CHUNKS`]) with one statement.
-async fn insert_audit_rows(
-    tx: &mut Transaction<'static, Sqlite>,
-    records: &[AuditRecord],
-) -> Result<(), sqlx::Error> {
-    let sql = AUDIT_INSERTS
-        .iter()
-        .find(|(rows, _)| *rows == records.len())
-        .map(|(_, sql)| sql.as_str())
-        .ok_or_else(|| {
-            sqlx::Error::Protocol(format!("no audit insert for {} rows", records.len()))
-        })?;
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for record in records {
-        let event = &record.event;
-        query = query
-            .bind(record.seq)
-            .bind(event.time_ms)
-            .bind(&event.action)
-            .bind(event.decision.map(Decision::as_str))
-            .bind(&event.reason)
-            .bind(event.agent_id.as_deref())
-            .bind(event.attestor.as_deref())
-            .bind(event.entry_id.as_deref())
-            .bind(event.spiffe_id.as_deref())
-            .bind(event.task_id.as_deref())
-            .bind(rows::audit_scopes(event))
-            .bind(event.serial.as_deref())
-            .bind(event.not_after)
-            .bind(&record.prev_hash[..])
-            .bind(&record.hash[..]);
-    }
-    query.execute(&mut **tx).await?;
-    Ok(())
-}
-
-fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
-/// A failed audit insert, as [`StoreError::AlreadyExists`] naming the serial of `record` when it
-/// is a unique violation.
-fn audit_exists(err: sqlx::Error, record: &AuditRecord) -> StoreError {
-    rows::unique_violation(err, || {
-        format!(
-            "an audit record for serial {}",
-            record.event.serial.as_deref().unwrap_or("?")
-        )
-    })
 }
 
 #[async_trait]
@@ -754,48 +679,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<Vec<AuditRecord>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.write().await?;
-        let (head_seq, head_hash) = rows::audit_head(
-            sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?,
-        )?;
-        let records = audit::chain(head_seq, head_hash, events);
-        let mut rest = &records[..];
-        while !rest.is_empty() {
-            let rows = AUDIT_CHUNKS
-                .into_iter()
-                .find(|&n| n <= rest.len())
-                .unwrap_or(1);
-            let (chunk, tail) = rest.split_at(rows);
-            match insert_audit_rows(&mut tx, chunk).await {
-                Ok(()) => {}
-                // A multi-row statement that breaks a constraint is backed out on its own
-                // (the transaction stays open): insert its rows one by one so the error names
-                // the offending serial, exactly as a single-row batch does.
-                Err(e) if rows > 1 && is_unique_violation(&e) => {
-                    for one in chunk {
-                        insert_audit_rows(&mut tx, std::slice::from_ref(one))
-                            .await
-                            .map_err(|e| audit_exists(e, one))?;
-                    }
-                }
-                Err(e) => return Err(audit_exists(e, &chunk[0])),
-            }
-            rest = tail;
-        }
-        if let Some(last) = records.last() {
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(last.seq)
-                .bind(&last.hash[..])
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(records)
+        self.audit.append(events).await
     }
 
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
