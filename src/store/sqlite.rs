@@ -11,6 +11,7 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct SqliteStore {
     reader: Arc<Readers>,
     /// The batcher of agent and entry lookups (see [`serve_lookups`]).
     lookups: mpsc::UnboundedSender<Lookup>,
+    /// Lookups under way, batched or not (see [`SqliteStore::lookup`]).
+    lookups_under_way: Arc<AtomicUsize>,
     /// Audit appends, over a connection of their own.
     audit: Arc<AuditAppender>,
 }
@@ -195,6 +198,7 @@ impl SqliteStore {
             writer,
             reader,
             lookups,
+            lookups_under_way: Arc::new(AtomicUsize::new(0)),
             audit: Arc::new(AuditAppender::new(options)),
         })
     }
@@ -398,7 +402,11 @@ where
 }
 
 impl SqliteStore {
-    /// Asks the lookup batcher; should it be gone (its runtime shut down), asks directly.
+    /// Looks one agent or entry up. On a quiet store (fewer than [`DIRECT_LOOKUPS`] under way)
+    /// the lookup goes straight to a reader: batching has nothing to gather then, and the trip
+    /// through the batcher task would only add two thread hand-offs to the caller's wait.
+    /// Otherwise it goes to the batcher; should that be gone (its runtime shut down), it asks
+    /// directly too.
     async fn lookup<R, T>(
         &self,
         lookup: impl FnOnce(Reply<T>) -> Lookup,
@@ -409,6 +417,10 @@ impl SqliteStore {
         R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
         T: TryFrom<R, Error = StoreError>,
     {
+        let under_way = UnderWay::enter(&self.lookups_under_way);
+        if under_way.before < DIRECT_LOOKUPS {
+            return lookup_one::<R, T>(&self.reader, one, key).await;
+        }
         let (reply, answer) = oneshot::channel();
         if self.lookups.send(lookup(reply)).is_ok()
             && let Ok(result) = answer.await
@@ -416,6 +428,30 @@ impl SqliteStore {
             return result;
         }
         lookup_one::<R, T>(&self.reader, one, key).await
+    }
+}
+
+/// Below this many lookups under way, a lookup skips the batcher: an issuance makes two at
+/// once, and a quiet server should answer both without it.
+const DIRECT_LOOKUPS: usize = 2;
+
+/// Counts a lookup as under way until dropped (also when its caller gives up on it).
+struct UnderWay<'a> {
+    count: &'a AtomicUsize,
+    /// How many were under way before this one.
+    before: usize,
+}
+
+impl<'a> UnderWay<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        Self { count, before }
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
