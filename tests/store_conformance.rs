@@ -157,6 +157,7 @@ conformance!(
     agent_serial_rotation,
     ca_certs_idempotent_and_expiry,
     audit_concurrent_appends_form_one_chain,
+    audit_appends_given_up_half_way_leave_the_chain_whole,
     audit_round_trip_and_filters,
     audit_duplicate_serial_writes_nothing,
     audit_tampering_detected,
@@ -777,6 +778,60 @@ async fn ca_certs_idempotent_and_expiry(db: Db) {
 
 // ---------------------------------------------------------------------------------------------
 // Audit
+
+/// A caller that gives up on an append (its future dropped at whatever point it had reached:
+/// waiting for the write lock, inside the transaction, at the commit) leaves either all of its
+/// records or none, and the next appends chain on as if nothing happened.
+async fn audit_appends_given_up_half_way_leave_the_chain_whole(db: Db) {
+    let s = db.store();
+    // Positive control: an append that is left alone lands.
+    assert_eq!(
+        s.append_audit(&[event(1, None, serial(1))])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut n = 10;
+    let (mut cut, mut done) = (0, 0);
+    for round in 0..60u64 {
+        let batch: Vec<AuditEvent> = (0..(round % 4 + 1))
+            .map(|_| {
+                n += 1;
+                event(n, None, serial(n))
+            })
+            .collect();
+        // Given up after the append has been polled once, then after more and more turns of
+        // the scheduler (tokio's timers, at 1 ms, are too coarse for a fast append), and at
+        // last after milliseconds: cut anywhere along the way, and sometimes not at all.
+        let turns = round * round;
+        let then = std::time::Duration::from_millis(round.saturating_sub(40));
+        tokio::select! {
+            biased;
+            appended = s.append_audit(&batch) => {
+                appended.unwrap();
+                done += 1;
+            }
+            () = async {
+                for _ in 0..turns {
+                    tokio::task::yield_now().await;
+                }
+                if !then.is_zero() {
+                    tokio::time::sleep(then).await;
+                }
+            } => cut += 1,
+        }
+    }
+    assert!(
+        cut > 0 && done > 0,
+        "{cut} cut, {done} done: the budgets must do both"
+    );
+    n += 1;
+    let last = s.append_audit(&[event(n, None, serial(n))]).await.unwrap();
+    let records = s.list_audit(&all()).await.unwrap();
+    assert_eq!(records.last().map(|r| r.seq), Some(last[0].seq));
+    assert_eq!(verify(s).await, Ok(records.len() as i64));
+}
 
 async fn audit_concurrent_appends_form_one_chain(db: Db) {
     const TASKS: i64 = 8;
