@@ -1,12 +1,13 @@
 //! The SQLite engine: the embedded default, one WAL file in the server's data dir.
 //!
 //! Durability: `synchronous=FULL`, so a committed audit record is on disk before the SVID it
-//! describes is returned. Concurrency: every write goes through one writer connection (a
-//! pool of one, which queues callers fairly), and multi-statement writes open with
-//! `BEGIN IMMEDIATE`, so they take SQLite's write lock up front and wait for it (busy timeout
-//! 5 s) instead of failing when another process writes the same file. Reads use connections of
-//! their own (`Readers`; the agent and entry lookups of every issuance are batched, see
-//! `serve_lookups`) and, thanks to WAL, never wait for the writer.
+//! describes is returned. Concurrency: registration writes go through one writer connection (a
+//! pool of one, which queues callers fairly), audit appends through one of their own (see
+//! `sqlite_audit`), and multi-statement writes open with `BEGIN IMMEDIATE`, so they take
+//! SQLite's write lock up front and wait for it (busy timeout 5 s) instead of failing when
+//! another connection or process writes the same file. Reads use connections of their own
+//! (`Readers`; under load the agent and entry lookups of every issuance are batched, see
+//! `serve_lookups`) and, thanks to WAL, never wait for a writer.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};

@@ -80,6 +80,10 @@ fn insert_sql(rows: usize) -> &'static str {
         .unwrap_or_else(|| unreachable!("chunk sizes come from AUDIT_CHUNKS"))
 }
 
+/// The statement list appending `n` records in one trip, for each `n` up to [`ONE_TRIP_MOST`].
+static ONE_TRIP: LazyLock<Vec<String>> =
+    LazyLock::new(|| (0..=ONE_TRIP_MOST).map(one_trip_sql).collect());
+
 /// The statement list appending `n` records in one trip.
 fn one_trip_sql(n: usize) -> String {
     let mut sql = String::from("BEGIN IMMEDIATE; ");
@@ -171,7 +175,7 @@ impl AuditAppender {
             && events.len() <= ONE_TRIP_MOST
         {
             let records = audit::chain(head.0, head.1, events);
-            let sql = one_trip_sql(records.len());
+            let sql = ONE_TRIP[records.len()].as_str();
             let last = records.last().map(|r| (r.seq, r.hash));
             let query = bind_records(sqlx::query(sqlx::AssertSqlSafe(sql)), &records);
             let (seq, hash) = last.unwrap_or(head);
