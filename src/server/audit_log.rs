@@ -3,9 +3,12 @@
 //! Every issuance waits until its record is durable before the SVID is returned. One fsync per
 //! record would cap issuance at the disk's sync rate, so one writer task gathers whatever
 //! records arrive while the previous transaction commits and appends them together: each
-//! caller still gets its own durable record, and the rate scales with concurrency.
+//! caller still gets its own durable record, and the rate scales with concurrency. A record that
+//! finds nothing else under way is appended by its caller directly: there is nothing to gather
+//! then, and the hand-offs to and from the writer task would only add to the caller's wait.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -38,14 +41,21 @@ type Pending = (AuditEvent, oneshot::Sender<Result<AuditRecord, AuditError>>);
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
+    store: Arc<dyn Store>,
+    /// Records being written, directly or by the writer task.
+    under_way: Arc<AtomicUsize>,
 }
 
 impl AuditLog {
     /// Starts the writer task on `store`.
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(store, rx));
-        Self { tx }
+        tokio::spawn(write_loop(store.clone(), rx));
+        Self {
+            tx,
+            store,
+            under_way: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Appends `event` (its time set now if unset) and returns its record once durable.
@@ -57,12 +67,41 @@ impl AuditLog {
         if event.time_ms == 0 {
             event.time_ms = now_ms();
         }
+        let under_way = UnderWay::enter(&self.under_way);
+        if under_way.alone {
+            return self
+                .store
+                .append_audit(std::slice::from_ref(&event))
+                .await
+                .map(|mut records| records.remove(0))
+                .map_err(to_audit_error);
+        }
         let (reply, wait) = oneshot::channel();
         self.tx
             .send((event, reply))
             .await
             .map_err(|_| AuditError::Closed)?;
         wait.await.map_err(|_| AuditError::Closed)?
+    }
+}
+
+/// Counts a record as under way until dropped (also when its caller gives up on it).
+struct UnderWay<'a> {
+    count: &'a AtomicUsize,
+    /// Whether nothing else was under way when this record came.
+    alone: bool,
+}
+
+impl<'a> UnderWay<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let alone = count.fetch_add(1, Ordering::AcqRel) == 0;
+        Self { count, alone }
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -119,5 +158,78 @@ fn to_audit_error(e: StoreError) -> AuditError {
     match e {
         StoreError::AlreadyExists(_) => AuditError::DuplicateSerial,
         other => AuditError::Store(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::ChainVerifier;
+    use crate::store::AuditFilter;
+    use crate::store::sqlite::SqliteStore;
+
+    fn issued(n: u32) -> AuditEvent {
+        AuditEvent {
+            action: "svid.task".into(),
+            reason: "issued".into(),
+            task_id: Some(format!("task-{n}")),
+            serial: Some(format!("{n:032x}")),
+            ..AuditEvent::default()
+        }
+    }
+
+    async fn chain_length(store: &dyn Store) -> i64 {
+        let (seq, hash) = store.audit_head().await.unwrap();
+        let mut verifier = ChainVerifier::new();
+        for record in store.list_audit(&AuditFilter::default()).await.unwrap() {
+            verifier.push(&record).unwrap();
+        }
+        verifier.finish(seq, hash).unwrap()
+    }
+
+    /// Records alone (written by their callers) and records at once (gathered by the writer
+    /// task) land on one chain, each caller with its own record; a repeated serial fails only
+    /// its own caller, on either path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lone_and_concurrent_records_form_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+        let log = AuditLog::start(store.clone());
+
+        let first = log.record(issued(1)).await.unwrap();
+        assert_eq!(first.seq, 1);
+        assert!(first.event.time_ms > 0, "the time is set when unset");
+        // Alone, a repeated serial is refused and nothing is written.
+        assert!(matches!(
+            log.record(issued(1)).await,
+            Err(AuditError::DuplicateSerial)
+        ));
+
+        let callers: Vec<_> = (2..=101u32)
+            .map(|n| {
+                let log = log.clone();
+                // One of them repeats serial 1.
+                let event = if n == 50 { issued(1) } else { issued(n) };
+                tokio::spawn(async move { (n, log.record(event).await) })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for caller in callers {
+            let (n, result) = caller.await.unwrap();
+            match result {
+                Ok(record) => {
+                    assert_eq!(record.event.task_id, Some(format!("task-{n}")));
+                    seqs.push(record.seq);
+                }
+                Err(e) => {
+                    assert_eq!(n, 50, "only the repeated serial fails: {e}");
+                    assert!(matches!(e, AuditError::DuplicateSerial));
+                }
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (2..=100).collect::<Vec<i64>>());
+        assert_eq!(chain_length(&*store).await, 100);
     }
 }
