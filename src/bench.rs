@@ -362,6 +362,7 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         cpu.filter(|_| issued > 0)
             .map(|cpu| cpu * 1e6 / issued as f64)
     };
+    let server_cpu_us_per_svid = per_svid(load.cpu.map(|cpu| cpu.total - cpu.load));
     let mut latencies = load.latencies_us;
     latencies.sort_unstable();
     Ok(IssueBenchReport {
@@ -386,7 +387,7 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
             .cpu
             .map(|cpu| cpu.total / (secs * threads.max(1) as f64)),
         cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.total)),
-        server_cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.total - cpu.load)),
+        server_cpu_us_per_svid,
         load_cpu_us_per_svid: per_svid(load.cpu.map(|cpu| cpu.load)),
         audit_records: load.audit_records,
         audit_chain_ok: load.audit_chain_ok,
@@ -397,7 +398,7 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         } else {
             0.0
         },
-        server_cpu_ratio: per_svid(load.cpu.map(|cpu| cpu.total - cpu.load))
+        server_cpu_ratio: server_cpu_us_per_svid
             .filter(|&server_us| server_us > 0.0 && single > 0.0)
             .map(|server_us| (1e6 / single) / server_us),
     })
@@ -686,13 +687,8 @@ fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
 /// USER_HZ, 100 per second); `None` where that is unavailable.
 fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-    let after = stat.rsplit_once(')')?.1;
-    let mut fields = after.split_whitespace();
-    // After ')': state is field 3, so utime (14) and stime (15) are the 12th and 13th.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    let (_, ticks) = stat_cpu_ticks(&stat)?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// The CPU time in seconds of this process's threads named `name`, from /proc; `None` where
@@ -704,17 +700,24 @@ fn threads_cpu_secs(name: &str) -> Option<f64> {
             // The thread ended between listing and reading.
             continue;
         };
-        let (head, after) = stat.rsplit_once(')')?;
-        let comm = head.split_once('(')?.1;
-        if comm != name {
-            continue;
+        let (comm, thread_ticks) = stat_cpu_ticks(&stat)?;
+        if comm == name {
+            ticks += thread_ticks;
         }
-        let mut fields = after.split_whitespace();
-        let utime: u64 = fields.nth(11)?.parse().ok()?;
-        let stime: u64 = fields.next()?.parse().ok()?;
-        ticks += utime + stime;
     }
     Some(ticks as f64 / 100.0)
+}
+
+/// The command name and user + system CPU ticks of a process's or thread's `stat` line.
+fn stat_cpu_ticks(stat: &str) -> Option<(&str, u64)> {
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    let (head, after) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1;
+    let mut fields = after.split_whitespace();
+    // After ')': state is field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((comm, utime + stime))
 }
 
 /// The reference: [`svid::parse_csr`] then [`svid::issue`] with an in-memory CA, for the same
@@ -810,6 +813,14 @@ mod tests {
         assert!(report.issued > 0);
         assert!(report.audit_chain_ok);
         assert!(report.audit_records >= i64::try_from(report.issued_total).unwrap());
+    }
+
+    #[test]
+    fn stat_lines_give_the_name_and_cpu_ticks() {
+        // A name with a space and a ')' of its own: only the last ')' ends it.
+        let line = "42 (load (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3";
+        assert_eq!(stat_cpu_ticks(line), Some(("load (x) y", 12)));
+        assert_eq!(stat_cpu_ticks("42 (short) S 1"), None);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod server;
 pub mod store;
 pub mod svid;
 pub mod tls;
+mod under_way;
 pub mod workload_client;
 
 pub use mayfly_attestors as attestors;

@@ -8,13 +8,13 @@
 //! then, and the hand-offs to and from the writer task would only add to the caller's wait.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::store::{Store, StoreError};
+use crate::under_way::UnderWay;
 
 /// The most records committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -43,7 +43,7 @@ pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     store: Arc<dyn Store>,
     /// Records being written, directly or by the writer task.
-    under_way: Arc<AtomicUsize>,
+    under_way: UnderWay,
 }
 
 impl AuditLog {
@@ -54,7 +54,7 @@ impl AuditLog {
         Self {
             tx,
             store,
-            under_way: Arc::new(AtomicUsize::new(0)),
+            under_way: UnderWay::default(),
         }
     }
 
@@ -67,14 +67,9 @@ impl AuditLog {
         if event.time_ms == 0 {
             event.time_ms = now_ms();
         }
-        let under_way = UnderWay::enter(&self.under_way);
-        if under_way.alone {
-            return self
-                .store
-                .append_audit(std::slice::from_ref(&event))
-                .await
-                .map(|mut records| records.remove(0))
-                .map_err(to_audit_error);
+        let under_way = self.under_way.enter();
+        if under_way.others() == 0 {
+            return append_one(&*self.store, &event).await;
         }
         let (reply, wait) = oneshot::channel();
         self.tx
@@ -82,26 +77,6 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Closed)?;
         wait.await.map_err(|_| AuditError::Closed)?
-    }
-}
-
-/// Counts a record as under way until dropped (also when its caller gives up on it).
-struct UnderWay<'a> {
-    count: &'a AtomicUsize,
-    /// Whether nothing else was under way when this record came.
-    alone: bool,
-}
-
-impl<'a> UnderWay<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        let alone = count.fetch_add(1, Ordering::AcqRel) == 0;
-        Self { count, alone }
-    }
-}
-
-impl Drop for UnderWay<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -133,12 +108,7 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
                 // One record in the batch repeats a serial and the store wrote nothing: append
                 // the records one by one so only the offending one fails.
                 for (event, reply) in events.drain(..).zip(replies.drain(..)) {
-                    let result = store
-                        .append_audit(std::slice::from_ref(&event))
-                        .await
-                        .map(|mut r| r.remove(0))
-                        .map_err(to_audit_error);
-                    let _ = reply.send(result);
+                    let _ = reply.send(append_one(&*store, &event).await);
                 }
             }
             Err(e) => {
@@ -152,6 +122,15 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
         events.clear();
         replies.clear();
     }
+}
+
+/// Appends one record on its own.
+async fn append_one(store: &dyn Store, event: &AuditEvent) -> Result<AuditRecord, AuditError> {
+    store
+        .append_audit(std::slice::from_ref(event))
+        .await
+        .map(|mut records| records.remove(0))
+        .map_err(to_audit_error)
 }
 
 fn to_audit_error(e: StoreError) -> AuditError {

@@ -12,7 +12,6 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, PoisonError};
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use super::{
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
+use crate::under_way::UnderWay;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -53,7 +53,7 @@ pub struct SqliteStore {
     /// The batcher of agent and entry lookups (see [`serve_lookups`]).
     lookups: mpsc::UnboundedSender<Lookup>,
     /// Lookups under way, batched or not (see [`SqliteStore::lookup`]).
-    lookups_under_way: Arc<AtomicUsize>,
+    lookups_under_way: UnderWay,
     /// Audit appends, over a connection of their own.
     audit: Arc<AuditAppender>,
 }
@@ -203,7 +203,7 @@ impl SqliteStore {
             writer,
             reader,
             lookups,
-            lookups_under_way: Arc::new(AtomicUsize::new(0)),
+            lookups_under_way: UnderWay::default(),
             audit: Arc::new(AuditAppender::new(options)),
         })
     }
@@ -422,8 +422,8 @@ impl SqliteStore {
         R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
         T: TryFrom<R, Error = StoreError>,
     {
-        let under_way = UnderWay::enter(&self.lookups_under_way);
-        if under_way.before < DIRECT_LOOKUPS {
+        let under_way = self.lookups_under_way.enter();
+        if under_way.others() < DIRECT_LOOKUPS {
             return lookup_one::<R, T>(&self.reader, one, key).await;
         }
         let (reply, answer) = oneshot::channel();
@@ -439,26 +439,6 @@ impl SqliteStore {
 /// Below this many lookups under way, a lookup skips the batcher: an issuance makes two at
 /// once, and a quiet server should answer both without it.
 const DIRECT_LOOKUPS: usize = 2;
-
-/// Counts a lookup as under way until dropped (also when its caller gives up on it).
-struct UnderWay<'a> {
-    count: &'a AtomicUsize,
-    /// How many were under way before this one.
-    before: usize,
-}
-
-impl<'a> UnderWay<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        let before = count.fetch_add(1, Ordering::Relaxed);
-        Self { count, before }
-    }
-}
-
-impl Drop for UnderWay<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 #[async_trait]
 impl Store for SqliteStore {
