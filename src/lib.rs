@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod svid;
+pub mod text;
 pub mod tls;
 mod under_way;
 pub mod workload_client;
