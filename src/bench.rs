@@ -20,7 +20,7 @@
 //! the server spends on anything but issuing.
 //!
 //! Run a short one with
-//! `cargo test --release --lib bench -- --ignored --nocapture`
+//! `cargo test --release --bin mayfly bench -- --ignored --nocapture`
 //! (environment `MAYFLY_BENCH_SECS`, `MAYFLY_BENCH_CONNECTIONS`, `MAYFLY_BENCH_IN_FLIGHT`,
 //! `MAYFLY_BENCH_DATABASE` and `MAYFLY_BENCH_WORKERS`, the runtime's worker threads, override
 //! its settings).
@@ -39,14 +39,14 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::ca::{Authority, CaError};
-use crate::client::{self, AttestError, ClientError};
-use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
-use crate::proto::admin as admin_pb;
-use crate::proto::node as node_pb;
-use crate::proto::node::node_client::NodeClient;
-use crate::server::{self, ServerConfig, ServerError};
-use crate::svid::{self, KeyAndCsr, LeafSpec, SvidError};
+use mayfly::ca::{Authority, CaError};
+use mayfly::client::{self, AttestError, ClientError};
+use mayfly::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
+use mayfly::proto::admin as admin_pb;
+use mayfly::proto::node as node_pb;
+use mayfly::proto::node::node_client::NodeClient;
+use mayfly::server::{self, ServerConfig, ServerError};
+use mayfly::svid::{self, KeyAndCsr, LeafSpec, SvidError};
 
 /// The scope every benchmark task asks for (and its entry grants).
 const SCOPE: &str = "bench:read";
@@ -567,10 +567,10 @@ async fn run_load(target: LoadTarget, opts: IssueBenchOptions) -> Result<LoadRes
 /// Creates a join token, attests an agent with it over its own mTLS connection, and registers
 /// an entry for that agent.
 async fn register_worker(
-    admin: &mut crate::proto::admin::admin_client::AdminClient<Channel>,
+    admin: &mut mayfly::proto::admin::admin_client::AdminClient<Channel>,
     td: &TrustDomain,
     addr: SocketAddr,
-    bundles: &crate::tls::LiveBundles,
+    bundles: &mayfly::tls::LiveBundles,
     server_id: &SpiffeId,
     index: usize,
 ) -> Result<Worker, BenchError> {
@@ -785,7 +785,7 @@ mod tests {
     }
 
     /// A short benchmark, for profiling and as an example of running it:
-    /// `cargo test --release --lib bench -- --ignored --nocapture`.
+    /// `cargo test --release --bin mayfly bench -- --ignored --nocapture`.
     #[test]
     #[ignore = "a benchmark: run it in release mode on purpose"]
     fn issue_benchmark_short() {

@@ -20,14 +20,14 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-use crate::agent::{self, AgentConfig, identity::Bootstrap};
-use crate::id::SpiffeId;
-use crate::mtls::{self, PeerPolicy, SvidSource};
-use crate::proto::admin as pb;
-use crate::proto::task::MintX509svidRequest;
-use crate::proxy::{self, ProxyConfig, ProxyMode, routes::Routes};
-use crate::server::{self, ServerConfig};
-use crate::workload_client::{self, WorkloadSvid};
+use mayfly::agent::{self, AgentConfig, identity::Bootstrap};
+use mayfly::id::SpiffeId;
+use mayfly::mtls::{self, PeerPolicy, SvidSource};
+use mayfly::proto::admin as pb;
+use mayfly::proto::task::MintX509svidRequest;
+use mayfly::proxy::{self, ProxyConfig, ProxyMode, routes::Routes};
+use mayfly::server::{self, ServerConfig};
+use mayfly::workload_client::{self, WorkloadSvid};
 
 const BOT: &str = "spiffe://mayfly.local/agents/billing-bot";
 const API: &str = "spiffe://mayfly.local/services/stripe-api";
@@ -112,7 +112,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
         server.node_addr,
         server.admin_socket.display()
     ));
-    let mut admin = crate::client::connect_admin(&server.admin_socket)
+    let mut admin = mayfly::client::connect_admin(&server.admin_socket)
         .await
         .map_err(|e| step_error("reach the admin socket")(e.to_string()))?;
     let admin_err =
@@ -262,7 +262,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
     .await
     .map_err(|e| step_error("mint the short SVID")(e.to_string()))?;
     let not_after = short.leaf_summary().map_or(0, |(_, not_after)| not_after);
-    while crate::server::policy::unix_secs(SystemTime::now()) <= not_after + 1 {
+    while mayfly::server::policy::unix_secs(SystemTime::now()) <= not_after + 1 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let answer = call(proxy.local_addr, &short, &bundle, "GET", "/customers").await;
@@ -338,7 +338,7 @@ async fn call(
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
     let api = SpiffeId::parse(API).map_err(|e| e.to_string())?;
-    let bundles = crate::client::bundle_map(&api.trust_domain(), bundle);
+    let bundles = mayfly::client::bundle_map(&api.trust_domain(), bundle);
     let source =
         SvidSource::from_parts(chain, &svid.key_pkcs8, bundles).map_err(|e| e.to_string())?;
     let expected = PeerPolicy::exact(api).map_err(|e| e.to_string())?;

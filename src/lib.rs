@@ -7,13 +7,11 @@
 
 pub mod agent;
 pub mod audit;
-pub mod bench;
 pub mod bundle;
 pub mod ca;
 pub mod client;
 pub mod codec;
 pub mod config_file;
-pub mod demo;
 pub mod duration;
 pub mod files;
 pub mod id;

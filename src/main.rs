@@ -1,6 +1,9 @@
 //! The `mayfly` command: parses, calls the library, prints. No logic lives here.
 #![forbid(unsafe_code)]
 
+mod bench;
+mod demo;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -419,7 +422,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Proxy(args) => proxy_run(args).await,
         Command::Demo => {
             let mut say = |line: &str| println!("{line}");
-            mayfly::demo::run(&mut say).await?;
+            demo::run(&mut say).await?;
             Ok(())
         }
         Command::Bench(cmd) => bench_command(cmd, output).await,
@@ -631,23 +634,23 @@ async fn bench_command(cmd: BenchCommand, output: Output) -> Result<()> {
 }
 
 async fn bench_proxy(args: BenchProxyArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::proxy::ProxyBenchOptions {
+    let options = bench::proxy::ProxyBenchOptions {
         duration: mayfly::duration::parse(&args.duration)?,
         connections: args.connections,
         rounds: args.rounds,
         nginx: args.nginx,
         ..Default::default()
     };
-    let report = mayfly::bench::proxy::proxy_benchmark(options).await?;
+    let report = bench::proxy::proxy_benchmark(options).await?;
     print_report(&report, output)
 }
 
 async fn bench_handshake(args: BenchHandshakeArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::handshake::HandshakeBenchOptions {
+    let options = bench::handshake::HandshakeBenchOptions {
         iterations: args.iterations,
         rounds: args.rounds,
     };
-    let report = mayfly::bench::handshake::handshake_benchmark(options).await?;
+    let report = bench::handshake::handshake_benchmark(options).await?;
     print_report(&report, output)
 }
 
@@ -666,43 +669,43 @@ fn print_report(
 }
 
 async fn bench_task(args: BenchTaskArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::agent::TaskBenchOptions {
+    let options = bench::agent::TaskBenchOptions {
         in_flight: args.in_flight,
         duration: mayfly::duration::parse(&args.duration)?,
         ..Default::default()
     };
-    let report = mayfly::bench::agent::task_benchmark(options).await?;
+    let report = bench::agent::task_benchmark(options).await?;
     print_report(&report, output)
 }
 
 async fn bench_fetch(args: BenchFetchArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::agent::FetchBenchOptions {
+    let options = bench::agent::FetchBenchOptions {
         duration: mayfly::duration::parse(&args.duration)?,
         ..Default::default()
     };
-    let report = mayfly::bench::agent::fetch_benchmark(options).await?;
+    let report = bench::agent::fetch_benchmark(options).await?;
     print_report(&report, output)
 }
 
 async fn bench_streams(args: BenchStreamsArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::agent::StreamsBenchOptions {
+    let options = bench::agent::StreamsBenchOptions {
         workloads: args.workloads,
         agent_exe: args.agent_exe,
         ..Default::default()
     };
-    let report = mayfly::bench::agent::streams_benchmark(options).await?;
+    let report = bench::agent::streams_benchmark(options).await?;
     print_report(&report, output)
 }
 
 async fn bench_issue(args: BenchIssueArgs, output: Output) -> Result<()> {
-    let options = mayfly::bench::IssueBenchOptions {
+    let options = bench::IssueBenchOptions {
         connections: args.connections,
         in_flight: args.in_flight,
         duration: mayfly::duration::parse(&args.duration)?,
         database: args.database,
         ..Default::default()
     };
-    let report = mayfly::bench::issue_benchmark(options).await?;
+    let report = bench::issue_benchmark(options).await?;
     match output {
         Output::Json => print_json(&report)?,
         Output::Text => println!("{report}"),

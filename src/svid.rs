@@ -523,8 +523,15 @@ fn unique_extension<'c, 'a>(
         .map_err(|_| SvidError::Malformed(format!("it has more than one {name} extension")))
 }
 
-/// The leaf's one SPIFFE ID, after the X509-SVID SAN rules.
-pub(crate) fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+/// The leaf's one SPIFFE ID, after the X509-SVID SAN rules: exactly one URI SAN, and that
+/// URI a valid SPIFFE ID. It reads the ID only; the chain and the other leaf rules are the
+/// verifier's (see [`crate::mtls`]).
+///
+/// # Errors
+/// [`SvidError::NoUriSan`], [`SvidError::MultipleUriSans`], [`SvidError::NotSpiffe`] or
+/// [`SvidError::RootId`] when the URI SANs break those rules; [`SvidError::Malformed`] when the
+/// subjectAltName extension is duplicated or unreadable.
+pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let uris: Vec<&str> =
         match unique_extension(cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
             None => Vec::new(),

@@ -35,18 +35,18 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::transport::Channel;
 
 use super::{BenchError, TempDir, admin_err, percentile_ms, process_cpu_secs};
-use crate::agent::identity::Bootstrap;
-use crate::agent::{self, AgentConfig, AgentError, RunningAgent};
-use crate::ca::{Authority, CaError};
-use crate::client::{self, ClientError};
-use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
-use crate::proto::admin as admin_pb;
-use crate::proto::admin::admin_client::AdminClient;
-use crate::proto::task::MintX509svidRequest;
-use crate::proto::workload::X509svidRequest;
-use crate::server::{self, ServerConfig, ServerError};
-use crate::svid::{self, KeyAndCsr, LeafSpec, SvidError};
-use crate::workload_client::{self as wc, WorkloadClientError};
+use mayfly::agent::identity::Bootstrap;
+use mayfly::agent::{self, AgentConfig, AgentError, RunningAgent};
+use mayfly::ca::{Authority, CaError};
+use mayfly::client::{self, ClientError};
+use mayfly::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
+use mayfly::proto::admin as admin_pb;
+use mayfly::proto::admin::admin_client::AdminClient;
+use mayfly::proto::task::MintX509svidRequest;
+use mayfly::proto::workload::X509svidRequest;
+use mayfly::server::{self, ServerConfig, ServerError};
+use mayfly::svid::{self, KeyAndCsr, LeafSpec, SvidError};
+use mayfly::workload_client::{self as wc, WorkloadClientError};
 
 /// The scope every benchmark entry grants and every task SVID asks for.
 const SCOPE: &str = "bench:read";
@@ -1320,7 +1320,7 @@ async fn run_streams(
 fn spawn_agent(deployment: &Deployment, exe: &Path) -> Result<AgentProcess, AgentBenchError> {
     let dir = deployment.dir();
     let bundle_path = dir.join("bundle.pem");
-    std::fs::write(&bundle_path, crate::bundle::to_pem(&deployment.bundle)).map_err(|source| {
+    std::fs::write(&bundle_path, mayfly::bundle::to_pem(&deployment.bundle)).map_err(|source| {
         AgentBenchError::Write {
             path: bundle_path.clone(),
             source,
@@ -1469,7 +1469,7 @@ mod tests {
     }
 
     /// A short run of the task and fetch benchmarks:
-    /// `cargo test --release --lib bench::agent -- --ignored --nocapture`.
+    /// `cargo test --release --bin mayfly bench::agent -- --ignored --nocapture`.
     #[test]
     #[ignore = "a benchmark: run it in release mode on purpose"]
     fn task_and_fetch_benchmarks_short() {

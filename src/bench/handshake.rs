@@ -1,5 +1,5 @@
 //! The mTLS handshake benchmark behind `mayfly bench handshake`: what the SPIFFE+scope client
-//! verifier of [`crate::mtls::server_config`] costs a server, against plain rustls
+//! verifier of [`mayfly::mtls::server_config`] costs a server, against plain rustls
 //! `WebPkiClientVerifier` with the same CA as its root, in the same run.
 //!
 //! Everything is generated at run time and stays in memory: a CA for `spiffe://bench.test`
@@ -9,14 +9,14 @@
 //!
 //! The two servers differ only in their client verifier:
 //!
-//! - **ours**: [`crate::mtls::server_config`] with the policy "ID under
+//! - **ours**: [`mayfly::mtls::server_config`] with the policy "ID under
 //!   `spiffe://bench.test/agents/*`, scope `bench:read` required";
 //! - **plain**: `WebPkiClientVerifier` (chain to the CA, clientAuth EKU), with its root hint
 //!   subjects cleared as ours sends none, on a config built the same way: the same provider
-//!   ([`crate::tls::provider`]), TLS 1.3 only, the same server certificate and key, no session
+//!   ([`mayfly::tls::provider`]), TLS 1.3 only, the same server certificate and key, no session
 //!   storage and no tickets.
 //!
-//! The client is the same for both ([`crate::mtls::client_config`] with the client SVID).
+//! The client is the same for both ([`mayfly::mtls::client_config`] with the client SVID).
 //! Handshakes run in memory — a `ClientConnection` and a `ServerConnection` pumping bytes
 //! through a `Vec`, no sockets — so the figure is CPU only. Each handshake is a full one (no
 //! resumption on either side) and must end with both sides done and the client's certificate
@@ -47,11 +47,11 @@ use serde::Serialize;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
-use crate::ca::{Authority, CaError};
-use crate::id::{IdError, Scope, ScopedId, TrustDomain, parse_scopes};
-use crate::mtls::{self, IdPattern, MtlsError, PeerPolicy, PolicyError, SvidSource};
-use crate::proxy::ProxyError;
-use crate::svid::{self, Bundles, KeyAndCsr, LeafSpec, SvidError};
+use mayfly::ca::{Authority, CaError};
+use mayfly::id::{IdError, Scope, ScopedId, TrustDomain, parse_scopes};
+use mayfly::mtls::{self, IdPattern, MtlsError, PeerPolicy, PolicyError, SvidSource};
+use mayfly::proxy::ProxyError;
+use mayfly::svid::{self, Bundles, KeyAndCsr, LeafSpec, SvidError};
 
 /// The trust domain of every mTLS benchmark.
 pub(crate) const TRUST_DOMAIN: &str = "bench.test";
@@ -565,7 +565,7 @@ pub async fn handshake_benchmark(
 
 fn run(opts: &HandshakeBenchOptions) -> Result<HandshakeBenchReport, MtlsBenchError> {
     let pki = BenchPki::generate()?;
-    let provider = crate::tls::provider();
+    let provider = mayfly::tls::provider();
     let server_source = pki.source(&pki.server)?;
     let client_source = pki.source(&pki.client)?;
     let policy = BenchPki::server_policy()?;

@@ -8,9 +8,9 @@
 //!   a client SVID carrying the scope `bench:read`;
 //! - the upstream: an in-process hyper HTTP/1.1 server answering `ok\n` to everything, on its
 //!   own thread and single-threaded Tokio runtime;
-//! - ours: [`crate::proxy::start`] in HTTP mode with the route `GET / bench:read` (as
+//! - ours: [`mayfly::proxy::start`] in HTTP mode with the route `GET / bench:read` (as
 //!   `mayfly proxy --route 'GET / bench:read'`), its SVID and bundle from
-//!   [`crate::mtls::SvidSource::from_parts`], on **one thread**: its own thread running a
+//!   [`mayfly::mtls::SvidSource::from_parts`], on **one thread**: its own thread running a
 //!   current-thread Tokio runtime, so everything the proxy does (TLS, HTTP, the pooled upstream
 //!   client) runs there;
 //! - nginx (the Debian package; never installed by the benchmark): a generated config in a
@@ -60,10 +60,10 @@ use tokio_rustls::TlsConnector;
 
 use super::TempDir;
 use super::handshake::{BenchPki, MtlsBenchError, SCOPE, SERVER_DNS, io_err, median};
-use crate::bundle::pem_block;
-use crate::mtls::PeerPolicy;
-use crate::proxy::routes::Routes;
-use crate::proxy::{ProxyConfig, ProxyMode};
+use mayfly::bundle::pem_block;
+use mayfly::mtls::PeerPolicy;
+use mayfly::proxy::routes::Routes;
+use mayfly::proxy::{ProxyConfig, ProxyMode};
 
 /// The upstream's answer.
 const BODY: &[u8] = b"ok\n";
@@ -418,7 +418,7 @@ async fn start_ours(pki: &BenchPki, upstream: SocketAddr) -> Result<ServerThread
         own_id: None,
     };
     ServerThread::start("bench-proxy", move |stop, ready| async move {
-        match crate::proxy::start(config, source).await {
+        match mayfly::proxy::start(config, source).await {
             Ok(running) => {
                 let _ = ready.send(Ok(running.local_addr));
                 let _ = stop.await;
@@ -652,7 +652,7 @@ fn child_of(parent: u32) -> Option<i32> {
 /// checked as `localhost`, which both servers' certificate names), X25519 only, TLS 1.3, no
 /// resumption, ALPN `http/1.1`.
 fn client_config(pki: &BenchPki) -> Result<Arc<ClientConfig>, MtlsBenchError> {
-    let base = crate::tls::provider();
+    let base = mayfly::tls::provider();
     let provider = CryptoProvider {
         kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
         ..(*base).clone()

@@ -128,9 +128,11 @@ pub fn server_config(
     Ok(config)
 }
 
-/// The client-certificate verifier [`server_config`] installs, on its own: for the handshake
-/// benchmark, which calls it directly.
-pub(crate) fn client_cert_verifier(
+/// The client-certificate verifier [`server_config`] installs, on its own: for a server that
+/// builds its own rustls config (another certificate resolver, its own session settings), and
+/// for measuring the verifier without a handshake around it (`mayfly bench handshake`).
+/// Whoever installs it alone keeps session resumption off, as [`server_config`] does.
+pub fn client_cert_verifier(
     source: &SvidSource,
     policy: PeerPolicy,
 ) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
