@@ -26,8 +26,10 @@
 //! its settings).
 
 pub mod agent;
+pub mod deploy;
 pub mod handshake;
 pub mod proxy;
+pub mod task;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -687,6 +689,14 @@ fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
 /// USER_HZ, 100 per second); `None` where that is unavailable.
 fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let (_, ticks) = stat_cpu_ticks(&stat)?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Process `pid`'s user + system CPU time in seconds, from /proc; `None` where that is
+/// unavailable or the process is gone.
+fn pid_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, ticks) = stat_cpu_ticks(&stat)?;
     Some(ticks as f64 / 100.0)
 }

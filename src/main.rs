@@ -669,12 +669,12 @@ fn print_report(
 }
 
 async fn bench_task(args: BenchTaskArgs, output: Output) -> Result<()> {
-    let options = bench::agent::TaskBenchOptions {
+    let options = bench::task::TaskBenchOptions {
         in_flight: args.in_flight,
         duration: mayfly::duration::parse(&args.duration)?,
         ..Default::default()
     };
-    let report = bench::agent::task_benchmark(options).await?;
+    let report = bench::task::task_benchmark(options).await?;
     print_report(&report, output)
 }
 

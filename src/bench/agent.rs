@@ -23,37 +23,29 @@
 //!   every stream.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use mayfly::agent::{self, AgentError};
+use mayfly::ca::CaError;
+use mayfly::client::ClientError;
+use mayfly::id::IdError;
+use mayfly::proto::workload::X509svidRequest;
+use mayfly::server::ServerError;
+use mayfly::workload_client::{self as wc, WorkloadClientError};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::transport::Channel;
 
-use super::{BenchError, TempDir, admin_err, percentile_ms, process_cpu_secs};
-use mayfly::agent::identity::Bootstrap;
-use mayfly::agent::{self, AgentConfig, AgentError, RunningAgent};
-use mayfly::ca::{Authority, CaError};
-use mayfly::client::{self, ClientError};
-use mayfly::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
-use mayfly::proto::admin as admin_pb;
-use mayfly::proto::admin::admin_client::AdminClient;
-use mayfly::proto::task::MintX509svidRequest;
-use mayfly::proto::workload::X509svidRequest;
-use mayfly::server::{self, ServerConfig, ServerError};
-use mayfly::svid::{self, KeyAndCsr, LeafSpec, SvidError};
-use mayfly::workload_client::{self as wc, WorkloadClientError};
+use super::deploy::{Deployment, Layout, create_entry, this_executable, wait_for_agent};
+use super::{BenchError, percentile_ms, process_cpu_secs};
 
 /// The scope every benchmark entry grants and every task SVID asks for.
-const SCOPE: &str = "bench:read";
+pub(super) const SCOPE: &str = "bench:read";
 /// The TTL of the benchmark entries and of the task SVIDs asked for, in seconds.
-const TTL_SECS: u32 = 300;
-/// How long the agent may take to attest and hold an SVID for the benchmark entry.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const TTL_SECS: u32 = 300;
 /// How many workload connections of the streams benchmark are being set up at once.
 const CONNECT_CONCURRENCY: usize = 64;
 /// File descriptors the streams benchmark needs besides one per workload (each side).
@@ -131,7 +123,7 @@ impl From<CaError> for AgentBenchError {
     }
 }
 
-fn invalid(message: &str) -> AgentBenchError {
+pub(super) fn invalid(message: &str) -> AgentBenchError {
     AgentBenchError::Setup(BenchError::InvalidOption(message.to_owned()))
 }
 
@@ -151,7 +143,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut samples_us: Vec<u32>) -> Self {
+    pub(super) fn of(mut samples_us: Vec<u32>) -> Self {
         samples_us.sort_unstable();
         let at = |q: f64| percentile_ms(&samples_us, q) * 1000.0;
         Self {
@@ -176,17 +168,17 @@ impl fmt::Display for Latency {
 
 /// What one timed load counted.
 #[derive(Default)]
-struct Tally {
-    ok: u64,
-    ok_total: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latencies_us: Vec<u32>,
+pub(super) struct Tally {
+    pub(super) ok: u64,
+    pub(super) ok_total: u64,
+    pub(super) errors: u64,
+    pub(super) first_error: Option<String>,
+    pub(super) latencies_us: Vec<u32>,
 }
 
 impl Tally {
     /// Counts one answer that arrived at `done`, `elapsed` after it was sent.
-    fn record(
+    pub(super) fn record(
         &mut self,
         problem: Option<String>,
         done: Instant,
@@ -222,7 +214,7 @@ impl Tally {
     }
 }
 
-fn status_text(status: &tonic::Status) -> String {
+pub(super) fn status_text(status: &tonic::Status) -> String {
     format!(
         "{:?}: {}",
         status.code(),
@@ -230,522 +222,34 @@ fn status_text(status: &tonic::Status) -> String {
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// The deployment: a server in this process, an entry for this process, a join token.
-
-/// A server in this process, its admin client, and the benchmark's first entry.
-struct Deployment {
-    temp: TempDir,
-    server: server::RunningServer,
-    admin: AdminClient<Channel>,
-    td: TrustDomain,
-    /// DER CA certificates.
-    bundle: Vec<Vec<u8>>,
-    /// The join token for the agent, and the SPIFFE ID it will get.
-    token: String,
-    agent_id: String,
-    /// The entry every workload of the benchmark matches, and its SPIFFE ID.
-    entry_id: String,
-    entry_spiffe_id: SpiffeId,
-}
-
-impl Deployment {
-    /// Starts a server on a fresh temporary data dir, takes a join token and registers one
-    /// entry, under the agent-to-be, for this process's uid.
-    async fn start() -> Result<Self, AgentBenchError> {
-        let temp = TempDir::create()?;
-        let mut config = ServerConfig::with_defaults(temp.0.join("server"));
-        config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
-        let running = server::start(config).await?;
-        match Self::prepare(temp, running).await {
-            Ok(deployment) => Ok(deployment),
-            Err((running, e)) => {
-                running.shutdown().await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn prepare(
-        temp: TempDir,
-        running: server::RunningServer,
-    ) -> Result<Self, (server::RunningServer, AgentBenchError)> {
-        let setup = async {
-            let mut admin = client::connect_admin(&running.admin_socket).await?;
-            let bundle = admin
-                .get_bundle(admin_pb::GetBundleRequest {})
-                .await
-                .map_err(admin_err("return the trust bundle"))?
-                .into_inner()
-                .certificates;
-            let token = admin
-                .create_join_token(admin_pb::CreateJoinTokenRequest { ttl_seconds: 0 })
-                .await
-                .map_err(admin_err("create a join token"))?
-                .into_inner();
-            let td = running.trust_domain.clone();
-            let (entry_id, entry_spiffe_id) =
-                create_entry(&mut admin, &td, &token.agent_id, "/bench/workload").await?;
-            Ok::<_, AgentBenchError>((admin, bundle, token, td, entry_id, entry_spiffe_id))
-        };
-        match setup.await {
-            Ok((admin, bundle, token, td, entry_id, entry_spiffe_id)) => Ok(Self {
-                temp,
-                server: running,
-                admin,
-                td,
-                bundle,
-                token: token.token,
-                agent_id: token.agent_id,
-                entry_id,
-                entry_spiffe_id,
-            }),
-            Err(e) => Err((running, e)),
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        &self.temp.0
-    }
-
-    fn agent_socket(&self) -> PathBuf {
-        self.dir().join("agent.sock")
-    }
-
-    /// Starts the agent in this process, and waits until it holds an SVID for the entry.
-    async fn start_agent(&self) -> Result<RunningAgent, AgentBenchError> {
-        let mut config = AgentConfig::with_defaults(self.server.node_addr);
-        config.join_token = Some(self.token.clone());
-        config.bootstrap = Some(Bootstrap::Bundle(self.bundle.clone()));
-        config.socket = self.agent_socket();
-        config.data_dir = self.dir().join("agent");
-        let agent = agent::start(config).await?;
-        let mut snapshot = agent.snapshot();
-        let entry_id = self.entry_id.clone();
-        let ready = tokio::time::timeout(
-            READY_TIMEOUT,
-            snapshot.wait_for(|s| s.ready && s.svids.contains_key(&entry_id)),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        if !ready {
-            agent.shutdown().await;
-            return Err(AgentBenchError::Stalled(format!(
-                "the agent did not hold an SVID for the benchmark entry within {}s",
-                READY_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(agent)
-    }
-
-    /// The audit log's record count and whether its hash chain verifies.
-    async fn verify_audit(&mut self) -> Result<(i64, bool), AgentBenchError> {
-        let verdict = self
-            .admin
-            .verify_audit(admin_pb::VerifyAuditRequest {})
-            .await
-            .map_err(admin_err("verify the audit log"))?
-            .into_inner();
-        Ok((verdict.records, verdict.ok))
-    }
-
-    /// Stops the server and removes the data dir.
-    async fn stop(self) {
-        drop(self.admin);
-        self.server.shutdown().await;
-        drop(self.temp);
-    }
-}
-
-/// Registers an entry `path` under `parent` for this process's uid, granting [`SCOPE`].
-async fn create_entry(
-    admin: &mut AdminClient<Channel>,
-    td: &TrustDomain,
-    parent: &str,
-    path: &str,
-) -> Result<(String, SpiffeId), AgentBenchError> {
-    let spiffe_id = td.join(path)?;
-    let entry = admin
-        .create_entry(admin_pb::CreateEntryRequest {
-            spiffe_id: spiffe_id.to_string(),
-            parent_id: parent.to_owned(),
-            selectors: vec![format!("unix:uid:{}", nix::unistd::getuid())],
-            scopes: vec![SCOPE.into()],
-            ttl_seconds: TTL_SECS,
-            dns_names: Vec::new(),
-        })
-        .await
-        .map_err(admin_err("create an entry"))?
-        .into_inner();
-    Ok((entry.id, spiffe_id))
-}
-
-// ---------------------------------------------------------------------------------------------
-// bench task
-
-/// What `mayfly bench task` runs.
-#[derive(Debug, Clone)]
-pub struct TaskBenchOptions {
-    /// The requests kept in flight on the one connection, one measurement per level
-    /// (default 1 and 16).
-    pub in_flight: Vec<usize>,
-    /// The timed part of each level (default 10 s).
-    pub duration: Duration,
-    /// Load before each level's clock starts, not counted (default 1 s).
-    pub warmup: Duration,
-    /// How long the crypto reference runs (default 3 s).
-    pub reference_duration: Duration,
-}
-
-impl Default for TaskBenchOptions {
-    fn default() -> Self {
-        Self {
-            in_flight: vec![1, 16],
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(1),
-            reference_duration: Duration::from_secs(3),
-        }
-    }
-}
-
-/// One in-flight level of the task benchmark.
-#[derive(Debug, Clone, Serialize)]
-pub struct TaskLevel {
-    /// Requests in flight on the one connection.
-    pub in_flight: usize,
-    /// Task SVIDs answered OK within the timed window.
-    pub minted: u64,
-    /// Task SVIDs per second.
-    pub per_sec: f64,
-    /// Request latency as the workload saw it.
-    pub latency: Latency,
-    /// Failed requests (or answers other than the SVID asked for) over the level, warm-up
-    /// included.
-    pub errors: u64,
-    /// The first such failure.
-    pub first_error: Option<String>,
-    /// The process's CPU time (workload, agent and server together) per task SVID, in
-    /// microseconds; `None` where /proc is unavailable.
-    pub cpu_us_per_svid: Option<f64>,
-    /// The process's CPU time over what the runtime's worker threads offer (1.0: all busy).
-    pub cpu_busy: Option<f64>,
-}
-
-/// The crypto a task SVID cannot do without, timed on one thread in this process.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct CryptoReference {
-    /// Iterations run.
-    pub iterations: u64,
-    /// The agent's part: P-256 key generation and the CSR signature, median, µs.
-    pub keygen_csr_us: f64,
-    /// The server's part: CSR signature verify and the leaf built and signed, median, µs.
-    pub verify_sign_us: f64,
-    /// Both, median of the sums, µs.
-    pub total_us: f64,
-    /// Iterations per second on one thread.
-    pub per_sec: f64,
-}
-
-/// What `mayfly bench task` measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct TaskBenchReport {
-    /// Where server and agent ran: `in-process`.
-    pub mode: String,
-    /// The runtime's worker threads, shared by the workload, the agent and the server.
-    pub threads: usize,
-    /// The timed window of each level, in seconds.
-    pub duration_secs: f64,
-    /// One measurement per in-flight level.
-    pub levels: Vec<TaskLevel>,
-    /// The reference, measured after the load with server and agent stopped.
-    pub reference: CryptoReference,
-    /// Audit records after the run (setup records included).
-    pub audit_records: i64,
-    /// Whether the audit hash chain verified after the run.
-    pub audit_chain_ok: bool,
-    /// The goal at 1 in flight: p50 ≤ 750 µs; `None` when 1 was not measured.
-    pub goal_p50_met: Option<bool>,
-    /// The goal at 1 in flight: p99 ≤ 2.5 ms.
-    pub goal_p99_met: Option<bool>,
-}
-
-/// The goal for the p50 of one task SVID at 1 in flight, in µs.
-pub const TASK_GOAL_P50_US: f64 = 750.0;
-/// The goal for the p99 of one task SVID at 1 in flight, in µs.
-pub const TASK_GOAL_P99_US: f64 = 2500.0;
 /// The goal for the p50 of a cached FetchX509SVID, in µs.
 pub const FETCH_GOAL_P50_US: f64 = 200.0;
 /// The goal for the agent's resident memory with the streams open, in bytes.
 pub const STREAMS_GOAL_BYTES: u64 = 32 * 1024 * 1024;
 
-fn met(ok: bool) -> &'static str {
+pub(super) fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-impl fmt::Display for TaskBenchReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "task SVIDs (MintX509SVID) workload -> agent -> server -> workload; server and agent {} on {} runtime threads shared with the workload; one HTTP/2 connection to the agent socket; SQLite store, durable audit",
-            self.mode, self.threads
-        )?;
-        for level in &self.levels {
-            writeln!(
-                f,
-                "  {:>3} in flight: {:.0} SVIDs/s ({} in {:.1}s); {}",
-                level.in_flight, level.per_sec, level.minted, self.duration_secs, level.latency
-            )?;
-            if let (Some(cpu), Some(busy)) = (level.cpu_us_per_svid, level.cpu_busy) {
-                writeln!(
-                    f,
-                    "                  cpu: {cpu:.0} µs per SVID (workload + agent + server), {:.0}% of {} threads busy",
-                    busy * 100.0,
-                    self.threads
-                )?;
-            }
-            match &level.first_error {
-                None => writeln!(f, "                  errors: 0")?,
-                Some(e) => writeln!(f, "                  errors: {} (first: {e})", level.errors)?,
-            }
-        }
-        let r = &self.reference;
-        writeln!(
-            f,
-            "reference (one thread, in process): keygen + CSR sign {:.0} µs, CSR verify + leaf sign {:.0} µs, together {:.0} µs ({:.0}/s)",
-            r.keygen_csr_us, r.verify_sign_us, r.total_us, r.per_sec
-        )?;
-        if let Some(one) = self.levels.iter().find(|l| l.in_flight == 1)
-            && r.total_us > 0.0
-        {
-            writeln!(
-                f,
-                "ratio at 1 in flight: p50 {:.1}x the reference",
-                one.latency.p50_us / r.total_us
-            )?;
-        }
-        writeln!(
-            f,
-            "audit: {} records, hash chain {}",
-            self.audit_records,
-            if self.audit_chain_ok {
-                "verified"
-            } else {
-                "BROKEN"
-            }
-        )?;
-        match (self.goal_p50_met, self.goal_p99_met) {
-            (Some(p50), Some(p99)) => write!(
-                f,
-                "goal at 1 in flight: p50 <= {TASK_GOAL_P50_US:.0} µs {}, p99 <= {TASK_GOAL_P99_US:.0} µs {} (a shared, noisy machine: compare with the reference)",
-                met(p50),
-                met(p99)
-            ),
-            _ => write!(f, "goal: not checked (1 in flight was not measured)"),
-        }
-    }
-}
-
-/// Runs `mayfly bench task`: each in-flight level, then the reference.
-///
-/// Call it on a multi-threaded tokio runtime: server, agent and workload share its workers.
-///
-/// # Errors
-/// [`AgentBenchError`] when the benchmark cannot be set up; failing requests are counted in
-/// the report instead.
-pub async fn task_benchmark(opts: TaskBenchOptions) -> Result<TaskBenchReport, AgentBenchError> {
-    if opts.in_flight.is_empty() || opts.in_flight.contains(&0) {
-        return Err(invalid("every in-flight level must be at least 1"));
-    }
-    if opts.duration.is_zero() || opts.reference_duration.is_zero() {
-        return Err(invalid(
-            "the duration and the reference duration must be above zero",
-        ));
-    }
-    let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    let mut deployment = Deployment::start().await?;
-    let result = async {
-        let agent = deployment.start_agent().await?;
-        let levels = run_task_levels(&deployment, &opts, threads).await;
-        agent.shutdown().await;
-        let levels = levels?;
-        let audit = deployment.verify_audit().await?;
-        Ok::<_, AgentBenchError>((levels, audit))
-    }
-    .await;
-    deployment.stop().await;
-    let (levels, (audit_records, audit_chain_ok)) = result?;
-
-    let reference = crypto_reference(opts.reference_duration).await?;
-    let one = levels.iter().find(|l| l.in_flight == 1);
-    Ok(TaskBenchReport {
-        mode: "in-process".into(),
-        threads,
-        duration_secs: opts.duration.as_secs_f64(),
-        goal_p50_met: one.map(|l| l.latency.p50_us <= TASK_GOAL_P50_US),
-        goal_p99_met: one.map(|l| l.latency.p99_us <= TASK_GOAL_P99_US),
-        levels,
-        reference,
-        audit_records,
-        audit_chain_ok,
-    })
-}
-
-async fn run_task_levels(
-    deployment: &Deployment,
-    opts: &TaskBenchOptions,
-    threads: usize,
-) -> Result<Vec<TaskLevel>, AgentBenchError> {
-    let channel = wc::connect(&deployment.agent_socket()).await?;
-    let api = wc::task_api(channel);
-    let expected =
-        ScopedId::new(deployment.entry_spiffe_id.clone(), parse_scopes(&[SCOPE])?)?.to_string();
-    let mut levels = Vec::with_capacity(opts.in_flight.len());
-    for (index, &in_flight) in opts.in_flight.iter().enumerate() {
-        let start = Instant::now();
-        let window = (start + opts.warmup, start + opts.warmup + opts.duration);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = tokio::task::JoinSet::new();
-        for worker in 0..in_flight {
-            tasks.spawn(mint_loop(
-                api.clone(),
-                format!("bench-{index}-{worker}"),
-                expected.clone(),
-                window,
-                stop.clone(),
-            ));
-        }
-        let (tally, cpu_secs) = timed(window, &stop, &mut tasks).await?;
-        let secs = opts.duration.as_secs_f64();
-        levels.push(TaskLevel {
-            in_flight,
-            minted: tally.ok,
-            per_sec: tally.ok as f64 / secs,
-            cpu_us_per_svid: cpu_secs
-                .filter(|_| tally.ok > 0)
-                .map(|cpu| cpu * 1e6 / tally.ok as f64),
-            cpu_busy: cpu_secs.map(|cpu| cpu / (secs * threads.max(1) as f64)),
-            errors: tally.errors,
-            first_error: tally.first_error,
-            latency: Latency::of(tally.latencies_us),
-        });
-    }
-    Ok(levels)
-}
-
-/// Waits out the timed window, sampling the process's CPU time at both ends, stops the load
-/// and adds up what its tasks counted.
-async fn timed(
+/// Waits out the timed window, calling `sample` (CPU times) at both ends, stops the load and
+/// adds up what its tasks counted.
+pub(super) async fn timed<S>(
     (from, until): (Instant, Instant),
     stop: &AtomicBool,
     tasks: &mut tokio::task::JoinSet<Tally>,
-) -> Result<(Tally, Option<f64>), AgentBenchError> {
+    sample: impl Fn() -> S,
+) -> Result<(Tally, S, S), AgentBenchError> {
     tokio::time::sleep_until(from.into()).await;
-    let cpu_start = process_cpu_secs();
+    let at_start = sample();
     tokio::time::sleep_until(until.into()).await;
-    let cpu_end = process_cpu_secs();
+    let at_end = sample();
     stop.store(true, Ordering::Relaxed);
     let mut total = Tally::default();
     while let Some(joined) = tasks.join_next().await {
         let tally = joined.map_err(|e| BenchError::Task(e.to_string()))?;
         total.merge(tally);
     }
-    Ok((total, cpu_start.zip(cpu_end).map(|(a, b)| b - a)))
-}
-
-/// Keeps one MintX509SVID in flight until `stop`.
-async fn mint_loop(
-    mut api: wc::TaskApi,
-    task_prefix: String,
-    expected_id: String,
-    window: (Instant, Instant),
-    stop: Arc<AtomicBool>,
-) -> Tally {
-    let mut tally = Tally::default();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let request = MintX509svidRequest {
-            task_id: format!("{task_prefix}-{n}"),
-            scopes: vec![SCOPE.to_owned()],
-            ttl_seconds: TTL_SECS,
-            spiffe_id: String::new(),
-        };
-        let sent = Instant::now();
-        let answer = api.mint_x509svid(request).await;
-        let done = Instant::now();
-        let problem = match answer {
-            Ok(response) => {
-                let svid = response.into_inner();
-                if svid.spiffe_id != expected_id
-                    || svid.x509_svid.is_empty()
-                    || svid.x509_svid_key.is_empty()
-                {
-                    Some(format!(
-                        "the agent answered {} ({} certificate bytes, {} key bytes); expected {expected_id}",
-                        svid.spiffe_id,
-                        svid.x509_svid.len(),
-                        svid.x509_svid_key.len()
-                    ))
-                } else {
-                    None
-                }
-            }
-            Err(status) => Some(status_text(&status)),
-        };
-        tally.record(problem, done, done.duration_since(sent), window);
-    }
-    tally
-}
-
-/// The reference: an agent's key and CSR ([`KeyAndCsr::generate`]), then the server's CSR
-/// verify ([`svid::parse_csr`]) and leaf ([`svid::issue`]) with an in-memory CA, on one
-/// thread for `duration`.
-async fn crypto_reference(duration: Duration) -> Result<CryptoReference, AgentBenchError> {
-    tokio::task::spawn_blocking(move || -> Result<CryptoReference, AgentBenchError> {
-        let td = TrustDomain::new(server::defaults::TRUST_DOMAIN)?;
-        let authority = Authority::generate(&td, server::defaults::CA_TTL)?;
-        let id = ScopedId::new(td.join("/bench/workload")?, parse_scopes(&[SCOPE])?)?;
-        let reference_err = |e: SvidError| AgentBenchError::Setup(BenchError::Reference(e));
-        let mut keygen = Vec::new();
-        let mut sign = Vec::new();
-        let mut total = Vec::new();
-        let start = Instant::now();
-        let until = start + duration;
-        while Instant::now() < until {
-            let t0 = Instant::now();
-            let request = KeyAndCsr::generate().map_err(reference_err)?;
-            let t1 = Instant::now();
-            let key = svid::parse_csr(&request.csr).map_err(reference_err)?;
-            let issued = svid::issue(
-                &authority,
-                &LeafSpec {
-                    id: &id,
-                    key: &key,
-                    ttl: Duration::from_secs(TTL_SECS.into()),
-                    dns_names: &[],
-                },
-                SystemTime::now(),
-            )
-            .map_err(reference_err)?;
-            let t2 = Instant::now();
-            std::hint::black_box((request, issued));
-            let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-            keygen.push(us(t1 - t0));
-            sign.push(us(t2 - t1));
-            total.push(us(t2 - t0));
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let iterations = total.len() as u64;
-        Ok(CryptoReference {
-            iterations,
-            keygen_csr_us: Latency::of(keygen).p50_us,
-            verify_sign_us: Latency::of(sign).p50_us,
-            total_us: Latency::of(total).p50_us,
-            per_sec: iterations as f64 / secs,
-        })
-    })
-    .await
-    .map_err(|e| BenchError::Task(e.to_string()))?
+    Ok((total, at_start, at_end))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -831,11 +335,11 @@ pub async fn fetch_benchmark(opts: FetchBenchOptions) -> Result<FetchBenchReport
         return Err(invalid("the duration must be above zero"));
     }
     let threads = tokio::runtime::Handle::current().metrics().num_workers();
-    let deployment = Deployment::start().await?;
+    let mut deployment = Deployment::start(Layout::InProcess, None).await?;
     let result = async {
         let agent = deployment.start_agent().await?;
         let measured = run_fetches(&deployment, &opts).await;
-        agent.shutdown().await;
+        agent.stop().await;
         measured
     }
     .await;
@@ -870,7 +374,8 @@ async fn run_fetches(
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(fetch_loop(channel, expected, window, stop.clone()));
-    timed(window, &stop, &mut tasks).await
+    let (tally, start, end) = timed(window, &stop, &mut tasks, process_cpu_secs).await?;
+    Ok((tally, start.zip(end).map(|(a, b)| b - a)))
 }
 
 /// Fetches one at a time until `stop`: a new stream each, its first message, then dropped.
@@ -1096,53 +601,6 @@ impl fmt::Display for StreamsBenchReport {
     }
 }
 
-/// The agent as a child process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct AgentProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl AgentProcess {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The end of the agent's log, for an error message.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join("\n")
-    }
-
-    /// An error saying the agent process died, if it has.
-    fn check_alive(&mut self) -> Result<(), AgentBenchError> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Err(AgentBenchError::Stalled(format!(
-                "the agent process exited ({status}); its log ends with:\n{}",
-                self.log_tail()
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
-        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The soft and hard limits on open files of this process, from /proc (`None`: unlimited or
 /// unknown).
 fn open_files_limit() -> Option<(u64, String)> {
@@ -1177,12 +635,9 @@ pub async fn streams_benchmark(
     }
     let exe = match &opts.agent_exe {
         Some(exe) => exe.clone(),
-        None => std::env::current_exe().map_err(|source| AgentBenchError::Spawn {
-            exe: PathBuf::from("(this executable)"),
-            source,
-        })?,
+        None => this_executable()?,
     };
-    let mut deployment = Deployment::start().await?;
+    let mut deployment = Deployment::start(Layout::InProcess, None).await?;
     let result = run_streams(&mut deployment, &opts, &exe).await;
     deployment.stop().await;
     result
@@ -1194,7 +649,7 @@ async fn run_streams(
     exe: &Path,
 ) -> Result<StreamsBenchReport, AgentBenchError> {
     let socket = deployment.agent_socket();
-    let mut agent = spawn_agent(deployment, exe)?;
+    let mut agent = deployment.spawn_agent(exe)?;
     wait_for_agent(&mut agent, &socket).await?;
     // The agent has served one workload; let it settle before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1316,68 +771,6 @@ async fn run_streams(
     })
 }
 
-/// Starts `exe agent run` against the deployment's server, with its own data dir and socket.
-fn spawn_agent(deployment: &Deployment, exe: &Path) -> Result<AgentProcess, AgentBenchError> {
-    let dir = deployment.dir();
-    let bundle_path = dir.join("bundle.pem");
-    std::fs::write(&bundle_path, mayfly::bundle::to_pem(&deployment.bundle)).map_err(|source| {
-        AgentBenchError::Write {
-            path: bundle_path.clone(),
-            source,
-        }
-    })?;
-    let log = dir.join("agent.log");
-    let log_file = std::fs::File::create(&log).map_err(|source| AgentBenchError::Write {
-        path: log.clone(),
-        source,
-    })?;
-    let child = Command::new(exe)
-        .args(["agent", "run", "--server"])
-        .arg(deployment.server.node_addr.to_string())
-        .arg("--join-token")
-        .arg(&deployment.token)
-        .arg("--trust-bundle")
-        .arg(&bundle_path)
-        .arg("--socket")
-        .arg(deployment.agent_socket())
-        .arg("--data-dir")
-        .arg(dir.join("agent"))
-        .env("RUST_LOG", "warn")
-        .env_remove(wc::ENDPOINT_ENV)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .map_err(|source| AgentBenchError::Spawn {
-            exe: exe.to_owned(),
-            source,
-        })?;
-    Ok(AgentProcess { child, log })
-}
-
-/// Waits for the agent's socket, then until a workload gets its SVID from it.
-async fn wait_for_agent(agent: &mut AgentProcess, socket: &Path) -> Result<(), AgentBenchError> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let mut last_error = String::from("its socket did not appear");
-    while Instant::now() < deadline {
-        agent.check_alive()?;
-        if socket.exists() {
-            let attempt = async { wc::fetch_x509(wc::connect(socket).await?).await };
-            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = "the first fetch took more than 10s".into(),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(AgentBenchError::Stalled(format!(
-        "the agent process did not serve an SVID within {}s ({last_error}); its log ends with:\n{}",
-        READY_TIMEOUT.as_secs(),
-        agent.log_tail()
-    )))
-}
-
 /// One workload: connects, opens FetchX509SVID and reports its first message on `ready`, then
 /// reports when the next message arrives on `updated` (OK when it carries two SVIDs), and holds
 /// the stream open until `stop`.
@@ -1468,25 +861,15 @@ mod tests {
         assert_eq!(Latency::of(Vec::new()).max_us, 0.0);
     }
 
-    /// A short run of the task and fetch benchmarks:
+    /// A short run of the fetch benchmark (the task benchmark's is in `task`):
     /// `cargo test --release --bin mayfly bench::agent -- --ignored --nocapture`.
     #[test]
     #[ignore = "a benchmark: run it in release mode on purpose"]
-    fn task_and_fetch_benchmarks_short() {
+    fn fetch_benchmark_short() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .unwrap();
-        let task = runtime
-            .block_on(task_benchmark(TaskBenchOptions {
-                duration: Duration::from_secs(2),
-                reference_duration: Duration::from_secs(1),
-                ..TaskBenchOptions::default()
-            }))
-            .unwrap();
-        println!("{task}");
-        assert!(task.levels.iter().all(|l| l.errors == 0 && l.minted > 0));
-        assert!(task.audit_chain_ok);
         let fetch = runtime
             .block_on(fetch_benchmark(FetchBenchOptions {
                 duration: Duration::from_secs(2),

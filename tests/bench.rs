@@ -1,0 +1,38 @@
+//! The benchmarks as a user runs them, through the `mayfly` binary (ignored: they are slow in
+//! debug builds; run them with
+//! `cargo test --release --test bench -- --ignored --nocapture`).
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
+
+/// `mayfly bench task` runs `mayfly server run` and `mayfly agent run` as processes of their
+/// own (and the in-process layout beside them), mints without errors in both, and finds the
+/// audit chain intact afterwards.
+#[test]
+#[ignore = "a benchmark: run it in release mode on purpose"]
+fn bench_task_runs_server_and_agent_as_processes() {
+    let out = Command::new(BIN)
+        .args(["--output", "json", "bench", "task", "--duration", "2s"])
+        .output()
+        .expect("run mayfly bench task");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench task failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    println!("{report:#}");
+    let runs = report["runs"].as_array().expect("runs");
+    let layouts: Vec<&str> = runs.iter().map(|r| r["layout"].as_str().unwrap()).collect();
+    assert_eq!(layouts, ["processes", "in-process"]);
+    for run in runs {
+        assert_eq!(run["audit_chain_ok"], true, "{run}");
+        for level in run["levels"].as_array().expect("levels") {
+            assert_eq!(level["errors"], 0, "{level}");
+            assert!(level["minted"].as_u64().unwrap() > 0, "{level}");
+        }
+    }
+    // Each process's CPU is reported in the process layout, and only there.
+    let split = &runs[0]["levels"][0]["by_process"];
+    assert!(split["server_us"].as_f64().unwrap() > 0.0, "{split}");
+    assert!(split["agent_us"].as_f64().unwrap() > 0.0, "{split}");
+    assert!(runs[1]["levels"][0]["by_process"].is_null());
+}
