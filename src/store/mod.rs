@@ -8,7 +8,6 @@
 pub mod postgres;
 mod rows;
 pub mod sqlite;
-mod sqlite_audit;
 
 use std::sync::Arc;
 

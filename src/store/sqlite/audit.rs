@@ -20,9 +20,9 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
 use tokio::sync::Mutex;
 
-use super::StoreError;
-use super::rows::{self, audit_columns};
 use crate::audit::{self, AuditEvent, AuditRecord, Decision};
+use crate::store::StoreError;
+use crate::store::rows::{self, audit_columns};
 
 /// Rows per multi-row `INSERT INTO audit`: a batch is written in chunks of these sizes, largest
 /// first, so each batch costs a few statements instead of one per record, and only these few
