@@ -29,6 +29,14 @@
 //! - **CPU per verification**: `verify_client_cert` called directly on each verifier, in a loop,
 //!   with the client's chain.
 //!
+//! Two cases, each measured as above:
+//!
+//! - **reused leaf**: one client SVID for every handshake, as a long-lived workload presents
+//!   its identity SVID; ours keeps a cache of leaves it has verified, so it can skip work here;
+//! - **distinct leaves**: a fresh client SVID (own key, own serial) for every handshake, as
+//!   task SVIDs are used — one task, one connection — so no handshake finds its leaf in the
+//!   cache. The leaves and their client configs are issued before any clock starts.
+//!
 //! The variants alternate in rounds (ours then plain, then plain then ours, …), so whatever
 //! else the machine does hits both alike; after a warm-up round, each round's pair gives a
 //! ratio, and the overhead is the median of those ratios (the overhead of the totals is given
@@ -261,25 +269,15 @@ pub struct VerifierFigures {
     pub cpu_us_per_verification: f64,
 }
 
-/// What `mayfly bench handshake` measured.
+/// One case's figures: both verifiers and how they compare.
 #[derive(Debug, Clone, Serialize)]
-pub struct HandshakeBenchReport {
-    /// Handshakes (and verifications) per variant, warm-up excluded.
-    pub iterations: usize,
-    /// Rounds, each with both variants.
-    pub rounds: usize,
-    /// The negotiated suite, key exchange group and the client's SVID, as checked on the first
-    /// handshake.
-    pub negotiated: String,
-    /// What reading the thread CPU clock costs, ns per timed region (removed from the server
-    /// figures).
-    pub clock_cost_ns: f64,
-    /// Server-side timed regions per handshake.
-    pub regions_per_handshake: f64,
+pub struct CaseFigures {
     /// Ours: `mtls::server_config` with the SPIFFE ID + scope policy.
     pub ours: VerifierFigures,
     /// Plain rustls `WebPkiClientVerifier`.
     pub plain: VerifierFigures,
+    /// Server-side timed regions per handshake.
+    pub regions_per_handshake: f64,
     /// Server CPU per handshake, ours over plain − 1, in percent: median of the rounds' ratios.
     pub handshake_overhead_pct: f64,
     /// The same from the totals of all rounds.
@@ -290,12 +288,36 @@ pub struct HandshakeBenchReport {
     pub verification_overhead_pct: f64,
     /// CPU per verification, ours − plain, µs (medians).
     pub verification_extra_us: f64,
+    /// Whether the goal (server CPU per handshake at most 3% more) was met.
+    pub goal_met: bool,
+}
+
+/// What `mayfly bench handshake` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeBenchReport {
+    /// Handshakes (and verifications) per variant and case, warm-up excluded.
+    pub iterations: usize,
+    /// Rounds, each with both variants.
+    pub rounds: usize,
+    /// The negotiated suite, key exchange group and the client's SVID, as checked on the first
+    /// handshake.
+    pub negotiated: String,
+    /// What reading the thread CPU clock costs, ns per timed region (removed from the server
+    /// figures).
+    pub clock_cost_ns: f64,
+    /// One client SVID for every handshake, as a long-lived workload's identity SVID is used:
+    /// ours can answer from its verified-leaf cache.
+    pub reused_leaf: CaseFigures,
+    /// A fresh client SVID for each handshake, as task SVIDs are used (one task, one
+    /// connection): every handshake verifies a leaf neither verifier has seen, so the cache
+    /// never helps. The leaves are issued before the clock starts.
+    pub distinct_leaf: CaseFigures,
     /// Parts of ours' extra work, timed alone on the client's leaf: the x509-parser parse of
     /// the leaf (webpki parses it again for the path, as plain does), µs.
     pub leaf_parse_us: f64,
     /// Reading the SPIFFE ID from the parsed leaf and splitting its scopes, µs.
     pub id_parse_us: f64,
-    /// Whether the goal (server CPU per handshake at most 3% more) was met.
+    /// Whether the goal was met in both cases.
     pub goal_met: bool,
 }
 
@@ -307,41 +329,27 @@ impl fmt::Display for HandshakeBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "mTLS handshakes in memory (no sockets), TLS 1.3, full handshakes, one thread: {} per verifier in {} rounds alternating the verifiers, after a warm-up round; {}",
+            "mTLS handshakes in memory (no sockets), TLS 1.3, full handshakes, one thread: {} per verifier and case in {} rounds alternating the verifiers, after a warm-up round; {}",
             self.iterations, self.rounds, self.negotiated
         )?;
         writeln!(
             f,
             "thread CPU time; clock read cost {:.0} ns x {:.1} server regions per handshake removed",
-            self.clock_cost_ns, self.regions_per_handshake
+            self.clock_cost_ns, self.reused_leaf.regions_per_handshake
         )?;
-        writeln!(
-            f,
-            "{:<46} {:>16} {:>18} {:>14}",
-            "client verifier (medians of rounds)",
-            "server µs/hs",
-            "client+server µs/hs",
-            "µs/verify"
-        )?;
-        for v in [&self.ours, &self.plain] {
-            writeln!(
-                f,
-                "{:<46} {:>16.1} {:>18.1} {:>14.2}",
-                v.verifier,
-                v.server_cpu_us_per_handshake,
-                v.total_cpu_us_per_handshake,
-                v.cpu_us_per_verification
-            )?;
+        for (title, case) in [
+            (
+                "reused leaf (one client SVID for every handshake)",
+                &self.reused_leaf,
+            ),
+            (
+                "distinct leaves (a fresh client SVID per handshake, as task SVIDs)",
+                &self.distinct_leaf,
+            ),
+        ] {
+            writeln!(f, "{title}:")?;
+            write_case(f, case)?;
         }
-        writeln!(
-            f,
-            "overhead of ours: server CPU per handshake {:+.2}% (median of round ratios; {:+.2}% from totals), whole handshake {:+.2}%, verification alone {:+.1}% ({:+.2} µs)",
-            self.handshake_overhead_pct,
-            self.handshake_overhead_pct_of_totals,
-            self.total_overhead_pct,
-            self.verification_overhead_pct,
-            self.verification_extra_us
-        )?;
         writeln!(
             f,
             "parts of ours' extra work, timed alone: x509-parser parse of the leaf {:.2} µs, SPIFFE ID + scopes {:.2} µs",
@@ -349,10 +357,38 @@ impl fmt::Display for HandshakeBenchReport {
         )?;
         write!(
             f,
-            "goal: server CPU per handshake at most {HANDSHAKE_GOAL_PCT:.0}% more than plain webpki: {} (a shared machine: rerun to see the spread)",
-            met(self.goal_met)
+            "goal: server CPU per handshake at most {HANDSHAKE_GOAL_PCT:.0}% more than plain webpki: reused leaf {}, distinct leaves {} (a shared machine: rerun to see the spread)",
+            met(self.reused_leaf.goal_met),
+            met(self.distinct_leaf.goal_met)
         )
     }
+}
+
+fn write_case(f: &mut fmt::Formatter<'_>, case: &CaseFigures) -> fmt::Result {
+    writeln!(
+        f,
+        "  {:<46} {:>16} {:>18} {:>14}",
+        "client verifier (medians of rounds)", "server µs/hs", "client+server µs/hs", "µs/verify"
+    )?;
+    for v in [&case.ours, &case.plain] {
+        writeln!(
+            f,
+            "  {:<46} {:>16.1} {:>18.1} {:>14.2}",
+            v.verifier,
+            v.server_cpu_us_per_handshake,
+            v.total_cpu_us_per_handshake,
+            v.cpu_us_per_verification
+        )?;
+    }
+    writeln!(
+        f,
+        "  overhead of ours: server CPU per handshake {:+.2}% (median of round ratios; {:+.2}% from totals), whole handshake {:+.2}%, verification alone {:+.1}% ({:+.2} µs)",
+        case.handshake_overhead_pct,
+        case.handshake_overhead_pct_of_totals,
+        case.total_overhead_pct,
+        case.verification_overhead_pct,
+        case.verification_extra_us
+    )
 }
 
 /// Server-side CPU, accumulated over timed regions.
@@ -444,17 +480,18 @@ struct Variant {
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
-/// One batch of handshakes: (server ns, server regions, client + server ns).
+/// One batch of `count` handshakes, cycling through `clients`: (server ns, server regions,
+/// client + server ns).
 fn handshake_batch(
     variant: &Variant,
-    client: &Arc<ClientConfig>,
+    clients: &[Arc<ClientConfig>],
     name: &ServerName<'static>,
     count: usize,
 ) -> Result<(u64, u64, u64), MtlsBenchError> {
     let mut meter = Meter::default();
     let mut buf = Vec::with_capacity(8192);
     let start = thread_cpu_ns()?;
-    for _ in 0..count {
+    for client in clients.iter().cycle().take(count) {
         let done = handshake(client, &variant.server, name, &mut meter, &mut buf)?;
         drop(done);
     }
@@ -462,15 +499,15 @@ fn handshake_batch(
     Ok((meter.ns, meter.regions, total))
 }
 
-/// One batch of direct verifications: ns.
+/// One batch of `count` direct verifications, cycling through `chains`: ns.
 fn verify_batch(
     variant: &Variant,
-    chain: &[CertificateDer<'static>],
+    chains: &[Vec<CertificateDer<'static>>],
     count: usize,
 ) -> Result<u64, MtlsBenchError> {
     let now = UnixTime::now();
     let start = thread_cpu_ns()?;
-    for _ in 0..count {
+    for chain in chains.iter().cycle().take(count) {
         variant
             .verifier
             .verify_client_cert(&chain[0], &chain[1..], now)
@@ -620,32 +657,108 @@ fn run(opts: &HandshakeBenchOptions) -> Result<HandshakeBenchReport, MtlsBenchEr
             peer.id
         );
     }
-    let chain = pki.client.chain.clone();
-
     let clock_ns = clock_cost()?;
     let batch = opts.iterations / opts.rounds;
-    let mut samples = [Samples::default(), Samples::default()];
     let variants = [&ours, &plain];
-    // Round 0 is the warm-up, not counted.
-    for round in 0..=opts.rounds {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for &v in &order {
-            let (server_ns, regions, total_ns) =
-                handshake_batch(variants[v], &client, &name, batch)?;
-            let verify_ns = verify_batch(variants[v], &chain, batch)?;
-            if round == 0 {
-                continue;
-            }
-            let s = &mut samples[v];
-            let server_ns = (server_ns as f64 - regions as f64 * clock_ns).max(0.0);
-            s.server_us.push(server_ns / batch as f64 / 1000.0);
-            s.total_us.push(total_ns as f64 / batch as f64 / 1000.0);
-            s.verify_us.push(verify_ns as f64 / batch as f64 / 1000.0);
-            s.server_ns_sum += server_ns;
-            s.regions += regions;
-        }
-    }
+    let measure = Measure {
+        variants,
+        name: &name,
+        batch,
+        rounds: opts.rounds,
+        clock_ns,
+    };
+    let reused = ClientSide {
+        configs: vec![client],
+        chains: vec![pki.client.chain.clone()],
+    };
+    let reused_leaf = measure.case(&reused, false)?;
+    // Issued before the clock starts: one leaf per handshake of every round, warm-up included.
+    let distinct = ClientSide::fresh(&pki, batch * (opts.rounds + 1))?;
+    let distinct_leaf = measure.case(&distinct, true)?;
+    let (leaf_parse_us, id_parse_us) = components(&pki.client.chain[0], opts.iterations)?;
+    Ok(HandshakeBenchReport {
+        iterations: batch * opts.rounds,
+        rounds: opts.rounds,
+        negotiated,
+        clock_cost_ns: clock_ns,
+        goal_met: reused_leaf.goal_met && distinct_leaf.goal_met,
+        reused_leaf,
+        distinct_leaf,
+        leaf_parse_us,
+        id_parse_us,
+    })
+}
 
+/// The client side of one case: the configs its handshakes use and the chains they present.
+struct ClientSide {
+    configs: Vec<Arc<ClientConfig>>,
+    chains: Vec<Vec<CertificateDer<'static>>>,
+}
+
+impl ClientSide {
+    /// `n` client SVIDs, each with a key and serial of its own (the same SPIFFE ID and scope),
+    /// and a client config presenting each.
+    fn fresh(pki: &BenchPki, n: usize) -> Result<Self, MtlsBenchError> {
+        let expected = PeerPolicy::exact(pki.server.id.base().clone())?;
+        let mut configs = Vec::with_capacity(n);
+        let mut chains = Vec::with_capacity(n);
+        for _ in 0..n {
+            let svid = issue(&pki.authority, pki.client.id.clone(), &[])?;
+            let source = pki.source(&svid)?;
+            configs.push(Arc::new(mtls::client_config(&source, expected.clone())?));
+            chains.push(svid.chain);
+        }
+        Ok(Self { configs, chains })
+    }
+}
+
+/// How the cases are measured: both variants, alternating, in rounds after a warm-up round.
+struct Measure<'a> {
+    variants: [&'a Variant; 2],
+    name: &'a ServerName<'static>,
+    batch: usize,
+    rounds: usize,
+    clock_ns: f64,
+}
+
+impl Measure<'_> {
+    /// Measures one case. `distinct`: each round uses the next `batch` clients, every one
+    /// once per variant; otherwise every handshake uses the first.
+    fn case(&self, clients: &ClientSide, distinct: bool) -> Result<CaseFigures, MtlsBenchError> {
+        let batch = self.batch;
+        let mut samples = [Samples::default(), Samples::default()];
+        // Round 0 is the warm-up, not counted.
+        for round in 0..=self.rounds {
+            let range = if distinct {
+                round * batch..(round + 1) * batch
+            } else {
+                0..1
+            };
+            let configs = &clients.configs[range.clone()];
+            let chains = &clients.chains[range];
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for &v in &order {
+                let (server_ns, regions, total_ns) =
+                    handshake_batch(self.variants[v], configs, self.name, batch)?;
+                let verify_ns = verify_batch(self.variants[v], chains, batch)?;
+                if round == 0 {
+                    continue;
+                }
+                let s = &mut samples[v];
+                let server_ns = (server_ns as f64 - regions as f64 * self.clock_ns).max(0.0);
+                s.server_us.push(server_ns / batch as f64 / 1000.0);
+                s.total_us.push(total_ns as f64 / batch as f64 / 1000.0);
+                s.verify_us.push(verify_ns as f64 / batch as f64 / 1000.0);
+                s.server_ns_sum += server_ns;
+                s.regions += regions;
+            }
+        }
+        Ok(figures_of(&samples, batch * self.rounds))
+    }
+}
+
+/// The figures of one case from both variants' samples (ours first).
+fn figures_of(samples: &[Samples; 2], counted: usize) -> CaseFigures {
     let ratios = |f: fn(&Samples) -> &Vec<f64>| -> f64 {
         let mut r: Vec<f64> = f(&samples[0])
             .iter()
@@ -655,36 +768,25 @@ fn run(opts: &HandshakeBenchOptions) -> Result<HandshakeBenchReport, MtlsBenchEr
         median(&mut r)
     };
     let handshake_overhead_pct = ratios(|s| &s.server_us);
-    let total_overhead_pct = ratios(|s| &s.total_us);
-    let verification_overhead_pct = ratios(|s| &s.verify_us);
     let figures = |s: &Samples, name: &str| VerifierFigures {
         verifier: name.to_owned(),
         server_cpu_us_per_handshake: median(&mut s.server_us.clone()),
         total_cpu_us_per_handshake: median(&mut s.total_us.clone()),
         cpu_us_per_verification: median(&mut s.verify_us.clone()),
     };
-    let ours_fig = figures(&samples[0], "ours: mtls::server_config (SPIFFE ID + scope)");
-    let plain_fig = figures(&samples[1], "plain: rustls WebPkiClientVerifier");
-    let (leaf_parse_us, id_parse_us) = components(&chain[0], opts.iterations)?;
-    let counted = batch * opts.rounds;
-    let handshake_overhead_pct_of_totals = pct(samples[0].server_ns_sum, samples[1].server_ns_sum);
-    Ok(HandshakeBenchReport {
-        iterations: counted,
-        rounds: opts.rounds,
-        negotiated,
-        clock_cost_ns: clock_ns,
-        regions_per_handshake: samples[0].regions as f64 / counted as f64,
-        verification_extra_us: ours_fig.cpu_us_per_verification - plain_fig.cpu_us_per_verification,
-        ours: ours_fig,
-        plain: plain_fig,
-        leaf_parse_us,
-        id_parse_us,
+    let ours = figures(&samples[0], "ours: mtls::server_config (SPIFFE ID + scope)");
+    let plain = figures(&samples[1], "plain: rustls WebPkiClientVerifier");
+    CaseFigures {
+        regions_per_handshake: samples[0].regions as f64 / counted.max(1) as f64,
+        verification_extra_us: ours.cpu_us_per_verification - plain.cpu_us_per_verification,
+        ours,
+        plain,
         goal_met: handshake_overhead_pct <= HANDSHAKE_GOAL_PCT,
         handshake_overhead_pct,
-        handshake_overhead_pct_of_totals,
-        total_overhead_pct,
-        verification_overhead_pct,
-    })
+        handshake_overhead_pct_of_totals: pct(samples[0].server_ns_sum, samples[1].server_ns_sum),
+        total_overhead_pct: ratios(|s| &s.total_us),
+        verification_overhead_pct: ratios(|s| &s.verify_us),
+    }
 }
 
 #[cfg(test)]
@@ -701,13 +803,26 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(report.iterations, 4);
-        assert!(report.ours.server_cpu_us_per_handshake > 0.0);
-        assert!(report.plain.cpu_us_per_verification > 0.0);
+        for case in [&report.reused_leaf, &report.distinct_leaf] {
+            assert!(case.ours.server_cpu_us_per_handshake > 0.0);
+            assert!(case.plain.cpu_us_per_verification > 0.0);
+        }
         assert!(
             report.negotiated.contains("bench.read"),
             "{}",
             report.negotiated
         );
         assert!(!report.to_string().is_empty());
+    }
+
+    /// The distinct-leaf case presents a different leaf in every handshake.
+    #[test]
+    fn fresh_client_side_has_a_leaf_per_handshake() {
+        let pki = BenchPki::generate().unwrap();
+        let side = ClientSide::fresh(&pki, 3).unwrap();
+        assert_eq!(side.configs.len(), 3);
+        let leaves: std::collections::HashSet<_> = side.chains.iter().map(|c| &c[0]).collect();
+        assert_eq!(leaves.len(), 3);
+        assert!(!leaves.contains(&pki.client.chain[0]));
     }
 }
