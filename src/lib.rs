@@ -14,6 +14,7 @@ pub mod client;
 pub mod codec;
 pub mod config_file;
 pub mod demo;
+pub mod dns_name;
 pub mod duration;
 pub mod files;
 pub mod id;
