@@ -75,6 +75,20 @@ pub struct AuditEvent {
     pub not_after: Option<i64>,
 }
 
+/// The most characters of escaped text an audit record keeps of a value that failed
+/// validation (a task ID, scope or attestor name a caller chose), before the note of how much
+/// was cut. It is above the longest valid value (a scope is at most 519 characters, a task ID
+/// 128), so a value that passed validation is never cut.
+pub const MAX_UNTRUSTED_CHARS: usize = 600;
+
+/// A caller-chosen value as an audit record or a log line keeps it: its control, bidi and
+/// zero-width characters escaped and its length bounded to [`MAX_UNTRUSTED_CHARS`], so a
+/// refused value (`x\n#9999 ... allow`, `ESC [8m`) cannot forge lines or hide text in an
+/// operator's terminal or flood the log. A valid value comes back unchanged.
+pub fn untrusted(value: &str) -> String {
+    crate::text::escape_bounded(value, MAX_UNTRUSTED_CHARS).into_owned()
+}
+
 /// An event as stored: numbered and chained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {

@@ -29,8 +29,19 @@ pub const MAX_SCOPE_TOKENS: usize = 8;
 pub const MAX_SCOPE_TOKEN_LEN: usize = 64;
 
 const SCHEME: &str = "spiffe://";
+/// How much of a refused input an [`IdError`] repeats.
+const SHOWN_CHARS: usize = 256;
 
-/// Why a SPIFFE ID, trust domain or scope was refused.
+/// A refused input as an error repeats it: escaped and bounded, since it may hold anything
+/// (line breaks, terminal escapes, megabytes) and errors reach logs, audit records and
+/// terminals.
+fn shown(input: &str) -> String {
+    crate::text::escape_bounded(input, SHOWN_CHARS).into_owned()
+}
+
+/// Why a SPIFFE ID, trust domain or scope was refused. A refused input is held escaped and
+/// bounded (at most 256 characters of escaped text and a note of how much was cut), so the
+/// message is safe to log, audit or print.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     /// The input was empty.
@@ -111,13 +122,13 @@ impl TrustDomain {
     /// [`IdError::TrustDomainTooLong`] when the name breaks the SPIFFE ID spec.
     pub fn new(name: &str) -> Result<Self, IdError> {
         if name.is_empty() {
-            return Err(IdError::MissingTrustDomain(name.to_owned()));
+            return Err(IdError::MissingTrustDomain(shown(name)));
         }
         if name.len() > MAX_TRUST_DOMAIN_LEN {
             return Err(IdError::TrustDomainTooLong(name.len()));
         }
         if !name.bytes().all(is_trust_domain_byte) {
-            return Err(IdError::BadTrustDomainChar(name.to_owned()));
+            return Err(IdError::BadTrustDomainChar(shown(name)));
         }
         Ok(Self(name.to_owned()))
     }
@@ -144,7 +155,7 @@ impl TrustDomain {
     /// `acme.test` + `evil/x` is `spiffe://acme.testevil/x`).
     pub fn join(&self, path: &str) -> Result<SpiffeId, IdError> {
         if !path.is_empty() && !path.starts_with('/') {
-            return Err(IdError::BadPathChar(path.to_owned()));
+            return Err(IdError::BadPathChar(shown(path)));
         }
         SpiffeId::parse(&format!("{SCHEME}{}{path}", self.0))
     }
@@ -205,29 +216,29 @@ impl SpiffeId {
         }
         let rest = s
             .strip_prefix(SCHEME)
-            .ok_or_else(|| IdError::WrongScheme(s.to_owned()))?;
+            .ok_or_else(|| IdError::WrongScheme(shown(s)))?;
         let td_len = rest.find('/').unwrap_or(rest.len());
         let td = &rest[..td_len];
         if td.is_empty() {
-            return Err(IdError::MissingTrustDomain(s.to_owned()));
+            return Err(IdError::MissingTrustDomain(shown(s)));
         }
         if td.len() > MAX_TRUST_DOMAIN_LEN {
             return Err(IdError::TrustDomainTooLong(td.len()));
         }
         if !td.bytes().all(is_trust_domain_byte) {
-            return Err(IdError::BadTrustDomainChar(td.to_owned()));
+            return Err(IdError::BadTrustDomainChar(shown(td)));
         }
         let path = &rest[td_len..];
         if !path.is_empty() {
             for segment in path[1..].split('/') {
                 if segment.is_empty() {
-                    return Err(IdError::EmptySegment(s.to_owned()));
+                    return Err(IdError::EmptySegment(shown(s)));
                 }
                 if segment == "." || segment == ".." {
-                    return Err(IdError::DotSegment(s.to_owned()));
+                    return Err(IdError::DotSegment(shown(s)));
                 }
                 if !segment.bytes().all(is_path_byte) {
-                    return Err(IdError::BadPathChar(s.to_owned()));
+                    return Err(IdError::BadPathChar(shown(s)));
                 }
             }
         }
@@ -350,7 +361,7 @@ impl Scope {
     }
 
     fn parse_with(s: &str, sep: char) -> Result<Self, IdError> {
-        let bad = || IdError::BadScope(s.to_owned());
+        let bad = || IdError::BadScope(shown(s));
         let mut count = 0;
         for token in s.split(sep) {
             count += 1;

@@ -12,6 +12,7 @@ pub mod ca;
 pub mod client;
 pub mod codec;
 pub mod config_file;
+pub mod dns_name;
 pub mod duration;
 pub mod files;
 pub mod id;

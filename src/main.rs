@@ -107,6 +107,9 @@ struct ServerRunArgs {
     /// The agent SVID lifetime [default: 1h].
     #[arg(long)]
     agent_ttl: Option<String>,
+    /// The shortest TTL an entry may have [default: 30s]; lower only for tests.
+    #[arg(long, hide = true)]
+    min_entry_ttl: Option<String>,
     /// Sign Mayfly's CA with this upstream CA certificate (PEM).
     #[arg(long)]
     upstream_ca_cert: Option<PathBuf>,
@@ -455,6 +458,7 @@ async fn server_run(args: ServerRunArgs) -> Result<()> {
         database: args.database,
         ca_ttl: args.ca_ttl,
         agent_ttl: args.agent_ttl,
+        min_entry_ttl: args.min_entry_ttl,
         upstream_ca_cert: args.upstream_ca_cert,
         upstream_ca_key: args.upstream_ca_key,
     };

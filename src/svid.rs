@@ -444,7 +444,9 @@ pub fn issue(
         Ia5String::try_from(id.as_str()).map_err(|e| SvidError::Signing(e.to_string()))?,
     ));
     for name in spec.dns_names {
-        if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
+        // The same rule the admin API applies to an entry's names, so what is stored is
+        // what can be signed.
+        if crate::dns_name::check(name).is_err() {
             return Err(SvidError::BadDnsName(name.clone()));
         }
         let ia5 =

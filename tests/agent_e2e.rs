@@ -83,7 +83,8 @@ fn stderr(o: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spiffe_crate_gets_its_svid_sees_rotations_before_expiry_and_loses_it_with_its_entry() {
-    let mut cluster = Cluster::start();
+    // 10 s SVIDs, below the entry TTL floor, so that rotations come within the test's time.
+    let mut cluster = Cluster::start_with(&["--min-entry-ttl", "10s"]);
     cluster.start_agent();
     let id = "spiffe://mayfly.local/agents/rotating";
     let entry = cluster.create_entry(id, &["--selector", "unix:uid:0", "--ttl", "10s"]);
@@ -423,7 +424,8 @@ async fn a_killed_agent_restarts_without_a_token_and_workloads_recover_within_fi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_svids_outlive_a_server_outage_until_expiry_never_after_and_refresh_on_return() {
-    let mut cluster = Cluster::start();
+    // 10 s SVIDs, below the entry TTL floor, so that rotations come within the test's time.
+    let mut cluster = Cluster::start_with(&["--min-entry-ttl", "10s"]);
     cluster.start_agent();
     let id = "spiffe://mayfly.local/agents/outage";
     cluster.create_entry(id, &["--selector", "unix:uid:0", "--ttl", "10s"]);

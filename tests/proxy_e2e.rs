@@ -151,7 +151,8 @@ async fn line_echo_upstream() -> SocketAddr {
 /// A server and an agent, with the proxy's entry (`--dns localhost`, and `--ttl` when given)
 /// and `entries` (SPIFFE ID, extra `entry create` flags), all for uid 0.
 fn cluster_with(proxy_ttl: Option<&str>, entries: &[(&str, &[&str])]) -> Cluster {
-    let mut cluster = Cluster::start();
+    // 10 s SVIDs, below the entry TTL floor, so that rotations come within the test's time.
+    let mut cluster = Cluster::start_with(&["--min-entry-ttl", "10s"]);
     cluster.start_agent();
     let mut proxy_args = vec!["--selector", "unix:uid:0", "--dns", "localhost"];
     if let Some(ttl) = proxy_ttl {
@@ -1061,7 +1062,8 @@ where
 /// the agent is down and follows the restarted agent; drops the SVID when its entry is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svid_source_follows_the_real_agent() {
-    let mut cluster = Cluster::start();
+    // 10 s SVIDs, below the entry TTL floor, so that rotations come within the test's time.
+    let mut cluster = Cluster::start_with(&["--min-entry-ttl", "10s"]);
     cluster.start_agent();
 
     let lonely = SvidSource::spawn(cluster.path("nobody.sock"));

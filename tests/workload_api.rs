@@ -19,7 +19,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestServer, entry_request, expect_code};
+use common::{Engine, TestServer, entry_request, expect_code};
 use hyper_util::rt::TokioIo;
 use mayfly::agent::endpoint::{self, EndpointError};
 use mayfly::agent::link::ServerLink;
@@ -70,7 +70,12 @@ struct Fixture {
 impl Fixture {
     /// Everything running, the snapshot not ready yet (as before the agent's first sync).
     async fn start() -> Self {
-        let server = TestServer::start().await;
+        // Entries of a few seconds (below the entry TTL floor) let expiry happen within a test.
+        let server = TestServer::start_with(Engine::Sqlite, |c| {
+            c.min_entry_ttl = Duration::from_secs(1);
+        })
+        .await
+        .expect("SQLite needs no environment");
         let agent = server.attest().await;
         let td = server.trust_domain();
         let link = Arc::new(ServerLink::new(

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
-use mayfly_attestors::{Selector, join_token};
+use mayfly_attestors::join_token;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
-use crate::id::{IdError, SpiffeId, parse_scopes};
+use crate::id::{IdError, SpiffeId};
 use crate::proto::admin as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
-use crate::server::policy::{DEFAULT_TTL, MAX_TTL, unix_secs};
+use crate::server::entry_rules::{EntryError, EntryRules};
+use crate::server::policy::unix_secs;
 use crate::store::{AgentRecord, AuditFilter, Entry, EntryId, JoinTokenRecord, StoreError};
 
 /// Join tokens live this long unless asked otherwise.
@@ -39,6 +40,8 @@ enum AdminError {
     Store(StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Entry(#[from] EntryError),
 }
 
 impl From<StoreError> for AdminError {
@@ -62,6 +65,7 @@ impl AdminError {
     fn status(&self) -> Status {
         match self {
             Self::Invalid(m) => Status::invalid_argument(m.clone()),
+            Self::Entry(e) => Status::invalid_argument(e.to_string()),
             Self::NotFound(m) => Status::not_found(m.clone()),
             Self::Exists(m) => Status::already_exists(m.clone()),
             Self::Store(_) | Self::Audit(_) => Status::unavailable(self.to_string()),
@@ -99,82 +103,22 @@ impl AdminService {
     }
 
     fn validate_entry(&self, req: &pb::CreateEntryRequest) -> Result<Entry, AdminError> {
-        let td = &self.state.td;
-        let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
-        spiffe_id.check_registrable(td)?;
-        let parent_id = SpiffeId::parse(&req.parent_id)?;
-        if !self.state.policy.is_agent_id(&parent_id) {
-            return Err(AdminError::Invalid(format!(
-                "parent ID '{parent_id}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>"
-            )));
-        }
-        if req.selectors.is_empty() {
-            return Err(AdminError::Invalid(
-                "an entry needs at least one selector (e.g. unix:uid:1001), or any workload on the node would match it".into(),
-            ));
-        }
-        let mut selectors = req
-            .selectors
-            .iter()
-            .map(|s| Selector::parse(s).map_err(|e| AdminError::Invalid(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        selectors.sort();
-        selectors.dedup();
-        let scopes = parse_scopes(&req.scopes)?;
-        let ttl = match req.ttl_seconds {
-            0 => DEFAULT_TTL.as_secs() as u32,
-            t if u64::from(t) > MAX_TTL.as_secs() => {
-                return Err(AdminError::Invalid(format!(
-                    "a TTL of {t}s is above the ceiling of {}s (1h); SVIDs are meant to live minutes",
-                    MAX_TTL.as_secs()
-                )));
-            }
-            t => t,
+        let rules = EntryRules {
+            trust_domain: &self.state.td,
+            policy: &self.state.policy,
+            min_ttl: self.state.min_entry_ttl,
         };
-        let mut dns_names = req.dns_names.clone();
-        for name in &dns_names {
-            if !is_dns_name(name) {
-                return Err(AdminError::Invalid(format!(
-                    "'{name}' is not a DNS name: use lowercase labels of letters, digits and '-', separated by '.'"
-                )));
-            }
-        }
-        dns_names.sort();
-        dns_names.dedup();
-        Ok(Entry {
-            id: EntryId::generate(),
-            spiffe_id,
-            parent_id,
-            selectors,
-            scopes,
-            ttl_secs: ttl,
-            dns_names,
-            created_at: unix_secs(SystemTime::now()),
-        })
+        Ok(rules.validate(req)?)
     }
 
     fn parse_entry_id(text: &str) -> Result<EntryId, AdminError> {
         EntryId::parse(text).ok_or_else(|| {
             AdminError::Invalid(format!(
                 "'{}' is not an entry ID: entry IDs are 32 hexadecimal digits, as `mayfly entry list` shows",
-                text.chars().take(80).collect::<String>()
+                crate::text::escape_bounded(text, 80)
             ))
         })
     }
-}
-
-fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
 }
 
 fn entry_message(e: Entry) -> pb::Entry {

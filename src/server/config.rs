@@ -45,6 +45,8 @@ pub struct Settings {
     pub ca_ttl: Option<String>,
     /// Agent SVID lifetime, e.g. `1h`.
     pub agent_ttl: Option<String>,
+    /// The shortest entry TTL, e.g. `30s` (lower only for tests that watch rotations).
+    pub min_entry_ttl: Option<String>,
     /// Upstream CA certificate (PEM).
     pub upstream_ca_cert: Option<PathBuf>,
     /// Upstream CA key (PEM PKCS#8).
@@ -69,6 +71,7 @@ impl Settings {
             database: over.database.or(self.database),
             ca_ttl: over.ca_ttl.or(self.ca_ttl),
             agent_ttl: over.agent_ttl.or(self.agent_ttl),
+            min_entry_ttl: over.min_entry_ttl.or(self.min_entry_ttl),
             upstream_ca_cert: over.upstream_ca_cert.or(self.upstream_ca_cert),
             upstream_ca_key: over.upstream_ca_key.or(self.upstream_ca_key),
         }
@@ -95,6 +98,9 @@ impl Settings {
         }
         if let Some(ttl) = self.agent_ttl {
             config.agent_ttl = duration::parse(&ttl)?;
+        }
+        if let Some(ttl) = self.min_entry_ttl {
+            config.min_entry_ttl = duration::parse(&ttl)?;
         }
         config.upstream_ca = match (self.upstream_ca_cert, self.upstream_ca_key) {
             (Some(cert_path), Some(key_path)) => Some(UpstreamCa {

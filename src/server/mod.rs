@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audit_log;
 pub mod config;
 pub mod conn;
+pub mod entry_rules;
 pub mod node;
 pub mod policy;
 pub mod status_layer;
@@ -111,6 +112,9 @@ pub struct ServerConfig {
     pub ca_ttl: Duration,
     /// The agents' SVID lifetime.
     pub agent_ttl: Duration,
+    /// The shortest TTL an entry may be registered with ([`entry_rules::MIN_TTL`] by default;
+    /// lower only for tests that watch rotations).
+    pub min_entry_ttl: Duration,
     /// Sign the CA with this upstream CA instead of self-signing.
     pub upstream_ca: Option<UpstreamCa>,
 }
@@ -128,6 +132,7 @@ impl ServerConfig {
             database: None,
             ca_ttl: defaults::CA_TTL,
             agent_ttl: defaults::AGENT_TTL,
+            min_entry_ttl: entry_rules::MIN_TTL,
             upstream_ca: None,
         }
     }
@@ -147,6 +152,7 @@ pub(crate) struct ServerState {
     pub(crate) audit: AuditLog,
     pub(crate) bundles: LiveBundles,
     pub(crate) agent_ttl: Duration,
+    pub(crate) min_entry_ttl: Duration,
 }
 
 impl ServerState {
@@ -291,6 +297,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         audit: AuditLog::start(store.clone()),
         bundles: bundles.clone(),
         agent_ttl: config.agent_ttl,
+        min_entry_ttl: config.min_entry_ttl,
     });
 
     let listener = TcpListener::bind(config.bind)

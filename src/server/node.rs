@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditEvent, Decision};
+use crate::audit::{self, AuditEvent, Decision};
 use crate::id::{ScopedId, SpiffeId};
 use crate::proto::node as pb;
 use crate::server::ServerState;
@@ -92,7 +92,17 @@ impl NodeService {
     async fn refuse(&self, mut event: AuditEvent, err: NodeError) -> Status {
         if err.is_decision() {
             event.decision = Some(Decision::Deny);
+            // Every caller-chosen value in the reason was escaped where it entered the
+            // message (IdError, DnsNameError and the refusals here hold escaped text), and
+            // the event's free-text fields were escaped when they were filled in.
             event.reason = err.to_string();
+            tracing::debug!(
+                action = %event.action,
+                reason = %event.reason,
+                attestor = event.attestor.as_deref().unwrap_or_default(),
+                task_id = event.task_id.as_deref().unwrap_or_default(),
+                "refused"
+            );
             if let Err(audit_err) = self.state.audit.record(event).await {
                 tracing::error!(error = %audit_err, "could not audit a refusal");
             }
@@ -263,7 +273,8 @@ impl NodeService {
         }
         EntryId::parse(text).ok_or_else(|| {
             Refusal::Invalid(format!(
-                "'{text}' is not an entry ID; entry IDs are 32 hexadecimal digits"
+                "'{}' is not an entry ID; entry IDs are 32 hexadecimal digits",
+                audit::untrusted(text)
             ))
         })
     }
@@ -345,7 +356,8 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let req = request.into_inner();
         let mut event = event("agent.attest");
-        event.attestor = Some(req.attestor.chars().take(64).collect());
+        // The attestor name is the caller's, unauthenticated: recorded escaped and bounded.
+        event.attestor = Some(audit::untrusted(&req.attestor));
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
             if req.attestor != mayfly_attestors::join_token::NAME {
                 return Err(Refusal::Invalid(format!(
@@ -527,12 +539,14 @@ impl pb::node_server::Node for NodeService {
         let peer = peer_of(&request);
         let req = request.into_inner();
         let mut event = event("svid.task");
-        event.task_id = Some(req.task_id.chars().take(policy::MAX_TASK_ID_LEN).collect());
+        // Until they are validated, the task ID and scopes are recorded as the workload sent
+        // them, escaped and bounded: a refusal's record cannot forge lines or hide text.
+        event.task_id = Some(audit::untrusted(&req.task_id));
         event.scopes = req
             .scopes
             .iter()
             .take(policy::MAX_SCOPES)
-            .map(|s| s.chars().take(600).collect())
+            .map(|s| audit::untrusted(s))
             .collect();
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
             let (agent, entry) = self

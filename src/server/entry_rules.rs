@@ -1,0 +1,260 @@
+//! What a registration entry may hold: the admin API's one validation path.
+//!
+//! An entry that is stored must be issuable, every time, for every task the agent may ask for:
+//! otherwise the agent retries it forever, the workload never gets its identity, and (for an
+//! entry too large to send) the agent's sync fails for every entry on its node. So the limits
+//! here are derived from what issuance and the node API can carry, and an entry over one is
+//! refused whole, with nothing stored.
+
+use std::time::{Duration, SystemTime};
+
+use mayfly_attestors::{Selector, SelectorError};
+
+use crate::dns_name::{self, DnsNameError, MAX_DNS_NAME_LEN};
+use crate::id::{IdError, MAX_SPIFFE_ID_LEN, ScopedId, SpiffeId, TrustDomain, parse_scopes};
+use crate::proto::admin as pb;
+use crate::server::policy::{DEFAULT_TTL, IssuancePolicy, MAX_SCOPES, MAX_TTL, unix_secs};
+use crate::store::{Entry, EntryId};
+use crate::svid::MAX_LEAF_LEN;
+use crate::text::escape_bounded;
+
+/// The shortest TTL an entry may have, unless the server is configured otherwise. The agent
+/// renews an identity SVID at half its lifetime, so a TTL of seconds makes it re-issue (and
+/// the server sign and audit) that identity continuously: a 1 s TTL gave 56 issuances in 10 s.
+pub const MIN_TTL: Duration = Duration::from_secs(30);
+
+/// The most scopes one entry may grant: as many as one task request may name
+/// ([`MAX_SCOPES`]), so a task can always hold all of its entry's scopes at once. The bytes
+/// count too: the entry's ID with all its scopes must be a valid SPIFFE ID (≤ 2,048 bytes).
+pub const MAX_ENTRY_SCOPES: usize = MAX_SCOPES;
+
+/// The bytes of a leaf other than its DNS SANs, at most: the longest scoped SPIFFE ID
+/// (2,048 bytes) plus 1 KiB for the rest (key, issuer and subject names, validity, serial,
+/// other extensions and signature; about 450 bytes are used, as the tests measure).
+pub const LEAF_BYTES_WITHOUT_DNS: usize = MAX_SPIFFE_ID_LEN + 1024;
+
+/// The DER bytes one DNS SAN of the longest name takes: its tag, a two-byte length and the
+/// name.
+const DNS_SAN_MAX_BYTES: usize = 3 + MAX_DNS_NAME_LEN;
+
+/// The most DNS names one entry may have: as many of the longest names as fit in a leaf the
+/// verifiers accept ([`MAX_LEAF_LEN`], 16 KiB) beside the longest scoped ID. Every entry at
+/// this cap can be signed and verified, whatever its names.
+pub const MAX_ENTRY_DNS_NAMES: usize = (MAX_LEAF_LEN - LEAF_BYTES_WITHOUT_DNS) / DNS_SAN_MAX_BYTES;
+
+// The DNS cap is the largest count that fits: one more would not.
+const _: () = assert!(
+    LEAF_BYTES_WITHOUT_DNS + MAX_ENTRY_DNS_NAMES * DNS_SAN_MAX_BYTES <= MAX_LEAF_LEN
+        && LEAF_BYTES_WITHOUT_DNS + (MAX_ENTRY_DNS_NAMES + 1) * DNS_SAN_MAX_BYTES > MAX_LEAF_LEN
+);
+
+/// The most selectors one entry may require. A workload attestor reports seven kinds of fact
+/// (uid, gid, user, group, supplementary gids, path, sha256), so an entry needs a handful; at
+/// 16 of the longest (1 KiB values), an entry at every cap still fits in half of the node
+/// API's message limit, so the agent can always sync it beside the bundle and its other
+/// entries (the tests check the sum).
+pub const MAX_ENTRY_SELECTORS: usize = 16;
+
+/// How much of a refused value an error repeats, escaped.
+const SHOWN_CHARS: usize = 200;
+
+/// Why an entry was refused. Each is one sentence that says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    /// The SPIFFE ID or the parent ID is malformed, or the ID may not be registered.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// The parent is not an agent of this trust domain.
+    #[error(
+        "parent ID '{parent}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>"
+    )]
+    ParentNotAgent {
+        /// The parent ID given.
+        parent: SpiffeId,
+        /// The server's trust domain.
+        td: TrustDomain,
+    },
+    /// The entry names no selector.
+    #[error(
+        "an entry needs at least one selector (e.g. unix:uid:1001), or any workload on the node would match it"
+    )]
+    NoSelectors,
+    /// More selectors than [`MAX_ENTRY_SELECTORS`].
+    #[error(
+        "an entry may require at most {MAX_ENTRY_SELECTORS} selectors and this one has {0}; a larger entry could not be sent to its agent"
+    )]
+    TooManySelectors(usize),
+    /// A selector is malformed.
+    #[error("{}", escape_bounded(&.0.to_string(), SHOWN_CHARS))]
+    Selector(#[source] SelectorError),
+    /// More scopes than [`MAX_ENTRY_SCOPES`].
+    #[error(
+        "an entry may grant at most {MAX_ENTRY_SCOPES} scopes and this one has {0}, more than one task could ever ask for; split it into several entries"
+    )]
+    TooManyScopes(usize),
+    /// A scope is malformed.
+    #[error(transparent)]
+    Scope(IdError),
+    /// The ID with all the entry's scopes is over the SPIFFE ID length limit.
+    #[error(
+        "the entry's SPIFFE ID with all its scopes is {0} bytes, over the SPIFFE limit of 2048, so a task SVID holding them all could never be issued; use fewer or shorter scopes, or a shorter ID"
+    )]
+    ScopesTooLong(usize),
+    /// More DNS names than [`MAX_ENTRY_DNS_NAMES`].
+    #[error(
+        "an entry may have at most {MAX_ENTRY_DNS_NAMES} DNS names and this one has {0}; more would not fit in a certificate that verifiers accept"
+    )]
+    TooManyDnsNames(usize),
+    /// A DNS name cannot go in a certificate.
+    #[error(transparent)]
+    DnsName(#[from] DnsNameError),
+    /// The TTL is below the floor.
+    #[error(
+        "a TTL of {asked}s is below the floor of {floor}s: the agent renews an SVID at half its lifetime, so a shorter TTL would make it re-issue this identity continuously; give a TTL of at least {floor}s"
+    )]
+    TtlBelowFloor {
+        /// Seconds asked for.
+        asked: u64,
+        /// The floor, in seconds.
+        floor: u64,
+    },
+    /// The TTL is above the ceiling.
+    #[error("a TTL of {0}s is above the ceiling of 3600s (1h); SVIDs are meant to live minutes")]
+    TtlAboveCeiling(u64),
+}
+
+/// The rules an entry is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRules<'a> {
+    /// The server's trust domain.
+    pub trust_domain: &'a TrustDomain,
+    /// The issuance policy (which IDs are agents).
+    pub policy: &'a IssuancePolicy,
+    /// The shortest TTL an entry may have ([`MIN_TTL`] unless configured otherwise).
+    pub min_ttl: Duration,
+}
+
+impl EntryRules<'_> {
+    /// Checks a create request and builds the entry it describes: selectors, scopes and DNS
+    /// names sorted and unique, the TTL filled in.
+    ///
+    /// # Errors
+    /// The [`EntryError`] for the first rule the request breaks.
+    pub fn validate(&self, req: &pb::CreateEntryRequest) -> Result<Entry, EntryError> {
+        let td = self.trust_domain;
+        let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
+        spiffe_id.check_registrable(td)?;
+        let parent_id = SpiffeId::parse(&req.parent_id)?;
+        if !self.policy.is_agent_id(&parent_id) {
+            return Err(EntryError::ParentNotAgent {
+                parent: parent_id,
+                td: td.clone(),
+            });
+        }
+        let selectors = check_selectors(&req.selectors)?;
+        if req.scopes.len() > MAX_ENTRY_SCOPES {
+            return Err(EntryError::TooManyScopes(req.scopes.len()));
+        }
+        let scopes = parse_scopes(&req.scopes).map_err(EntryError::Scope)?;
+        match ScopedId::new(spiffe_id.clone(), scopes.clone()) {
+            Ok(_) => {}
+            Err(IdError::TooLong(len)) => return Err(EntryError::ScopesTooLong(len)),
+            Err(e) => return Err(e.into()),
+        }
+        let ttl_secs = self.check_ttl(req.ttl_seconds)?;
+        let dns_names = check_dns_names(&req.dns_names)?;
+        Ok(Entry {
+            id: EntryId::generate(),
+            spiffe_id,
+            parent_id,
+            selectors,
+            scopes,
+            ttl_secs,
+            dns_names,
+            created_at: unix_secs(SystemTime::now()),
+        })
+    }
+
+    /// The TTL to store for `asked` seconds (0: the default).
+    fn check_ttl(&self, asked: u32) -> Result<u32, EntryError> {
+        let floor = self.min_ttl.as_secs();
+        let asked = u64::from(asked);
+        let ttl = match asked {
+            0 => DEFAULT_TTL.as_secs().max(floor),
+            t if t > MAX_TTL.as_secs() => return Err(EntryError::TtlAboveCeiling(t)),
+            t if t < floor => return Err(EntryError::TtlBelowFloor { asked: t, floor }),
+            t => t,
+        };
+        // At most MAX_TTL (3600 s), so it fits.
+        Ok(u32::try_from(ttl).unwrap_or(u32::MAX))
+    }
+}
+
+fn check_selectors(texts: &[String]) -> Result<Vec<Selector>, EntryError> {
+    if texts.is_empty() {
+        return Err(EntryError::NoSelectors);
+    }
+    if texts.len() > MAX_ENTRY_SELECTORS {
+        return Err(EntryError::TooManySelectors(texts.len()));
+    }
+    let mut selectors = texts
+        .iter()
+        .map(|s| Selector::parse(s).map_err(EntryError::Selector))
+        .collect::<Result<Vec<_>, _>>()?;
+    selectors.sort();
+    selectors.dedup();
+    Ok(selectors)
+}
+
+fn check_dns_names(names: &[String]) -> Result<Vec<String>, EntryError> {
+    if names.len() > MAX_ENTRY_DNS_NAMES {
+        return Err(EntryError::TooManyDnsNames(names.len()));
+    }
+    for name in names {
+        dns_name::check(name)?;
+    }
+    let mut names = names.to_vec();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_floor_and_ceiling() {
+        let td = TrustDomain::new("acme.test").unwrap();
+        let policy = IssuancePolicy::new(td.clone());
+        let r = EntryRules {
+            trust_domain: &td,
+            policy: &policy,
+            min_ttl: MIN_TTL,
+        };
+        assert_eq!(r.check_ttl(0).unwrap(), 300);
+        assert_eq!(r.check_ttl(30).unwrap(), 30);
+        assert_eq!(r.check_ttl(3600).unwrap(), 3600);
+        assert!(matches!(
+            r.check_ttl(29),
+            Err(EntryError::TtlBelowFloor {
+                asked: 29,
+                floor: 30
+            })
+        ));
+        assert!(matches!(
+            r.check_ttl(1),
+            Err(EntryError::TtlBelowFloor { .. })
+        ));
+        assert!(matches!(
+            r.check_ttl(3601),
+            Err(EntryError::TtlAboveCeiling(3601))
+        ));
+        // A floor configured above the default TTL raises the default with it.
+        let high = EntryRules {
+            min_ttl: Duration::from_secs(600),
+            ..r
+        };
+        assert_eq!(high.check_ttl(0).unwrap(), 600);
+    }
+}
