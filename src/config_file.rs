@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
     /// The file could not be read.
-    #[error("could not read the config file {path}: {source}")]
+    #[error("could not read the config file {path}")]
     Read {
         /// The file.
         path: PathBuf,

@@ -22,7 +22,12 @@ fn cluster_serving_this_process() -> Cluster {
     let uid = nix::unistd::getuid().as_raw().to_string();
     cluster.create_entry(
         "spiffe://mayfly.local/agents/reader",
-        &["--selector", &format!("unix:uid:{uid}"), "--scope", "db:read"],
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--scope",
+            "db:read",
+        ],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

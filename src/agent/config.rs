@@ -31,7 +31,7 @@ pub enum AgentConfigError {
     #[error(transparent)]
     TrustBundle(#[from] IdentityError),
     /// The sync interval is malformed.
-    #[error("--sync-interval (sync_interval in a config file): {0}")]
+    #[error("--sync-interval (sync_interval in a config file)")]
     SyncInterval(#[source] DurationError),
 }
 

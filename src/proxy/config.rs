@@ -29,10 +29,10 @@ pub enum ProxyConfigError {
     #[error(transparent)]
     Route(#[from] RouteError),
     /// A required scope is malformed.
-    #[error("--require-scope: {0}")]
+    #[error("--require-scope")]
     Scope(#[from] IdError),
     /// An allowed-ID pattern is malformed.
-    #[error("--allow-id: {0}")]
+    #[error("--allow-id")]
     Policy(#[from] PolicyError),
     /// The proxy's own SPIFFE ID is malformed.
     #[error("--spiffe-id: {0}")]

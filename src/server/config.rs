@@ -17,13 +17,13 @@ pub enum ConfigError {
     #[error(transparent)]
     File(#[from] ConfigFileError),
     /// The trust domain is malformed.
-    #[error("bad trust domain: {0}")]
+    #[error("bad trust domain")]
     TrustDomain(#[from] IdError),
     /// The bind address is malformed.
     #[error("'{0}' is not an address to listen on: write IP:PORT, such as 127.0.0.1:8081")]
     Bind(String),
     /// A duration setting is malformed.
-    #[error("--{flag} ({key} in a config file): {source}")]
+    #[error("--{flag} ({key} in a config file)")]
     Duration {
         /// The flag that sets it.
         flag: &'static str,
