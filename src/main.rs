@@ -5,6 +5,7 @@
 
 mod cli;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -178,7 +179,10 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: could not start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -189,7 +193,9 @@ fn main() -> ExitCode {
         Err(e) if is_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // Errors can quote what a server or a workload sent: escaped, they stay one line.
-            eprintln!("error: {}", mayfly::text::escape(&format!("{e:#}")));
+            let line = mayfly::text::escape(&format!("{e:#}")).into_owned();
+            // A closed stderr leaves no one to tell; that is no reason to panic.
+            let _ = writeln!(std::io::stderr(), "error: {line}");
             ExitCode::FAILURE
         }
     }

@@ -52,7 +52,7 @@ crate::settings_layer! {
         pub bind: Option<String>,
         /// A postgres:// URL to share one database between replicas [default: SQLite in the
         /// data dir].
-        #[arg(long, env = "MAYFLY_SERVER_DATABASE")]
+        #[arg(long, env = "MAYFLY_SERVER_DATABASE", hide_env_values = true)]
         pub database: Option<String>,
         /// The CA lifetime, e.g. 7d [default: 7d].
         #[arg(long, env = "MAYFLY_SERVER_CA_TTL")]
