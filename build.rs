@@ -15,10 +15,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in server_protos.iter().chain(&agent_protos) {
         println!("cargo:rerun-if-changed={p}");
     }
-    tonic_prost_build::configure()
+    // The admin API's records print as JSON (`--output json`) by derive, so the JSON keys are
+    // the proto field names and a new field appears in the output without hand-written code.
+    let mut server = tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
-        .compile_fds(protox::compile(server_protos, ["proto"])?)?;
+        .build_server(true);
+    for message in [
+        "Entry",
+        "CreateJoinTokenResponse",
+        "Agent",
+        "AuditRecord",
+        "VerifyAuditResponse",
+    ] {
+        server = server.type_attribute(
+            format!(".mayfly.admin.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
+    }
+    server.compile_fds(protox::compile(server_protos, ["proto"])?)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

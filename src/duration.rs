@@ -1,44 +1,67 @@
-//! Durations as people write them: `90s`, `5m`, `1h`, `2d`.
+//! Durations as people write them: `90s`, `5m`, `1h30m`, `500ms`, `7d`, read with `humantime`.
+//!
+//! Two things humantime accepts are refused here: spaces (`5 m` on a command line is two
+//! arguments' worth of ambiguity, and a settings value with one is more likely a typo), and
+//! months and years, which humantime counts as 30.44 and 365.25 days, a length nobody means.
 
 use std::time::Duration;
 
 /// Why a duration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}' is not a duration: write a whole number and a unit, like 90s, 5m, 1h or 7d")]
-pub struct DurationError(pub String);
-
-/// Parses `<n><unit>` with unit `s`, `m`, `h` or `d`; `n` is a positive whole number.
-///
-/// # Errors
-/// [`DurationError`] for anything else (no unit, a fraction, zero, overflow).
-pub fn parse(s: &str) -> Result<Duration, DurationError> {
-    let err = || DurationError(s.to_owned());
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let (digits, unit) = s.split_at(split);
-    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
-        return Err(err());
-    }
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(err()),
-    };
-    let secs = n.checked_mul(factor).filter(|&v| v > 0).ok_or_else(err)?;
-    Ok(Duration::from_secs(secs))
+pub enum DurationError {
+    /// The text is not a duration.
+    #[error(
+        "'{0}' is not a duration: write numbers with units and no spaces, like 90s, 5m, 1h30m, 500ms or 7d"
+    )]
+    Malformed(String),
+    /// The text is a duration of zero.
+    #[error("'{0}' is zero: give a duration above zero, like 90s or 5m")]
+    Zero(String),
+    /// The duration has a fraction of a second where only whole seconds can be kept.
+    #[error(
+        "'{0}' is not a whole number of seconds: this setting is kept in seconds, write e.g. 90s"
+    )]
+    NotWholeSeconds(String),
+    /// The duration is longer than the setting can hold.
+    #[error("'{0}' is too long for this setting")]
+    TooLong(String),
 }
 
-/// Formats whole seconds in the largest unit that divides them exactly (`300` → `5m`).
-pub fn format(d: Duration) -> String {
-    let secs = d.as_secs();
-    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs >= size && secs.is_multiple_of(size) {
-            return format!("{}{unit}", secs / size);
-        }
+/// Parses a duration above zero: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`,
+/// `d` (and humantime's other spellings of them, such as `min` or `days`), no spaces.
+///
+/// # Errors
+/// [`DurationError::Malformed`] for anything else, [`DurationError::Zero`] for a zero duration.
+pub fn parse(s: &str) -> Result<Duration, DurationError> {
+    let malformed = || DurationError::Malformed(s.to_owned());
+    if s.is_empty() || s.chars().any(char::is_whitespace) {
+        return Err(malformed());
     }
-    format!("{secs}s")
+    let refused_unit = s
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| matches!(unit, "M" | "month" | "months" | "y" | "year" | "years"));
+    if refused_unit || !s.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(malformed());
+    }
+    let d = humantime::parse_duration(s).map_err(|_| malformed())?;
+    if d.is_zero() {
+        return Err(DurationError::Zero(s.to_owned()));
+    }
+    Ok(d)
+}
+
+/// Parses a duration that is kept in whole seconds (an entry's TTL, a join token's lifetime),
+/// as the `u32` the admin API carries.
+///
+/// # Errors
+/// What [`parse`] refuses, [`DurationError::NotWholeSeconds`] for `1500ms`,
+/// [`DurationError::TooLong`] past `u32::MAX` seconds.
+pub fn parse_whole_seconds(s: &str) -> Result<u32, DurationError> {
+    let d = parse(s)?;
+    if d.subsec_nanos() != 0 {
+        return Err(DurationError::NotWholeSeconds(s.to_owned()));
+    }
+    u32::try_from(d.as_secs()).map_err(|_| DurationError::TooLong(s.to_owned()))
 }
 
 #[cfg(test)]
@@ -46,11 +69,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_each_unit_and_formats_back() {
-        for (text, secs) in [("90s", 90), ("5m", 300), ("1h", 3600), ("7d", 604_800)] {
-            let d = parse(text).unwrap();
-            assert_eq!(d.as_secs(), secs);
-            assert_eq!(format(d), text);
+    fn parses_single_units_and_combinations() {
+        for (text, ms) in [
+            ("90s", 90_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("7d", 604_800_000),
+            ("1h30m", 5_400_000),
+            ("500ms", 500),
+            ("2m30s", 150_000),
+            ("1.5h", 5_400_000),
+        ] {
+            assert_eq!(parse(text).unwrap().as_millis(), ms, "{text}");
         }
     }
 
@@ -60,15 +90,35 @@ mod tests {
             "",
             "5",
             "m",
-            "0s",
-            "05m",
-            "1.5h",
             "5 m",
+            "5 minutes",
             "-5m",
             "5M",
+            "1y",
+            "2months",
             "99999999999999999999d",
         ] {
-            assert!(parse(bad).is_err(), "{bad}");
+            assert!(
+                matches!(parse(bad), Err(DurationError::Malformed(_))),
+                "{bad}: {:?}",
+                parse(bad)
+            );
         }
+        assert_eq!(parse("0s"), Err(DurationError::Zero("0s".into())));
+        // Days are refused only as a unit: "d" inside "days" is not "y".
+        assert_eq!(parse("2days").unwrap().as_secs(), 172_800);
+    }
+
+    #[test]
+    fn whole_seconds_refuses_fractions_and_overflow() {
+        assert_eq!(parse_whole_seconds("5m"), Ok(300));
+        assert_eq!(
+            parse_whole_seconds("1500ms"),
+            Err(DurationError::NotWholeSeconds("1500ms".into()))
+        );
+        assert_eq!(
+            parse_whole_seconds("200000d"),
+            Err(DurationError::TooLong("200000d".into()))
+        );
     }
 }

@@ -279,3 +279,281 @@ fn audit_verify_fails_on_a_tampered_log() {
     refused(server.mayfly(&["audit", "verify"]), "altered");
     server.stop();
 }
+
+/// `args` run in `server`'s directory with stdout the write end of a pipe whose reader is
+/// already gone, so the first write fails with EPIPE.
+fn run_with_closed_stdout(dir: &Path, args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run mayfly")
+}
+
+#[test]
+fn closing_stdout_early_is_a_quiet_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--bind", "127.0.0.1:0"]);
+    ok(server.mayfly(&["token", "generate"]));
+    for args in [
+        &["entry", "list"][..],
+        &["audit", "list"],
+        &["audit", "list", "--output", "json"],
+        &["bundle", "show"],
+        &["token", "generate", "--output", "json"],
+        &["completions", "bash"],
+    ] {
+        // Positive control: with a reader, the command prints.
+        assert!(!ok(server.mayfly(args)).is_empty(), "{args:?}");
+        let out = run_with_closed_stdout(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{args:?} exited with {}: {}",
+            out.status,
+            stderr(&out)
+        );
+        assert_eq!(
+            stderr(&out),
+            "",
+            "{args:?}: nothing to say when stdout closes"
+        );
+    }
+    server.stop();
+}
+
+/// Starts `mayfly server run` with stderr to `log` and waits for its admin socket.
+fn server_with_log(dir: &Path, args: &[&str], log: &Path) -> Server {
+    let socket = dir.join(".mayfly/server/admin.sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(BIN)
+        .args(["server", "run", "--bind", "127.0.0.1:0"])
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("MAYFLY_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn mayfly server run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        child,
+        dir: dir.to_owned(),
+    }
+}
+
+#[test]
+fn server_logs_in_a_file_have_no_colour_codes_and_json_logs_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    server_with_log(dir.path(), &[], &log).stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("mayfly server running"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in a log file: {text:?}"
+    );
+
+    let log = dir.path().join("server.json.log");
+    server_with_log(dir.path(), &["--log-format", "json"], &log).stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "mayfly server running; stop with Ctrl-C"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+}
+
+/// The trust domain a running server issues under, read from a join token's agent ID.
+fn trust_domain_of(server: &Server) -> String {
+    let token: serde_json::Value = serde_json::from_str(&ok(
+        server.mayfly(&["token", "generate", "--output", "json"])
+    ))
+    .unwrap();
+    let agent = token["agent_id"].as_str().unwrap();
+    agent["spiffe://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn settings_come_from_flags_over_environment_over_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"file.test\"\nbind = \"127.0.0.1:0\"\nagent_ttl = \"1h30m\"\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let start = |env: Option<&str>, flags: &[&str]| {
+        let socket = dir.path().join(".mayfly/server/admin.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "run", "--config", &config])
+            .args(flags)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match env {
+            Some(td) => cmd.env("MAYFLY_SERVER_TRUST_DOMAIN", td),
+            None => cmd.env_remove("MAYFLY_SERVER_TRUST_DOMAIN"),
+        };
+        let child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server {
+            child,
+            dir: dir.path().to_owned(),
+        }
+    };
+    for (env, flags, want) in [
+        (None, &[][..], "file.test"),
+        (Some("env.test"), &[][..], "env.test"),
+        (
+            Some("env.test"),
+            &["--trust-domain", "flag.test"][..],
+            "flag.test",
+        ),
+    ] {
+        // Each run gets a fresh data dir: the CA is made for one trust domain.
+        let _ = std::fs::remove_dir_all(dir.path().join(".mayfly"));
+        let server = start(env, flags);
+        assert_eq!(
+            trust_domain_of(&server),
+            want,
+            "env {env:?}, flags {flags:?}"
+        );
+        server.stop();
+    }
+
+    // An unknown key is refused naming the key, its line and the file; nothing starts.
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "bind = \"127.0.0.1:0\"\ntrust_domian = \"x.test\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "run", "--config"])
+        .arg(&typo)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    refused(out, "trust_domian");
+    // A malformed duration names its flag and key, and says what is wrong once.
+    let out = Command::new(BIN)
+        .args([
+            "server",
+            "run",
+            "--config",
+            &config,
+            "--ca-ttl",
+            "5 minutes",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        stderr(&out).matches("is not a duration").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    refused(
+        out,
+        "--ca-ttl (ca_ttl in a config file): '5 minutes' is not a duration",
+    );
+}
+
+#[test]
+fn durations_text_tables_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--bind", "127.0.0.1:0"]);
+    let token: serde_json::Value = serde_json::from_str(&ok(
+        server.mayfly(&["token", "generate", "--ttl", "1h30m", "--output", "json"])
+    ))
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expires = token["expires_at"].as_i64().unwrap();
+    assert!((expires - now - 5400).abs() < 60, "{token}");
+    refused(
+        server.mayfly(&["token", "generate", "--ttl", "1500ms"]),
+        "whole number of seconds",
+    );
+
+    let text = ok(server.mayfly(&["token", "generate", "--ttl", "5m"]));
+    let expires = text.lines().find(|l| l.starts_with("Expires:")).unwrap();
+    assert!(
+        expires.contains("Z, in 4m5") || expires.contains("Z, in 5m"),
+        "{text}"
+    );
+
+    let agent = token["agent_id"].as_str().unwrap();
+    ok(server.mayfly(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://mayfly.local/agents/billing-bot",
+        "--parent-id",
+        agent,
+        "--selector",
+        "unix:uid:1001",
+        "--scope",
+        "stripe:read:customers",
+        "--ttl",
+        "1h",
+    ]));
+    let list = ok(server.mayfly(&["entry", "list"]));
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert!(lines[0].starts_with("ID "), "{list}");
+    // The columns line up: each header starts where its value does.
+    let scopes_at = lines[0].find("SCOPES").unwrap();
+    assert_eq!(
+        &lines[1][scopes_at..scopes_at + 21],
+        "stripe:read:customers"
+    );
+    assert!(lines[1].contains("  1h  "), "{list}");
+    assert!(
+        lines[1].contains("Z, now") || lines[1].contains("s ago"),
+        "{list}"
+    );
+
+    let audit = ok(server.mayfly(&["audit", "list"]));
+    assert!(audit.lines().next().unwrap().starts_with("SEQ"), "{audit}");
+    assert!(audit.contains("entry.create"), "{audit}");
+    // Times are RFC 3339 in text, Unix milliseconds only in JSON.
+    let json = ok(server.mayfly(&["audit", "list", "--output", "json"]));
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    let ms = first["time_ms"].as_i64().unwrap();
+    assert!(!audit.contains(&ms.to_string()), "{audit}");
+    assert!(audit.contains("Z, "), "{audit}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(server.mayfly(&["completions", shell]));
+        assert!(script.contains("mayfly"), "{shell}");
+        assert!(script.contains("entry"), "{shell}");
+    }
+    let out = server.mayfly(&["completions", "tcsh"]);
+    assert!(!out.status.success() && stderr(&out).contains("tcsh"));
+    server.stop();
+}

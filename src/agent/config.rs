@@ -1,12 +1,13 @@
-//! The agent's configuration: a TOML file, command-line flags over it, defaults under both.
+//! The agent's settings: a TOML file, the environment and command-line flags merged once
+//! (flags over environment over file), then validated into an [`AgentConfig`] with the defaults
+//! filling what no layer set.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use super::AgentConfig;
 use super::identity::{Bootstrap, IdentityError};
+use crate::config_file::{ConfigFileError, Layer};
 use crate::duration::{self, DurationError};
 
 /// The server address when none is given: the server's default node API.
@@ -17,7 +18,7 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:8081";
 pub enum AgentConfigError {
     /// The settings file could not be read or parsed.
     #[error(transparent)]
-    File(#[from] crate::config_file::ConfigFileError),
+    File(#[from] ConfigFileError),
     /// The server address does not resolve.
     #[error("'{0}' is not a server address: write HOST:PORT, such as 127.0.0.1:8081")]
     Server(String),
@@ -29,51 +30,54 @@ pub enum AgentConfigError {
     /// The trust bundle file is not usable.
     #[error(transparent)]
     TrustBundle(#[from] IdentityError),
-    /// A duration is malformed.
-    #[error(transparent)]
-    Duration(#[from] DurationError),
+    /// The sync interval is malformed.
+    #[error("--sync-interval (sync_interval in a config file)")]
+    SyncInterval(#[source] DurationError),
 }
 
-/// Every setting, each optional: the same keys in the TOML file and as flags.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSettings {
-    /// The server's node API, HOST:PORT.
-    pub server: Option<String>,
-    /// A single-use join token.
-    pub join_token: Option<String>,
-    /// The server's trust bundle (PEM), for the first attestation.
-    pub trust_bundle: Option<PathBuf>,
-    /// Trust the first server that answers.
-    pub insecure_bootstrap: Option<bool>,
-    /// The Workload API socket.
-    pub socket: Option<PathBuf>,
-    /// The agent's data dir.
-    pub data_dir: Option<PathBuf>,
-    /// How often to poll the server for entry changes, e.g. `2s`.
-    pub sync_interval: Option<String>,
+crate::settings_layer! {
+    /// Every setting of `mayfly agent run`, each optional: the same keys in the TOML file
+    /// (`sync_interval`), as flags (`--sync-interval`) and as environment variables
+    /// (`MAYFLY_AGENT_SYNC_INTERVAL`; the join token's is `MAYFLY_JOIN_TOKEN`).
+    pub struct AgentSettings {
+        /// The server's node API, HOST:PORT [default: 127.0.0.1:8081].
+        #[arg(long, env = "MAYFLY_AGENT_SERVER")]
+        pub server: Option<String>,
+        /// A single-use join token from `mayfly token generate` (needed until the agent has an
+        /// SVID).
+        #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
+        pub join_token: Option<String>,
+        /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
+        #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
+        pub trust_bundle: Option<PathBuf>,
+        /// Trust the first server that answers instead of a bundle (not for production).
+        #[arg(
+            long,
+            env = "MAYFLY_AGENT_INSECURE_BOOTSTRAP",
+            num_args = 0..=1,
+            default_missing_value = "true",
+            value_name = "BOOL"
+        )]
+        pub insecure_bootstrap: Option<bool>,
+        /// The Workload API socket [default: .mayfly/agent.sock].
+        #[arg(long, env = "MAYFLY_AGENT_SOCKET")]
+        pub socket: Option<PathBuf>,
+        /// Where the agent keeps its SVID and key [default: .mayfly/agent].
+        #[arg(long, env = "MAYFLY_AGENT_DATA_DIR")]
+        pub data_dir: Option<PathBuf>,
+        /// How often to ask the server for entry changes, e.g. 2s or 500ms [default: 2s].
+        #[arg(long, env = "MAYFLY_AGENT_SYNC_INTERVAL")]
+        pub sync_interval: Option<String>,
+    }
 }
 
 impl AgentSettings {
-    /// Reads a TOML file.
+    /// These settings (from the command line) over the config file's, validated.
     ///
     /// # Errors
-    /// [`AgentConfigError::File`].
-    pub fn from_file(path: &Path) -> Result<Self, AgentConfigError> {
-        Ok(crate::config_file::read(path)?)
-    }
-
-    /// `self`, with every setting `over` has replacing ours.
-    pub fn overridden_by(self, over: AgentSettings) -> AgentSettings {
-        AgentSettings {
-            server: over.server.or(self.server),
-            join_token: over.join_token.or(self.join_token),
-            trust_bundle: over.trust_bundle.or(self.trust_bundle),
-            insecure_bootstrap: over.insecure_bootstrap.or(self.insecure_bootstrap),
-            socket: over.socket.or(self.socket),
-            data_dir: over.data_dir.or(self.data_dir),
-            sync_interval: over.sync_interval.or(self.sync_interval),
-        }
+    /// The [`AgentConfigError`] for the file or the first bad setting.
+    pub fn resolve_over(self, file: Option<&Path>) -> Result<AgentConfig, AgentConfigError> {
+        self.over_file(file)?.resolve()
     }
 
     /// Validates the settings and fills the rest from the defaults.
@@ -106,7 +110,8 @@ impl AgentSettings {
         config.socket = absolute(&config.socket);
         config.data_dir = absolute(&config.data_dir);
         if let Some(interval) = self.sync_interval {
-            config.sync_interval = duration::parse(&interval)?;
+            config.sync_interval =
+                duration::parse(&interval).map_err(AgentConfigError::SyncInterval)?;
         }
         Ok(config)
     }
@@ -114,4 +119,33 @@ impl AgentSettings {
 
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sub_second_sync_interval_is_accepted_and_a_bad_one_named() {
+        let config = AgentSettings {
+            sync_interval: Some("500ms".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.sync_interval.as_millis(), 500);
+        let err = AgentSettings {
+            sync_interval: Some("soon".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AgentConfigError::SyncInterval(DurationError::Malformed(_))
+            ),
+            "{err:?}"
+        );
+    }
 }

@@ -1,12 +1,12 @@
-//! The proxy's configuration: a TOML file, command-line flags over it.
+//! The proxy's settings: a TOML file, the environment and command-line flags merged once
+//! (flags over environment over file), then validated into a [`ProxyConfig`].
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
-
-use serde::Deserialize;
+use std::path::{Path, PathBuf};
 
 use super::routes::{RouteError, Routes};
 use super::{ProxyConfig, ProxyMode};
+use crate::config_file::{ConfigFileError, Layer};
 use crate::id::{IdError, Scope, SpiffeId};
 use crate::mtls::{PeerPolicy, PolicyError};
 
@@ -15,7 +15,10 @@ use crate::mtls::{PeerPolicy, PolicyError};
 pub enum ProxyConfigError {
     /// The settings file could not be read or parsed.
     #[error(transparent)]
-    File(#[from] crate::config_file::ConfigFileError),
+    File(#[from] ConfigFileError),
+    /// The agent socket's address is malformed.
+    #[error(transparent)]
+    Socket(#[from] crate::workload_client::WorkloadClientError),
     /// A required address is missing.
     #[error("--{0} is required: give HOST:PORT")]
     Missing(&'static str),
@@ -26,10 +29,10 @@ pub enum ProxyConfigError {
     #[error(transparent)]
     Route(#[from] RouteError),
     /// A required scope is malformed.
-    #[error("--require-scope: {0}")]
+    #[error("--require-scope")]
     Scope(#[from] IdError),
     /// An allowed-ID pattern is malformed.
-    #[error("--allow-id: {0}")]
+    #[error("--allow-id")]
     Policy(#[from] PolicyError),
     /// The proxy's own SPIFFE ID is malformed.
     #[error("--spiffe-id: {0}")]
@@ -41,51 +44,65 @@ pub enum ProxyConfigError {
     NoRules,
 }
 
-/// Every setting, each optional: the same keys in the TOML file and as flags.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProxySettings {
-    /// Where to listen, HOST:PORT.
-    pub listen: Option<String>,
-    /// Where to forward, HOST:PORT.
-    pub upstream: Option<String>,
-    /// HTTP route rules, `METHOD /prefix scope`; any rule means HTTP mode.
-    #[serde(default)]
-    pub routes: Vec<String>,
-    /// Scopes every peer must carry to complete the handshake.
-    #[serde(default)]
-    pub require_scopes: Vec<String>,
-    /// SPIFFE IDs (exact, or ending in `/*`) allowed to connect; empty for any ID of the trust
-    /// domain.
-    #[serde(default)]
-    pub allow_ids: Vec<String>,
-    /// The Workload API socket the proxy gets its own SVID from.
-    pub socket: Option<String>,
-    /// Which of the proxy's SVIDs to present, when it has several.
-    pub spiffe_id: Option<String>,
+crate::settings_layer! {
+    /// Every setting of `mayfly proxy`, each optional: the same keys in the TOML file
+    /// (`require_scopes`), as flags (`--require-scope`, repeated) and, for single values, as
+    /// environment variables (`MAYFLY_PROXY_LISTEN`).
+    pub struct ProxySettings {
+        /// Where to listen for mTLS clients, HOST:PORT.
+        #[arg(long, env = "MAYFLY_PROXY_LISTEN")]
+        pub listen: Option<String>,
+        /// Where to forward, HOST:PORT (plain TCP or HTTP).
+        #[arg(long, env = "MAYFLY_PROXY_UPSTREAM")]
+        pub upstream: Option<String>,
+        /// HTTP mode: 'METHOD /prefix scope' ('*' any method, '-' no scope); first match wins,
+        /// no match is a 403.
+        #[arg(long = "route")]
+        #[serde(default)]
+        pub routes: Vec<String>,
+        /// A scope every client must carry, checked in the handshake (repeat for several).
+        #[arg(long = "require-scope")]
+        #[serde(default)]
+        pub require_scopes: Vec<String>,
+        /// A SPIFFE ID allowed to connect, exact or ending in /* (repeat for several).
+        #[arg(long = "allow-id")]
+        #[serde(default)]
+        pub allow_ids: Vec<String>,
+        /// The agent's socket the proxy gets its own SVID from [default: SPIFFE_ENDPOINT_SOCKET,
+        /// else .mayfly/agent.sock].
+        #[arg(long, env = "MAYFLY_PROXY_SOCKET")]
+        pub socket: Option<String>,
+        /// Which of the proxy's identities to present, when its process matches several entries.
+        #[arg(long, env = "MAYFLY_PROXY_SPIFFE_ID")]
+        pub spiffe_id: Option<String>,
+    }
+}
+
+/// A proxy ready to start: what it enforces, and the agent socket its own SVID comes from.
+#[derive(Debug, Clone)]
+pub struct ProxySetup {
+    /// What the proxy listens on, forwards to and enforces.
+    pub config: ProxyConfig,
+    /// The Workload API socket of the proxy's own agent.
+    pub socket: PathBuf,
 }
 
 impl ProxySettings {
-    /// Reads a TOML file.
+    /// These settings (from the command line) over the config file's, validated, with the
+    /// agent socket found (the setting, else `SPIFFE_ENDPOINT_SOCKET`, else the default).
     ///
     /// # Errors
-    /// [`ProxyConfigError::File`].
-    pub fn from_file(path: &Path) -> Result<Self, ProxyConfigError> {
-        Ok(crate::config_file::read(path)?)
-    }
-
-    /// `self`, with every setting `over` has replacing ours (lists replace lists).
-    pub fn overridden_by(self, over: ProxySettings) -> ProxySettings {
-        let pick = |a: Vec<String>, b: Vec<String>| if a.is_empty() { b } else { a };
-        ProxySettings {
-            listen: over.listen.or(self.listen),
-            upstream: over.upstream.or(self.upstream),
-            routes: pick(over.routes, self.routes),
-            require_scopes: pick(over.require_scopes, self.require_scopes),
-            allow_ids: pick(over.allow_ids, self.allow_ids),
-            socket: over.socket.or(self.socket),
-            spiffe_id: over.spiffe_id.or(self.spiffe_id),
-        }
+    /// The [`ProxyConfigError`] for the file or the first bad setting.
+    pub fn resolve_over(self, file: Option<&Path>) -> Result<ProxySetup, ProxyConfigError> {
+        let settings = self.over_file(file)?;
+        let socket = crate::workload_client::socket_path(
+            settings.socket.as_deref(),
+            Path::new(crate::agent::defaults::SOCKET),
+        )?;
+        Ok(ProxySetup {
+            config: settings.resolve()?,
+            socket,
+        })
     }
 
     /// Validates the settings.

@@ -1,10 +1,11 @@
-//! The server's configuration: a TOML file, command-line flags over it, defaults under both.
+//! The server's settings: a TOML file, the environment and command-line flags merged once
+//! (flags over environment over file), then validated into a [`ServerConfig`] with the defaults
+//! filling what no layer set.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use crate::ca::UpstreamCa;
+use crate::config_file::{ConfigFileError, Layer};
 use crate::duration::{self, DurationError};
 use crate::id::{IdError, TrustDomain};
 use crate::server::{ServerConfig, defaults};
@@ -14,67 +15,71 @@ use crate::server::{ServerConfig, defaults};
 pub enum ConfigError {
     /// The settings file could not be read or parsed.
     #[error(transparent)]
-    File(#[from] crate::config_file::ConfigFileError),
+    File(#[from] ConfigFileError),
     /// The trust domain is malformed.
-    #[error("bad trust domain: {0}")]
+    #[error("bad trust domain")]
     TrustDomain(#[from] IdError),
     /// The bind address is malformed.
     #[error("'{0}' is not an address to listen on: write IP:PORT, such as 127.0.0.1:8081")]
     Bind(String),
-    /// A duration is malformed.
-    #[error(transparent)]
-    Duration(#[from] DurationError),
+    /// A duration setting is malformed.
+    #[error("--{flag} ({key} in a config file)")]
+    Duration {
+        /// The flag that sets it.
+        flag: &'static str,
+        /// The config file key that sets it.
+        key: &'static str,
+        /// What is wrong with the value.
+        source: DurationError,
+    },
     /// Only one of the upstream CA's two files was given.
     #[error("an upstream CA needs both its certificate and its key file; give both or neither")]
     UpstreamIncomplete,
 }
 
-/// Every setting, each optional: the same keys in the TOML file and as flags.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Trust domain name.
-    pub trust_domain: Option<String>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Node API address.
-    pub bind: Option<String>,
-    /// Database URL (`postgres://…`); SQLite in the data dir when unset.
-    pub database: Option<String>,
-    /// CA lifetime, e.g. `7d`.
-    pub ca_ttl: Option<String>,
-    /// Agent SVID lifetime, e.g. `1h`.
-    pub agent_ttl: Option<String>,
-    /// The shortest entry TTL, e.g. `30s` (lower only for tests that watch rotations).
-    pub min_entry_ttl: Option<String>,
-    /// Upstream CA certificate (PEM).
-    pub upstream_ca_cert: Option<PathBuf>,
-    /// Upstream CA key (PEM PKCS#8).
-    pub upstream_ca_key: Option<PathBuf>,
+crate::settings_layer! {
+    /// Every setting of `mayfly server run`, each optional: the same keys in the TOML file
+    /// (`ca_ttl`), as flags (`--ca-ttl`) and as environment variables (`MAYFLY_SERVER_CA_TTL`).
+    pub struct ServerSettings {
+        /// Where the CA key, the SQLite file and the admin socket live [default: .mayfly/server].
+        #[arg(long, env = "MAYFLY_SERVER_DATA_DIR")]
+        pub data_dir: Option<PathBuf>,
+        /// The trust domain [default: mayfly.local].
+        #[arg(long, env = "MAYFLY_SERVER_TRUST_DOMAIN")]
+        pub trust_domain: Option<String>,
+        /// The node API address [default: 127.0.0.1:8081].
+        #[arg(long, env = "MAYFLY_SERVER_BIND")]
+        pub bind: Option<String>,
+        /// A postgres:// URL to share one database between replicas [default: SQLite in the
+        /// data dir].
+        #[arg(long, env = "MAYFLY_SERVER_DATABASE", hide_env_values = true)]
+        pub database: Option<String>,
+        /// The CA lifetime, e.g. 7d [default: 7d].
+        #[arg(long, env = "MAYFLY_SERVER_CA_TTL")]
+        pub ca_ttl: Option<String>,
+        /// The agent SVID lifetime, e.g. 1h or 1h30m [default: 1h].
+        #[arg(long, env = "MAYFLY_SERVER_AGENT_TTL")]
+        pub agent_ttl: Option<String>,
+        /// The shortest TTL an entry may have [default: 30s]; lower only for tests that watch
+        /// rotations, since the agent renews at half-life.
+        #[arg(long, env = "MAYFLY_SERVER_MIN_ENTRY_TTL", hide = true)]
+        pub min_entry_ttl: Option<String>,
+        /// Sign Mayfly's CA with this upstream CA certificate (PEM).
+        #[arg(long, env = "MAYFLY_SERVER_UPSTREAM_CA_CERT")]
+        pub upstream_ca_cert: Option<PathBuf>,
+        /// The upstream CA's key (PEM PKCS#8).
+        #[arg(long, env = "MAYFLY_SERVER_UPSTREAM_CA_KEY")]
+        pub upstream_ca_key: Option<PathBuf>,
+    }
 }
 
-impl Settings {
-    /// Reads a TOML file.
+impl ServerSettings {
+    /// These settings (from the command line) over the config file's, validated.
     ///
     /// # Errors
-    /// [`ConfigError::File`].
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Ok(crate::config_file::read(path)?)
-    }
-
-    /// `self`, with every setting `over` has replacing ours.
-    pub fn overridden_by(self, over: Settings) -> Settings {
-        Settings {
-            trust_domain: over.trust_domain.or(self.trust_domain),
-            data_dir: over.data_dir.or(self.data_dir),
-            bind: over.bind.or(self.bind),
-            database: over.database.or(self.database),
-            ca_ttl: over.ca_ttl.or(self.ca_ttl),
-            agent_ttl: over.agent_ttl.or(self.agent_ttl),
-            min_entry_ttl: over.min_entry_ttl.or(self.min_entry_ttl),
-            upstream_ca_cert: over.upstream_ca_cert.or(self.upstream_ca_cert),
-            upstream_ca_key: over.upstream_ca_key.or(self.upstream_ca_key),
-        }
+    /// The [`ConfigError`] for the file or the first bad setting.
+    pub fn resolve_over(self, file: Option<&Path>) -> Result<ServerConfig, ConfigError> {
+        self.over_file(file)?.resolve()
     }
 
     /// Validates the settings and fills the rest from the defaults.
@@ -94,13 +99,13 @@ impl Settings {
         }
         config.database = self.database;
         if let Some(ttl) = self.ca_ttl {
-            config.ca_ttl = duration::parse(&ttl)?;
+            config.ca_ttl = parse_duration("ca-ttl", "ca_ttl", &ttl)?;
         }
         if let Some(ttl) = self.agent_ttl {
-            config.agent_ttl = duration::parse(&ttl)?;
+            config.agent_ttl = parse_duration("agent-ttl", "agent_ttl", &ttl)?;
         }
         if let Some(ttl) = self.min_entry_ttl {
-            config.min_entry_ttl = duration::parse(&ttl)?;
+            config.min_entry_ttl = parse_duration("min-entry-ttl", "min_entry_ttl", &ttl)?;
         }
         config.upstream_ca = match (self.upstream_ca_cert, self.upstream_ca_key) {
             (Some(cert_path), Some(key_path)) => Some(UpstreamCa {
@@ -111,5 +116,58 @@ impl Settings {
             _ => return Err(ConfigError::UpstreamIncomplete),
         };
         Ok(config)
+    }
+}
+
+fn parse_duration(
+    flag: &'static str,
+    key: &'static str,
+    value: &str,
+) -> Result<std::time::Duration, ConfigError> {
+    duration::parse(value).map_err(|source| ConfigError::Duration { flag, key, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"trust_domain = \"file.test\"\nagent_ttl = \"1h30m\"\nbind = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let flags = ServerSettings {
+            bind: Some("127.0.0.1:7".into()),
+            ..ServerSettings::default()
+        };
+        let config = flags.resolve_over(Some(file.path())).unwrap();
+        assert_eq!(config.trust_domain.as_str(), "file.test");
+        assert_eq!(config.bind.port(), 7);
+        assert_eq!(config.agent_ttl.as_secs(), 5400);
+        assert_eq!(config.ca_ttl, defaults::CA_TTL);
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_flag_and_key() {
+        let err = ServerSettings {
+            ca_ttl: Some("5 minutes".into()),
+            ..ServerSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Duration {
+                    flag: "ca-ttl",
+                    key: "ca_ttl",
+                    source: DurationError::Malformed(_)
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -1,0 +1,8 @@
+//! The command line's parts: argument types and handlers per area, and the one way to print.
+
+pub mod admin;
+pub mod output;
+pub mod run;
+pub mod table;
+pub mod time;
+pub mod workload;
