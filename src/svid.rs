@@ -2,10 +2,10 @@
 //!
 //! Issuance takes nothing from a CSR but its public key ([`parse_csr`] keeps only the
 //! SubjectPublicKeyInfo, after checking the CSR's self-signature); every field of the leaf is
-//! set here, explicitly, because rcgen's defaults are wrong for an SVID. Verification
-//! ([`verify_chain`]) applies the X509-SVID rules that rustls-webpki does not (one URI SAN that
-//! is a SPIFFE ID with a path, CA=false, no keyCertSign/cRLSign), chooses the roots by the
-//! trust domain of the leaf's SPIFFE ID, then lets webpki check the path.
+//! set here, explicitly, because rcgen's defaults are wrong for an SVID. The leaf rules that
+//! rustls-webpki does not check (one URI SAN that is a SPIFFE ID with a path, CA=false, no
+//! keyCertSign/cRLSign) are here too; the one verifier that applies them with the roots of the
+//! leaf's trust domain and webpki's path check is [`crate::mtls`] ([`crate::mtls::verify_chain`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +17,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
     SignatureAlgorithm,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -34,9 +34,9 @@ use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain};
 
 /// The largest CSR accepted, in bytes; a P-256 CSR is a few hundred.
 pub const MAX_CSR_LEN: usize = 4096;
-/// The largest leaf certificate [`verify_chain`] parses, in bytes.
+/// The largest leaf certificate a verifier parses, in bytes.
 pub const MAX_LEAF_LEN: usize = 16 * 1024;
-/// The most certificates [`verify_chain`] accepts in one chain (leaf included).
+/// The most certificates a verifier accepts in one chain (leaf included).
 pub const MAX_CHAIN_LEN: usize = 8;
 /// How far a leaf's notBefore is backdated, so peers with a slow clock accept it at once.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
@@ -492,17 +492,6 @@ pub fn issue(
 /// Trust bundles by trust domain.
 pub type Bundles = HashMap<TrustDomain, Vec<CertificateDer<'static>>>;
 
-/// An SVID that validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedSvid {
-    /// Identity and scopes from the one URI SAN.
-    pub id: ScopedId,
-    /// Leaf serial.
-    pub serial: Serial,
-    /// Leaf notAfter.
-    pub not_after: SystemTime,
-}
-
 /// Whether the peer is a client or a server (extended key usage checked by webpki).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
@@ -621,72 +610,6 @@ pub(crate) fn serial_and_not_after(
     let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
     let secs = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
     Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
-}
-
-/// Validates a chain (leaf first) as an X509-SVID verifier must.
-///
-/// The X509-SVID rules come first (SPIFFE X509-SVID spec §5): exactly one URI SAN that is a
-/// SPIFFE ID with a path, CA=false, digitalSignature and neither keyCertSign nor cRLSign. Then
-/// the roots are those of the leaf's own trust domain only, and webpki checks the path, the
-/// validity at `now` and the extended key usage for `usage`.
-///
-/// # Errors
-/// [`SvidError`] naming the first rule broken.
-pub fn verify_chain(
-    chain: &[CertificateDer<'_>],
-    bundles: &Bundles,
-    usage: Usage,
-    now: SystemTime,
-) -> Result<VerifiedSvid, SvidError> {
-    let Some(leaf_der) = chain.first() else {
-        return Err(SvidError::EmptyChain);
-    };
-    if chain.len() > MAX_CHAIN_LEN {
-        return Err(SvidError::ChainTooLong(chain.len()));
-    }
-    let leaf = parse_leaf(leaf_der)?;
-    let id = leaf_spiffe_id(&leaf)?;
-    check_leaf_constraints(&leaf)?;
-    let (serial, not_after) = serial_and_not_after(&leaf)?;
-
-    let td = id.trust_domain();
-    let roots = bundles
-        .get(&td)
-        .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_string()))?;
-    let anchors: Vec<_> = roots
-        .iter()
-        .filter_map(|root| webpki::anchor_from_trusted_cert(root).ok())
-        .collect();
-    if anchors.is_empty() {
-        return Err(SvidError::Untrusted(format!(
-            "the bundle of trust domain '{td}' holds no usable root"
-        )));
-    }
-    let end_entity = webpki::EndEntityCert::try_from(leaf_der)
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
-    let eku = match usage {
-        Usage::Client => webpki::KeyUsage::client_auth(),
-        Usage::Server => webpki::KeyUsage::server_auth(),
-    };
-    let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-    end_entity
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &chain[1..],
-            time,
-            eku,
-            None,
-            None,
-        )
-        .map_err(|e| map_webpki_error(&e))?;
-
-    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
-    Ok(VerifiedSvid {
-        id,
-        serial,
-        not_after,
-    })
 }
 
 /// A locally generated key pair and a CSR for it.

@@ -13,13 +13,14 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditEvent, Decision};
 use crate::id::{ScopedId, SpiffeId};
+use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::policy::{self, Refusal, Standing, check_task_id, unix_secs};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
-use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError, VerifiedSvid};
+use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
@@ -104,7 +105,7 @@ impl NodeService {
     /// use.
     async fn authorize_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         event: &mut AuditEvent,
     ) -> Result<AgentRecord, NodeError> {
         let record = self.lookup_agent(peer).await;
@@ -114,7 +115,7 @@ impl NodeService {
     /// The store's record of the calling agent, unchecked; `None` for a peer that is no agent.
     async fn lookup_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
     ) -> Result<Option<AgentRecord>, StoreError> {
         match peer {
             Some(p) if self.state.policy.is_agent_id(p.id.spiffe_id()) => {
@@ -128,7 +129,7 @@ impl NodeService {
     /// becomes current on first use.
     async fn check_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         record: Result<Option<AgentRecord>, StoreError>,
         event: &mut AuditEvent,
     ) -> Result<AgentRecord, NodeError> {
@@ -158,7 +159,7 @@ impl NodeService {
     /// checks the agent first, then the entry, so refusals keep their order.
     async fn lookup_agent_and_entry(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         entry_id: &str,
     ) -> (Result<Option<AgentRecord>, StoreError>, EntryLookup) {
         let entry = async {
@@ -303,11 +304,11 @@ enum EntryLookup {
     Malformed(Refusal),
 }
 
-fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedSvid>> {
+fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedPeer>> {
     request
         .extensions()
         .get::<PeerInfo>()
-        .and_then(|p| p.svid.clone())
+        .and_then(|p| p.peer.clone())
 }
 
 fn svid_message(id: &ScopedId, issued: IssuedSvid) -> pb::Svid {

@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::id::{IdError, Scope, ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::mtls::VerifiedPeer;
 use crate::store::{AgentRecord, Entry};
-use crate::svid::VerifiedSvid;
 
 /// The default SVID lifetime: minutes, so a stolen credential is soon worthless.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -186,7 +186,7 @@ impl IssuancePolicy {
     /// The [`Refusal`] naming the first failed check.
     pub fn check_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         record: Option<&AgentRecord>,
         now: SystemTime,
     ) -> Result<Standing, Refusal> {
