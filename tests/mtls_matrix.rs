@@ -1,6 +1,9 @@
 //! The `mtls` verifier matrix, over real TLS handshakes on real sockets (127.0.0.1), both
 //! sides: our server verifier against a client presenting each case's certificate, and our
-//! client verifier against a server presenting it. Every case runs on a fresh fixture, after a
+//! client verifier against a server presenting it. The matrix runs over each set of config
+//! builders that uses the stack: the services' (`mtls::server_config`, `mtls::client_config`)
+//! and the node API's (`server::node_tls_config`, optional client certificate, and
+//! `client::node_tls_config`, the agent's). Every case runs on a fresh fixture, after a
 //! positive control on that same fixture, and a refusal must name the rule it broke. Then
 //! session resumption (it must never skip authorization), live updates of the source, and the
 //! source fed by a Workload API over a Unix socket.
@@ -794,26 +797,62 @@ fn first_uri(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+/// The config builders a matrix runs over: a server config and a client config from a source
+/// and a policy, as a user of the stack builds them.
+#[derive(Clone, Copy)]
+struct Configs {
+    name: &'static str,
+    server: fn(&SvidSource, PeerPolicy) -> rustls::ServerConfig,
+    client: fn(&SvidSource, PeerPolicy) -> rustls::ClientConfig,
+}
+
+fn services_server(source: &SvidSource, policy: PeerPolicy) -> rustls::ServerConfig {
+    mtls::server_config(source, policy).unwrap()
+}
+
+fn services_client(source: &SvidSource, policy: PeerPolicy) -> rustls::ClientConfig {
+    mtls::client_config(source, policy).unwrap()
+}
+
+fn node_server(source: &SvidSource, policy: PeerPolicy) -> rustls::ServerConfig {
+    mayfly::server::node_tls_config(source, policy).unwrap()
+}
+
+fn node_client(source: &SvidSource, policy: PeerPolicy) -> rustls::ClientConfig {
+    mayfly::client::node_tls_config(source, policy).unwrap()
+}
+
+/// Services and the proxy: a client certificate is required.
+const SERVICES: Configs = Configs {
+    name: "services (mtls::server_config, mtls::client_config)",
+    server: services_server,
+    client: services_client,
+};
+
+/// The node API: the server's config (a client certificate optional, for attestation) and the
+/// agent's client config. In production their policies are agent IDs only and exactly the
+/// server's ID; the matrix gives them its own policy, to run the same cases.
+const NODE_API: Configs = Configs {
+    name: "node API (server::node_tls_config, client::node_tls_config)",
+    server: node_server,
+    client: node_client,
+};
+
 /// One handshake on `side`, with `presented` at the other end; returns our end's verdict.
 async fn run_side(
     side: Side,
+    configs: Configs,
     pki: &Pki,
     source: &SvidSource,
     presented: &Svid,
 ) -> (Result<Option<VerifiedPeer>, String>, Handshake) {
     let outcome = match side {
         Side::Server => {
-            let ours = on_clock(
-                mtls::server_config(source, matrix_policy()).unwrap(),
-                pki.now,
-            );
+            let ours = on_clock((configs.server)(source, matrix_policy()), pki.now);
             handshake(Arc::new(ours), Arc::new(plain_client(presented))).await
         }
         Side::Client => {
-            let ours = on_clock_client(
-                mtls::client_config(source, matrix_policy()).unwrap(),
-                pki.now,
-            );
+            let ours = on_clock_client((configs.client)(source, matrix_policy()), pki.now);
             handshake(Arc::new(plain_server(presented)), Arc::new(ours)).await
         }
     };
@@ -841,7 +880,7 @@ fn check_peer(peer: Option<&VerifiedPeer>, presented: &Svid) -> Result<(), Strin
     Ok(())
 }
 
-async fn run_matrix(side: Side) {
+async fn run_matrix(side: Side, configs: Configs) {
     let pki = Pki::new();
     let own_uri = match side {
         Side::Server => "spiffe://a.test/svc/server",
@@ -857,7 +896,7 @@ async fn run_matrix(side: Side) {
         let source =
             SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
 
-        let (control, _) = run_side(side, &pki, &source, &case.control).await;
+        let (control, _) = run_side(side, configs, &pki, &source, &case.control).await;
         if let Err(e) = control
             .as_ref()
             .map_err(Clone::clone)
@@ -870,7 +909,7 @@ async fn run_matrix(side: Side) {
             source.set_bundles(bundles.clone()).unwrap();
         }
 
-        let (verdict, outcome) = run_side(side, &pki, &source, &case.presented).await;
+        let (verdict, outcome) = run_side(side, configs, &pki, &source, &case.presented).await;
         match (&case.expect, &verdict) {
             (Expect::Accept, Ok(peer)) => match check_peer(peer.as_ref(), &case.presented) {
                 Ok(()) => {
@@ -905,13 +944,15 @@ async fn run_matrix(side: Side) {
         }
     }
     println!(
-        "{side:?} side: {} cases (each after its positive control): {accepted} accepted, {refused} refused, {false_accepts} false accepts\n{}",
+        "{}, {side:?} side: {} cases (each after its positive control): {accepted} accepted, {refused} refused, {false_accepts} false accepts\n{}",
+        configs.name,
         cases.len(),
         report.join("\n")
     );
     assert!(
         failures.is_empty(),
-        "{side:?} side:\n{}",
+        "{}, {side:?} side:\n{}",
+        configs.name,
         failures.join("\n")
     );
     assert_eq!(false_accepts, 0);
@@ -920,12 +961,141 @@ async fn run_matrix(side: Side) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_matrix() {
-    run_matrix(Side::Server).await;
+    run_matrix(Side::Server, SERVICES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_side_matrix() {
-    run_matrix(Side::Client).await;
+    run_matrix(Side::Client, SERVICES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_side_matrix() {
+    run_matrix(Side::Server, NODE_API).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_client_side_matrix() {
+    run_matrix(Side::Client, NODE_API).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node API's own policies and its optional client certificate.
+
+/// A client presenting no certificate and accepting any server.
+fn anonymous_client() -> rustls::ClientConfig {
+    let provider = provider();
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_no_client_auth()
+}
+
+/// The node API's server config completes a handshake with a client that presents no
+/// certificate (an agent about to attest) and reports no peer for it; the services' config,
+/// on the same fixture, refuses that client. A client that does present one is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_lets_a_client_without_a_certificate_through_with_no_peer() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/server");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let node = Arc::new(on_clock(
+        mayfly::server::node_tls_config(&source, matrix_policy()).unwrap(),
+        pki.now,
+    ));
+
+    // Control: a client with a good SVID is verified and reported.
+    let good = pki.valid_a(GOOD);
+    let with_cert = handshake(node.clone(), Arc::new(plain_client(&good))).await;
+    check_peer(with_cert.server.as_ref().unwrap().as_ref(), &good).unwrap();
+
+    let without = handshake(node.clone(), Arc::new(anonymous_client())).await;
+    assert!(without.both_accepted(), "{without:?}");
+    assert_eq!(without.server.unwrap(), None, "no certificate, no peer");
+
+    // A certificate that is presented is still verified: optional is not unchecked.
+    let expired = pki
+        .leaf(GOOD)
+        .with(|l| l.not_after = pki.now - SECOND)
+        .sign(&pki.ca_a, &[]);
+    let refused = handshake(node, Arc::new(plain_client(&expired))).await;
+    assert!(refused.server.unwrap_err().contains("has expired"));
+
+    // The services' config requires a certificate.
+    let services = Arc::new(on_clock(
+        mtls::server_config(&source, matrix_policy()).unwrap(),
+        pki.now,
+    ));
+    let refused = handshake(services, Arc::new(anonymous_client())).await;
+    let error = refused.server.unwrap_err();
+    assert!(error.contains("peer sent no certificates"), "{error}");
+}
+
+/// The node server's production policy admits agents of its trust domain only: a valid
+/// workload SVID of that trust domain is refused in the handshake, an agent SVID accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_policy_admits_agents_only() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/server");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let node = Arc::new(on_clock(
+        mayfly::server::node_tls_config(&source, mayfly::server::agent_policy(&td("a.test")))
+            .unwrap(),
+        pki.now,
+    ));
+    let agent = pki.valid_a("spiffe://a.test/mayfly/agent/join_token/n1");
+    let accepted = handshake(node.clone(), Arc::new(plain_client(&agent))).await;
+    check_peer(accepted.server.as_ref().unwrap().as_ref(), &agent).unwrap();
+
+    for refused_id in [
+        "spiffe://a.test/workloads/bot",
+        GOOD,
+        "spiffe://a.test/mayfly/server",
+        "spiffe://a.test/mayfly/agentx/join_token/n1",
+        "spiffe://b.test/mayfly/agent/join_token/n1",
+    ] {
+        let ca = if refused_id.starts_with("spiffe://b.test") {
+            &pki.ca_b
+        } else {
+            &pki.ca_a
+        };
+        let svid = pki.leaf(refused_id).sign(ca, &[]);
+        let refused = handshake(node.clone(), Arc::new(plain_client(&svid))).await;
+        let error = refused.server.unwrap_err();
+        assert!(error.contains("is not allowed"), "{refused_id}: {error}");
+    }
+}
+
+/// The agent's production policy accepts exactly the server's ID: another valid SVID of the
+/// trust domain at the server's address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_client_accepts_exactly_the_server_id() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/agent/join_token/n1");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let server_id = mayfly::server::server_id(&td("a.test"));
+    let agent = || {
+        let policy = mayfly::client::server_policy(&server_id).unwrap();
+        Arc::new(on_clock_client(
+            mayfly::client::node_tls_config(&source, policy).unwrap(),
+            pki.now,
+        ))
+    };
+    let server = pki.valid_a("spiffe://a.test/mayfly/server");
+    let accepted = handshake(Arc::new(plain_server(&server)), agent()).await;
+    check_peer(accepted.client.as_ref().unwrap().as_ref(), &server).unwrap();
+    for refused_id in [
+        "spiffe://a.test/mayfly/server/x",
+        "spiffe://a.test/mayfly/agent/join_token/n2",
+        "spiffe://a.test/workloads/bot",
+    ] {
+        let impostor = pki.valid_a(refused_id);
+        let refused = handshake(Arc::new(plain_server(&impostor)), agent()).await;
+        let error = refused.client.unwrap_err();
+        assert!(error.contains("is not allowed"), "{refused_id}: {error}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
