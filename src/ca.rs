@@ -434,7 +434,7 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.not_before = datetime(now.saturating_sub(CLOCK_SKEW.as_secs()))?;
         params.not_after = datetime(not_after)?;
-        params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+        params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
         params.subject_alt_names = vec![SanType::URI(td_uri)];
         params.distinguished_name = subject;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -292,7 +292,7 @@ fn write_upstream_root(dir: &Path, life: time::Duration) -> (UpstreamCa, Certifi
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + life;
-    params.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    params.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     let cert = params.self_signed(&key).unwrap();
     let cert_path = dir.join("upstream.pem");
     let key_path = dir.join("upstream.key");

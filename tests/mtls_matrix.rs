@@ -76,7 +76,7 @@ fn datetime(t: SystemTime) -> OffsetDateTime {
 }
 
 fn random_serial() -> SerialNumber {
-    SerialNumber::from_slice(&Serial::generate().0)
+    SerialNumber::from_slice(Serial::generate().as_bytes())
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -131,7 +131,8 @@ fn ca(
 struct Svid {
     chain: Vec<CertificateDer<'static>>,
     key_pkcs8: Vec<u8>,
-    serial: Serial,
+    /// The content octets of the leaf's serial number, as signed.
+    serial: Vec<u8>,
 }
 
 impl Svid {
@@ -149,6 +150,17 @@ struct LeafSpec {
     ekus: Vec<ExtendedKeyUsagePurpose>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The serial's DER content octets; a fresh Mayfly serial (16 octets) when `None`.
+    serial: Option<Vec<u8>>,
+}
+
+/// A serial as pyca's `random_serial_number()` makes it: a positive 159-bit integer, 20 octets
+/// of DER content.
+fn pyca_serial() -> Vec<u8> {
+    let mut octets = vec![0u8; 20];
+    aws_lc_rs::rand::fill(&mut octets).unwrap();
+    octets[0] = (octets[0] & 0x7f) | 0x40;
+    octets
 }
 
 impl LeafSpec {
@@ -163,6 +175,7 @@ impl LeafSpec {
             ],
             not_before: now - HOUR,
             not_after: now + HOUR,
+            serial: None,
         }
     }
 
@@ -174,7 +187,10 @@ impl LeafSpec {
     /// Signs the leaf with `issuer`; the chain sent is the leaf then `intermediates`.
     fn sign(&self, issuer: &Ca, intermediates: &[&Ca]) -> Svid {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let serial = Serial::generate();
+        let serial = self
+            .serial
+            .clone()
+            .unwrap_or_else(|| Serial::generate().as_bytes().to_vec());
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Mayfly");
@@ -185,7 +201,7 @@ impl LeafSpec {
         params.extended_key_usages = self.ekus.clone();
         params.not_before = datetime(self.not_before);
         params.not_after = datetime(self.not_after);
-        params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let leaf = params.signed_by(&key, &issuer.issuer).unwrap();
         let mut chain = vec![leaf.der().clone()];
         chain.extend(intermediates.iter().map(|ca| ca.der.clone()));
@@ -536,6 +552,20 @@ fn cases(pki: &Pki) -> Vec<Case> {
             pki.valid_a("spiffe://a.test/workloads/team/bot/scope/db.read"),
             Expect::Accept,
         ),
+        case(
+            "20-octet serial (pyca's random_serial_number), signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some(pyca_serial()))
+                .sign(&pki.ca_a, &[]),
+            Expect::Accept,
+        ),
+        case(
+            "1-octet serial, signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some(vec![0x01]))
+                .sign(&pki.ca_a, &[]),
+            Expect::Accept,
+        ),
         // The chain and its trust domain.
         case(
             "untrusted CA with the same trust domain name",
@@ -587,6 +617,13 @@ fn cases(pki: &Pki) -> Vec<Case> {
             "chain longer than 8 certificates",
             pki.leaf(GOOD).sign(&pki.inter_a, &[&pki.inter_a; 8]),
             Expect::Refuse("over the limit of 8"),
+        ),
+        case(
+            "21-octet serial, over RFC 5280's 20, signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some([vec![0x01], pyca_serial()].concat()))
+                .sign(&pki.ca_a, &[]),
+            Expect::Refuse("at most 20 octets"),
         ),
         // Validity, at the handshake's time.
         case(
@@ -871,10 +908,11 @@ fn check_peer(peer: Option<&VerifiedPeer>, presented: &Svid) -> Result<(), Strin
     if peer.id.to_string() != uri {
         return Err(format!("peer_of says {} but the leaf says {uri}", peer.id));
     }
-    if peer.serial != presented.serial {
+    if peer.serial.as_bytes() != presented.serial {
         return Err(format!(
             "peer_of serial {} is not the leaf's {}",
-            peer.serial, presented.serial
+            peer.serial,
+            hex::encode(&presented.serial)
         ));
     }
     Ok(())
@@ -1268,7 +1306,7 @@ async fn svid_and_bundle_updates_apply_to_the_next_handshake() {
     let before = handshake(server.clone(), client.clone()).await;
     assert!(before.both_accepted(), "{before:?}");
     let seen = before.client.unwrap().unwrap();
-    assert_eq!(seen.serial, first.serial);
+    assert_eq!(seen.serial.as_bytes(), first.serial);
     assert_eq!(seen.id.base().as_str(), "spiffe://a.test/svc/server");
     assert_eq!(
         before.server.unwrap().unwrap().id.to_string(),
@@ -1283,7 +1321,10 @@ async fn svid_and_bundle_updates_apply_to_the_next_handshake() {
     assert!(changes.has_changed().unwrap());
     let after = handshake(server.clone(), client.clone()).await;
     assert!(after.both_accepted(), "{after:?}");
-    assert_eq!(after.client.unwrap().unwrap().serial, second.serial);
+    assert_eq!(
+        after.client.unwrap().unwrap().serial.as_bytes(),
+        second.serial
+    );
     assert_eq!(after.server_leaf.as_ref(), Some(&second.chain[0]));
 
     // An unusable SVID is refused and the current one stays.

@@ -243,7 +243,7 @@ fn assert_profile(leaf_der: &[u8], serial: Serial, want: &Expected<'_>) {
     let raw_serial = leaf.raw_serial();
     assert_eq!(raw_serial.len(), 16);
     assert!(raw_serial[0] & 0x80 == 0 && raw_serial[0] != 0);
-    assert_eq!(raw_serial, serial.0);
+    assert_eq!(raw_serial, serial.as_bytes());
 
     // Validity.
     let nb = leaf.validity().not_before.timestamp();
@@ -486,7 +486,7 @@ fn write_upstream_root(dir: &Path) -> UpstreamCa {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(30);
-    params.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    params.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     let cert = params.self_signed(&key).unwrap();
     let cert_path = dir.join("upstream.pem");
     let key_path = dir.join("upstream.key");
@@ -693,7 +693,7 @@ fn profile_params(uris: &[&str]) -> CertificateParams {
     ];
     p.not_before = now - time::Duration::minutes(1);
     p.not_after = now + time::Duration::minutes(10);
-    p.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    p.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     p.use_authority_key_identifier_extension = true;
     p
 }
@@ -950,7 +950,7 @@ fn serials_are_unique_over_100k_issuances() {
     for i in 0..100_000u32 {
         let svid = issue(&ca, &id, &key, Duration::from_secs(300), &[], now);
         if i.is_multiple_of(10_000) {
-            assert_eq!(parse(&svid.chain[0]).raw_serial(), svid.serial.0);
+            assert_eq!(parse(&svid.chain[0]).raw_serial(), svid.serial.as_bytes());
         }
         assert!(seen.insert(svid.serial), "serial {} repeated", svid.serial);
     }
