@@ -194,8 +194,8 @@ fn agent_message(a: AgentRecord) -> pb::Agent {
     pb::Agent {
         spiffe_id: a.spiffe_id.to_string(),
         attestor: a.attestor,
-        current_serial: a.current_serial,
-        next_serial: a.next_serial.unwrap_or_default(),
+        current_serial: a.current_serial.to_hex(),
+        next_serial: a.next_serial.map(|s| s.to_hex()).unwrap_or_default(),
         not_after: a.not_after,
         banned: a.banned,
         created_at: a.created_at,

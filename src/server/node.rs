@@ -143,11 +143,10 @@ impl NodeService {
             .check_agent(peer, record.as_ref(), SystemTime::now())?;
         let record = record.ok_or(Refusal::NotAuthenticated)?;
         event.attestor = Some(record.attestor.clone());
-        if standing == Standing::FirstUseOfNext {
-            let serial = peer.map(|p| p.serial.to_hex()).unwrap_or_default();
+        if let (Standing::FirstUseOfNext, Some(p)) = (standing, peer) {
             self.state
                 .store
-                .promote_agent_serial(&record.spiffe_id, &serial)
+                .promote_agent_serial(&record.spiffe_id, &p.serial)
                 .await?;
         }
         Ok(record)
@@ -392,7 +391,7 @@ impl pb::node_server::Node for NodeService {
             let record = AgentRecord {
                 spiffe_id: agent_id,
                 attestor: JoinTokenAttestor.name().into(),
-                current_serial: issued.serial.to_hex(),
+                current_serial: issued.serial,
                 next_serial: None,
                 not_after: unix_secs(issued.not_after),
                 banned: false,
@@ -424,7 +423,8 @@ impl pb::node_server::Node for NodeService {
             Self::check_csr_size(&req.csr)?;
             let id = ScopedId::new(agent.spiffe_id.clone(), Default::default())
                 .map_err(Refusal::from)?;
-            let presented = peer.as_ref().map(|p| p.serial.to_hex()).unwrap_or_default();
+            // Authorized, so there is a peer; its serial is the one to supersede.
+            let presented = peer.as_ref().ok_or(Refusal::NotAuthenticated)?.serial;
             // Sign first, record the new serial, then audit: if the agent's standing changed
             // meanwhile (banned, evicted, renewed elsewhere) the store refuses the serial and
             // the new SVID is never returned.
@@ -435,7 +435,7 @@ impl pb::node_server::Node for NodeService {
                 .set_agent_next_serial(
                     &agent.spiffe_id,
                     &presented,
-                    &issued.serial.to_hex(),
+                    &issued.serial,
                     unix_secs(issued.not_after),
                 )
                 .await?
