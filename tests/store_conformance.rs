@@ -225,7 +225,7 @@ fn token(byte: u8, node: &str, expires_at: i64) -> JoinTokenRecord {
     }
 }
 
-fn event(n: i64, task: Option<&str>, serial: Option<String>) -> AuditEvent {
+fn event(n: i64, task: Option<&str>, serial: Option<Serial>) -> AuditEvent {
     AuditEvent {
         time_ms: NOW * 1000 + n,
         action: "svid.task".into(),
@@ -242,8 +242,9 @@ fn event(n: i64, task: Option<&str>, serial: Option<String>) -> AuditEvent {
     }
 }
 
-fn serial(n: i64) -> Option<String> {
-    Some(format!("{n:032x}"))
+/// A distinct valid 16-octet serial for each `n`.
+fn serial(n: i64) -> Option<Serial> {
+    Serial::from_hex(&format!("01{n:030x}"))
 }
 
 fn all() -> AuditFilter {

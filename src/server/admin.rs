@@ -217,7 +217,7 @@ pub fn audit_message(r: AuditRecord) -> pb::AuditRecord {
         spiffe_id: e.spiffe_id.unwrap_or_default(),
         task_id: e.task_id.unwrap_or_default(),
         scopes: e.scopes,
-        serial: e.serial.unwrap_or_default(),
+        serial: e.serial.map(|s| s.to_hex()).unwrap_or_default(),
         not_after: e.not_after.unwrap_or_default(),
         prev_hash: hex::encode(r.prev_hash),
         hash: hex::encode(r.hash),

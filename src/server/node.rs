@@ -211,7 +211,7 @@ impl NodeService {
         event.decision = Some(Decision::Allow);
         event.reason = "issued".into();
         event.spiffe_id = Some(id.to_string());
-        event.serial = Some(issued.serial.to_hex());
+        event.serial = Some(issued.serial);
         event.not_after = Some(unix_secs(issued.not_after));
         self.state.audit.record(event).await?;
         Ok(())

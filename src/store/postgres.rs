@@ -408,7 +408,7 @@ impl Store for PostgresStore {
             spiffe_id.push(event.spiffe_id.as_deref());
             task_id.push(event.task_id.as_deref());
             scopes.push(rows::audit_scopes(event));
-            serial.push(event.serial.as_deref());
+            serial.push(event.serial.map(|s| s.to_hex()));
             not_after.push(event.not_after);
             prev_hash.push(record.prev_hash.to_vec());
             hash.push(record.hash.to_vec());

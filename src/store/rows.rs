@@ -283,7 +283,14 @@ impl TryFrom<AuditRow> for AuditRecord {
                 spiffe_id: row.spiffe_id,
                 task_id: row.task_id,
                 scopes: decode_list(&row.scopes, &format!("audit record {seq}: scopes"))?,
-                serial: row.serial,
+                serial: row
+                    .serial
+                    .map(|hex| {
+                        Serial::from_hex(&hex).ok_or_else(|| {
+                            StoreError::Corrupt(format!("audit record {seq}: serial '{hex}'"))
+                        })
+                    })
+                    .transpose()?,
                 not_after: row.not_after,
             },
             prev_hash: hash32(&row.prev_hash, &format!("audit record {seq}: prev_hash"))?,

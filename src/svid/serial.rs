@@ -137,6 +137,13 @@ impl fmt::Debug for Serial {
     }
 }
 
+/// Serialized as [`Serial::to_hex`], the form the audit log and the APIs show.
+impl serde::Serialize for Serial {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
 impl std::str::FromStr for Serial {
     type Err = SvidError;
 
