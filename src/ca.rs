@@ -653,7 +653,7 @@ impl CaSet {
     }
 
     /// [`CaSet::bundle`] keyed by the current authority's trust domain, ready for
-    /// [`crate::svid::verify_chain`].
+    /// [`crate::mtls::verify_chain`].
     pub fn bundles(&self) -> Bundles {
         let td = self.read().current.trust_domain().clone();
         Bundles::from([(td, self.bundle())])
