@@ -70,7 +70,8 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 pub use bootstrap::insecure_bootstrap_client_config;
 pub use policy::{IdPattern, PeerPolicy, PolicyError, Refusal};
 pub use source::{SvidSource, TrustSet};
-pub use verifier::{ClientAuth, PeerError};
+use verifier::ClientAuth;
+pub use verifier::PeerError;
 
 use crate::id::ScopedId;
 pub use crate::svid::Usage;

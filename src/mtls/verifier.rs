@@ -261,7 +261,7 @@ impl PeerVerifier {
 
 /// Whether a server requires its clients to present an SVID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// A client without a certificate fails the handshake (services, the proxy).
     Required,
     /// A client may present no certificate; one it presents is verified all the same, and
