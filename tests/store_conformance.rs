@@ -484,6 +484,22 @@ async fn corrupt_rows_are_reported(db: Db) {
         assert_eq!(s.get_entry(&e.id).await.unwrap(), Some(e.clone()));
     }
 
+    // A stored serial that is no certificate serial (negative, padded, over 20 octets). The
+    // statements are made here, and the raw executor takes only static SQL: leaked, test-only.
+    let sql = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+    for bad in ["ff01".to_owned(), "0001".to_owned(), "01".repeat(21)] {
+        let break_it = sql(format!("UPDATE agents SET current_serial = '{bad}'"));
+        assert_eq!(db.raw.execute(break_it).await, 1);
+        let got = s.get_agent(&agent_a()).await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{bad}: {got:?}");
+    }
+    // A 20-octet serial is one (the control, on the same row).
+    let twenty = "7f".repeat(20);
+    let fix_it = sql(format!("UPDATE agents SET current_serial = '{twenty}'"));
+    assert_eq!(db.raw.execute(fix_it).await, 1);
+    let agent_row = s.get_agent(&agent_a()).await.unwrap().unwrap();
+    assert_eq!(agent_row.current_serial.to_hex(), twenty);
+
     assert_eq!(
         db.raw
             .execute("UPDATE agents SET spiffe_id = 'spiffe://ACME/bad'")
