@@ -10,6 +10,8 @@ use std::fmt;
 use aws_lc_rs::digest;
 use serde::Serialize;
 
+use crate::svid::Serial;
+
 /// Whether the request was granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,8 +71,8 @@ pub struct AuditEvent {
     pub task_id: Option<String>,
     /// The scopes granted or asked for, sorted.
     pub scopes: Vec<String>,
-    /// The issued certificate's serial number, hex.
-    pub serial: Option<String>,
+    /// The issued certificate's serial number (hex in the store, the hash and JSON).
+    pub serial: Option<Serial>,
     /// The issued certificate's `notAfter`, Unix seconds.
     pub not_after: Option<i64>,
 }
@@ -138,7 +140,7 @@ pub fn chain_hash(prev: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
     for scope in &event.scopes {
         put(&mut ctx, Some(scope));
     }
-    put(&mut ctx, event.serial.as_deref());
+    put(&mut ctx, event.serial.map(|s| s.to_hex()).as_deref());
     match event.not_after {
         None => ctx.update(&[0]),
         Some(t) => {
@@ -280,7 +282,7 @@ mod tests {
             reason: "issued".into(),
             task_id: Some(format!("task-{n}")),
             scopes: vec!["a:b".into()],
-            serial: Some(format!("{n:032x}")),
+            serial: Serial::from_hex(&format!("01{n:030x}")),
             not_after: Some(n + 300),
             ..AuditEvent::default()
         }

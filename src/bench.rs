@@ -484,7 +484,7 @@ async fn run_load(target: LoadTarget, opts: IssueBenchOptions) -> Result<LoadRes
         .await
         .map_err(admin_err("return the trust bundle"))?
         .into_inner();
-    let bundles = client::bundles_from_der(&td, &bundle.certificates);
+    let bundles = client::bundle_map(&td, &bundle.certificates);
     let server_id = server::server_id(&td);
 
     let mut workers = Vec::with_capacity(opts.connections);
@@ -572,7 +572,7 @@ async fn register_worker(
     admin: &mut mayfly::proto::admin::admin_client::AdminClient<Channel>,
     td: &TrustDomain,
     addr: SocketAddr,
-    bundles: &mayfly::tls::LiveBundles,
+    bundles: &mayfly::svid::Bundles,
     server_id: &SpiffeId,
     index: usize,
 ) -> Result<Worker, BenchError> {
@@ -582,8 +582,7 @@ async fn register_worker(
         .map_err(admin_err("create a join token"))?
         .into_inner();
     let agent =
-        client::attest_with_join_token(addr, bundles.clone(), server_id.clone(), &token.token)
-            .await?;
+        client::attest_with_join_token(addr, bundles.clone(), server_id, &token.token).await?;
     let spiffe_id = td.join(&format!("/bench/worker-{index}"))?;
     let entry = admin
         .create_entry(admin_pb::CreateEntryRequest {

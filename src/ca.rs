@@ -434,7 +434,7 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.not_before = datetime(now.saturating_sub(CLOCK_SKEW.as_secs()))?;
         params.not_after = datetime(not_after)?;
-        params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+        params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
         params.subject_alt_names = vec![SanType::URI(td_uri)];
         params.distinguished_name = subject;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -653,7 +653,7 @@ impl CaSet {
     }
 
     /// [`CaSet::bundle`] keyed by the current authority's trust domain, ready for
-    /// [`crate::svid::verify_chain`].
+    /// [`crate::mtls::verify_chain`].
     pub fn bundles(&self) -> Bundles {
         let td = self.read().current.trust_domain().clone();
         Bundles::from([(td, self.bundle())])

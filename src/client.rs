@@ -12,16 +12,20 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::id::SpiffeId;
+use crate::mtls::{self, MtlsError, PeerPolicy, PolicyError, SvidSource};
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::node::node_client::NodeClient;
-use crate::tls::{self, LiveBundles, RotatingCert, TlsError};
+use crate::svid::Bundles;
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// TLS could not be configured.
+    /// TLS could not be configured, or an SVID or bundle was not usable for it.
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Tls(#[from] MtlsError),
+    /// The server's SPIFFE ID cannot be expected of a peer (it names a trust domain).
+    #[error("the server's SPIFFE ID cannot be expected of a peer: {0}")]
+    ServerId(#[source] PolicyError),
     /// The server could not be reached.
     #[error("could not connect to the Mayfly server at {target}: {reason}")]
     Connect {
@@ -37,18 +41,40 @@ pub enum ClientError {
     NoAdminSocket(PathBuf),
 }
 
-/// Connects to the node API at `addr`, accepting only the server `server_id` chained to
-/// `bundles`, presenting `agent_cert` when given. One HTTP/2 connection, multiplexed.
+/// The node API's TLS client config: [`mtls::client_config`] over `source` (presenting its
+/// SVID, or no certificate while it holds none, as when attesting), accepting only a server
+/// that passes `server` (in production exactly the server's ID, see [`server_policy`]), HTTP/2.
+///
+/// # Errors
+/// [`MtlsError::Tls`] when rustls refuses the configuration.
+pub fn node_tls_config(
+    source: &SvidSource,
+    server: PeerPolicy,
+) -> Result<rustls::ClientConfig, MtlsError> {
+    let mut config = mtls::client_config(source, server)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// What an agent expects of the server: exactly `server_id` (`spiffe://<td>/mayfly/server`).
+///
+/// # Errors
+/// [`ClientError::ServerId`] when `server_id` names a trust domain, not a workload.
+pub fn server_policy(server_id: &SpiffeId) -> Result<PeerPolicy, ClientError> {
+    PeerPolicy::exact(server_id.clone()).map_err(ClientError::ServerId)
+}
+
+/// Connects to the node API at `addr` with `source`'s SVID (none while it holds none) and
+/// bundles, accepting only the server `server_id`. One HTTP/2 connection, multiplexed.
 ///
 /// # Errors
 /// [`ClientError`] when TLS cannot be configured or the server cannot be reached.
 pub async fn connect_node(
     addr: SocketAddr,
-    bundles: LiveBundles,
-    server_id: SpiffeId,
-    agent_cert: Option<Arc<RotatingCert>>,
+    source: &SvidSource,
+    server_id: &SpiffeId,
 ) -> Result<NodeClient<Channel>, ClientError> {
-    let config = tls::node_client_config(bundles, server_id, agent_cert)?;
+    let config = node_tls_config(source, server_policy(server_id)?)?;
     connect_node_with(addr, config).await
 }
 
@@ -127,10 +153,9 @@ pub struct AttestedAgent {
     pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Its PKCS#8 private key, generated locally.
     pub key_pkcs8: Vec<u8>,
-    /// The trust bundle the server sent.
-    pub bundles: LiveBundles,
-    /// The certificate the mTLS client presents (swap it on renewal).
-    pub cert: Arc<RotatingCert>,
+    /// The agent SVID and the trust bundle, as the node client uses them (renew in place with
+    /// [`SvidSource::set_svid`]).
+    pub source: SvidSource,
     /// A node API client over mTLS with the agent SVID.
     pub node: NodeClient<Channel>,
 }
@@ -153,19 +178,21 @@ pub enum AttestError {
 }
 
 /// Attests with a join token: generates a key locally, sends a CSR over TLS (verifying the
-/// server against `bundles`), and connects again with mTLS as the new agent.
+/// server against `bundles`, presenting no certificate), and connects again with mTLS as the
+/// new agent.
 ///
 /// # Errors
 /// [`AttestError`] naming what failed.
 pub async fn attest_with_join_token(
     addr: SocketAddr,
-    bundles: LiveBundles,
-    server_id: SpiffeId,
+    bundles: Bundles,
+    server_id: &SpiffeId,
     token: &str,
 ) -> Result<AttestedAgent, AttestError> {
     use crate::proto::node as pb;
     let request = crate::svid::KeyAndCsr::generate()?;
-    let mut client = connect_node(addr, bundles.clone(), server_id.clone(), None).await?;
+    let source = SvidSource::trust_only(bundles).map_err(ClientError::from)?;
+    let mut client = connect_node(addr, &source, server_id).await?;
     let answer = client
         .attest(pb::AttestRequest {
             attestor: mayfly_attestors::join_token::NAME.into(),
@@ -185,17 +212,15 @@ pub async fn attest_with_join_token(
         .into_iter()
         .map(rustls_pki_types::CertificateDer::from)
         .collect();
-    let cert = Arc::new(
-        RotatingCert::new(chain.clone(), &request.key_pkcs8, tls::provider())
-            .map_err(ClientError::from)?,
-    );
-    let node = connect_node(addr, bundles.clone(), server_id, Some(cert.clone())).await?;
+    source
+        .set_svid(chain.clone(), &request.key_pkcs8)
+        .map_err(ClientError::from)?;
+    let node = connect_node(addr, &source, server_id).await?;
     Ok(AttestedAgent {
         spiffe_id,
         chain,
         key_pkcs8: request.key_pkcs8,
-        bundles,
-        cert,
+        source,
         node,
     })
 }
@@ -209,9 +234,4 @@ pub fn bundle_map(td: &crate::id::TrustDomain, certs: &[Vec<u8>]) -> crate::svid
             .map(|c| rustls_pki_types::CertificateDer::from(c.clone()))
             .collect(),
     )])
-}
-
-/// Bundles holding `certs` (DER) for `td`, ready for the verifiers.
-pub fn bundles_from_der(td: &crate::id::TrustDomain, certs: &[Vec<u8>]) -> LiveBundles {
-    Arc::new(std::sync::RwLock::new(bundle_map(td, certs)))
 }

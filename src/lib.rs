@@ -23,7 +23,6 @@ pub mod server;
 pub mod store;
 pub mod svid;
 pub mod text;
-pub mod tls;
 mod under_way;
 pub mod workload_client;
 

@@ -2,10 +2,10 @@
 //!
 //! Issuance takes nothing from a CSR but its public key ([`parse_csr`] keeps only the
 //! SubjectPublicKeyInfo, after checking the CSR's self-signature); every field of the leaf is
-//! set here, explicitly, because rcgen's defaults are wrong for an SVID. Verification
-//! ([`verify_chain`]) applies the X509-SVID rules that rustls-webpki does not (one URI SAN that
-//! is a SPIFFE ID with a path, CA=false, no keyCertSign/cRLSign), chooses the roots by the
-//! trust domain of the leaf's SPIFFE ID, then lets webpki check the path.
+//! set here, explicitly, because rcgen's defaults are wrong for an SVID. The leaf rules that
+//! rustls-webpki does not check (one URI SAN that is a SPIFFE ID with a path, CA=false, no
+//! keyCertSign/cRLSign) are here too; the one verifier that applies them with the roots of the
+//! leaf's trust domain and webpki's path check is [`crate::mtls`] ([`crate::mtls::verify_chain`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +17,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
     SignatureAlgorithm,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -29,14 +29,18 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::FromDer;
 
+mod serial;
+
+pub use serial::{GENERATED_SERIAL_LEN, MAX_SERIAL_LEN, Serial};
+
 use crate::ca::Authority;
 use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain};
 
 /// The largest CSR accepted, in bytes; a P-256 CSR is a few hundred.
 pub const MAX_CSR_LEN: usize = 4096;
-/// The largest leaf certificate [`verify_chain`] parses, in bytes.
+/// The largest leaf certificate a verifier parses, in bytes.
 pub const MAX_LEAF_LEN: usize = 16 * 1024;
-/// The most certificates [`verify_chain`] accepts in one chain (leaf included).
+/// The most certificates a verifier accepts in one chain (leaf included).
 pub const MAX_CHAIN_LEN: usize = 8;
 /// How far a leaf's notBefore is backdated, so peers with a slow clock accept it at once.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
@@ -135,8 +139,11 @@ pub enum SvidError {
     /// The leaf lacked the digitalSignature key usage (or the key usage extension).
     #[error("the leaf certificate lacks the digitalSignature key usage an X509-SVID must have")]
     MissingDigitalSignature,
-    /// The leaf's serial number did not fit 128 bits.
-    #[error("the leaf's serial number is longer than 128 bits, which Mayfly does not accept")]
+    /// The serial number (of a leaf, or given as hex) was not a positive integer of at most 20
+    /// octets in its minimal DER encoding.
+    #[error(
+        "the serial number is not a positive integer of at most 20 octets, as RFC 5280 §4.1.2.2 requires"
+    )]
     UnsupportedSerial,
     /// No bundle was known for the trust domain of the leaf's SPIFFE ID.
     #[error("no trust bundle is known for trust domain '{0}'; add it before trusting its SVIDs")]
@@ -150,95 +157,6 @@ pub enum SvidError {
     /// The chain did not lead to a root of the bundle of the leaf's trust domain.
     #[error("the chain does not lead to a root of its trust domain's bundle: {0}")]
     Untrusted(String),
-}
-
-/// A certificate serial number: 16 bytes, positive, ordered by issuance time.
-///
-/// The first 8 bytes are the issuance time in microseconds since the Unix epoch (with bit 62
-/// set, so the first byte is never zero and the DER INTEGER is always exactly 16 bytes), the last
-/// 8 come from the system's CSPRNG. The random half gives the 64 unpredictable bits that keep a
-/// CA's signature input unguessable (the CA/Browser Forum's rule for serials), and makes two
-/// serials drawn in the same microsecond differ; the time half makes serials, and their hex
-/// strings, sort in issuance order. That order matters to the store: the audit log keeps every
-/// serial in a unique index, and a random 128-bit key lands each new record on a random page of
-/// that index, which the write-ahead log then writes whole — time-ordered keys append to the
-/// same last page instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Serial(pub [u8; 16]);
-
-/// Set in the time half of every serial, so its first byte is never zero (the time in
-/// microseconds stays below 2^62 for another 140,000 years).
-const SERIAL_TIME_MARK: u64 = 1 << 62;
-
-impl Serial {
-    /// Draws a fresh serial for a certificate issued now (see [`Serial`] for the layout).
-    ///
-    /// # Panics
-    /// Only if the operating system's random number generator fails, which aws-lc treats as
-    /// fatal anyway; [`Serial::try_generate`] reports it instead.
-    pub fn generate() -> Self {
-        Self::try_generate().expect("the system random number generator failed")
-    }
-
-    /// Like [`Serial::generate`], reporting a failing random number generator.
-    ///
-    /// # Errors
-    /// [`SvidError::Random`] when the random number generator fails.
-    pub fn try_generate() -> Result<Self, SvidError> {
-        Self::try_generate_at(SystemTime::now())
-    }
-
-    /// A fresh serial for a certificate issued at `now`.
-    fn try_generate_at(now: SystemTime) -> Result<Self, SvidError> {
-        let micros = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let time = (micros & (SERIAL_TIME_MARK - 1)) | SERIAL_TIME_MARK;
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&time.to_be_bytes());
-        aws_lc_rs::rand::fill(&mut bytes[8..]).map_err(|_| SvidError::Random)?;
-        Ok(Self(bytes))
-    }
-
-    /// The serial as 32 lowercase hex digits.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// Parses 32 hex digits (either case); `None` for anything else.
-    pub fn from_hex(s: &str) -> Option<Self> {
-        if s.len() != 32 {
-            return None;
-        }
-        let bytes = hex::decode(s).ok()?;
-        Some(Self(bytes.try_into().ok()?))
-    }
-
-    /// Takes the content bytes of a DER INTEGER serial (as in a certificate): leading zero bytes
-    /// are dropped and the rest left-padded to 16 bytes. `None` when it is negative or needs
-    /// more than 128 bits.
-    pub fn from_der_integer(bytes: &[u8]) -> Option<Self> {
-        if bytes.first().is_some_and(|b| b & 0x80 != 0) {
-            return None;
-        }
-        let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
-        let significant = &bytes[start..];
-        if significant.len() > 16 {
-            return None;
-        }
-        let mut out = [0u8; 16];
-        out[16 - significant.len()..].copy_from_slice(significant);
-        Some(Self(out))
-    }
-}
-
-impl fmt::Display for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
 }
 
 /// A public key taken from a CSR whose signature verified.
@@ -461,7 +379,7 @@ pub fn issue(
     let mut params = CertificateParams::default();
     params.not_before = datetime(not_before)?;
     params.not_after = datetime(not_after)?;
-    params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+    params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
     params.subject_alt_names = sans;
     params.distinguished_name = subject;
     params.is_ca = IsCa::ExplicitNoCa;
@@ -493,17 +411,6 @@ pub fn issue(
 
 /// Trust bundles by trust domain.
 pub type Bundles = HashMap<TrustDomain, Vec<CertificateDer<'static>>>;
-
-/// An SVID that validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedSvid {
-    /// Identity and scopes from the one URI SAN.
-    pub id: ScopedId,
-    /// Leaf serial.
-    pub serial: Serial,
-    /// Leaf notAfter.
-    pub not_after: SystemTime,
-}
 
 /// Whether the peer is a client or a server (extended key usage checked by webpki).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -623,79 +530,13 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
 ///
 /// # Errors
 /// [`SvidError::UnsupportedSerial`] for a serial that is not a positive integer of at most
-/// 16 bytes.
+/// 20 octets ([`Serial::from_der_integer`]).
 pub(crate) fn serial_and_not_after(
     leaf: &X509Certificate<'_>,
 ) -> Result<(Serial, SystemTime), SvidError> {
     let serial = Serial::from_der_integer(leaf.raw_serial()).ok_or(SvidError::UnsupportedSerial)?;
     let secs = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
     Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
-}
-
-/// Validates a chain (leaf first) as an X509-SVID verifier must.
-///
-/// The X509-SVID rules come first (SPIFFE X509-SVID spec §5): exactly one URI SAN that is a
-/// SPIFFE ID with a path, CA=false, digitalSignature and neither keyCertSign nor cRLSign. Then
-/// the roots are those of the leaf's own trust domain only, and webpki checks the path, the
-/// validity at `now` and the extended key usage for `usage`.
-///
-/// # Errors
-/// [`SvidError`] naming the first rule broken.
-pub fn verify_chain(
-    chain: &[CertificateDer<'_>],
-    bundles: &Bundles,
-    usage: Usage,
-    now: SystemTime,
-) -> Result<VerifiedSvid, SvidError> {
-    let Some(leaf_der) = chain.first() else {
-        return Err(SvidError::EmptyChain);
-    };
-    if chain.len() > MAX_CHAIN_LEN {
-        return Err(SvidError::ChainTooLong(chain.len()));
-    }
-    let leaf = parse_leaf(leaf_der)?;
-    let id = leaf_spiffe_id(&leaf)?;
-    check_leaf_constraints(&leaf)?;
-    let (serial, not_after) = serial_and_not_after(&leaf)?;
-
-    let td = id.trust_domain();
-    let roots = bundles
-        .get(&td)
-        .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_string()))?;
-    let anchors: Vec<_> = roots
-        .iter()
-        .filter_map(|root| webpki::anchor_from_trusted_cert(root).ok())
-        .collect();
-    if anchors.is_empty() {
-        return Err(SvidError::Untrusted(format!(
-            "the bundle of trust domain '{td}' holds no usable root"
-        )));
-    }
-    let end_entity = webpki::EndEntityCert::try_from(leaf_der)
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
-    let eku = match usage {
-        Usage::Client => webpki::KeyUsage::client_auth(),
-        Usage::Server => webpki::KeyUsage::server_auth(),
-    };
-    let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
-    end_entity
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &chain[1..],
-            time,
-            eku,
-            None,
-            None,
-        )
-        .map_err(|e| map_webpki_error(&e))?;
-
-    let id = ScopedId::from_spiffe_id(&id).map_err(SvidError::BadScopes)?;
-    Ok(VerifiedSvid {
-        id,
-        serial,
-        not_after,
-    })
 }
 
 /// A locally generated key pair and a CSR for it.
@@ -739,60 +580,6 @@ impl KeyAndCsr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn serial_is_positive_16_bytes_and_hex_round_trips() {
-        for _ in 0..1000 {
-            let s = Serial::generate();
-            assert!(s.0[0] != 0 && s.0[0] & 0x80 == 0);
-            let hex = s.to_hex();
-            assert_eq!(hex.len(), 32);
-            assert_eq!(hex, s.to_string());
-            assert_eq!(hex, hex.to_lowercase());
-            assert_eq!(Serial::from_hex(&hex), Some(s));
-            assert_eq!(Serial::from_hex(&hex.to_uppercase()), Some(s));
-        }
-        assert_eq!(Serial::from_hex(""), None);
-        assert_eq!(Serial::from_hex("zz"), None);
-        assert_eq!(Serial::from_hex(&"0".repeat(30)), None);
-        assert_eq!(Serial::from_hex(&"g".repeat(32)), None);
-    }
-
-    #[test]
-    fn serials_sort_by_issuance_time_and_carry_64_random_bits() {
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let a = Serial::try_generate_at(t0).unwrap();
-        let b = Serial::try_generate_at(t0).unwrap();
-        let later = Serial::try_generate_at(t0 + Duration::from_micros(1)).unwrap();
-        // Same microsecond: the time halves agree, the random halves differ.
-        assert_eq!(a.0[..8], b.0[..8]);
-        assert_ne!(a.0[8..], b.0[8..]);
-        // A microsecond later sorts after both, as bytes and as hex.
-        assert!(later > a && later > b);
-        assert!(later.to_hex() > a.to_hex() && later.to_hex() > b.to_hex());
-        // The time half reads back as the issuance time.
-        let time = u64::from_be_bytes(a.0[..8].try_into().unwrap());
-        assert_eq!(time & !SERIAL_TIME_MARK, 1_800_000_000_000_000);
-        // Before the epoch (a broken clock) still gives a positive 16-byte serial.
-        let early = Serial::try_generate_at(UNIX_EPOCH - Duration::from_secs(1)).unwrap();
-        assert_eq!(early.0[0], 0x40);
-    }
-
-    #[test]
-    fn serial_from_der_integer() {
-        assert_eq!(
-            Serial::from_der_integer(&[1]),
-            Some(Serial([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]))
-        );
-        let mut seventeen = vec![0u8];
-        seventeen.extend([0xffu8; 16]);
-        assert_eq!(
-            Serial::from_der_integer(&seventeen),
-            Some(Serial([0xff; 16]))
-        );
-        assert_eq!(Serial::from_der_integer(&[0x80]), None);
-        assert_eq!(Serial::from_der_integer(&[1; 17]), None);
-    }
 
     #[test]
     fn der_sequence_header_check() {

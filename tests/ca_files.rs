@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use mayfly::ca::{Authority, CaError, CaSet, UpstreamCa};
 use mayfly::id::{ScopedId, SpiffeId, TrustDomain};
-use mayfly::svid::{self, Bundles, KeyAndCsr, LeafSpec, Serial, Usage};
+use mayfly::mtls::{self, PeerError, PeerPolicy, TrustSet, Usage, VerifiedPeer};
+use mayfly::svid::{self, Bundles, KeyAndCsr, LeafSpec, Serial};
 use nix::sys::stat::{Mode, umask};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -126,6 +127,17 @@ fn issue_leaf(ca: &Authority) -> Vec<CertificateDer<'static>> {
     .chain
 }
 
+/// The one verifier, `mtls::verify_chain`, over `bundles` with no policy beyond them.
+fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    bundles: &Bundles,
+    usage: Usage,
+    now: SystemTime,
+) -> Result<VerifiedPeer, PeerError> {
+    let trust = TrustSet::new(bundles.clone()).expect("usable roots");
+    mtls::verify_chain(chain, &trust, usage, now, &PeerPolicy::any_id())
+}
+
 fn bundle_of(roots: &[CertificateDer<'static>]) -> Bundles {
     Bundles::from([(td(), roots.to_vec())])
 }
@@ -175,7 +187,7 @@ fn reload_after_restart_yields_the_same_ca() {
     // The reloaded CA signs leaves the first one's bundle trusts.
     let chain = issue_leaf(&second);
     assert!(
-        svid::verify_chain(
+        verify_chain(
             &chain,
             &bundle_of(first.bundle_roots()),
             Usage::Client,
@@ -189,7 +201,7 @@ fn reload_after_restart_yields_the_same_ca() {
     let other = Authority::load_or_create(other_dir.path(), &td(), WEEK, None).unwrap();
     assert_ne!(other.certificate(), first.certificate());
     assert!(
-        svid::verify_chain(
+        verify_chain(
             &chain,
             &bundle_of(other.bundle_roots()),
             Usage::Client,
@@ -280,7 +292,7 @@ fn write_upstream_root(dir: &Path, life: time::Duration) -> (UpstreamCa, Certifi
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + life;
-    params.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    params.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     let cert = params.self_signed(&key).unwrap();
     let cert_path = dir.join("upstream.pem");
     let key_path = dir.join("upstream.key");
@@ -323,7 +335,7 @@ fn intermediate_under_an_upstream_root() {
     assert_eq!(&chain[1], ca.certificate());
     let now = SystemTime::now();
     assert!(
-        svid::verify_chain(
+        verify_chain(
             &chain,
             &bundle_of(std::slice::from_ref(&root)),
             Usage::Server,
@@ -333,7 +345,7 @@ fn intermediate_under_an_upstream_root() {
     );
     // Without the intermediate in the chain it does not.
     assert!(
-        svid::verify_chain(
+        verify_chain(
             &chain[..1],
             &bundle_of(std::slice::from_ref(&root)),
             Usage::Server,
@@ -356,7 +368,7 @@ fn intermediate_under_an_upstream_root() {
     assert_eq!(under2.bundle_roots(), std::slice::from_ref(&root2));
     let chain = issue_leaf(&under2);
     assert!(
-        svid::verify_chain(
+        verify_chain(
             &chain,
             &bundle_of(std::slice::from_ref(&root2)),
             Usage::Client,
@@ -430,10 +442,10 @@ fn ca_set_publishes_the_union_of_roots() {
     assert_eq!(set.bundle(), vec![a_cert.clone(), b_cert.clone()]);
     // A leaf from the current CA verifies against the published bundle, before and after rotation.
     let chain = issue_leaf(&set.current());
-    assert!(svid::verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
+    assert!(verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
     assert!(set.activate_next());
     assert_eq!(set.current().certificate(), &b_cert);
-    assert!(svid::verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
+    assert!(verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
     let chain = issue_leaf(&set.current());
-    assert!(svid::verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
+    assert!(verify_chain(&chain, &set.bundles(), Usage::Client, SystemTime::now()).is_ok());
 }

@@ -1,6 +1,9 @@
 //! The `mtls` verifier matrix, over real TLS handshakes on real sockets (127.0.0.1), both
 //! sides: our server verifier against a client presenting each case's certificate, and our
-//! client verifier against a server presenting it. Every case runs on a fresh fixture, after a
+//! client verifier against a server presenting it. The matrix runs over each set of config
+//! builders that uses the stack: the services' (`mtls::server_config`, `mtls::client_config`)
+//! and the node API's (`server::node_tls_config`, optional client certificate, and
+//! `client::node_tls_config`, the agent's). Every case runs on a fresh fixture, after a
 //! positive control on that same fixture, and a refusal must name the rule it broke. Then
 //! session resumption (it must never skip authorization), live updates of the source, and the
 //! source fed by a Workload API over a Unix socket.
@@ -73,7 +76,7 @@ fn datetime(t: SystemTime) -> OffsetDateTime {
 }
 
 fn random_serial() -> SerialNumber {
-    SerialNumber::from_slice(&Serial::generate().0)
+    SerialNumber::from_slice(Serial::generate().as_bytes())
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -128,7 +131,8 @@ fn ca(
 struct Svid {
     chain: Vec<CertificateDer<'static>>,
     key_pkcs8: Vec<u8>,
-    serial: Serial,
+    /// The content octets of the leaf's serial number, as signed.
+    serial: Vec<u8>,
 }
 
 impl Svid {
@@ -146,6 +150,17 @@ struct LeafSpec {
     ekus: Vec<ExtendedKeyUsagePurpose>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The serial's DER content octets; a fresh Mayfly serial (16 octets) when `None`.
+    serial: Option<Vec<u8>>,
+}
+
+/// A serial as pyca's `random_serial_number()` makes it: a positive 159-bit integer, 20 octets
+/// of DER content.
+fn pyca_serial() -> Vec<u8> {
+    let mut octets = vec![0u8; 20];
+    aws_lc_rs::rand::fill(&mut octets).unwrap();
+    octets[0] = (octets[0] & 0x7f) | 0x40;
+    octets
 }
 
 impl LeafSpec {
@@ -160,6 +175,7 @@ impl LeafSpec {
             ],
             not_before: now - HOUR,
             not_after: now + HOUR,
+            serial: None,
         }
     }
 
@@ -171,7 +187,10 @@ impl LeafSpec {
     /// Signs the leaf with `issuer`; the chain sent is the leaf then `intermediates`.
     fn sign(&self, issuer: &Ca, intermediates: &[&Ca]) -> Svid {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let serial = Serial::generate();
+        let serial = self
+            .serial
+            .clone()
+            .unwrap_or_else(|| Serial::generate().as_bytes().to_vec());
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Mayfly");
@@ -182,7 +201,7 @@ impl LeafSpec {
         params.extended_key_usages = self.ekus.clone();
         params.not_before = datetime(self.not_before);
         params.not_after = datetime(self.not_after);
-        params.serial_number = Some(SerialNumber::from_slice(&serial.0));
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let leaf = params.signed_by(&key, &issuer.issuer).unwrap();
         let mut chain = vec![leaf.der().clone()];
         chain.extend(intermediates.iter().map(|ca| ca.der.clone()));
@@ -533,6 +552,20 @@ fn cases(pki: &Pki) -> Vec<Case> {
             pki.valid_a("spiffe://a.test/workloads/team/bot/scope/db.read"),
             Expect::Accept,
         ),
+        case(
+            "20-octet serial (pyca's random_serial_number), signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some(pyca_serial()))
+                .sign(&pki.ca_a, &[]),
+            Expect::Accept,
+        ),
+        case(
+            "1-octet serial, signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some(vec![0x01]))
+                .sign(&pki.ca_a, &[]),
+            Expect::Accept,
+        ),
         // The chain and its trust domain.
         case(
             "untrusted CA with the same trust domain name",
@@ -584,6 +617,13 @@ fn cases(pki: &Pki) -> Vec<Case> {
             "chain longer than 8 certificates",
             pki.leaf(GOOD).sign(&pki.inter_a, &[&pki.inter_a; 8]),
             Expect::Refuse("over the limit of 8"),
+        ),
+        case(
+            "21-octet serial, over RFC 5280's 20, signed by A's CA",
+            pki.leaf(GOOD)
+                .with(|l| l.serial = Some([vec![0x01], pyca_serial()].concat()))
+                .sign(&pki.ca_a, &[]),
+            Expect::Refuse("at most 20 octets"),
         ),
         // Validity, at the handshake's time.
         case(
@@ -794,26 +834,62 @@ fn first_uri(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+/// The config builders a matrix runs over: a server config and a client config from a source
+/// and a policy, as a user of the stack builds them.
+#[derive(Clone, Copy)]
+struct Configs {
+    name: &'static str,
+    server: fn(&SvidSource, PeerPolicy) -> rustls::ServerConfig,
+    client: fn(&SvidSource, PeerPolicy) -> rustls::ClientConfig,
+}
+
+fn services_server(source: &SvidSource, policy: PeerPolicy) -> rustls::ServerConfig {
+    mtls::server_config(source, policy).unwrap()
+}
+
+fn services_client(source: &SvidSource, policy: PeerPolicy) -> rustls::ClientConfig {
+    mtls::client_config(source, policy).unwrap()
+}
+
+fn node_server(source: &SvidSource, policy: PeerPolicy) -> rustls::ServerConfig {
+    mayfly::server::node_tls_config(source, policy).unwrap()
+}
+
+fn node_client(source: &SvidSource, policy: PeerPolicy) -> rustls::ClientConfig {
+    mayfly::client::node_tls_config(source, policy).unwrap()
+}
+
+/// Services and the proxy: a client certificate is required.
+const SERVICES: Configs = Configs {
+    name: "services (mtls::server_config, mtls::client_config)",
+    server: services_server,
+    client: services_client,
+};
+
+/// The node API: the server's config (a client certificate optional, for attestation) and the
+/// agent's client config. In production their policies are agent IDs only and exactly the
+/// server's ID; the matrix gives them its own policy, to run the same cases.
+const NODE_API: Configs = Configs {
+    name: "node API (server::node_tls_config, client::node_tls_config)",
+    server: node_server,
+    client: node_client,
+};
+
 /// One handshake on `side`, with `presented` at the other end; returns our end's verdict.
 async fn run_side(
     side: Side,
+    configs: Configs,
     pki: &Pki,
     source: &SvidSource,
     presented: &Svid,
 ) -> (Result<Option<VerifiedPeer>, String>, Handshake) {
     let outcome = match side {
         Side::Server => {
-            let ours = on_clock(
-                mtls::server_config(source, matrix_policy()).unwrap(),
-                pki.now,
-            );
+            let ours = on_clock((configs.server)(source, matrix_policy()), pki.now);
             handshake(Arc::new(ours), Arc::new(plain_client(presented))).await
         }
         Side::Client => {
-            let ours = on_clock_client(
-                mtls::client_config(source, matrix_policy()).unwrap(),
-                pki.now,
-            );
+            let ours = on_clock_client((configs.client)(source, matrix_policy()), pki.now);
             handshake(Arc::new(plain_server(presented)), Arc::new(ours)).await
         }
     };
@@ -832,16 +908,17 @@ fn check_peer(peer: Option<&VerifiedPeer>, presented: &Svid) -> Result<(), Strin
     if peer.id.to_string() != uri {
         return Err(format!("peer_of says {} but the leaf says {uri}", peer.id));
     }
-    if peer.serial != presented.serial {
+    if peer.serial.as_bytes() != presented.serial {
         return Err(format!(
             "peer_of serial {} is not the leaf's {}",
-            peer.serial, presented.serial
+            peer.serial,
+            hex::encode(&presented.serial)
         ));
     }
     Ok(())
 }
 
-async fn run_matrix(side: Side) {
+async fn run_matrix(side: Side, configs: Configs) {
     let pki = Pki::new();
     let own_uri = match side {
         Side::Server => "spiffe://a.test/svc/server",
@@ -857,7 +934,7 @@ async fn run_matrix(side: Side) {
         let source =
             SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
 
-        let (control, _) = run_side(side, &pki, &source, &case.control).await;
+        let (control, _) = run_side(side, configs, &pki, &source, &case.control).await;
         if let Err(e) = control
             .as_ref()
             .map_err(Clone::clone)
@@ -870,7 +947,7 @@ async fn run_matrix(side: Side) {
             source.set_bundles(bundles.clone()).unwrap();
         }
 
-        let (verdict, outcome) = run_side(side, &pki, &source, &case.presented).await;
+        let (verdict, outcome) = run_side(side, configs, &pki, &source, &case.presented).await;
         match (&case.expect, &verdict) {
             (Expect::Accept, Ok(peer)) => match check_peer(peer.as_ref(), &case.presented) {
                 Ok(()) => {
@@ -905,13 +982,15 @@ async fn run_matrix(side: Side) {
         }
     }
     println!(
-        "{side:?} side: {} cases (each after its positive control): {accepted} accepted, {refused} refused, {false_accepts} false accepts\n{}",
+        "{}, {side:?} side: {} cases (each after its positive control): {accepted} accepted, {refused} refused, {false_accepts} false accepts\n{}",
+        configs.name,
         cases.len(),
         report.join("\n")
     );
     assert!(
         failures.is_empty(),
-        "{side:?} side:\n{}",
+        "{}, {side:?} side:\n{}",
+        configs.name,
         failures.join("\n")
     );
     assert_eq!(false_accepts, 0);
@@ -920,12 +999,141 @@ async fn run_matrix(side: Side) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_matrix() {
-    run_matrix(Side::Server).await;
+    run_matrix(Side::Server, SERVICES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_side_matrix() {
-    run_matrix(Side::Client).await;
+    run_matrix(Side::Client, SERVICES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_side_matrix() {
+    run_matrix(Side::Server, NODE_API).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_client_side_matrix() {
+    run_matrix(Side::Client, NODE_API).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node API's own policies and its optional client certificate.
+
+/// A client presenting no certificate and accepting any server.
+fn anonymous_client() -> rustls::ClientConfig {
+    let provider = provider();
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_no_client_auth()
+}
+
+/// The node API's server config completes a handshake with a client that presents no
+/// certificate (an agent about to attest) and reports no peer for it; the services' config,
+/// on the same fixture, refuses that client. A client that does present one is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_lets_a_client_without_a_certificate_through_with_no_peer() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/server");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let node = Arc::new(on_clock(
+        mayfly::server::node_tls_config(&source, matrix_policy()).unwrap(),
+        pki.now,
+    ));
+
+    // Control: a client with a good SVID is verified and reported.
+    let good = pki.valid_a(GOOD);
+    let with_cert = handshake(node.clone(), Arc::new(plain_client(&good))).await;
+    check_peer(with_cert.server.as_ref().unwrap().as_ref(), &good).unwrap();
+
+    let without = handshake(node.clone(), Arc::new(anonymous_client())).await;
+    assert!(without.both_accepted(), "{without:?}");
+    assert_eq!(without.server.unwrap(), None, "no certificate, no peer");
+
+    // A certificate that is presented is still verified: optional is not unchecked.
+    let expired = pki
+        .leaf(GOOD)
+        .with(|l| l.not_after = pki.now - SECOND)
+        .sign(&pki.ca_a, &[]);
+    let refused = handshake(node, Arc::new(plain_client(&expired))).await;
+    assert!(refused.server.unwrap_err().contains("has expired"));
+
+    // The services' config requires a certificate.
+    let services = Arc::new(on_clock(
+        mtls::server_config(&source, matrix_policy()).unwrap(),
+        pki.now,
+    ));
+    let refused = handshake(services, Arc::new(anonymous_client())).await;
+    let error = refused.server.unwrap_err();
+    assert!(error.contains("peer sent no certificates"), "{error}");
+}
+
+/// The node server's production policy admits agents of its trust domain only: a valid
+/// workload SVID of that trust domain is refused in the handshake, an agent SVID accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_server_policy_admits_agents_only() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/server");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let node = Arc::new(on_clock(
+        mayfly::server::node_tls_config(&source, mayfly::server::agent_policy(&td("a.test")))
+            .unwrap(),
+        pki.now,
+    ));
+    let agent = pki.valid_a("spiffe://a.test/mayfly/agent/join_token/n1");
+    let accepted = handshake(node.clone(), Arc::new(plain_client(&agent))).await;
+    check_peer(accepted.server.as_ref().unwrap().as_ref(), &agent).unwrap();
+
+    for refused_id in [
+        "spiffe://a.test/workloads/bot",
+        GOOD,
+        "spiffe://a.test/mayfly/server",
+        "spiffe://a.test/mayfly/agentx/join_token/n1",
+        "spiffe://b.test/mayfly/agent/join_token/n1",
+    ] {
+        let ca = if refused_id.starts_with("spiffe://b.test") {
+            &pki.ca_b
+        } else {
+            &pki.ca_a
+        };
+        let svid = pki.leaf(refused_id).sign(ca, &[]);
+        let refused = handshake(node.clone(), Arc::new(plain_client(&svid))).await;
+        let error = refused.server.unwrap_err();
+        assert!(error.contains("is not allowed"), "{refused_id}: {error}");
+    }
+}
+
+/// The agent's production policy accepts exactly the server's ID: another valid SVID of the
+/// trust domain at the server's address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_client_accepts_exactly_the_server_id() {
+    let pki = Pki::new();
+    let own = pki.valid_a("spiffe://a.test/mayfly/agent/join_token/n1");
+    let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
+    let server_id = mayfly::server::server_id(&td("a.test"));
+    let agent = || {
+        let policy = mayfly::client::server_policy(&server_id).unwrap();
+        Arc::new(on_clock_client(
+            mayfly::client::node_tls_config(&source, policy).unwrap(),
+            pki.now,
+        ))
+    };
+    let server = pki.valid_a("spiffe://a.test/mayfly/server");
+    let accepted = handshake(Arc::new(plain_server(&server)), agent()).await;
+    check_peer(accepted.client.as_ref().unwrap().as_ref(), &server).unwrap();
+    for refused_id in [
+        "spiffe://a.test/mayfly/server/x",
+        "spiffe://a.test/mayfly/agent/join_token/n2",
+        "spiffe://a.test/workloads/bot",
+    ] {
+        let impostor = pki.valid_a(refused_id);
+        let refused = handshake(Arc::new(plain_server(&impostor)), agent()).await;
+        let error = refused.client.unwrap_err();
+        assert!(error.contains("is not allowed"), "{refused_id}: {error}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1098,7 +1306,7 @@ async fn svid_and_bundle_updates_apply_to_the_next_handshake() {
     let before = handshake(server.clone(), client.clone()).await;
     assert!(before.both_accepted(), "{before:?}");
     let seen = before.client.unwrap().unwrap();
-    assert_eq!(seen.serial, first.serial);
+    assert_eq!(seen.serial.as_bytes(), first.serial);
     assert_eq!(seen.id.base().as_str(), "spiffe://a.test/svc/server");
     assert_eq!(
         before.server.unwrap().unwrap().id.to_string(),
@@ -1113,7 +1321,10 @@ async fn svid_and_bundle_updates_apply_to_the_next_handshake() {
     assert!(changes.has_changed().unwrap());
     let after = handshake(server.clone(), client.clone()).await;
     assert!(after.both_accepted(), "{after:?}");
-    assert_eq!(after.client.unwrap().unwrap().serial, second.serial);
+    assert_eq!(
+        after.client.unwrap().unwrap().serial.as_bytes(),
+        second.serial
+    );
     assert_eq!(after.server_leaf.as_ref(), Some(&second.chain[0]));
 
     // An unusable SVID is refused and the current one stays.

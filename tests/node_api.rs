@@ -310,8 +310,11 @@ async fn workload_svids_cannot_act_as_agents() {
     // Control: the agent's own SVID works.
     assert_task_issued(&mut agent.node, &entry, &key.csr).await;
 
-    // A workload's identity SVID and task SVID are valid SVIDs of the trust domain, so the
-    // handshake succeeds, but neither is an agent: every call is refused.
+    // A workload's identity SVID and task SVID are valid SVIDs of the trust domain, but
+    // neither is an agent: the node API's TLS policy admits agent IDs only, so the handshake
+    // refuses them and no call reaches a handler (nothing audited, nothing issued). Whether the
+    // client sees it at connect or at its first call depends on timing (TLS 1.3 sends the
+    // client certificate last).
     let identity = agent
         .node
         .issue_identity(node_pb::IssueIdentityRequest {
@@ -331,39 +334,84 @@ async fn workload_svids_cannot_act_as_agents() {
             .cloned()
             .map(CertificateDer::from)
             .collect();
-        let mut impostor = server.connect_as(&chain, &key.key_pkcs8).await;
-        let status = expect_code(
-            impostor
-                .list_entries(node_pb::ListEntriesRequest::default())
-                .await,
-            Code::PermissionDenied,
-        );
-        assert!(
-            status.message().contains("not an agent identity"),
-            "{status:?}"
-        );
         let mark = server.audit_mark().await;
-        expect_code(
-            impostor
-                .issue_task(task_request(&entry.id, &key.csr, "impostor", &[READ], 60))
-                .await,
-            Code::PermissionDenied,
-        );
-        let r = server
-            .assert_one_denial(mark, "svid.task", "not an agent identity")
-            .await;
-        assert_eq!(r.agent_id, svid.spiffe_id);
-        let mark = server.audit_mark().await;
-        expect_code(
-            impostor
-                .renew_agent(node_pb::RenewAgentRequest { csr: csr().csr })
-                .await,
-            Code::PermissionDenied,
-        );
-        server
-            .assert_one_denial(mark, "agent.renew", "not an agent identity")
-            .await;
+        match server.try_connect_as(&chain, &key.key_pkcs8).await {
+            Err(e) => println!("{}: refused at connect: {e}", svid.spiffe_id),
+            Ok(mut impostor) => {
+                let listed = impostor
+                    .list_entries(node_pb::ListEntriesRequest::default())
+                    .await;
+                assert!(
+                    listed.is_err(),
+                    "a workload SVID listed entries: {listed:?}"
+                );
+                let issued = impostor
+                    .issue_task(task_request(&entry.id, &key.csr, "impostor", &[READ], 60))
+                    .await;
+                assert!(issued.is_err(), "a workload SVID got {issued:?}");
+                let renewed = impostor
+                    .renew_agent(node_pb::RenewAgentRequest { csr: csr().csr })
+                    .await;
+                assert!(renewed.is_err(), "a workload SVID renewed: {renewed:?}");
+            }
+        }
+        let after = server.audit_after(mark).await;
+        assert!(after.is_empty(), "the handshake must refuse it: {after:#?}");
     }
+    // The agent's own connection still works after the refusals.
+    assert_task_issued(&mut agent.node, &entry, &key.csr).await;
+    server.stop().await;
+}
+
+/// The node API's TLS lets a client without a certificate through (it must be able to
+/// attest), and then every call but Attest is refused as unauthenticated, from the peer the
+/// handshake recorded, and audited.
+#[tokio::test]
+async fn a_connection_without_a_certificate_may_only_attest() {
+    let server = TestServer::start().await;
+    let (mut agent, entry) = agent_with_entry(&server).await;
+    let key = csr();
+    // Control: the same calls over the agent's mTLS connection succeed.
+    agent
+        .node
+        .list_entries(node_pb::ListEntriesRequest::default())
+        .await
+        .expect("ListEntries with the agent SVID");
+    assert_task_issued(&mut agent.node, &entry, &key.csr).await;
+
+    let mut anonymous = server.node_client(None).await;
+    let status = expect_code(
+        anonymous
+            .list_entries(node_pb::ListEntriesRequest::default())
+            .await,
+        Code::Unauthenticated,
+    );
+    assert!(
+        status.message().contains("needs mTLS with an agent SVID"),
+        "{status:?}"
+    );
+    let mark = server.audit_mark().await;
+    expect_code(
+        anonymous
+            .renew_agent(node_pb::RenewAgentRequest {
+                csr: key.csr.clone(),
+            })
+            .await,
+        Code::Unauthenticated,
+    );
+    server
+        .assert_one_denial(mark, "agent.renew", "needs mTLS with an agent SVID")
+        .await;
+    // The same connection can attest: the handshake itself was accepted.
+    let token = server.join_token().await;
+    anonymous
+        .attest(node_pb::AttestRequest {
+            attestor: "join_token".into(),
+            evidence: token.token.into_bytes(),
+            csr: key.csr.clone(),
+        })
+        .await
+        .expect("Attest without a client certificate");
     server.stop().await;
 }
 
@@ -939,7 +987,7 @@ async fn concurrent_attestations_with_one_token(engine: Engine) {
         let id = server.server_id();
         let secret = token.token.clone();
         tokio::spawn(async move {
-            mayfly::client::attest_with_join_token(addr, bundles, id, &secret).await
+            mayfly::client::attest_with_join_token(addr, bundles, &id, &secret).await
         })
     });
     let results = futures::future::join_all(attempts).await;

@@ -628,11 +628,29 @@ fn forge(dir: &Path, id: &str, with_ca: bool) {
     ca.not_before = now - time::Duration::hours(1);
     ca.not_after = now + time::Duration::hours(24);
     ca.serial_number = Some(SerialNumber::from_slice(
-        &mayfly::svid::Serial::generate().0,
+        mayfly::svid::Serial::generate().as_bytes(),
     ));
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
 
+    let extra = if with_ca {
+        ca_cert.pem()
+    } else {
+        String::new()
+    };
+    write_leaf(
+        dir,
+        id,
+        &issuer,
+        mayfly::svid::Serial::generate().as_bytes(),
+        &extra,
+    );
+}
+
+/// A profile leaf with `id` and the serial whose DER content octets are `serial`, signed by
+/// `issuer`: written to `dir` as svid.pem (the leaf, then `extra_pem`) and svid.key.
+fn write_leaf(dir: &Path, id: &str, issuer: &Issuer<'_, KeyPair>, serial: &[u8], extra_pem: &str) {
+    let now = time::OffsetDateTime::now_utc();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut leaf = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -646,18 +664,63 @@ fn forge(dir: &Path, id: &str, with_ca: bool) {
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     leaf.not_before = now - time::Duration::minutes(5);
-    leaf.not_after = now + time::Duration::hours(1);
-    leaf.serial_number = Some(SerialNumber::from_slice(
-        &mayfly::svid::Serial::generate().0,
-    ));
-    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+    leaf.not_after = now + time::Duration::minutes(30);
+    leaf.serial_number = Some(SerialNumber::from_slice(serial));
+    let leaf_cert = leaf.signed_by(&key, issuer).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    let mut pem = leaf_cert.pem();
-    if with_ca {
-        pem.push_str(&ca_cert.pem());
-    }
-    std::fs::write(dir.join("svid.pem"), pem).unwrap();
+    std::fs::write(dir.join("svid.pem"), leaf_cert.pem() + extra_pem).unwrap();
     std::fs::write(dir.join("svid.key"), key.serialize_pem()).unwrap();
+}
+
+/// RFC 5280 §4.1.2.2 lets any CA use serials of up to 20 octets. A leaf signed by the trust
+/// domain's own CA (read from the server's data dir, as another issuing tool would hold it)
+/// with the 20-octet serial pyca's `random_serial_number()` makes passes the proxy; one with a
+/// 21-octet serial is refused in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_from_the_trust_domain_ca_with_a_20_octet_serial_is_accepted() {
+    let cluster = cluster_with(None, &[(BOT_ID, &["--scope", READ])]);
+    let upstream = EchoUpstream::start().await;
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        &["--upstream", &upstream.addr(), "--route", ROUTE_READ],
+    );
+    // Positive control: the read SVID the agent minted.
+    let read = mint(&cluster, "read", BOT_ID, &[READ], None);
+    curl(&proxy, &read, &[], "/customers").ok("200");
+
+    let ca_dir = cluster.path(".mayfly/server/ca");
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    // pyca: a positive 159-bit integer, 20 octets of DER content.
+    let mut pyca = [0u8; 20];
+    aws_lc_rs::rand::fill(&mut pyca).unwrap();
+    pyca[0] = (pyca[0] & 0x7f) | 0x40;
+    let too_long = [&[0x01u8][..], &pyca].concat();
+
+    for (name, serial, accepted) in [
+        ("serial-20", &pyca[..], true),
+        ("serial-21", &too_long, false),
+    ] {
+        let dir = cluster.path(name);
+        write_leaf(&dir, &read.spiffe_id, &issuer, serial, "");
+        let r = curl_with(
+            proxy.port,
+            &dir.join("svid.pem"),
+            &dir.join("svid.key"),
+            &cluster.path("bundle.pem"),
+            &["--http1.1"],
+            "/customers",
+        );
+        if accepted {
+            r.ok("200");
+        } else {
+            r.refused_in_handshake();
+        }
+    }
+    proxy.wait_log_line(&["handshake refused", "at most 20 octets"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,7 @@ use mayfly::store::{
     self, AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store,
     StoreError,
 };
+use mayfly::svid::Serial;
 use sqlx::{PgPool, SqlitePool};
 
 // ---------------------------------------------------------------------------------------------
@@ -199,11 +200,16 @@ fn entry(spiffe_id: &str, parent: &SpiffeId, selectors: &[&str], scopes: &[&str]
     }
 }
 
+/// The serial whose hex is `hex`.
+fn sn(hex: &str) -> Serial {
+    Serial::from_hex(hex).expect("a valid serial")
+}
+
 fn agent(id: &SpiffeId, serial: &str) -> AgentRecord {
     AgentRecord {
         spiffe_id: id.clone(),
         attestor: "join_token".into(),
-        current_serial: serial.into(),
+        current_serial: sn(serial),
         next_serial: None,
         not_after: NOW + 3600,
         banned: false,
@@ -219,7 +225,7 @@ fn token(byte: u8, node: &str, expires_at: i64) -> JoinTokenRecord {
     }
 }
 
-fn event(n: i64, task: Option<&str>, serial: Option<String>) -> AuditEvent {
+fn event(n: i64, task: Option<&str>, serial: Option<Serial>) -> AuditEvent {
     AuditEvent {
         time_ms: NOW * 1000 + n,
         action: "svid.task".into(),
@@ -236,8 +242,9 @@ fn event(n: i64, task: Option<&str>, serial: Option<String>) -> AuditEvent {
     }
 }
 
-fn serial(n: i64) -> Option<String> {
-    Some(format!("{n:032x}"))
+/// A distinct valid 16-octet serial for each `n`.
+fn serial(n: i64) -> Option<Serial> {
+    Serial::from_hex(&format!("01{n:030x}"))
 }
 
 fn all() -> AuditFilter {
@@ -477,6 +484,22 @@ async fn corrupt_rows_are_reported(db: Db) {
         assert_eq!(s.get_entry(&e.id).await.unwrap(), Some(e.clone()));
     }
 
+    // A stored serial that is no certificate serial (negative, padded, over 20 octets). The
+    // statements are made here, and the raw executor takes only static SQL: leaked, test-only.
+    let sql = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
+    for bad in ["ff01".to_owned(), "0001".to_owned(), "01".repeat(21)] {
+        let break_it = sql(format!("UPDATE agents SET current_serial = '{bad}'"));
+        assert_eq!(db.raw.execute(break_it).await, 1);
+        let got = s.get_agent(&agent_a()).await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{bad}: {got:?}");
+    }
+    // A 20-octet serial is one (the control, on the same row).
+    let twenty = "7f".repeat(20);
+    let fix_it = sql(format!("UPDATE agents SET current_serial = '{twenty}'"));
+    assert_eq!(db.raw.execute(fix_it).await, 1);
+    let agent_row = s.get_agent(&agent_a()).await.unwrap().unwrap();
+    assert_eq!(agent_row.current_serial.to_hex(), twenty);
+
     assert_eq!(
         db.raw
             .execute("UPDATE agents SET spiffe_id = 'spiffe://ACME/bad'")
@@ -564,9 +587,9 @@ async fn join_token_concurrent_consumers_one_winner(db: Db) {
 
 async fn agents_lifecycle(db: Db) {
     let s = db.store();
-    let a = agent(&agent_a(), "aa01");
-    let mut b = agent(&agent_b(), "bb01");
-    b.next_serial = Some("bb02".into());
+    let a = agent(&agent_a(), "2a01");
+    let mut b = agent(&agent_b(), "3b01");
+    b.next_serial = Some(sn("3b02"));
     b.attestor = "x509pop".into();
     s.create_agent(&b).await.unwrap();
     s.create_agent(&a).await.unwrap();
@@ -578,7 +601,7 @@ async fn agents_lifecycle(db: Db) {
     assert_eq!(s.list_agents().await.unwrap(), vec![a.clone(), b.clone()]);
 
     // A second record for the same agent is refused and the first is untouched.
-    let mut dup = agent(&agent_a(), "ffff");
+    let mut dup = agent(&agent_a(), "7fff");
     dup.banned = true;
     assert!(is_already_exists(s.create_agent(&dup).await));
     assert_eq!(s.get_agent(&agent_a()).await.unwrap(), Some(a.clone()));
@@ -608,7 +631,7 @@ async fn lookups_under_concurrency_answer_each_caller(db: Db) {
         let id = sid(&format!(
             "spiffe://acme.test/mayfly/agent/join_token/node-{i}"
         ));
-        let a = agent(&id, &format!("{i:04x}"));
+        let a = agent(&id, &format!("1{i:03x}"));
         db.store().create_agent(&a).await.unwrap();
         let e = entry(
             &format!("spiffe://acme.test/w/{i}"),
@@ -662,86 +685,90 @@ async fn lookups_under_concurrency_answer_each_caller(db: Db) {
 async fn agent_serial_rotation(db: Db) {
     let s = db.store();
     let id = agent_a();
-    s.create_agent(&agent(&id, "aa01")).await.unwrap();
+    s.create_agent(&agent(&id, "2a01")).await.unwrap();
     let id_ref = &id;
     let get = move || async move { s.get_agent(id_ref).await.unwrap().unwrap() };
 
     // Only the current (or next) serial may renew.
     assert!(
-        !s.set_agent_next_serial(&id, "ffff", "aa02", NOW + 7200)
+        !s.set_agent_next_serial(&id, &sn("7fff"), &sn("2a02"), NOW + 7200)
             .await
             .unwrap()
     );
     assert_eq!(get().await.next_serial, None);
     assert!(
-        s.set_agent_next_serial(&id, "aa01", "aa02", NOW + 7200)
+        s.set_agent_next_serial(&id, &sn("2a01"), &sn("2a02"), NOW + 7200)
             .await
             .unwrap()
     );
     let renewed = get().await;
-    assert_eq!(renewed.current_serial, "aa01");
-    assert_eq!(renewed.next_serial.as_deref(), Some("aa02"));
+    assert_eq!(renewed.current_serial, sn("2a01"));
+    assert_eq!(renewed.next_serial, Some(sn("2a02")));
     assert_eq!(renewed.not_after, NOW + 7200);
 
     // Promotion: an unknown serial is not promoted; the next one is.
-    assert!(!s.promote_agent_serial(&id, "ffff").await.unwrap());
-    assert!(s.promote_agent_serial(&id, "aa02").await.unwrap());
+    assert!(!s.promote_agent_serial(&id, &sn("7fff")).await.unwrap());
+    assert!(s.promote_agent_serial(&id, &sn("2a02")).await.unwrap());
     let promoted = get().await;
-    assert_eq!(promoted.current_serial, "aa02");
+    assert_eq!(promoted.current_serial, sn("2a02"));
     assert_eq!(promoted.next_serial, None);
     // Promoting the current serial again is a harmless success.
-    assert!(s.promote_agent_serial(&id, "aa02").await.unwrap());
+    assert!(s.promote_agent_serial(&id, &sn("2a02")).await.unwrap());
     assert_eq!(get().await, promoted);
 
     // The old serial is superseded: it can neither renew nor be promoted.
     assert!(
-        !s.set_agent_next_serial(&id, "aa01", "aa09", NOW + 9999)
+        !s.set_agent_next_serial(&id, &sn("2a01"), &sn("2a09"), NOW + 9999)
             .await
             .unwrap()
     );
-    assert!(!s.promote_agent_serial(&id, "aa01").await.unwrap());
+    assert!(!s.promote_agent_serial(&id, &sn("2a01")).await.unwrap());
     assert_eq!(get().await, promoted);
 
     // Renewing while a next serial is pending: current or next may present.
     assert!(
-        s.set_agent_next_serial(&id, "aa02", "aa03", NOW + 8000)
+        s.set_agent_next_serial(&id, &sn("2a02"), &sn("2a03"), NOW + 8000)
             .await
             .unwrap()
     );
     assert!(
-        s.set_agent_next_serial(&id, "aa03", "aa04", NOW + 9000)
+        s.set_agent_next_serial(&id, &sn("2a03"), &sn("2a04"), NOW + 9000)
             .await
             .unwrap()
     );
     let pending = get().await;
-    assert_eq!(pending.current_serial, "aa02");
-    assert_eq!(pending.next_serial.as_deref(), Some("aa04"));
-    assert!(!s.promote_agent_serial(&id, "aa03").await.unwrap());
+    assert_eq!(pending.current_serial, sn("2a02"));
+    assert_eq!(pending.next_serial, Some(sn("2a04")));
+    assert!(!s.promote_agent_serial(&id, &sn("2a03")).await.unwrap());
 
     // Unknown agents.
     let stranger = sid("spiffe://acme.test/mayfly/agent/join_token/node-z");
     assert!(
-        !s.set_agent_next_serial(&stranger, "aa02", "x", NOW)
+        !s.set_agent_next_serial(&stranger, &sn("2a02"), &sn("7f00"), NOW)
             .await
             .unwrap()
     );
-    assert!(!s.promote_agent_serial(&stranger, "aa02").await.unwrap());
+    assert!(
+        !s.promote_agent_serial(&stranger, &sn("2a02"))
+            .await
+            .unwrap()
+    );
 
     // A banned agent cannot renew, even with its current serial.
     assert!(s.ban_agent(&id).await.unwrap());
     assert!(
-        !s.set_agent_next_serial(&id, "aa02", "aa05", NOW)
+        !s.set_agent_next_serial(&id, &sn("2a02"), &sn("2a05"), NOW)
             .await
             .unwrap()
     );
     assert!(
-        !s.set_agent_next_serial(&id, "aa04", "aa05", NOW)
+        !s.set_agent_next_serial(&id, &sn("2a04"), &sn("2a05"), NOW)
             .await
             .unwrap()
     );
     let banned = get().await;
     assert!(banned.banned);
-    assert_eq!(banned.next_serial.as_deref(), Some("aa04"));
+    assert_eq!(banned.next_serial, Some(sn("2a04")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,7 +1084,7 @@ async fn sqlite_persists_across_reopen_with_private_files() {
         &["unix:uid:1001"],
         &["a:read", "b:write"],
     );
-    let a = agent(&agent_a(), "aa01");
+    let a = agent(&agent_a(), "2a01");
     let ca = CaCertRecord {
         fingerprint: "ab".repeat(32),
         der: vec![0x30, 0x82, 1, 2, 3],

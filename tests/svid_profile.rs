@@ -1,6 +1,6 @@
 //! The X509-SVID profile over the public API: what `svid::issue` puts in a leaf (and what it
-//! never takes from a CSR), what `svid::parse_csr` refuses, and what `svid::verify_chain`
-//! accepts and refuses. Every PKI here is generated at test time with rcgen.
+//! never takes from a CSR), what `svid::parse_csr` refuses, and what the one verifier
+//! (`mtls::verify_chain`, which the TLS verifiers run too) accepts and refuses. Every PKI here is generated at test time with rcgen.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mayfly::ca::{Authority, UpstreamCa};
 use mayfly::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
+use mayfly::mtls::{self, PeerError, PeerPolicy, TrustSet, VerifiedPeer};
 use mayfly::svid::{
     self, Bundles, IssuedSvid, KeyAndCsr, LeafSpec, RequestedKey, Serial, SvidError, Usage,
 };
@@ -69,6 +70,31 @@ fn issue(
         now,
     )
     .unwrap()
+}
+
+/// `mtls::verify_chain` over `bundles` with no policy beyond them (any trusted ID).
+fn verify_peer(
+    chain: &[CertificateDer<'_>],
+    bundles: &Bundles,
+    usage: Usage,
+    now: SystemTime,
+) -> Result<VerifiedPeer, PeerError> {
+    let trust = TrustSet::new(bundles.clone()).expect("usable roots");
+    mtls::verify_chain(chain, &trust, usage, now, &PeerPolicy::any_id())
+}
+
+/// [`verify_peer`], for the refusals of an X509-SVID rule or of the path (every refusal of this
+/// file but the extended key usage one, which is checked with [`verify_peer`]).
+fn verify(
+    chain: &[CertificateDer<'_>],
+    bundles: &Bundles,
+    usage: Usage,
+    now: SystemTime,
+) -> Result<VerifiedPeer, SvidError> {
+    verify_peer(chain, bundles, usage, now).map_err(|e| match e {
+        PeerError::Svid(e) => e,
+        other => panic!("expected an X509-SVID or path refusal, got {other}"),
+    })
 }
 
 fn bundles(cas: &[&Authority]) -> Bundles {
@@ -217,7 +243,7 @@ fn assert_profile(leaf_der: &[u8], serial: Serial, want: &Expected<'_>) {
     let raw_serial = leaf.raw_serial();
     assert_eq!(raw_serial.len(), 16);
     assert!(raw_serial[0] & 0x80 == 0 && raw_serial[0] != 0);
-    assert_eq!(raw_serial, serial.0);
+    assert_eq!(raw_serial, serial.as_bytes());
 
     // Validity.
     let nb = leaf.validity().not_before.timestamp();
@@ -435,7 +461,7 @@ fn spiffe_crate_accepts_an_svid_under_an_upstream_ca() {
     assert_eq!(parsed.spiffe_id().to_string(), id.to_string());
     assert_eq!(parsed.cert_chain().len(), 2);
     assert!(
-        svid::verify_chain(
+        verify(
             &svid.chain,
             &bundles(&[&ca]),
             Usage::Client,
@@ -460,7 +486,7 @@ fn write_upstream_root(dir: &Path) -> UpstreamCa {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(30);
-    params.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    params.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     let cert = params.self_signed(&key).unwrap();
     let cert_path = dir.join("upstream.pem");
     let key_path = dir.join("upstream.key");
@@ -646,7 +672,7 @@ fn csr_signed_by_another_key_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// verify_chain.
+// mtls::verify_chain.
 
 /// Leaf parameters following the profile, for hand-made leaves.
 fn profile_params(uris: &[&str]) -> CertificateParams {
@@ -667,7 +693,7 @@ fn profile_params(uris: &[&str]) -> CertificateParams {
     ];
     p.not_before = now - time::Duration::minutes(1);
     p.not_after = now + time::Duration::minutes(10);
-    p.serial_number = Some(SerialNumber::from_slice(&Serial::generate().0));
+    p.serial_number = Some(SerialNumber::from_slice(Serial::generate().as_bytes()));
     p.use_authority_key_identifier_extension = true;
     p
 }
@@ -687,7 +713,7 @@ fn verify_accepts_a_good_leaf_for_both_usages() {
     let now = SystemTime::now();
     let svid = issue(&a.ca, &id, &key, Duration::from_secs(300), &[], now);
     for usage in [Usage::Client, Usage::Server] {
-        let v = svid::verify_chain(&svid.chain, &all, usage, now).unwrap();
+        let v = verify(&svid.chain, &all, usage, now).unwrap();
         assert_eq!(v.id, id);
         assert_eq!(v.id.scopes().len(), 2);
         assert_eq!(v.serial, svid.serial);
@@ -695,7 +721,7 @@ fn verify_accepts_a_good_leaf_for_both_usages() {
     }
     // The hand-made profile leaf is accepted too (the control for every negative below).
     let chain = sign(&profile_params(&["spiffe://a.test/x"]), &a.issuer);
-    assert!(svid::verify_chain(&chain, &all, Usage::Client, now).is_ok());
+    assert!(verify(&chain, &all, Usage::Client, now).is_ok());
 }
 
 #[test]
@@ -709,9 +735,9 @@ fn verify_refuses_a_leaf_from_an_untrusted_ca_with_the_same_trust_domain() {
     let now = SystemTime::now();
     let svid = issue(&rogue.ca, &id, &key, Duration::from_secs(300), &[], now);
     // Control: it verifies against the rogue CA's own bundle.
-    assert!(svid::verify_chain(&svid.chain, &bundles(&[&rogue.ca]), Usage::Client, now).is_ok());
+    assert!(verify(&svid.chain, &bundles(&[&rogue.ca]), Usage::Client, now).is_ok());
     assert!(matches!(
-        svid::verify_chain(&svid.chain, &all, Usage::Client, now),
+        verify(&svid.chain, &all, Usage::Client, now),
         Err(SvidError::Untrusted(_))
     ));
 }
@@ -740,16 +766,16 @@ fn verify_chooses_roots_by_the_leaf_trust_domain() {
     ));
     // ...and a hand-made B leaf signed by A is refused although A's root is in the bundles.
     let control = sign(&profile_params(&["spiffe://a.test/agents/bot"]), &a.issuer);
-    assert!(svid::verify_chain(&control, &all, Usage::Client, now).is_ok());
+    assert!(verify(&control, &all, Usage::Client, now).is_ok());
     let chain = sign(&profile_params(&["spiffe://b.test/agents/bot"]), &a.issuer);
     assert!(matches!(
-        svid::verify_chain(&chain, &all, Usage::Client, now),
+        verify(&chain, &all, Usage::Client, now),
         Err(SvidError::Untrusted(_))
     ));
     // A trust domain with no bundle at all.
     let chain = sign(&profile_params(&["spiffe://c.test/agents/bot"]), &a.issuer);
     assert_eq!(
-        svid::verify_chain(&chain, &all, Usage::Client, now).unwrap_err(),
+        verify(&chain, &all, Usage::Client, now).unwrap_err(),
         SvidError::UnknownTrustDomain("c.test".to_owned())
     );
 }
@@ -762,9 +788,9 @@ fn verify_refuses_expired_and_not_yet_valid() {
     let id = scoped("spiffe://a.test/agents/bot", &[]);
     let now = SystemTime::now();
     let svid = issue(&a.ca, &id, &key, Duration::from_secs(300), &[], now);
-    assert!(svid::verify_chain(&svid.chain, &all, Usage::Server, now).is_ok());
+    assert!(verify(&svid.chain, &all, Usage::Server, now).is_ok());
     assert!(
-        svid::verify_chain(
+        verify(
             &svid.chain,
             &all,
             Usage::Server,
@@ -773,7 +799,7 @@ fn verify_refuses_expired_and_not_yet_valid() {
         .is_ok()
     );
     assert_eq!(
-        svid::verify_chain(
+        verify(
             &svid.chain,
             &all,
             Usage::Server,
@@ -784,7 +810,7 @@ fn verify_refuses_expired_and_not_yet_valid() {
     );
     // Within the skew allowance it is valid; before it, not yet.
     assert!(
-        svid::verify_chain(
+        verify(
             &svid.chain,
             &all,
             Usage::Server,
@@ -793,7 +819,7 @@ fn verify_refuses_expired_and_not_yet_valid() {
         .is_ok()
     );
     assert_eq!(
-        svid::verify_chain(
+        verify(
             &svid.chain,
             &all,
             Usage::Server,
@@ -809,9 +835,8 @@ fn verify_applies_the_x509_svid_leaf_rules() {
     let a = fixture("a.test");
     let all = bundles(&[&a.ca]);
     let now = SystemTime::now();
-    let check = |params: &CertificateParams| {
-        svid::verify_chain(&sign(params, &a.issuer), &all, Usage::Client, now)
-    };
+    let check =
+        |params: &CertificateParams| verify(&sign(params, &a.issuer), &all, Usage::Client, now);
     let good = profile_params(&["spiffe://a.test/x"]);
     assert!(check(&good).is_ok(), "control");
 
@@ -877,10 +902,10 @@ fn verify_applies_the_x509_svid_leaf_rules() {
     let mut p = good.clone();
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let chain = sign(&p, &a.issuer);
-    assert!(svid::verify_chain(&chain, &all, Usage::Server, now).is_ok());
+    assert!(verify(&chain, &all, Usage::Server, now).is_ok());
     assert!(matches!(
-        svid::verify_chain(&chain, &all, Usage::Client, now),
-        Err(SvidError::Untrusted(_))
+        verify_peer(&chain, &all, Usage::Client, now),
+        Err(PeerError::ExtendedKeyUsage("clientAuth"))
     ));
 }
 
@@ -890,23 +915,23 @@ fn verify_refuses_empty_oversized_and_garbage_chains() {
     let all = bundles(&[&a.ca]);
     let now = SystemTime::now();
     assert_eq!(
-        svid::verify_chain(&[], &all, Usage::Client, now).unwrap_err(),
+        verify(&[], &all, Usage::Client, now).unwrap_err(),
         SvidError::EmptyChain
     );
     let big = CertificateDer::from(vec![0x30u8; 17 * 1024]);
     assert_eq!(
-        svid::verify_chain(&[big], &all, Usage::Client, now).unwrap_err(),
+        verify(&[big], &all, Usage::Client, now).unwrap_err(),
         SvidError::LeafTooLarge(17 * 1024)
     );
     let junk = CertificateDer::from(vec![0x30u8, 0x03, 1, 2, 3]);
     assert!(matches!(
-        svid::verify_chain(&[junk], &all, Usage::Client, now),
+        verify(&[junk], &all, Usage::Client, now),
         Err(SvidError::Malformed(_))
     ));
     let good = sign(&profile_params(&["spiffe://a.test/x"]), &a.issuer);
     let long: Vec<_> = std::iter::repeat_n(good[0].clone(), 9).collect();
     assert_eq!(
-        svid::verify_chain(&long, &all, Usage::Client, now).unwrap_err(),
+        verify(&long, &all, Usage::Client, now).unwrap_err(),
         SvidError::ChainTooLong(9)
     );
 }
@@ -925,7 +950,7 @@ fn serials_are_unique_over_100k_issuances() {
     for i in 0..100_000u32 {
         let svid = issue(&ca, &id, &key, Duration::from_secs(300), &[], now);
         if i.is_multiple_of(10_000) {
-            assert_eq!(parse(&svid.chain[0]).raw_serial(), svid.serial.0);
+            assert_eq!(parse(&svid.chain[0]).raw_serial(), svid.serial.as_bytes());
         }
         assert!(seen.insert(svid.serial), "serial {} repeated", svid.serial);
     }

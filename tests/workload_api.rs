@@ -81,8 +81,7 @@ impl Fixture {
         let link = Arc::new(ServerLink::new(
             server.node_addr(),
             mayfly::server::server_id(&td),
-            agent.bundles,
-            agent.cert,
+            agent.source,
             agent.node,
         ));
         let (_, bundle) = server.bundle_der().await;

@@ -12,9 +12,9 @@ use crate::bundle;
 use crate::client::{self, ClientError};
 use crate::files::{self, FileError};
 use crate::id::{SpiffeId, TrustDomain};
+use crate::mtls::{self, MtlsError, SvidSource};
 use crate::proto::node as pb;
-use crate::svid::{self, KeyAndCsr};
-use crate::tls;
+use crate::svid::{self, Bundles, KeyAndCsr};
 
 const SVID_FILE: &str = "agent.pem";
 const KEY_FILE: &str = "agent.key";
@@ -52,7 +52,7 @@ pub enum IdentityError {
     Client(#[from] ClientError),
     /// The TLS configuration could not be built.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] MtlsError),
     /// The server refused the attestation or renewal.
     #[error("the server refused: {}", .0.message())]
     Refused(tonic::Status),
@@ -169,8 +169,8 @@ impl AgentSvid {
     }
 
     /// The bundle, keyed by trust domain, for the TLS verifiers.
-    pub fn live_bundles(&self) -> tls::LiveBundles {
-        client::bundles_from_der(&self.trust_domain(), &self.bundle)
+    pub fn bundles(&self) -> Bundles {
+        client::bundle_map(&self.trust_domain(), &self.bundle)
     }
 }
 
@@ -275,11 +275,14 @@ pub async fn attest(
         Bootstrap::Bundle(certs) => {
             let td = bundle::trust_domain_of(&certs[0])
                 .map_err(|e| IdentityError::BadAnswer(e.to_string()))?;
-            let bundles = client::bundles_from_der(&td, certs);
-            client::connect_node(addr, bundles, crate::server::server_id(&td), None).await?
+            // No agent SVID yet: the source holds only the bundle, so no certificate is sent.
+            let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
+            client::connect_node(addr, &source, &crate::server::server_id(&td)).await?
         }
         Bootstrap::Insecure => {
-            client::connect_node_with(addr, tls::insecure_bootstrap_client_config()?).await?
+            let mut config = mtls::insecure_bootstrap_client_config()?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            client::connect_node_with(addr, config).await?
         }
     };
     let answer = node

@@ -14,9 +14,9 @@ use super::keys::{KeyPool, POOL_SIZE};
 use super::state::{AgentEntry, CachedSvid};
 use crate::client::{self, ClientError};
 use crate::id::SpiffeId;
+use crate::mtls::SvidSource;
 use crate::proto::node as pb;
 use crate::proto::node::node_client::NodeClient;
-use crate::tls::{LiveBundles, RotatingCert};
 
 /// A task SVID minted for a workload: the chain from the server and the key this agent made.
 #[derive(Clone)]
@@ -37,27 +37,24 @@ pub struct MintedSvid {
 pub struct ServerLink {
     addr: SocketAddr,
     server_id: SpiffeId,
-    bundles: LiveBundles,
-    cert: Arc<RotatingCert>,
+    source: SvidSource,
     node: RwLock<NodeClient<Channel>>,
     /// Keys for the SVIDs asked for, made ahead of time.
     keys: Arc<KeyPool>,
 }
 
 impl ServerLink {
-    /// A link over `node`, an mTLS client presenting `cert`.
+    /// A link over `node`, an mTLS client presenting the agent SVID held by `source`.
     pub fn new(
         addr: SocketAddr,
         server_id: SpiffeId,
-        bundles: LiveBundles,
-        cert: Arc<RotatingCert>,
+        source: SvidSource,
         node: NodeClient<Channel>,
     ) -> Self {
         Self {
             addr,
             server_id,
-            bundles,
-            cert,
+            source,
             node: RwLock::new(node),
             keys: KeyPool::start(POOL_SIZE),
         }
@@ -68,28 +65,18 @@ impl ServerLink {
         self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The trust bundles the link verifies the server against.
-    pub fn bundles(&self) -> &LiveBundles {
-        &self.bundles
+    /// The agent SVID presented to the server and the bundles the server is verified against;
+    /// renewed in place ([`SvidSource::set_svid`], [`SvidSource::set_bundles`]).
+    pub fn source(&self) -> &SvidSource {
+        &self.source
     }
 
-    /// The certificate presented to the server.
-    pub fn cert(&self) -> &Arc<RotatingCert> {
-        &self.cert
-    }
-
-    /// Opens a new connection presenting the current certificate and uses it from now on.
+    /// Opens a new connection presenting the current agent SVID and uses it from now on.
     ///
     /// # Errors
     /// [`ClientError`] when the server cannot be reached; the old connection stays.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        let node = client::connect_node(
-            self.addr,
-            self.bundles.clone(),
-            self.server_id.clone(),
-            Some(self.cert.clone()),
-        )
-        .await?;
+        let node = client::connect_node(self.addr, &self.source, &self.server_id).await?;
         *self.node.write().unwrap_or_else(|e| e.into_inner()) = node;
         Ok(())
     }

@@ -92,7 +92,7 @@ pub enum AgentError {
     Client(#[from] crate::client::ClientError),
     /// The TLS configuration could not be built.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::mtls::MtlsError),
 }
 
 /// A started agent.
@@ -133,29 +133,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let agent = obtain_identity(&config, &files).await?;
     tracing::info!(agent = %agent.spiffe_id, not_after = crate::server::policy::unix_secs(agent.not_after), "agent identity ready");
 
-    let bundles = agent.live_bundles();
-    let cert = Arc::new(crate::tls::RotatingCert::new(
-        agent.cert_chain(),
-        &agent.key_pkcs8,
-        crate::tls::provider(),
-    )?);
+    let source =
+        crate::mtls::SvidSource::from_parts(agent.cert_chain(), &agent.key_pkcs8, agent.bundles())?;
     let server_id = crate::server::server_id(&agent.trust_domain());
     // Connecting is lazy in spirit: if the server is down now, the sync loop retries, and the
     // agent still serves whatever it can.
-    let node = crate::client::connect_node(
-        config.server,
-        bundles.clone(),
-        server_id.clone(),
-        Some(cert.clone()),
-    )
-    .await?;
-    let link = Arc::new(ServerLink::new(
-        config.server,
-        server_id,
-        bundles,
-        cert,
-        node,
-    ));
+    let node = crate::client::connect_node(config.server, &source, &server_id).await?;
+    let link = Arc::new(ServerLink::new(config.server, server_id, source, node));
 
     let (tx, rx) = watch::channel(Arc::new(sync::initial_snapshot(&agent)));
     let (shutdown, shutdown_rx) = watch::channel(false);

@@ -229,11 +229,10 @@ impl Syncer {
     fn set_bundle(&mut self, certs: &[Vec<u8>]) -> Result<(), SyncError> {
         let td = self.agent.trust_domain();
         let map = crate::client::bundle_map(&td, certs);
-        *self
-            .link
-            .bundles()
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = map;
+        self.link
+            .source()
+            .set_bundles(map)
+            .map_err(|e| SyncError::Identity(IdentityError::Tls(e)))?;
         self.agent.bundle = certs.to_vec();
         self.files.save_bundle(certs)?;
         Ok(())
@@ -280,9 +279,9 @@ impl Syncer {
     async fn adopt(&mut self, svid: AgentSvid) -> Result<(), SyncError> {
         self.files.save(&svid)?;
         self.link
-            .cert()
-            .replace(svid.cert_chain(), &svid.key_pkcs8)
-            .map_err(|e| SyncError::Identity(IdentityError::Key(e.to_string())))?;
+            .source()
+            .set_svid(svid.cert_chain(), &svid.key_pkcs8)
+            .map_err(|e| SyncError::Identity(IdentityError::Tls(e)))?;
         self.agent = svid;
         self.link
             .reconnect()

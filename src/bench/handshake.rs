@@ -13,7 +13,7 @@
 //!   `spiffe://bench.test/agents/*`, scope `bench:read` required";
 //! - **plain**: `WebPkiClientVerifier` (chain to the CA, clientAuth EKU), with its root hint
 //!   subjects cleared as ours sends none, on a config built the same way: the same provider
-//!   ([`mayfly::tls::provider`]), TLS 1.3 only, the same server certificate and key, no session
+//!   ([`mayfly::mtls::provider`]), TLS 1.3 only, the same server certificate and key, no session
 //!   storage and no tickets.
 //!
 //! The client is the same for both ([`mayfly::mtls::client_config`] with the client SVID).
@@ -602,7 +602,7 @@ pub async fn handshake_benchmark(
 
 fn run(opts: &HandshakeBenchOptions) -> Result<HandshakeBenchReport, MtlsBenchError> {
     let pki = BenchPki::generate()?;
-    let provider = mayfly::tls::provider();
+    let provider = mayfly::mtls::provider();
     let server_source = pki.source(&pki.server)?;
     let client_source = pki.source(&pki.client)?;
     let policy = BenchPki::server_policy()?;

@@ -652,7 +652,7 @@ fn child_of(parent: u32) -> Option<i32> {
 /// checked as `localhost`, which both servers' certificate names), X25519 only, TLS 1.3, no
 /// resumption, ALPN `http/1.1`.
 fn client_config(pki: &BenchPki) -> Result<Arc<ClientConfig>, MtlsBenchError> {
-    let base = mayfly::tls::provider();
+    let base = mayfly::mtls::provider();
     let provider = CryptoProvider {
         kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
         ..(*base).clone()

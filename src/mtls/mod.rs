@@ -24,8 +24,12 @@
 //!   API message (or given in code), read at every handshake.
 //! - [`server_config`] / [`client_config`]: TLS 1.3 only, the explicit aws-lc-rs provider,
 //!   the service's SVID presented, the peer verified (below). ALPN is left empty for the
-//!   caller to set.
-//! - [`peer_of`]: the verified peer of a finished handshake.
+//!   caller to set. [`server_config_optional_client`] lets a client without a certificate
+//!   through (the node API, where agents attest before they have an SVID).
+//! - [`peer_of`]: the verified peer of a finished handshake, the one way to ask who a peer is.
+//! - [`verify_chain`]: the same verification outside a handshake.
+//! - [`insecure_bootstrap_client_config`]: the one exception, an agent's first attestation
+//!   under `--insecure-bootstrap`.
 //!
 //! Both sides verify the peer in this fixed order, stopping at the first failure:
 //!
@@ -52,19 +56,35 @@
 //! connection pays a full handshake, which is what makes trust and policy changes take effect
 //! on the next connection.
 
+mod bootstrap;
 mod policy;
 mod source;
 mod verifier;
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+pub use bootstrap::insecure_bootstrap_client_config;
 pub use policy::{IdPattern, PeerPolicy, PolicyError, Refusal};
-pub use source::SvidSource;
+pub use source::{SvidSource, TrustSet};
+use verifier::ClientAuth;
 pub use verifier::PeerError;
 
 use crate::id::ScopedId;
-use crate::svid::Serial;
+pub use crate::svid::Usage;
+use crate::svid::{Serial, SvidError};
+
+/// The one crypto provider every Mayfly TLS config uses: aws-lc-rs, named explicitly.
+static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+    LazyLock::new(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+
+/// The crypto provider of every config this module builds (aws-lc-rs).
+pub fn provider() -> Arc<CryptoProvider> {
+    PROVIDER.clone()
+}
 
 /// Why an mTLS config or source could not be built or made ready.
 #[derive(Debug, thiserror::Error)]
@@ -118,9 +138,36 @@ pub fn server_config(
     source: &SvidSource,
     policy: PeerPolicy,
 ) -> Result<rustls::ServerConfig, MtlsError> {
+    server_config_with(source, policy, ClientAuth::Required)
+}
+
+/// [`server_config`], except that a client may present no certificate at all: the handshake
+/// then completes and [`peer_of`] answers `None`, so every request that needs an authenticated
+/// peer must ask [`peer_of`] (the node API: an agent attests before it has an SVID). A client
+/// that does present one is verified exactly as by [`server_config`], `policy` included.
+///
+/// # Errors
+/// [`MtlsError::Tls`] when rustls refuses the configuration.
+pub fn server_config_optional_client(
+    source: &SvidSource,
+    policy: PeerPolicy,
+) -> Result<rustls::ServerConfig, MtlsError> {
+    server_config_with(source, policy, ClientAuth::Optional)
+}
+
+fn server_config_with(
+    source: &SvidSource,
+    policy: PeerPolicy,
+    auth: ClientAuth,
+) -> Result<rustls::ServerConfig, MtlsError> {
+    let verifier = Arc::new(verifier::SpiffeClientVerifier::new(
+        source.clone(),
+        policy,
+        auth,
+    ));
     let mut config = rustls::ServerConfig::builder_with_provider(source.provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_cert_verifier(source, policy))
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(source::SvidResolver(source.clone())));
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -136,10 +183,15 @@ pub fn client_cert_verifier(
     source: &SvidSource,
     policy: PeerPolicy,
 ) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
-    Arc::new(verifier::SpiffeClientVerifier::new(source.clone(), policy))
+    Arc::new(verifier::SpiffeClientVerifier::new(
+        source.clone(),
+        policy,
+        ClientAuth::Required,
+    ))
 }
 
-/// The client config of an mTLS client: presents the source's SVID, accepts only a server
+/// The client config of an mTLS client: presents the source's SVID (none while the source holds
+/// none, as one from [`SvidSource::trust_only`]), accepts only a server
 /// whose SVID passes `expected_server` (its SPIFFE ID, never a DNS name: the server name given
 /// to connect is only sent as SNI), TLS 1.3 only, no resumption. Set `alpn_protocols` on the
 /// result as the service needs.
@@ -177,4 +229,32 @@ pub fn peer_of(connection: &rustls::CommonState) -> Option<VerifiedPeer> {
     }
     let leaf = connection.peer_certificates()?.first()?;
     verifier::describe_leaf(leaf).ok()
+}
+
+/// Verifies `chain` (leaf first) at `now` as the verifiers of this module do in a handshake —
+/// the same five steps, in the same order, by the same code — for a peer in role `usage`
+/// (`Usage::Client`: the chain a TLS client presents). For checks outside a handshake: an
+/// SVID just issued, a chain read from files.
+///
+/// # Errors
+/// [`PeerError`] naming the first rule broken; [`SvidError::EmptyChain`] for no certificate.
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    trust: &TrustSet,
+    usage: Usage,
+    now: SystemTime,
+    policy: &PeerPolicy,
+) -> Result<VerifiedPeer, PeerError> {
+    let (end_entity, intermediates) = chain.split_first().ok_or(SvidError::EmptyChain)?;
+    let now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    verifier::verify_peer(
+        end_entity,
+        intermediates,
+        trust,
+        policy,
+        usage,
+        &PROVIDER,
+        now,
+        None,
+    )
 }

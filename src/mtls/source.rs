@@ -52,13 +52,28 @@ pub(crate) struct DomainRoots {
     pub(crate) anchors: Vec<TrustAnchor<'static>>,
 }
 
-/// Every trust domain's roots at one moment; replaced whole, never edited.
+/// Every trust domain's roots at one moment, with their trust anchors extracted once; replaced
+/// whole, never edited. A source holds one; [`super::verify_chain`] takes one directly.
 #[derive(Default)]
-pub(crate) struct TrustSet {
+pub struct TrustSet {
     domains: HashMap<String, DomainRoots>,
 }
 
+impl std::fmt::Debug for TrustSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.domains.keys()).finish()
+    }
+}
+
 impl TrustSet {
+    /// The roots of every trust domain in `bundles`.
+    ///
+    /// # Errors
+    /// [`MtlsError::BadBundle`] when a certificate is not a usable root.
+    pub fn new(bundles: Bundles) -> Result<Self, MtlsError> {
+        Self::build(bundles, true)
+    }
+
     /// Extracts the anchors of `bundles`. Strict: a certificate that is not a usable root is an
     /// error. Lenient (the stream): it is skipped and logged, so one bad certificate cannot
     /// block an update that removes a CA.
@@ -88,6 +103,13 @@ impl TrustSet {
     /// The roots of trust domain `name`, if its bundle is known.
     pub(crate) fn roots(&self, name: &str) -> Option<&DomainRoots> {
         self.domains.get(name)
+    }
+
+    /// The certificates of trust domain `td`'s bundle, if it is known.
+    fn certs(&self, td: &TrustDomain) -> Option<&[CertificateDer<'static>]> {
+        self.domains
+            .get(td.as_str())
+            .map(|roots| roots.certs.as_slice())
     }
 
     fn to_bundles(&self) -> Bundles {
@@ -277,11 +299,26 @@ impl SvidSource {
         key_pkcs8: &[u8],
         bundles: Bundles,
     ) -> Result<Self, MtlsError> {
-        let state = State::new(crate::tls::provider());
+        let state = State::new(super::provider());
         let svid = state.local_svid(chain, key_pkcs8)?;
         let trust = TrustSet::build(bundles, true)?;
         state.set_svid(Some(svid));
         state.set_trust(trust);
+        Ok(Self {
+            state: Arc::new(state),
+            _task: None,
+        })
+    }
+
+    /// A source trusting `bundles` and holding no SVID yet: configs built from it present no
+    /// certificate until [`SvidSource::set_svid`] gives it one. For a client that must verify
+    /// its server before it has an identity of its own (an agent attesting).
+    ///
+    /// # Errors
+    /// [`MtlsError::BadBundle`] when a bundle certificate is not a usable root.
+    pub fn trust_only(bundles: Bundles) -> Result<Self, MtlsError> {
+        let state = State::new(super::provider());
+        state.set_trust(TrustSet::build(bundles, true)?);
         Ok(Self {
             state: Arc::new(state),
             _task: None,
@@ -305,7 +342,7 @@ impl SvidSource {
     /// # Panics
     /// Outside a Tokio runtime.
     pub fn spawn_for(socket: impl Into<PathBuf>, wanted: Option<crate::id::SpiffeId>) -> Self {
-        let mut state = State::new(crate::tls::provider());
+        let mut state = State::new(super::provider());
         state.wanted = wanted;
         let state = Arc::new(state);
         let task = tokio::spawn(follow(socket.into(), state.clone()));
@@ -384,6 +421,14 @@ impl SvidSource {
     /// The trust bundles held now.
     pub fn bundles(&self) -> Bundles {
         self.trust().to_bundles()
+    }
+
+    /// The certificates of trust domain `td`'s bundle held now (empty when it is not known).
+    pub fn bundle(&self, td: &TrustDomain) -> Vec<CertificateDer<'static>> {
+        self.trust()
+            .certs(td)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// The SPIFFE ID (with scopes) of the SVID held now.

@@ -16,7 +16,46 @@ use super::policy::{PeerPolicy, Refusal};
 use super::source::{SvidSource, TrustSet};
 use crate::id::ScopedId;
 use crate::svid::{self, MAX_CHAIN_LEN, MAX_LEAF_LEN, Serial, SvidError, Usage};
-use crate::tls::tls13_only_signatures;
+
+/// The three signature methods of rustls' `ServerCertVerifier` and `ClientCertVerifier` for
+/// Mayfly's configs, which are TLS 1.3 only: a TLS 1.2 signature never reaches a verifier and is
+/// refused, a TLS 1.3 one is checked with the provider's algorithms. The argument is the path
+/// below `self` of the verifier's `Arc<CryptoProvider>`, as in `tls13_only_signatures!(provider)`.
+macro_rules! tls13_only_signatures {
+    ($($provider:tt)+) => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &rustls_pki_types::CertificateDer<'_>,
+            _dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::Tls12NotOffered,
+            ))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.$($provider)+.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$($provider)+
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+pub(crate) use tls13_only_signatures;
 
 /// Why a peer failed the handshake.
 ///
@@ -220,24 +259,46 @@ impl PeerVerifier {
     }
 }
 
-/// The server side: a client certificate is required and verified against the policy.
-pub(crate) struct SpiffeClientVerifier(PeerVerifier);
+/// Whether a server requires its clients to present an SVID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientAuth {
+    /// A client without a certificate fails the handshake (services, the proxy).
+    Required,
+    /// A client may present no certificate; one it presents is verified all the same, and
+    /// [`super::peer_of`] then answers `None` for it. Each request decides whether it needs a
+    /// verified peer (the node API, where an agent attests before it has an SVID).
+    Optional,
+}
+
+/// The server side: a client certificate is verified against the policy, and required or
+/// optional as configured.
+pub(crate) struct SpiffeClientVerifier {
+    inner: PeerVerifier,
+    auth: ClientAuth,
+}
 
 impl SpiffeClientVerifier {
-    pub(crate) fn new(source: SvidSource, policy: PeerPolicy) -> Self {
+    pub(crate) fn new(source: SvidSource, policy: PeerPolicy, auth: ClientAuth) -> Self {
         let provider = source.provider();
-        Self(PeerVerifier {
-            source,
-            policy,
-            provider,
-            leaves: LeafCache::default(),
-        })
+        Self {
+            inner: PeerVerifier {
+                source,
+                policy,
+                provider,
+                leaves: LeafCache::default(),
+            },
+            auth,
+        }
     }
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SpiffeClientVerifier({:?})", self.0.policy)
+        write!(
+            f,
+            "SpiffeClientVerifier({:?}, {:?})",
+            self.auth, self.inner.policy
+        )
     }
 }
 
@@ -247,7 +308,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.auth == ClientAuth::Required
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -260,12 +321,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        self.inner
             .verify(end_entity, intermediates, Usage::Client, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    tls13_only_signatures!(0.provider);
+    tls13_only_signatures!(inner.provider);
 }
 
 /// The client side: the server's SVID is verified against the expected policy; the server

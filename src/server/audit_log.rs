@@ -152,7 +152,7 @@ mod tests {
             action: "svid.task".into(),
             reason: "issued".into(),
             task_id: Some(format!("task-{n}")),
-            serial: Some(format!("{n:032x}")),
+            serial: crate::svid::Serial::from_hex(&format!("01{n:030x}")),
             ..AuditEvent::default()
         }
     }

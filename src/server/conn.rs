@@ -1,11 +1,11 @@
 //! The node API's listener: TLS handshakes done by us (tonic's own TLS takes no custom
-//! verifier), each connection handed to tonic with its verified peer SVID attached.
+//! verifier), each connection handed to tonic with the peer its handshake verified attached.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,8 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::svid::{self, Usage, VerifiedSvid};
-use crate::tls::LiveBundles;
+use crate::mtls::{self, VerifiedPeer};
 
 /// A handshake slower than this is dropped, so idle sockets cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,8 +23,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What tonic hands each request about its connection.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    /// The client's verified SVID, when it presented one.
-    pub svid: Option<Arc<VerifiedSvid>>,
+    /// The client the handshake verified ([`mtls::peer_of`]); `None` when it presented no
+    /// certificate, which the node API's config allows so that agents can attest.
+    pub peer: Option<Arc<VerifiedPeer>>,
 }
 
 /// One accepted, handshaken TLS connection.
@@ -85,7 +85,6 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    bundles: LiveBundles,
 ) -> (
     impl Stream<Item = Result<TlsConn, io::Error>>,
     tokio::task::JoinHandle<()>,
@@ -107,12 +106,13 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let bundles = bundles.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let peer = peer_info(&inner, &bundles);
+                        let peer = PeerInfo {
+                            peer: mtls::peer_of(inner.get_ref().1).map(Arc::new),
+                        };
                         let _ = tx.send(Ok(TlsConn { inner, peer })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
@@ -122,16 +122,4 @@ pub fn incoming(
         }
     });
     (tokio_stream::wrappers::ReceiverStream::new(rx), accept_loop)
-}
-
-/// The verifier already accepted the chain during the handshake; this parses it once more to
-/// keep the identity, scopes, serial and expiry for the requests on this connection.
-fn peer_info(conn: &TlsStream<TcpStream>, bundles: &LiveBundles) -> PeerInfo {
-    let svid = conn.get_ref().1.peer_certificates().and_then(|chain| {
-        let bundles = bundles.read().unwrap_or_else(|e| e.into_inner());
-        svid::verify_chain(chain, &bundles, Usage::Client, SystemTime::now())
-            .ok()
-            .map(Arc::new)
-    });
-    PeerInfo { svid }
 }

@@ -10,11 +10,10 @@ pub mod node;
 pub mod policy;
 pub mod status_layer;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, UnixListener};
@@ -24,10 +23,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::ca::{Authority, CaError, CaSet, UpstreamCa};
 use crate::id::{ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::mtls::{self, IdPattern, MtlsError, PeerPolicy, SvidSource};
 use crate::proto::{admin::admin_server::AdminServer, node::node_server::NodeServer};
 use crate::store::{self, CaCertRecord, Store, StoreError};
-use crate::svid::{self, KeyAndCsr, LeafSpec, SvidError};
-use crate::tls::{self, LiveBundles, RotatingCert, TlsError};
+use crate::svid::{self, Bundles, KeyAndCsr, LeafSpec, SvidError};
 use audit_log::AuditLog;
 use policy::{IssuancePolicy, unix_secs};
 
@@ -94,7 +93,7 @@ pub enum ServerError {
     Svid(#[from] SvidError),
     /// TLS could not be configured.
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Tls(#[from] MtlsError),
 }
 
 /// What a server runs with.
@@ -150,7 +149,8 @@ pub(crate) struct ServerState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) cas: Arc<CaSet>,
     pub(crate) audit: AuditLog,
-    pub(crate) bundles: LiveBundles,
+    /// The server's own SVID and the trust bundle, as the node API's TLS uses them.
+    pub(crate) source: SvidSource,
     pub(crate) agent_ttl: Duration,
     pub(crate) min_entry_ttl: Duration,
 }
@@ -158,11 +158,11 @@ pub(crate) struct ServerState {
 impl ServerState {
     /// The trust domain's CA certificates, DER.
     pub(crate) fn bundle_der(&self) -> Vec<Vec<u8>> {
-        let bundles = self.bundles.read().unwrap_or_else(|e| e.into_inner());
-        bundles
-            .get(&self.td)
-            .map(|certs| certs.iter().map(|c| c.to_vec()).collect())
-            .unwrap_or_default()
+        self.source
+            .bundle(&self.td)
+            .iter()
+            .map(|c| c.to_vec())
+            .collect()
     }
 }
 
@@ -196,6 +196,32 @@ pub fn server_id(td: &TrustDomain) -> SpiffeId {
     td.join("/mayfly/server").expect("valid constant path")
 }
 
+/// The peers the node API admits once they present a certificate: agents of trust domain `td`
+/// (`spiffe://<td>/mayfly/agent/...`), and no one else. A client without a certificate still
+/// completes the handshake (see [`node_tls_config`]), so that it can attest.
+///
+/// # Panics
+/// Never: the prefix is a valid constant path.
+pub fn agent_policy(td: &TrustDomain) -> PeerPolicy {
+    let agents = td.join("/mayfly/agent").expect("valid constant path");
+    PeerPolicy::ids([IdPattern::below(agents).expect("no scope segment")]).expect("one pattern")
+}
+
+/// The node API's TLS server config: the server's SVID from `source`, a client certificate
+/// optional (an agent attests before it has an SVID) and, when presented, verified by
+/// [`mtls`] against `agents` (in production [`agent_policy`]), HTTP/2.
+///
+/// # Errors
+/// [`MtlsError::Tls`] when rustls refuses the configuration.
+pub fn node_tls_config(
+    source: &SvidSource,
+    agents: PeerPolicy,
+) -> Result<rustls::ServerConfig, MtlsError> {
+    let mut config = mtls::server_config_optional_client(source, agents)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 fn create_private_dir(path: &Path) -> Result<(), ServerError> {
     let err = |source| ServerError::DataDir {
         path: path.to_owned(),
@@ -205,19 +231,27 @@ fn create_private_dir(path: &Path) -> Result<(), ServerError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
-async fn publish_and_load_bundle(
-    store: &dyn Store,
-    td: &TrustDomain,
-    bundles: &LiveBundles,
-) -> Result<(), StoreError> {
+/// The trust bundle as the store holds it now: every live CA certificate of `td`.
+async fn load_bundle(store: &dyn Store, td: &TrustDomain) -> Result<Bundles, StoreError> {
     let records = store.list_ca_certs(unix_secs(SystemTime::now())).await?;
     let certs = records
         .into_iter()
         .map(|r| rustls_pki_types::CertificateDer::from(r.der))
         .collect::<Vec<_>>();
-    let mut map = HashMap::new();
-    map.insert(td.clone(), certs);
-    *bundles.write().unwrap_or_else(|e| e.into_inner()) = map;
+    Ok(Bundles::from([(td.clone(), certs)]))
+}
+
+/// Re-reads the bundle from the store into `source` (other replicas may have published CAs);
+/// an unchanged bundle is left alone.
+async fn refresh_bundle(
+    store: &dyn Store,
+    td: &TrustDomain,
+    source: &SvidSource,
+) -> Result<(), ServerError> {
+    let bundles = load_bundle(store, td).await?;
+    if bundles.get(td).map(Vec::as_slice) != Some(source.bundle(td).as_slice()) {
+        source.set_bundles(bundles)?;
+    }
     Ok(())
 }
 
@@ -282,12 +316,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .await?;
     }
     let cas = Arc::new(CaSet::new(authority));
-    let bundles: LiveBundles = Arc::new(RwLock::new(HashMap::new()));
-    publish_and_load_bundle(store.as_ref(), &config.trust_domain, &bundles).await?;
-
+    let bundles = load_bundle(store.as_ref(), &config.trust_domain).await?;
     let (chain, key, _) = issue_server_svid(&cas.current(), &config.trust_domain)?;
-    let server_cert = Arc::new(RotatingCert::new(chain, &key, tls::provider())?);
-    let tls_config = tls::node_server_config(server_cert.clone(), bundles.clone())?;
+    let source = SvidSource::from_parts(chain, &key, bundles)?;
+    let tls_config = node_tls_config(&source, agent_policy(&config.trust_domain))?;
 
     let state = Arc::new(ServerState {
         td: config.trust_domain.clone(),
@@ -295,7 +327,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         store: store.clone(),
         cas: cas.clone(),
         audit: AuditLog::start(store.clone()),
-        bundles: bundles.clone(),
+        source: source.clone(),
         agent_ttl: config.agent_ttl,
         min_entry_ttl: config.min_entry_ttl,
     });
@@ -318,11 +350,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let node = NodeServer::new(node::NodeService::new(state.clone()))
         .max_decoding_message_size(MAX_NODE_MESSAGE);
-    let (incoming, accept_loop) = conn::incoming(
-        listener,
-        TlsAcceptor::from(Arc::new(tls_config)),
-        bundles.clone(),
-    );
+    let (incoming, accept_loop) = conn::incoming(listener, TlsAcceptor::from(Arc::new(tls_config)));
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
@@ -360,7 +388,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut stop = shutdown.subscribe();
     let td = config.trust_domain.clone();
     tasks.push(tokio::spawn(async move {
-        maintain(store, td, bundles, cas, server_cert, &mut stop).await;
+        maintain(store, td, source, cas, &mut stop).await;
     }));
 
     Ok(RunningServer {
@@ -372,13 +400,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Keeps the bundle current and renews the server's own SVID at half its life.
+/// Keeps the bundle current and renews the server's own SVID at half its life, both in place
+/// in `source`, so the listener picks them up at its next handshake.
 async fn maintain(
     store: Arc<dyn Store>,
     td: TrustDomain,
-    bundles: LiveBundles,
+    source: SvidSource,
     cas: Arc<CaSet>,
-    server_cert: Arc<RotatingCert>,
     stop: &mut watch::Receiver<bool>,
 ) {
     let mut renew_at = SystemTime::now() + defaults::SERVER_TTL / 2;
@@ -387,12 +415,12 @@ async fn maintain(
             _ = stop.changed() => return,
             () = tokio::time::sleep(BUNDLE_REFRESH) => {}
         }
-        if let Err(e) = publish_and_load_bundle(store.as_ref(), &td, &bundles).await {
+        if let Err(e) = refresh_bundle(store.as_ref(), &td, &source).await {
             tracing::warn!(error = %e, "could not refresh the trust bundle; keeping the current one");
         }
         if SystemTime::now() >= renew_at {
             match issue_server_svid(&cas.current(), &td) {
-                Ok((chain, key, not_after)) => match server_cert.replace(chain, &key) {
+                Ok((chain, key, not_after)) => match source.set_svid(chain, &key) {
                     Ok(()) => {
                         let life = not_after
                             .duration_since(SystemTime::now())

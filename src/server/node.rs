@@ -13,13 +13,14 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditEvent, Decision};
 use crate::id::{ScopedId, SpiffeId};
+use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::policy::{self, Refusal, Standing, check_task_id, unix_secs};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
-use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError, VerifiedSvid};
+use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
@@ -114,7 +115,7 @@ impl NodeService {
     /// use.
     async fn authorize_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         event: &mut AuditEvent,
     ) -> Result<AgentRecord, NodeError> {
         let record = self.lookup_agent(peer).await;
@@ -124,7 +125,7 @@ impl NodeService {
     /// The store's record of the calling agent, unchecked; `None` for a peer that is no agent.
     async fn lookup_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
     ) -> Result<Option<AgentRecord>, StoreError> {
         match peer {
             Some(p) if self.state.policy.is_agent_id(p.id.spiffe_id()) => {
@@ -138,7 +139,7 @@ impl NodeService {
     /// becomes current on first use.
     async fn check_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         record: Result<Option<AgentRecord>, StoreError>,
         event: &mut AuditEvent,
     ) -> Result<AgentRecord, NodeError> {
@@ -152,11 +153,10 @@ impl NodeService {
             .check_agent(peer, record.as_ref(), SystemTime::now())?;
         let record = record.ok_or(Refusal::NotAuthenticated)?;
         event.attestor = Some(record.attestor.clone());
-        if standing == Standing::FirstUseOfNext {
-            let serial = peer.map(|p| p.serial.to_hex()).unwrap_or_default();
+        if let (Standing::FirstUseOfNext, Some(p)) = (standing, peer) {
             self.state
                 .store
-                .promote_agent_serial(&record.spiffe_id, &serial)
+                .promote_agent_serial(&record.spiffe_id, &p.serial)
                 .await?;
         }
         Ok(record)
@@ -168,7 +168,7 @@ impl NodeService {
     /// checks the agent first, then the entry, so refusals keep their order.
     async fn lookup_agent_and_entry(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         entry_id: &str,
     ) -> (Result<Option<AgentRecord>, StoreError>, EntryLookup) {
         let entry = async {
@@ -221,7 +221,7 @@ impl NodeService {
         event.decision = Some(Decision::Allow);
         event.reason = "issued".into();
         event.spiffe_id = Some(id.to_string());
-        event.serial = Some(issued.serial.to_hex());
+        event.serial = Some(issued.serial);
         event.not_after = Some(unix_secs(issued.not_after));
         self.state.audit.record(event).await?;
         Ok(())
@@ -314,11 +314,11 @@ enum EntryLookup {
     Malformed(Refusal),
 }
 
-fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedSvid>> {
+fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedPeer>> {
     request
         .extensions()
         .get::<PeerInfo>()
-        .and_then(|p| p.svid.clone())
+        .and_then(|p| p.peer.clone())
 }
 
 fn svid_message(id: &ScopedId, issued: IssuedSvid) -> pb::Svid {
@@ -403,7 +403,7 @@ impl pb::node_server::Node for NodeService {
             let record = AgentRecord {
                 spiffe_id: agent_id,
                 attestor: JoinTokenAttestor.name().into(),
-                current_serial: issued.serial.to_hex(),
+                current_serial: issued.serial,
                 next_serial: None,
                 not_after: unix_secs(issued.not_after),
                 banned: false,
@@ -435,7 +435,8 @@ impl pb::node_server::Node for NodeService {
             Self::check_csr_size(&req.csr)?;
             let id = ScopedId::new(agent.spiffe_id.clone(), Default::default())
                 .map_err(Refusal::from)?;
-            let presented = peer.as_ref().map(|p| p.serial.to_hex()).unwrap_or_default();
+            // Authorized, so there is a peer; its serial is the one to supersede.
+            let presented = peer.as_ref().ok_or(Refusal::NotAuthenticated)?.serial;
             // Sign first, record the new serial, then audit: if the agent's standing changed
             // meanwhile (banned, evicted, renewed elsewhere) the store refuses the serial and
             // the new SVID is never returned.
@@ -446,7 +447,7 @@ impl pb::node_server::Node for NodeService {
                 .set_agent_next_serial(
                     &agent.spiffe_id,
                     &presented,
-                    &issued.serial.to_hex(),
+                    &issued.serial,
                     unix_secs(issued.not_after),
                 )
                 .await?

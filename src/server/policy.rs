@@ -7,8 +7,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::id::{IdError, Scope, ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::mtls::VerifiedPeer;
 use crate::store::{AgentRecord, Entry};
-use crate::svid::VerifiedSvid;
+use crate::svid::Serial;
 
 /// The default SVID lifetime: minutes, so a stolen credential is soon worthless.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -44,7 +45,7 @@ pub enum Refusal {
         /// The agent.
         agent: String,
         /// The serial it presented.
-        serial: String,
+        serial: Serial,
     },
     /// The agent's SVID expired during a long-lived connection.
     #[error("agent {0} presented an expired SVID; renew it or attest again")]
@@ -186,7 +187,7 @@ impl IssuancePolicy {
     /// The [`Refusal`] naming the first failed check.
     pub fn check_agent(
         &self,
-        peer: Option<&VerifiedSvid>,
+        peer: Option<&VerifiedPeer>,
         record: Option<&AgentRecord>,
         now: SystemTime,
     ) -> Result<Standing, Refusal> {
@@ -202,15 +203,14 @@ impl IssuancePolicy {
         if peer.not_after <= now {
             return Err(Refusal::ExpiredSvid(id.to_string()));
         }
-        let serial = peer.serial.to_hex();
-        if serial == record.current_serial {
+        if peer.serial == record.current_serial {
             Ok(Standing::Current)
-        } else if record.next_serial.as_deref() == Some(serial.as_str()) {
+        } else if record.next_serial == Some(peer.serial) {
             Ok(Standing::FirstUseOfNext)
         } else {
             Err(Refusal::SupersededSvid {
                 agent: id.to_string(),
-                serial,
+                serial: peer.serial,
             })
         }
     }

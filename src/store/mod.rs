@@ -16,6 +16,7 @@ use mayfly_attestors::Selector;
 
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::{ScopeSet, SpiffeId};
+use crate::svid::Serial;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +114,10 @@ pub struct AgentRecord {
     pub spiffe_id: SpiffeId,
     /// The node attestor that admitted it.
     pub attestor: String,
-    /// Serial (hex) of the SVID it currently holds.
-    pub current_serial: String,
-    /// Serial (hex) of a renewed SVID it has been sent but not used yet.
-    pub next_serial: Option<String>,
+    /// Serial of the SVID it currently holds (stored as hex).
+    pub current_serial: Serial,
+    /// Serial of a renewed SVID it has been sent but not used yet (stored as hex).
+    pub next_serial: Option<Serial>,
     /// `notAfter` of the newest agent SVID, Unix seconds.
     pub not_after: i64,
     /// Banned agents are refused at their next call.
@@ -223,8 +224,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_agent_next_serial(
         &self,
         id: &SpiffeId,
-        presented_serial: &str,
-        next_serial: &str,
+        presented_serial: &Serial,
+        next_serial: &Serial,
         not_after: i64,
     ) -> Result<bool, StoreError>;
     /// Makes `serial` the agent's current serial if it is its next one (the agent has started
@@ -232,7 +233,11 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError::Database`].
-    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError>;
+    async fn promote_agent_serial(
+        &self,
+        id: &SpiffeId,
+        serial: &Serial,
+    ) -> Result<bool, StoreError>;
     /// Bans an agent; `false` when there is none.
     ///
     /// # Errors

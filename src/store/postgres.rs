@@ -20,6 +20,7 @@ use super::{
 };
 use crate::audit::{self, AuditEvent, AuditRecord, Decision};
 use crate::id::SpiffeId;
+use crate::svid::Serial;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -225,8 +226,8 @@ impl Store for PostgresStore {
         )
         .bind(agent.spiffe_id.as_str())
         .bind(&agent.attestor)
-        .bind(&agent.current_serial)
-        .bind(agent.next_serial.as_deref())
+        .bind(agent.current_serial.to_hex())
+        .bind(agent.next_serial.map(|s| s.to_hex()))
         .bind(agent.not_after)
         .bind(agent.banned)
         .bind(agent.created_at)
@@ -265,8 +266,8 @@ impl Store for PostgresStore {
     async fn set_agent_next_serial(
         &self,
         id: &SpiffeId,
-        presented_serial: &str,
-        next_serial: &str,
+        presented_serial: &Serial,
+        next_serial: &Serial,
         not_after: i64,
     ) -> Result<bool, StoreError> {
         let updated = sqlx::query(
@@ -275,8 +276,8 @@ impl Store for PostgresStore {
              AND (current_serial = $2 OR next_serial = $2)",
         )
         .bind(id.as_str())
-        .bind(presented_serial)
-        .bind(next_serial)
+        .bind(presented_serial.to_hex())
+        .bind(next_serial.to_hex())
         .bind(not_after)
         .execute(&self.pool)
         .await?
@@ -287,13 +288,18 @@ impl Store for PostgresStore {
     /// `true` when `serial` was the next serial and is now current, and also when it already
     /// was the current one (a repeated promotion is harmless, so callers can retry); `false`
     /// for an unknown agent or any other serial, such as a superseded one.
-    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError> {
+    async fn promote_agent_serial(
+        &self,
+        id: &SpiffeId,
+        serial: &Serial,
+    ) -> Result<bool, StoreError> {
+        let serial = serial.to_hex();
         let promoted = sqlx::query(
             "UPDATE agents SET current_serial = next_serial, next_serial = NULL \
              WHERE spiffe_id = $1 AND next_serial = $2",
         )
         .bind(id.as_str())
-        .bind(serial)
+        .bind(&serial)
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -304,7 +310,7 @@ impl Store for PostgresStore {
         let current: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM agents WHERE spiffe_id = $1 AND current_serial = $2")
                 .bind(id.as_str())
-                .bind(serial)
+                .bind(&serial)
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(current.is_some())
@@ -402,7 +408,7 @@ impl Store for PostgresStore {
             spiffe_id.push(event.spiffe_id.as_deref());
             task_id.push(event.task_id.as_deref());
             scopes.push(rows::audit_scopes(event));
-            serial.push(event.serial.as_deref());
+            serial.push(event.serial.map(|s| s.to_hex()));
             not_after.push(event.not_after);
             prev_hash.push(record.prev_hash.to_vec());
             hash.push(record.hash.to_vec());

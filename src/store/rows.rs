@@ -13,6 +13,7 @@ use mayfly_attestors::Selector;
 use super::{AgentRecord, CaCertRecord, Entry, EntryId, StoreError};
 use crate::audit::{AuditEvent, AuditRecord, Decision};
 use crate::id::{Scope, ScopeSet, SpiffeId};
+use crate::svid::Serial;
 
 /// `err` as [`StoreError::AlreadyExists`] (naming `what`) when it is a unique violation.
 pub(super) fn unique_violation(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
@@ -183,11 +184,21 @@ impl TryFrom<AgentRow> for AgentRecord {
     fn try_from(row: AgentRow) -> Result<Self, StoreError> {
         let spiffe_id = SpiffeId::parse(&row.spiffe_id)
             .map_err(|e| StoreError::Corrupt(format!("agent {}: {e}", row.spiffe_id)))?;
+        let serial = |hex: &str| {
+            Serial::from_hex(hex).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "agent {}: '{hex}' is not a certificate serial number",
+                    row.spiffe_id
+                ))
+            })
+        };
+        let current_serial = serial(&row.current_serial)?;
+        let next_serial = row.next_serial.as_deref().map(serial).transpose()?;
         Ok(Self {
             spiffe_id,
             attestor: row.attestor,
-            current_serial: row.current_serial,
-            next_serial: row.next_serial,
+            current_serial,
+            next_serial,
             not_after: row.not_after,
             banned: row.banned,
             created_at: row.created_at,
@@ -272,7 +283,14 @@ impl TryFrom<AuditRow> for AuditRecord {
                 spiffe_id: row.spiffe_id,
                 task_id: row.task_id,
                 scopes: decode_list(&row.scopes, &format!("audit record {seq}: scopes"))?,
-                serial: row.serial,
+                serial: row
+                    .serial
+                    .map(|hex| {
+                        Serial::from_hex(&hex).ok_or_else(|| {
+                            StoreError::Corrupt(format!("audit record {seq}: serial '{hex}'"))
+                        })
+                    })
+                    .transpose()?,
                 not_after: row.not_after,
             },
             prev_hash: hash32(&row.prev_hash, &format!("audit record {seq}: prev_hash"))?,

@@ -8,16 +8,15 @@
 //! `mod common;`; not every test file uses every helper.
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mayfly::client::{self, AttestError, AttestedAgent, ClientError};
 use mayfly::id::{SpiffeId, TrustDomain};
+use mayfly::mtls::{self, PeerPolicy, SvidSource, TrustSet, Usage, VerifiedPeer};
 use mayfly::proto::admin::{self as admin_pb, admin_client::AdminClient};
 use mayfly::proto::node::{self as node_pb, node_client::NodeClient};
 use mayfly::server::{self, RunningServer, ServerConfig};
-use mayfly::svid::{self, KeyAndCsr, Usage, VerifiedSvid};
-use mayfly::tls::{self, LiveBundles, RotatingCert};
+use mayfly::svid::{Bundles, KeyAndCsr};
 use rustls_pki_types::CertificateDer;
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -278,11 +277,11 @@ impl TestServer {
         (b.trust_domain, b.certificates)
     }
 
-    /// The trust bundle, ready for the verifiers.
-    pub async fn bundles(&self) -> LiveBundles {
+    /// The trust bundle, keyed by trust domain.
+    pub async fn bundles(&self) -> Bundles {
         let (td, certs) = self.bundle_der().await;
         assert_eq!(td, self.config.trust_domain.as_str());
-        client::bundles_from_der(&self.config.trust_domain, &certs)
+        client::bundle_map(&self.config.trust_domain, &certs)
     }
 
     /// A fresh join token.
@@ -299,7 +298,7 @@ impl TestServer {
         client::attest_with_join_token(
             self.node_addr(),
             self.bundles().await,
-            self.server_id(),
+            &self.server_id(),
             token,
         )
         .await
@@ -416,16 +415,20 @@ impl TestServer {
 
     // ---- node API --------------------------------------------------------------------------
 
-    /// A node API client presenting `cert` (or nothing), on a new connection.
-    pub async fn node_client(&self, cert: Option<Arc<RotatingCert>>) -> NodeClient<Channel> {
-        client::connect_node(
-            self.node_addr(),
-            self.bundles().await,
-            self.server_id(),
-            cert,
-        )
-        .await
-        .expect("connect to the node API")
+    /// A node API client presenting the SVID of `source`, or no certificate when `None`, on a
+    /// new connection.
+    pub async fn node_client(&self, source: Option<&SvidSource>) -> NodeClient<Channel> {
+        let anonymous;
+        let source = match source {
+            Some(source) => source,
+            None => {
+                anonymous = SvidSource::trust_only(self.bundles().await).expect("bundle");
+                &anonymous
+            }
+        };
+        client::connect_node(self.node_addr(), source, &self.server_id())
+            .await
+            .expect("connect to the node API")
     }
 
     /// A node API client presenting the SVID `chain` with its key, on a new connection.
@@ -445,24 +448,25 @@ impl TestServer {
         chain: &[CertificateDer<'static>],
         key_pkcs8: &[u8],
     ) -> Result<NodeClient<Channel>, ClientError> {
-        let cert = RotatingCert::new(chain.to_vec(), key_pkcs8, tls::provider()).expect("cert");
-        client::connect_node(
-            self.node_addr(),
-            self.bundles().await,
-            self.server_id(),
-            Some(Arc::new(cert)),
-        )
-        .await
+        let source = SvidSource::from_parts(chain.to_vec(), key_pkcs8, self.bundles().await)
+            .expect("a usable SVID and bundle");
+        client::connect_node(self.node_addr(), &source, &self.server_id()).await
     }
 
-    /// Verifies an issued chain against the bundle from the admin API, as a client SVID.
-    pub async fn verify(&self, chain: &[Vec<u8>]) -> VerifiedSvid {
-        let bundles = self.bundles().await;
-        let bundles = bundles.read().expect("bundles").clone();
+    /// Verifies an issued chain against the bundle from the admin API, as a client SVID, with
+    /// the one verifier ([`mtls::verify_chain`]).
+    pub async fn verify(&self, chain: &[Vec<u8>]) -> VerifiedPeer {
+        let trust = TrustSet::new(self.bundles().await).expect("a usable bundle");
         let chain: Vec<CertificateDer<'static>> =
             chain.iter().cloned().map(CertificateDer::from).collect();
-        svid::verify_chain(&chain, &bundles, Usage::Client, SystemTime::now())
-            .expect("the issued SVID verifies against the bundle")
+        mtls::verify_chain(
+            &chain,
+            &trust,
+            Usage::Client,
+            SystemTime::now(),
+            &PeerPolicy::any_id(),
+        )
+        .expect("the issued SVID verifies against the bundle")
     }
 }
 

@@ -115,7 +115,7 @@ fn bind_records<'q>(
             .bind(event.spiffe_id.as_deref())
             .bind(event.task_id.as_deref())
             .bind(rows::audit_scopes(event))
-            .bind(event.serial.as_deref())
+            .bind(event.serial.map(|s| s.to_hex()))
             .bind(event.not_after)
             .bind(&record.prev_hash[..])
             .bind(&record.hash[..]);
@@ -271,7 +271,10 @@ fn audit_exists(err: sqlx::Error, record: &AuditRecord) -> StoreError {
     rows::unique_violation(err, || {
         format!(
             "an audit record for serial {}",
-            record.event.serial.as_deref().unwrap_or("?")
+            record
+                .event
+                .serial
+                .map_or_else(|| "?".to_owned(), |s| s.to_hex())
         )
     })
 }

@@ -68,6 +68,7 @@ use super::{
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
+use crate::svid::Serial;
 use crate::under_way::UnderWay;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -345,8 +346,8 @@ impl Store for SqliteStore {
         )
         .bind(agent.spiffe_id.as_str())
         .bind(&agent.attestor)
-        .bind(&agent.current_serial)
-        .bind(agent.next_serial.as_deref())
+        .bind(agent.current_serial.to_hex())
+        .bind(agent.next_serial.map(|s| s.to_hex()))
         .bind(agent.not_after)
         .bind(agent.banned)
         .bind(agent.created_at)
@@ -382,8 +383,8 @@ impl Store for SqliteStore {
     async fn set_agent_next_serial(
         &self,
         id: &SpiffeId,
-        presented_serial: &str,
-        next_serial: &str,
+        presented_serial: &Serial,
+        next_serial: &Serial,
         not_after: i64,
     ) -> Result<bool, StoreError> {
         let updated = sqlx::query(
@@ -392,8 +393,8 @@ impl Store for SqliteStore {
              AND (current_serial = $2 OR next_serial = $2)",
         )
         .bind(id.as_str())
-        .bind(presented_serial)
-        .bind(next_serial)
+        .bind(presented_serial.to_hex())
+        .bind(next_serial.to_hex())
         .bind(not_after)
         .execute(&self.writer)
         .await?
@@ -404,13 +405,18 @@ impl Store for SqliteStore {
     /// `true` when `serial` was the next serial and is now current, and also when it already
     /// was the current one (a repeated promotion is harmless, so callers can retry); `false`
     /// for an unknown agent or any other serial, such as a superseded one.
-    async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<bool, StoreError> {
+    async fn promote_agent_serial(
+        &self,
+        id: &SpiffeId,
+        serial: &Serial,
+    ) -> Result<bool, StoreError> {
+        let serial = serial.to_hex();
         let promoted = sqlx::query(
             "UPDATE agents SET current_serial = next_serial, next_serial = NULL \
              WHERE spiffe_id = $1 AND next_serial = $2",
         )
         .bind(id.as_str())
-        .bind(serial)
+        .bind(&serial)
         .execute(&self.writer)
         .await?
         .rows_affected()
@@ -422,7 +428,7 @@ impl Store for SqliteStore {
         let current: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM agents WHERE spiffe_id = $1 AND current_serial = $2")
                 .bind(id.as_str())
-                .bind(serial)
+                .bind(&serial)
                 .fetch_optional(&self.writer)
                 .await?;
         Ok(current.is_some())
