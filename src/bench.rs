@@ -485,7 +485,7 @@ async fn run_load(target: LoadTarget, opts: IssueBenchOptions) -> Result<LoadRes
         .map_err(admin_err("return the trust bundle"))?
         .into_inner();
     let bundles = client::bundle_map(&td, &bundle.certificates);
-    let server_id = server::server_id(&td);
+    let server_id = mayfly::wire::server_id(&td);
 
     let mut workers = Vec::with_capacity(opts.connections);
     for i in 0..opts.connections {

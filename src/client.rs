@@ -108,7 +108,7 @@ pub async fn connect_node_with(
             target: addr.to_string(),
             reason: root_cause(&e),
         })?;
-    Ok(NodeClient::new(channel).max_decoding_message_size(crate::server::MAX_NODE_MESSAGE))
+    Ok(NodeClient::new(channel).max_decoding_message_size(crate::wire::MAX_NODE_MESSAGE))
 }
 
 /// Connects to the admin API on the Unix socket `path`.

@@ -262,7 +262,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
     .await
     .map_err(|e| step_error("mint the short SVID")(e.to_string()))?;
     let not_after = short.leaf_summary().map_or(0, |(_, not_after)| not_after);
-    while mayfly::server::policy::unix_secs(SystemTime::now()) <= not_after + 1 {
+    while mayfly::wire::unix_secs(SystemTime::now()) <= not_after + 1 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let answer = call(proxy.local_addr, &short, &bundle, "GET", "/customers").await;

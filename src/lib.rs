@@ -24,6 +24,7 @@ pub mod store;
 pub mod svid;
 pub mod text;
 mod under_way;
+pub mod wire;
 pub mod workload_client;
 
 pub use mayfly_attestors as attestors;

@@ -147,7 +147,7 @@ impl WorkloadSvid {
         let leaf = crate::svid::parse_leaf(self.chain.first()?).ok()?;
         let (serial, not_after) = crate::svid::serial_and_not_after(&leaf).ok()?;
         // The serial as the audit log writes it, so the two can be matched.
-        Some((serial.to_hex(), crate::server::policy::unix_secs(not_after)))
+        Some((serial.to_hex(), crate::wire::unix_secs(not_after)))
     }
 }
 

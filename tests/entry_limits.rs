@@ -13,11 +13,11 @@ use mayfly::audit::MAX_UNTRUSTED_CHARS;
 use mayfly::id::MAX_SPIFFE_ID_LEN;
 use mayfly::proto::admin as admin_pb;
 use mayfly::proto::node as node_pb;
-use mayfly::server::MAX_NODE_MESSAGE;
 use mayfly::server::entry_rules::{
     LEAF_BYTES_WITHOUT_DNS, MAX_ENTRY_DNS_NAMES, MAX_ENTRY_SCOPES, MAX_ENTRY_SELECTORS, MIN_TTL,
 };
 use mayfly::svid::MAX_LEAF_LEN;
+use mayfly::wire::MAX_NODE_MESSAGE;
 use prost::Message;
 use tonic::Code;
 

@@ -1113,7 +1113,7 @@ async fn agent_client_accepts_exactly_the_server_id() {
     let pki = Pki::new();
     let own = pki.valid_a("spiffe://a.test/mayfly/agent/join_token/n1");
     let source = SvidSource::from_parts(own.chain.clone(), &own.key_pkcs8, pki.trusted()).unwrap();
-    let server_id = mayfly::server::server_id(&td("a.test"));
+    let server_id = mayfly::wire::server_id(&td("a.test"));
     let agent = || {
         let policy = mayfly::client::server_policy(&server_id).unwrap();
         Arc::new(on_clock_client(

@@ -20,6 +20,7 @@ use mayfly::client::{AttestError, AttestedAgent};
 use mayfly::proto::admin as admin_pb;
 use mayfly::proto::node::{self as node_pb, node_client::NodeClient};
 use mayfly::svid::KeyAndCsr;
+use mayfly::wire::RefusalKind;
 use rustls_pki_types::CertificateDer;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -270,10 +271,9 @@ async fn agent_gets_only_its_own_entries() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(
-        unknown
-            .message()
-            .contains("does not exist or is not registered")
+    assert_eq!(
+        RefusalKind::of(&unknown),
+        Some(RefusalKind::EntryNotAuthorized)
     );
     server
         .assert_one_denial(mark, "svid.task", "is not registered to this agent")
@@ -386,8 +386,9 @@ async fn a_connection_without_a_certificate_may_only_attest() {
             .await,
         Code::Unauthenticated,
     );
-    assert!(
-        status.message().contains("needs mTLS with an agent SVID"),
+    assert_eq!(
+        RefusalKind::of(&status),
+        Some(RefusalKind::NotAuthenticated),
         "{status:?}"
     );
     let mark = server.audit_mark().await;
@@ -460,6 +461,7 @@ async fn task_request_limits() {
         .await,
         Code::PermissionDenied,
     );
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::ScopeNotGranted));
     assert!(status.message().contains("stripe:delete:customers"));
     let r = server
         .assert_one_denial(
@@ -623,7 +625,7 @@ async fn banned_agent_is_refused_at_its_next_call() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(status.message().contains("banned"));
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::Banned));
     server
         .assert_one_denial(mark, "svid.task", "is banned")
         .await;
@@ -637,7 +639,7 @@ async fn banned_agent_is_refused_at_its_next_call() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(status.message().contains("banned"));
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::Banned));
     assert!(server.audit_after(mark).await.is_empty());
 
     // A new connection, and renewal, are refused too.
@@ -711,7 +713,7 @@ async fn evicted_agent_must_attest_again() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(status.message().contains("unknown"));
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::UnknownAgent));
     server
         .assert_one_denial(mark, "svid.task", "is unknown to the server")
         .await;
@@ -814,7 +816,7 @@ async fn superseded_agent_svid_is_refused_after_the_new_one_is_used() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(status.message().contains("superseded"));
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::SupersededSvid));
     server
         .assert_one_denial(mark, "svid.task", "superseded")
         .await;
@@ -900,7 +902,7 @@ async fn expired_agent_svid_is_refused() {
             .await,
         Code::PermissionDenied,
     );
-    assert!(status.message().contains("expired"));
+    assert_eq!(RefusalKind::of(&status), Some(RefusalKind::ExpiredSvid));
     server
         .assert_one_denial(mark, "svid.task", "expired SVID")
         .await;

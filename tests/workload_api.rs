@@ -28,6 +28,7 @@ use mayfly::attestors::{Selector, UnixAttestor};
 use mayfly::id::{SpiffeId, TrustDomain, parse_scopes};
 use mayfly::proto::task::{self as task_pb, task_client::TaskClient};
 use mayfly::proto::workload::{self as wl_pb, spiffe_workload_api_client::SpiffeWorkloadApiClient};
+use mayfly::wire::RefusalKind;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -80,7 +81,7 @@ impl Fixture {
         let td = server.trust_domain();
         let link = Arc::new(ServerLink::new(
             server.node_addr(),
-            mayfly::server::server_id(&td),
+            mayfly::wire::server_id(&td),
             agent.source,
             agent.node,
         ));
@@ -1053,9 +1054,9 @@ async fn the_servers_refusals_of_a_task_come_back_unchanged() {
             .unwrap_err();
         assert_eq!(via_agent.code(), direct.code());
         assert_eq!(via_agent.message(), direct.message());
-        let kind = |s: &Status| s.metadata().get("mayfly-refusal").cloned();
-        assert!(kind(&direct).is_some(), "the server names the refusal");
-        assert_eq!(kind(&via_agent), kind(&direct));
+        let kind = RefusalKind::of(&direct);
+        assert!(kind.is_some(), "the server names the refusal");
+        assert_eq!(RefusalKind::of(&via_agent), kind);
     }
 
     // Positive control: a scope of the entry, a task ID, a TTL under the ceiling.

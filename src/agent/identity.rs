@@ -277,7 +277,7 @@ pub async fn attest(
                 .map_err(|e| IdentityError::BadAnswer(e.to_string()))?;
             // No agent SVID yet: the source holds only the bundle, so no certificate is sent.
             let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
-            client::connect_node(addr, &source, &crate::server::server_id(&td)).await?
+            client::connect_node(addr, &source, &crate::wire::server_id(&td)).await?
         }
         Bootstrap::Insecure => {
             let mut config = mtls::insecure_bootstrap_client_config()?;

@@ -131,11 +131,11 @@ impl RunningAgent {
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let files = IdentityFiles::new(&config.data_dir);
     let agent = obtain_identity(&config, &files).await?;
-    tracing::info!(agent = %agent.spiffe_id, not_after = crate::server::policy::unix_secs(agent.not_after), "agent identity ready");
+    tracing::info!(agent = %agent.spiffe_id, not_after = crate::wire::unix_secs(agent.not_after), "agent identity ready");
 
     let source =
         crate::mtls::SvidSource::from_parts(agent.cert_chain(), &agent.key_pkcs8, agent.bundles())?;
-    let server_id = crate::server::server_id(&agent.trust_domain());
+    let server_id = crate::wire::server_id(&agent.trust_domain());
     // Connecting is lazy in spirit: if the server is down now, the sync loop retries, and the
     // agent still serves whatever it can.
     let node = crate::client::connect_node(config.server, &source, &server_id).await?;

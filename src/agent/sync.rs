@@ -20,7 +20,7 @@ use super::state::{AgentEntry, CachedSvid, Snapshot, SnapshotTx};
 use crate::attestors::Selector;
 use crate::id::{SpiffeId, parse_scopes};
 use crate::proto::node as pb;
-use crate::server::policy::REFUSAL_METADATA;
+use crate::wire::RefusalKind;
 
 /// How many identity SVIDs are requested at once.
 const ISSUE_CONCURRENCY: usize = 16;
@@ -122,7 +122,9 @@ impl Syncer {
             self.renew_agent().await?;
         }
         let answer = match self.list_entries().await {
-            Err(SyncError::Refused(status)) if refusal_kind(&status) == Some("unknown-agent") => {
+            Err(SyncError::Refused(status))
+                if RefusalKind::of(&status) == Some(RefusalKind::UnknownAgent) =>
+            {
                 self.reattest_now().await?;
                 self.list_entries().await?
             }
@@ -241,14 +243,14 @@ impl Syncer {
     async fn renew_agent(&mut self) -> Result<(), SyncError> {
         let renewed = match identity::renew(&self.link).await {
             Err(IdentityError::Refused(status))
-                if refusal_kind(&status) == Some("unknown-agent") =>
+                if RefusalKind::of(&status) == Some(RefusalKind::UnknownAgent) =>
             {
                 return self.reattest_now().await;
             }
             other => other?,
         };
         self.adopt(renewed).await?;
-        tracing::info!(agent = %self.agent.spiffe_id, not_after = crate::server::policy::unix_secs(self.agent.not_after), "renewed the agent SVID");
+        tracing::info!(agent = %self.agent.spiffe_id, not_after = crate::wire::unix_secs(self.agent.not_after), "renewed the agent SVID");
         Ok(())
     }
 
@@ -265,7 +267,7 @@ impl Syncer {
                 self.adopt(svid).await
             }
             Err(IdentityError::Refused(status))
-                if refusal_kind(&status) == Some("token-refused") =>
+                if RefusalKind::of(&status) == Some(RefusalKind::TokenRefused) =>
             {
                 tracing::error!(agent = %self.agent.spiffe_id, "the server no longer knows this agent (evicted, or its SVID expired) and its join token is spent: generate a new one with `mayfly token generate` and restart the agent with --join-token");
                 self.files.forget();
@@ -302,14 +304,6 @@ pub enum SyncError {
     /// The agent needs a new join token from an operator.
     #[error("the agent needs a new join token")]
     NeedsToken,
-}
-
-/// The machine-readable reason the server attached to a refusal.
-pub fn refusal_kind(status: &tonic::Status) -> Option<&str> {
-    status
-        .metadata()
-        .get(REFUSAL_METADATA)
-        .and_then(|v| v.to_str().ok())
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -18,7 +18,7 @@ use super::workload_api::wait_ready;
 use crate::attestors::Selector;
 use crate::id::SpiffeId;
 use crate::proto::task as pb;
-use crate::server::policy::REFUSAL_METADATA;
+use crate::wire::REFUSAL_METADATA;
 
 /// The longest SPIFFE ID echoed back in an error.
 const ECHO_LIMIT: usize = 200;

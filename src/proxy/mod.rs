@@ -35,7 +35,7 @@ impl From<crate::mtls::VerifiedPeer> for PeerInfo {
         Self {
             id: peer.id,
             serial: peer.serial.to_hex(),
-            not_after: crate::server::policy::unix_secs(peer.not_after),
+            not_after: crate::wire::unix_secs(peer.not_after),
         }
     }
 }

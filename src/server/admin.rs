@@ -15,8 +15,8 @@ use crate::proto::admin as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
 use crate::server::entry_rules::{EntryError, EntryRules};
-use crate::server::policy::unix_secs;
 use crate::store::{AgentRecord, AuditFilter, Entry, EntryId, JoinTokenRecord, StoreError};
+use crate::wire::unix_secs;
 
 /// Join tokens live this long unless asked otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);

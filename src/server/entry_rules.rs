@@ -13,10 +13,11 @@ use mayfly_attestors::{Selector, SelectorError};
 use crate::dns_name::{self, DnsNameError, MAX_DNS_NAME_LEN};
 use crate::id::{IdError, MAX_SPIFFE_ID_LEN, ScopedId, SpiffeId, TrustDomain, parse_scopes};
 use crate::proto::admin as pb;
-use crate::server::policy::{DEFAULT_TTL, IssuancePolicy, MAX_SCOPES, MAX_TTL, unix_secs};
+use crate::server::policy::{DEFAULT_TTL, IssuancePolicy, MAX_SCOPES, MAX_TTL};
 use crate::store::{Entry, EntryId};
 use crate::svid::MAX_LEAF_LEN;
 use crate::text::escape_bounded;
+use crate::wire::unix_secs;
 
 /// The shortest TTL an entry may have, unless the server is configured otherwise. The agent
 /// renews an identity SVID at half its lifetime, so a TTL of seconds makes it re-issue (and

@@ -22,13 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ca::{Authority, CaError, CaSet, UpstreamCa};
-use crate::id::{ScopeSet, ScopedId, SpiffeId, TrustDomain};
+use crate::id::{ScopeSet, ScopedId, TrustDomain};
 use crate::mtls::{self, IdPattern, MtlsError, PeerPolicy, SvidSource};
 use crate::proto::{admin::admin_server::AdminServer, node::node_server::NodeServer};
 use crate::store::{self, CaCertRecord, Store, StoreError};
 use crate::svid::{self, Bundles, KeyAndCsr, LeafSpec, SvidError};
+use crate::wire::{MAX_NODE_MESSAGE, server_id, unix_secs};
 use audit_log::AuditLog;
-use policy::{IssuancePolicy, unix_secs};
+use policy::IssuancePolicy;
 
 /// The server's defaults, as the design's table gives them.
 pub mod defaults {
@@ -50,8 +51,6 @@ pub mod defaults {
 
 /// How often the bundle is re-read from the store (other replicas may publish CAs).
 const BUNDLE_REFRESH: Duration = Duration::from_secs(5);
-/// The largest gRPC message the node API decodes; anything bigger is refused unread.
-pub const MAX_NODE_MESSAGE: usize = 64 * 1024;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -186,14 +185,6 @@ impl RunningServer {
             let _ = task.await;
         }
     }
-}
-
-/// The server's own SPIFFE ID, which agents expect: `spiffe://<td>/mayfly/server`.
-///
-/// # Panics
-/// Never: the path is a valid constant.
-pub fn server_id(td: &TrustDomain) -> SpiffeId {
-    td.join("/mayfly/server").expect("valid constant path")
 }
 
 /// The peers the node API admits once they present a certificate: agents of trust domain `td`

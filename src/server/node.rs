@@ -18,9 +18,10 @@ use crate::proto::node as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
-use crate::server::policy::{self, Refusal, Standing, check_task_id, unix_secs};
+use crate::server::policy::{self, Refusal, Standing, check_task_id};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
+use crate::wire::unix_secs;
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
@@ -48,10 +49,7 @@ impl NodeError {
     fn status(&self) -> Status {
         let mut status = self.bare_status();
         if let Self::Refused(r) = self {
-            status.metadata_mut().insert(
-                super::policy::REFUSAL_METADATA,
-                tonic::metadata::MetadataValue::from_static(r.kind()),
-            );
+            r.kind().attach(&mut status);
         }
         status
     }

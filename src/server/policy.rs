@@ -4,12 +4,13 @@
 //! (with exactly what to issue) or no (with a [`Refusal`] that names the reason). Identity and
 //! scopes come from the entry and the request, never from the CSR.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use crate::id::{IdError, Scope, ScopeSet, ScopedId, SpiffeId, TrustDomain};
 use crate::mtls::VerifiedPeer;
 use crate::store::{AgentRecord, Entry};
 use crate::svid::Serial;
+use crate::wire::RefusalKind;
 
 /// The default SVID lifetime: minutes, so a stolen credential is soon worthless.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -82,26 +83,22 @@ pub enum Refusal {
     TokenRefused,
 }
 
-/// The gRPC metadata key that carries [`Refusal::kind`], so agents act on the reason without
-/// parsing the message.
-pub const REFUSAL_METADATA: &str = "mayfly-refusal";
-
 impl Refusal {
-    /// A stable machine-readable name of the reason, sent beside the message as
-    /// [`REFUSAL_METADATA`].
-    pub fn kind(&self) -> &'static str {
+    /// A stable machine-readable name of the reason, sent beside the message (see
+    /// [`RefusalKind::attach`]).
+    pub fn kind(&self) -> RefusalKind {
         match self {
-            Self::NotAuthenticated => "not-authenticated",
-            Self::NotAnAgent(_) => "not-an-agent",
-            Self::UnknownAgent(_) => "unknown-agent",
-            Self::Banned(_) => "banned",
-            Self::SupersededSvid { .. } => "superseded-svid",
-            Self::ExpiredSvid(_) => "expired-svid",
-            Self::EntryNotAuthorized(_) => "entry-not-authorized",
-            Self::ScopeNotGranted { .. } => "scope-not-granted",
-            Self::TtlAboveCeiling { .. } => "ttl-above-ceiling",
-            Self::Invalid(_) => "invalid",
-            Self::TokenRefused => "token-refused",
+            Self::NotAuthenticated => RefusalKind::NotAuthenticated,
+            Self::NotAnAgent(_) => RefusalKind::NotAnAgent,
+            Self::UnknownAgent(_) => RefusalKind::UnknownAgent,
+            Self::Banned(_) => RefusalKind::Banned,
+            Self::SupersededSvid { .. } => RefusalKind::SupersededSvid,
+            Self::ExpiredSvid(_) => RefusalKind::ExpiredSvid,
+            Self::EntryNotAuthorized(_) => RefusalKind::EntryNotAuthorized,
+            Self::ScopeNotGranted { .. } => RefusalKind::ScopeNotGranted,
+            Self::TtlAboveCeiling { .. } => RefusalKind::TtlAboveCeiling,
+            Self::Invalid(_) => RefusalKind::Invalid,
+            Self::TokenRefused => RefusalKind::TokenRefused,
         }
     }
 
@@ -115,13 +112,6 @@ impl From<IdError> for Refusal {
     fn from(e: IdError) -> Self {
         Self::Invalid(e.to_string())
     }
-}
-
-/// Unix seconds of `t` (0 before the epoch).
-pub fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Checks a task ID: 1 to 128 characters of `[A-Za-z0-9._:-]`.

@@ -210,7 +210,7 @@ impl TestServer {
 
     /// The SPIFFE ID the server presents.
     pub fn server_id(&self) -> SpiffeId {
-        server::server_id(&self.config.trust_domain)
+        mayfly::wire::server_id(&self.config.trust_domain)
     }
 
     /// The data dir.
