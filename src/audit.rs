@@ -47,14 +47,88 @@ impl fmt::Display for Decision {
     }
 }
 
+/// What was asked. The names (`svid.task`, ...) are what the store keeps, the admin API sends
+/// and the hash chain covers, so they never change once released: a renamed action would make
+/// every record that holds it fail verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum AuditAction {
+    /// An identity SVID for an entry (`svid.identity`).
+    #[serde(rename = "svid.identity")]
+    SvidIdentity,
+    /// A task SVID with scopes (`svid.task`).
+    #[serde(rename = "svid.task")]
+    SvidTask,
+    /// A node attested with a join token (`agent.attest`).
+    #[serde(rename = "agent.attest")]
+    AgentAttest,
+    /// An agent renewed its own SVID (`agent.renew`).
+    #[serde(rename = "agent.renew")]
+    AgentRenew,
+    /// An operator created an entry (`entry.create`).
+    #[serde(rename = "entry.create")]
+    EntryCreate,
+    /// An operator deleted an entry (`entry.delete`).
+    #[serde(rename = "entry.delete")]
+    EntryDelete,
+    /// An operator generated a join token (`token.create`).
+    #[serde(rename = "token.create")]
+    TokenCreate,
+    /// An operator banned an agent (`agent.ban`).
+    #[serde(rename = "agent.ban")]
+    AgentBan,
+    /// An operator evicted an agent (`agent.evict`).
+    #[serde(rename = "agent.evict")]
+    AgentEvict,
+}
+
+impl AuditAction {
+    /// Every action, in declaration order.
+    pub const ALL: [Self; 9] = [
+        Self::SvidIdentity,
+        Self::SvidTask,
+        Self::AgentAttest,
+        Self::AgentRenew,
+        Self::EntryCreate,
+        Self::EntryDelete,
+        Self::TokenCreate,
+        Self::AgentBan,
+        Self::AgentEvict,
+    ];
+
+    /// The stored and wire name, e.g. `svid.task`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SvidIdentity => "svid.identity",
+            Self::SvidTask => "svid.task",
+            Self::AgentAttest => "agent.attest",
+            Self::AgentRenew => "agent.renew",
+            Self::EntryCreate => "entry.create",
+            Self::EntryDelete => "entry.delete",
+            Self::TokenCreate => "token.create",
+            Self::AgentBan => "agent.ban",
+            Self::AgentEvict => "agent.evict",
+        }
+    }
+
+    /// Parses a stored or wire name; `None` for a name this version does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One thing that happened, before it is chained.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEvent {
     /// When, Unix milliseconds.
     pub time_ms: i64,
-    /// What was asked: `svid.identity`, `svid.task`, `agent.attest`, `agent.renew`,
-    /// `entry.create`, `entry.delete`, `token.create`, `agent.ban`, `agent.evict`.
-    pub action: String,
+    /// What was asked.
+    pub action: AuditAction,
     /// Granted or refused.
     pub decision: Option<Decision>,
     /// Why, in words (for a refusal, the same sentence the caller got).
@@ -75,6 +149,27 @@ pub struct AuditEvent {
     pub serial: Option<Serial>,
     /// The issued certificate's `notAfter`, Unix seconds.
     pub not_after: Option<i64>,
+}
+
+impl AuditEvent {
+    /// An event of `action` with every other field empty (time 0, no decision), for the caller
+    /// to fill in.
+    pub fn new(action: AuditAction) -> Self {
+        Self {
+            time_ms: 0,
+            action,
+            decision: None,
+            reason: String::new(),
+            agent_id: None,
+            attestor: None,
+            entry_id: None,
+            spiffe_id: None,
+            task_id: None,
+            scopes: Vec::new(),
+            serial: None,
+            not_after: None,
+        }
+    }
 }
 
 /// The most characters of escaped text an audit record keeps of a value that failed
@@ -128,7 +223,9 @@ pub fn chain_hash(prev: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
             ctx.update(text.as_bytes());
         }
     };
-    put(&mut ctx, Some(&event.action));
+    // The action's name, exactly the bytes the string field held before actions were an enum,
+    // so records chained then still verify.
+    put(&mut ctx, Some(event.action.as_str()));
     put(&mut ctx, event.decision.map(Decision::as_str));
     put(&mut ctx, Some(&event.reason));
     put(&mut ctx, event.agent_id.as_deref());
@@ -277,14 +374,13 @@ mod tests {
     fn event(n: i64) -> AuditEvent {
         AuditEvent {
             time_ms: n,
-            action: "svid.task".into(),
             decision: Some(Decision::Allow),
             reason: "issued".into(),
             task_id: Some(format!("task-{n}")),
             scopes: vec!["a:b".into()],
             serial: Serial::from_hex(&format!("01{n:030x}")),
             not_after: Some(n + 300),
-            ..AuditEvent::default()
+            ..AuditEvent::new(AuditAction::SvidTask)
         }
     }
 
@@ -336,5 +432,104 @@ mod tests {
         let second = chain(2, first[1].hash, &[event(3)]);
         let all: Vec<_> = first.into_iter().chain(second).collect();
         assert_eq!(verify(&all, (3, all[2].hash)), Ok(3));
+    }
+
+    /// Hashes of records chained when the action was a `String` field: computed from the
+    /// byte layout `chain_hash` had then (length-prefixed UTF-8 of the name), independently of
+    /// this code. An existing log must still verify, so these must never change.
+    const STRING_ERA_HASHES: [(&str, &str); 9] = [
+        (
+            "svid.identity",
+            "7f0c547a8d43fa24a55ec1c3afaff236cf3f550ba47b0e896f406537a506714e",
+        ),
+        (
+            "svid.task",
+            "4419e3e5e91700aeeaa6dc949409be959716bfa157661f0cc247a0101417f33a",
+        ),
+        (
+            "agent.attest",
+            "208d4c9f6670f74ffef90794f24875da8ef4634a1f668cb7225482bd1270844e",
+        ),
+        (
+            "agent.renew",
+            "14e57c95c331d1c170f27dd00cc68e389c11f66955821235c53da0e080926a3a",
+        ),
+        (
+            "entry.create",
+            "b97a6410f0530e30aa6ee5ea2202c56164cc25b238d842d1bd105c0e2023bf7c",
+        ),
+        (
+            "entry.delete",
+            "c5891ac9208c646f1b8cdb7f49a37fa735ae878a73b5d9ce4cc18ddded20ff9d",
+        ),
+        (
+            "token.create",
+            "5953085cd6e6e1ee4901254710796a425e7fb32d877ac5b5eca3351248f877ce",
+        ),
+        (
+            "agent.ban",
+            "1620c904fad71fd99d3b4588ba8db0931d5ba50a0c94f35ffe2957baa0346df9",
+        ),
+        (
+            "agent.evict",
+            "e5399a39d361656dd21b2712486fd14a4793be263d896ac6bdc684a6346a0656",
+        ),
+    ];
+
+    #[test]
+    fn records_chained_with_the_string_action_verify_identically() {
+        assert_eq!(STRING_ERA_HASHES.len(), AuditAction::ALL.len());
+        for (name, hash) in STRING_ERA_HASHES {
+            let action = AuditAction::parse(name).expect(name);
+            assert_eq!(action.as_str(), name);
+            let event = AuditEvent {
+                time_ms: 5,
+                ..AuditEvent::new(action)
+            };
+            assert_eq!(hex::encode(chain_hash(&[0; 32], 1, &event)), hash, "{name}");
+            // The record as a string-era store holds it verifies as the first of a log.
+            let record = AuditRecord {
+                seq: 1,
+                event,
+                prev_hash: [0; 32],
+                hash: hex::decode(hash).unwrap().try_into().unwrap(),
+            };
+            let mut v = ChainVerifier::new();
+            assert_eq!(v.push(&record), Ok(()), "{name}");
+        }
+
+        // Every field set, as a task SVID issuance record of that era.
+        let full = AuditEvent {
+            time_ms: 1_796_096_232_000,
+            decision: Some(Decision::Allow),
+            reason: "issued".into(),
+            agent_id: Some("spiffe://mayfly.local/mayfly/agent/join_token/ab".into()),
+            attestor: Some("join_token".into()),
+            entry_id: Some("e1".into()),
+            spiffe_id: Some("spiffe://mayfly.local/w".into()),
+            task_id: Some("t-1".into()),
+            scopes: vec!["db:read".into(), "db:write".into()],
+            serial: Serial::from_hex("01ab23cd45ef67890123456789abcdef"),
+            not_after: Some(1_796_096_532),
+            ..AuditEvent::new(AuditAction::SvidTask)
+        };
+        assert_eq!(
+            hex::encode(chain_hash(&[7; 32], 42, &full)),
+            "44b64617bec5372817d032f0cd6896dfbfd7babb444c02bd4919bdca919339c8"
+        );
+    }
+
+    #[test]
+    fn actions_parse_and_serialize_as_their_names() {
+        for action in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(action.as_str()), Some(action));
+            assert_eq!(
+                serde_json::to_string(&action).unwrap(),
+                format!("\"{}\"", action.as_str())
+            );
+        }
+        for unknown in ["", "svid", "SVID.TASK", "svid.task ", "task.mint"] {
+            assert_eq!(AuditAction::parse(unknown), None, "{unknown:?}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use mayfly::Selector;
-use mayfly::audit::{AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
+use mayfly::audit::{AuditAction, AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
 use mayfly::id::{Scope, SpiffeId};
 use mayfly::store::postgres::PostgresStore;
 use mayfly::store::sqlite::SqliteStore;
@@ -228,7 +228,7 @@ fn token(byte: u8, node: &str, expires_at: i64) -> JoinTokenRecord {
 fn event(n: i64, task: Option<&str>, serial: Option<Serial>) -> AuditEvent {
     AuditEvent {
         time_ms: NOW * 1000 + n,
-        action: "svid.task".into(),
+        action: AuditAction::SvidTask,
         decision: Some(Decision::Allow),
         reason: format!("issued {n}"),
         agent_id: Some(agent_a().to_string()),
@@ -932,19 +932,17 @@ async fn audit_round_trip_and_filters(db: Db) {
     // A sparse refusal and a full grant round-trip exactly (unsorted scopes stay as given).
     let refusal = AuditEvent {
         time_ms: 1,
-        action: "svid.task".into(),
         decision: Some(Decision::Deny),
         reason: "scope 'x:write' is not in the entry".into(),
         scopes: vec!["x:write".into(), "a:read".into(), "NOT A SCOPE".into()],
-        ..AuditEvent::default()
+        ..AuditEvent::new(AuditAction::SvidTask)
     };
     let operator = AuditEvent {
         time_ms: 2,
-        action: "entry.create".into(),
         decision: None,
         reason: String::new(),
         agent_id: Some("operator".into()),
-        ..AuditEvent::default()
+        ..AuditEvent::new(AuditAction::EntryCreate)
     };
     let mut events = vec![refusal, operator];
     for n in 3..=10 {
@@ -1046,6 +1044,33 @@ async fn audit_tampering_detected(db: Db) {
     assert_eq!(
         db.raw
             .execute("UPDATE audit SET reason = 'issued 4' WHERE seq = 4")
+            .await,
+        1
+    );
+    assert_eq!(verify(s).await, Ok(10));
+
+    // An action renamed to another one this version records: the hash names the edit.
+    assert_eq!(
+        db.raw
+            .execute("UPDATE audit SET action = 'agent.ban' WHERE seq = 6")
+            .await,
+        1
+    );
+    assert_eq!(verify(s).await, Err(ChainError::Altered(6)));
+    // An action no version records: reading the log says which record is damaged.
+    assert_eq!(
+        db.raw
+            .execute("UPDATE audit SET action = 'svid.taskx' WHERE seq = 6")
+            .await,
+        1
+    );
+    assert!(matches!(
+        s.list_audit(&all()).await,
+        Err(StoreError::Corrupt(m)) if m.contains("audit record 6")
+    ));
+    assert_eq!(
+        db.raw
+            .execute("UPDATE audit SET action = 'svid.task' WHERE seq = 6")
             .await,
         1
     );

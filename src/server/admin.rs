@@ -9,7 +9,7 @@ use futures::Stream;
 use mayfly_attestors::join_token;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
+use crate::audit::{AuditAction, AuditEvent, AuditRecord, ChainError, ChainVerifier, Decision};
 use crate::id::{IdError, SpiffeId};
 use crate::proto::admin as pb;
 use crate::server::ServerState;
@@ -86,16 +86,15 @@ impl AdminService {
 
     async fn audit_change(
         &self,
-        action: &str,
+        action: AuditAction,
         reason: String,
         fill: impl FnOnce(&mut AuditEvent),
     ) -> Result<(), AdminError> {
         let mut event = AuditEvent {
-            action: action.into(),
             decision: Some(Decision::Allow),
             reason,
             agent_id: Some("operator".into()),
-            ..AuditEvent::default()
+            ..AuditEvent::new(action)
         };
         fill(&mut event);
         self.state.audit.record(event).await?;
@@ -152,7 +151,7 @@ pub fn audit_message(r: AuditRecord) -> pb::AuditRecord {
     pb::AuditRecord {
         seq: r.seq,
         time_ms: e.time_ms,
-        action: e.action,
+        action: e.action.as_str().to_owned(),
         decision: e.decision.map(|d| d.to_string()).unwrap_or_default(),
         reason: e.reason,
         agent_id: e.agent_id.unwrap_or_default(),
@@ -180,7 +179,7 @@ impl pb::admin_server::Admin for AdminService {
         let result: Result<Entry, AdminError> = async {
             let entry = self.validate_entry(&req)?;
             self.state.store.create_entry(&entry).await?;
-            self.audit_change("entry.create", "entry created".into(), |e| {
+            self.audit_change(AuditAction::EntryCreate, "entry created".into(), |e| {
                 e.entry_id = Some(entry.id.to_string());
                 e.spiffe_id = Some(entry.spiffe_id.to_string());
                 e.scopes = entry.scopes.iter().map(|s| s.to_string()).collect();
@@ -238,7 +237,7 @@ impl pb::admin_server::Admin for AdminService {
                     "no entry {id}; `mayfly entry list` shows the entries"
                 )));
             }
-            self.audit_change("entry.delete", "entry deleted".into(), |e| {
+            self.audit_change(AuditAction::EntryDelete, "entry deleted".into(), |e| {
                 e.entry_id = Some(id.to_string());
             })
             .await
@@ -280,7 +279,7 @@ impl pb::admin_server::Admin for AdminService {
                     expires_at,
                 })
                 .await?;
-            self.audit_change("token.create", "join token created".into(), |e| {
+            self.audit_change(AuditAction::TokenCreate, "join token created".into(), |e| {
                 e.spiffe_id = Some(agent_id.to_string());
                 e.attestor = Some(join_token::NAME.into());
                 e.not_after = Some(expires_at);
@@ -323,7 +322,7 @@ impl pb::admin_server::Admin for AdminService {
                         "no agent {id}; `mayfly agent list` shows the agents"
                     )));
                 }
-                self.audit_change("agent.ban", "agent banned".into(), |e| {
+                self.audit_change(AuditAction::AgentBan, "agent banned".into(), |e| {
                     e.spiffe_id = Some(id.to_string());
                 })
                 .await?;
@@ -349,7 +348,7 @@ impl pb::admin_server::Admin for AdminService {
                 )));
             }
             self.audit_change(
-                "agent.evict",
+                AuditAction::AgentEvict,
                 "agent evicted; it must attest again".into(),
                 |e| {
                     e.spiffe_id = Some(id.to_string());

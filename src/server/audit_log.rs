@@ -149,11 +149,10 @@ mod tests {
 
     fn issued(n: u32) -> AuditEvent {
         AuditEvent {
-            action: "svid.task".into(),
             reason: "issued".into(),
             task_id: Some(format!("task-{n}")),
             serial: crate::svid::Serial::from_hex(&format!("01{n:030x}")),
-            ..AuditEvent::default()
+            ..AuditEvent::new(crate::audit::AuditAction::SvidTask)
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
 use tonic::{Request, Response, Status};
 
-use crate::audit::{self, AuditEvent, Decision};
+use crate::audit::{self, AuditAction, AuditEvent, Decision};
 use crate::id::{ScopedId, SpiffeId};
 use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
@@ -110,11 +110,11 @@ impl NodeService {
     }
 
     /// The calling agent, checked against the store; its renewed SVID becomes current on first
-    /// use.
+    /// use. `event`, when the call is audited, learns who the agent is.
     async fn authorize_agent(
         &self,
         peer: Option<&VerifiedPeer>,
-        event: &mut AuditEvent,
+        event: Option<&mut AuditEvent>,
     ) -> Result<AgentRecord, NodeError> {
         let record = self.lookup_agent(peer).await;
         self.check_agent(peer, record, event).await
@@ -139,9 +139,9 @@ impl NodeService {
         &self,
         peer: Option<&VerifiedPeer>,
         record: Result<Option<AgentRecord>, StoreError>,
-        event: &mut AuditEvent,
+        mut event: Option<&mut AuditEvent>,
     ) -> Result<AgentRecord, NodeError> {
-        if let Some(p) = peer {
+        if let (Some(p), Some(event)) = (peer, event.as_deref_mut()) {
             event.agent_id = Some(p.id.spiffe_id().to_string());
         }
         let record = record?;
@@ -150,7 +150,9 @@ impl NodeService {
             .policy
             .check_agent(peer, record.as_ref(), SystemTime::now())?;
         let record = record.ok_or(Refusal::NotAuthenticated)?;
-        event.attestor = Some(record.attestor.clone());
+        if let Some(event) = event {
+            event.attestor = Some(record.attestor.clone());
+        }
         if let (Standing::FirstUseOfNext, Some(p)) = (standing, peer) {
             self.state
                 .store
@@ -339,11 +341,8 @@ fn entry_message(entry: Entry) -> pb::Entry {
     }
 }
 
-fn event(action: &str) -> AuditEvent {
-    AuditEvent {
-        action: action.into(),
-        ..AuditEvent::default()
-    }
+fn event(action: AuditAction) -> AuditEvent {
+    AuditEvent::new(action)
 }
 
 #[tonic::async_trait]
@@ -353,7 +352,7 @@ impl pb::node_server::Node for NodeService {
         request: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let req = request.into_inner();
-        let mut event = event("agent.attest");
+        let mut event = event(AuditAction::AgentAttest);
         // The attestor name is the caller's, unauthenticated: recorded escaped and bounded.
         event.attestor = Some(audit::untrusted(&req.attestor));
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
@@ -427,9 +426,11 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event("agent.renew");
+        let mut event = event(AuditAction::AgentRenew);
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
-            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            let agent = self
+                .authorize_agent(peer.as_deref(), Some(&mut event))
+                .await?;
             Self::check_csr_size(&req.csr)?;
             let id = ScopedId::new(agent.spiffe_id.clone(), Default::default())
                 .map_err(Refusal::from)?;
@@ -475,9 +476,8 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event("entries.list");
         let result: Result<pb::ListEntriesResponse, NodeError> = async {
-            let agent = self.authorize_agent(peer.as_deref(), &mut event).await?;
+            let agent = self.authorize_agent(peer.as_deref(), None).await?;
             let revision = self.state.store.entries_revision().await?;
             if revision == req.known_revision {
                 return Ok(pb::ListEntriesResponse {
@@ -513,12 +513,14 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event("svid.identity");
+        let mut event = event(AuditAction::SvidIdentity);
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
             let (agent, entry) = self
                 .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
                 .await;
-            let agent = self.check_agent(peer.as_deref(), agent, &mut event).await?;
+            let agent = self
+                .check_agent(peer.as_deref(), agent, Some(&mut event))
+                .await?;
             Self::check_csr_size(&req.csr)?;
             let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
             let (id, ttl) = self.state.policy.identity_grant(&entry)?;
@@ -537,7 +539,7 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event("svid.task");
+        let mut event = event(AuditAction::SvidTask);
         // Until they are validated, the task ID and scopes are recorded as the workload sent
         // them, escaped and bounded: a refusal's record cannot forge lines or hide text.
         event.task_id = Some(audit::untrusted(&req.task_id));
@@ -551,7 +553,9 @@ impl pb::node_server::Node for NodeService {
             let (agent, entry) = self
                 .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
                 .await;
-            let agent = self.check_agent(peer.as_deref(), agent, &mut event).await?;
+            let agent = self
+                .check_agent(peer.as_deref(), agent, Some(&mut event))
+                .await?;
             check_task_id(&req.task_id)?;
             Self::check_csr_size(&req.csr)?;
             let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;

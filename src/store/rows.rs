@@ -11,7 +11,7 @@ use aws_lc_rs::digest;
 use mayfly_attestors::Selector;
 
 use super::{AgentRecord, CaCertRecord, Entry, EntryId, StoreError};
-use crate::audit::{AuditEvent, AuditRecord, Decision};
+use crate::audit::{AuditAction, AuditEvent, AuditRecord, Decision};
 use crate::id::{Scope, ScopeSet, SpiffeId};
 use crate::svid::Serial;
 
@@ -270,11 +270,19 @@ impl TryFrom<AuditRow> for AuditRecord {
                 })
             })
             .transpose()?;
+        // An action this version does not know is a damaged (or newer) log, not something to
+        // pass on as text: it is named here, where the row is read.
+        let action = AuditAction::parse(&row.action).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "audit record {seq}: action '{}' is not one this version records",
+                crate::text::escape(&row.action)
+            ))
+        })?;
         Ok(Self {
             seq,
             event: AuditEvent {
                 time_ms: row.time_ms,
-                action: row.action,
+                action,
                 decision,
                 reason: row.reason,
                 agent_id: row.agent_id,

@@ -106,7 +106,7 @@ fn bind_records<'q>(
         query = query
             .bind(record.seq)
             .bind(event.time_ms)
-            .bind(&event.action)
+            .bind(event.action.as_str())
             .bind(event.decision.map(Decision::as_str))
             .bind(&event.reason)
             .bind(event.agent_id.as_deref())
