@@ -29,8 +29,10 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::FromDer;
 
+mod cause;
 mod serial;
 
+pub use cause::Cause;
 pub use serial::{GENERATED_SERIAL_LEN, MAX_SERIAL_LEN, Serial};
 
 use crate::ca::Authority;
@@ -64,8 +66,14 @@ pub enum SvidError {
     #[error("the CSR is {0} bytes long, over the limit of 4096 bytes; send a P-256 CSR")]
     CsrTooLarge(usize),
     /// The CSR was empty, not one DER SEQUENCE, or not a PKCS#10 request.
-    #[error("the CSR is not a DER-encoded PKCS#10 request: {0}")]
-    CsrMalformed(String),
+    #[error("the CSR is not a DER-encoded PKCS#10 request: {reason}")]
+    CsrMalformed {
+        /// What is wrong with it, in words.
+        reason: &'static str,
+        /// The parser's error, when the parser refused it.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The CSR's public key was not an uncompressed ECDSA P-256 key.
     #[error("the CSR carries {0}, but only ECDSA P-256 keys are accepted; generate a P-256 key")]
     UnsupportedKey(String),
@@ -94,12 +102,15 @@ pub enum SvidError {
     /// The random number generator failed.
     #[error("the system random number generator failed; check the host's entropy source")]
     Random,
-    /// Generating a key pair failed.
-    #[error("generating a P-256 key pair failed: {0}")]
-    KeyGeneration(String),
+    /// Generating a key pair or its CSR failed.
+    #[error("generating a P-256 key pair and its CSR failed")]
+    KeyGeneration(#[source] Cause),
     /// Signing the certificate failed.
-    #[error("signing the certificate failed: {0}")]
-    Signing(String),
+    #[error("signing the certificate failed")]
+    Signing(#[source] Cause),
+    /// A validity time cannot be written in a certificate.
+    #[error("the time {0} (Unix seconds) cannot be written in a certificate")]
+    TimeOutOfRange(u64),
     /// The chain to verify held no certificate.
     #[error("the peer presented no certificate; an X509-SVID chain starts with its leaf")]
     EmptyChain,
@@ -110,8 +121,14 @@ pub enum SvidError {
     #[error("the leaf certificate is {0} bytes long, over the limit of 16384 bytes")]
     LeafTooLarge(usize),
     /// The leaf could not be parsed, or one of its extensions was malformed or repeated.
-    #[error("the leaf certificate is malformed: {0}")]
-    Malformed(String),
+    #[error("the leaf certificate is malformed: {reason}")]
+    Malformed {
+        /// What is wrong with it, in words.
+        reason: String,
+        /// The parser's error, when the parser refused it.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The leaf had no URI SAN, so no SPIFFE ID.
     #[error("the leaf certificate has no URI SAN, so it carries no SPIFFE ID")]
     NoUriSan,
@@ -154,9 +171,30 @@ pub enum SvidError {
     /// A certificate of the chain was not yet valid at the verification time.
     #[error("a certificate of the chain is not valid yet; check both clocks")]
     NotYetValid,
+    /// The bundle of the leaf's trust domain holds no root webpki can use.
+    #[error("the bundle of trust domain '{0}' holds no usable root")]
+    NoUsableRoot(String),
     /// The chain did not lead to a root of the bundle of the leaf's trust domain.
-    #[error("the chain does not lead to a root of its trust domain's bundle: {0}")]
-    Untrusted(String),
+    #[error("the chain does not lead to a root of its trust domain's bundle")]
+    Untrusted(#[source] Cause),
+}
+
+impl SvidError {
+    /// [`SvidError::CsrMalformed`] found by our own checks, with no parser error behind it.
+    fn csr_malformed(reason: &'static str) -> Self {
+        Self::CsrMalformed {
+            reason,
+            source: None,
+        }
+    }
+
+    /// [`SvidError::Malformed`] found by our own checks, with no parser error behind it.
+    pub(crate) fn malformed(reason: impl Into<String>) -> Self {
+        Self::Malformed {
+            reason: reason.into(),
+            source: None,
+        }
+    }
 }
 
 /// A public key taken from a CSR whose signature verified.
@@ -238,19 +276,20 @@ pub fn parse_csr(der: &[u8]) -> Result<RequestedKey, SvidError> {
         return Err(SvidError::CsrTooLarge(der.len()));
     }
     if der.is_empty() {
-        return Err(SvidError::CsrMalformed("it is empty".to_owned()));
+        return Err(SvidError::csr_malformed("it is empty"));
     }
     if !is_one_der_sequence(der) {
-        return Err(SvidError::CsrMalformed(
-            "it is not exactly one DER SEQUENCE (truncated, padded or not DER)".to_owned(),
+        return Err(SvidError::csr_malformed(
+            "it is not exactly one DER SEQUENCE (truncated, padded or not DER)",
         ));
     }
-    let (rest, csr) = X509CertificationRequest::from_der(der)
-        .map_err(|e| SvidError::CsrMalformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| SvidError::CsrMalformed {
+            reason: "it does not parse as a PKCS#10 request",
+            source: Some(Cause::new(e)),
+        })?;
     if !rest.is_empty() {
-        return Err(SvidError::CsrMalformed(
-            "it has bytes after the request".to_owned(),
-        ));
+        return Err(SvidError::csr_malformed("it has bytes after the request"));
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
@@ -315,7 +354,7 @@ fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
     i64::try_from(secs)
         .ok()
         .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .ok_or_else(|| SvidError::Signing(format!("time {secs} is out of range")))
+        .ok_or(SvidError::TimeOutOfRange(secs))
 }
 
 /// Signs a leaf for `spec` with `ca` at `now`.
@@ -359,7 +398,7 @@ pub fn issue(
 
     let mut sans = Vec::with_capacity(1 + spec.dns_names.len());
     sans.push(SanType::URI(
-        Ia5String::try_from(id.as_str()).map_err(|e| SvidError::Signing(e.to_string()))?,
+        Ia5String::try_from(id.as_str()).map_err(|e| SvidError::Signing(Cause::new(e)))?,
     ));
     for name in spec.dns_names {
         // The same rule the admin API applies to an entry's names, so what is stored is
@@ -396,7 +435,7 @@ pub fn issue(
 
     let leaf = params
         .signed_by(spec.key, ca.issuer())
-        .map_err(|e| SvidError::Signing(e.to_string()))?;
+        .map_err(|e| SvidError::Signing(Cause::new(e)))?;
 
     let tail = ca.chain_tail();
     let mut chain = Vec::with_capacity(1 + tail.len());
@@ -429,7 +468,7 @@ fn unique_extension<'c, 'a>(
 ) -> Result<Option<&'c ParsedExtension<'a>>, SvidError> {
     cert.get_extension_unique(oid)
         .map(|ext| ext.map(|e| e.parsed_extension()))
-        .map_err(|_| SvidError::Malformed(format!("it has more than one {name} extension")))
+        .map_err(|_| SvidError::malformed(format!("it has more than one {name} extension")))
 }
 
 /// The leaf's one SPIFFE ID, after the X509-SVID SAN rules: exactly one URI SAN, and that
@@ -453,7 +492,7 @@ pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError>
                 })
                 .collect(),
             Some(_) => {
-                return Err(SvidError::Malformed(
+                return Err(SvidError::malformed(
                     "its subjectAltName extension cannot be parsed".to_owned(),
                 ));
             }
@@ -476,7 +515,7 @@ pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), S
         Some(ParsedExtension::BasicConstraints(bc)) if bc.ca => return Err(SvidError::LeafIsCa),
         None | Some(ParsedExtension::BasicConstraints(_)) => {}
         Some(_) => {
-            return Err(SvidError::Malformed(
+            return Err(SvidError::malformed(
                 "its basicConstraints extension cannot be parsed".to_owned(),
             ));
         }
@@ -494,7 +533,7 @@ pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), S
                 Ok(())
             }
         }
-        Some(_) => Err(SvidError::Malformed(
+        Some(_) => Err(SvidError::malformed(
             "its keyUsage extension cannot be parsed".to_owned(),
         )),
     }
@@ -504,7 +543,7 @@ pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     match e {
         webpki::Error::CertExpired { .. } => SvidError::Expired,
         webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,
-        other => SvidError::Untrusted(other.to_string()),
+        other => SvidError::Untrusted(Cause::new(other.clone())),
     }
 }
 
@@ -516,10 +555,12 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     if der.len() > MAX_LEAF_LEN {
         return Err(SvidError::LeafTooLarge(der.len()));
     }
-    let (rest, leaf) =
-        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let (rest, leaf) = X509Certificate::from_der(der).map_err(|e| SvidError::Malformed {
+        reason: "it does not parse as an X.509 certificate".to_owned(),
+        source: Some(Cause::new(e)),
+    })?;
     if !rest.is_empty() {
-        return Err(SvidError::Malformed(
+        return Err(SvidError::malformed(
             "it has bytes after the certificate".to_owned(),
         ));
     }
@@ -564,12 +605,12 @@ impl KeyAndCsr {
     /// [`SvidError`] when key generation fails.
     pub fn generate() -> Result<Self, SvidError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| SvidError::KeyGeneration(e.to_string()))?;
+            .map_err(|e| SvidError::KeyGeneration(Cause::new(e)))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let csr = params
             .serialize_request(&key)
-            .map_err(|e| SvidError::KeyGeneration(e.to_string()))?;
+            .map_err(|e| SvidError::KeyGeneration(Cause::new(e)))?;
         Ok(Self {
             key_pkcs8: key.serialize_der(),
             csr: csr.der().to_vec(),
@@ -612,7 +653,10 @@ mod tests {
 
     #[test]
     fn csr_refusals() {
-        assert!(matches!(parse_csr(&[]), Err(SvidError::CsrMalformed(_))));
+        assert!(matches!(
+            parse_csr(&[]),
+            Err(SvidError::CsrMalformed { .. })
+        ));
         assert_eq!(parse_csr(&[0u8; 4097]), Err(SvidError::CsrTooLarge(4097)));
         let kc = KeyAndCsr::generate().unwrap();
         let mut bad = kc.csr.clone();

@@ -146,6 +146,20 @@ pub fn unix_secs(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// `error` and each of its causes, joined by `": "`: how an error is written where one line of
+/// text is all that travels (a gRPC status message, an audit reason), since the message of
+/// each error no longer repeats its cause.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +228,16 @@ mod tests {
             server_id(&td).to_string(),
             "spiffe://example.org/mayfly/server"
         );
+    }
+
+    #[test]
+    fn an_error_chain_lists_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+        assert_eq!(error_chain(&std::io::Error::other("alone")), "alone");
     }
 
     #[test]

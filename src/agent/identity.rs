@@ -26,16 +26,17 @@ pub enum IdentityError {
     /// A file in the data dir could not be read or written.
     #[error(transparent)]
     File(#[from] FileError),
-    /// A stored or given file is not what it should be.
-    #[error("{path} is not usable: {reason}; remove it to attest again, or fix the file")]
+    /// A stored file is not what it should be.
+    #[error("{path} is not usable; remove it to attest again, or fix the file")]
     BadFile {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The trust bundle given with `--trust-bundle` is not usable.
-    #[error("the trust bundle {path} is not usable: {source}")]
+    #[error("the trust bundle {path} is not usable")]
     BadTrustBundle {
         /// The file.
         path: PathBuf,
@@ -56,12 +57,32 @@ pub enum IdentityError {
     /// The server refused the attestation or renewal.
     #[error("the server refused: {}", .0.message())]
     Refused(tonic::Status),
+    /// The bootstrap trust bundle names no trust domain.
+    #[error("the bootstrap trust bundle names no trust domain")]
+    Bootstrap(#[source] bundle::BundleError),
     /// The server's answer could not be used.
-    #[error("the server's answer was malformed: {0}")]
-    BadAnswer(String),
+    #[error("the server's answer was malformed")]
+    BadAnswer(#[source] AgentSvidError),
     /// The local key could not be generated.
-    #[error("could not generate the agent key: {0}")]
-    Key(String),
+    #[error("could not generate the agent key")]
+    Key(#[source] svid::SvidError),
+}
+
+/// Why a chain, key and bundle (from the server or from the data dir) are no agent identity.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentSvidError {
+    /// The server's answer held no SVID.
+    #[error("it holds no SVID")]
+    NoSvid,
+    /// The certificate chain holds no certificate.
+    #[error("the certificate chain is empty")]
+    EmptyChain,
+    /// The leaf is not a usable X509-SVID.
+    #[error("the leaf certificate is not a usable X509-SVID")]
+    Leaf(#[source] svid::SvidError),
+    /// The trust bundle holds no certificate.
+    #[error("the trust bundle is empty")]
+    EmptyBundle,
 }
 
 /// How the agent trusts the server before it has an SVID.
@@ -119,17 +140,21 @@ impl std::fmt::Debug for AgentSvid {
 }
 
 impl AgentSvid {
-    fn new(chain: Vec<Vec<u8>>, key_pkcs8: Vec<u8>, bundle: Vec<Vec<u8>>) -> Result<Self, String> {
-        let leaf = chain.first().ok_or("the certificate chain is empty")?;
-        let cert = svid::parse_leaf(leaf).map_err(|e| e.to_string())?;
-        let spiffe_id = svid::leaf_spiffe_id(&cert).map_err(|e| e.to_string())?;
-        let (_, not_after) = svid::serial_and_not_after(&cert).map_err(|e| e.to_string())?;
+    fn new(
+        chain: Vec<Vec<u8>>,
+        key_pkcs8: Vec<u8>,
+        bundle: Vec<Vec<u8>>,
+    ) -> Result<Self, AgentSvidError> {
+        let leaf = chain.first().ok_or(AgentSvidError::EmptyChain)?;
+        let cert = svid::parse_leaf(leaf).map_err(AgentSvidError::Leaf)?;
+        let spiffe_id = svid::leaf_spiffe_id(&cert).map_err(AgentSvidError::Leaf)?;
+        let (_, not_after) = svid::serial_and_not_after(&cert).map_err(AgentSvidError::Leaf)?;
         let not_before = UNIX_EPOCH
             + Duration::from_secs(
                 u64::try_from(cert.validity().not_before.timestamp()).unwrap_or(0),
             );
         if bundle.is_empty() {
-            return Err("the trust bundle is empty".into());
+            return Err(AgentSvidError::EmptyBundle);
         }
         Ok(Self {
             spiffe_id,
@@ -201,25 +226,27 @@ impl IdentityFiles {
             let path = self.dir.join(name);
             std::fs::read(&path).map_err(files::io_error("read", &path))
         };
-        let bad = |name: &str, reason: String| IdentityError::BadFile {
-            path: self.dir.join(name),
-            reason,
+        let bad = |name: &str| {
+            let path = self.dir.join(name);
+            move |e: Box<dyn std::error::Error + Send + Sync>| IdentityError::BadFile {
+                path,
+                source: e,
+            }
         };
-        let chain =
-            bundle::from_pem(&read(SVID_FILE)?).map_err(|e| bad(SVID_FILE, e.to_string()))?;
+        let chain = bundle::from_pem(&read(SVID_FILE)?).map_err(|e| bad(SVID_FILE)(e.into()))?;
         let key = {
             use rustls_pki_types::PrivatePkcs8KeyDer;
             use rustls_pki_types::pem::PemObject;
             PrivatePkcs8KeyDer::from_pem_slice(&read(KEY_FILE)?)
-                .map_err(|e| bad(KEY_FILE, e.to_string()))?
+                .map_err(|e| bad(KEY_FILE)(e.into()))?
                 .secret_pkcs8_der()
                 .to_vec()
         };
         let bundle =
-            bundle::from_pem(&read(BUNDLE_FILE)?).map_err(|e| bad(BUNDLE_FILE, e.to_string()))?;
+            bundle::from_pem(&read(BUNDLE_FILE)?).map_err(|e| bad(BUNDLE_FILE)(e.into()))?;
         AgentSvid::new(chain, key, bundle)
             .map(Some)
-            .map_err(|reason| bad(SVID_FILE, reason))
+            .map_err(|e| bad(SVID_FILE)(e.into()))
     }
 
     /// Stores `svid`: the key first, so a stored chain always has its key beside it.
@@ -270,11 +297,10 @@ pub async fn attest(
     bootstrap: &Bootstrap,
     token: &str,
 ) -> Result<AgentSvid, IdentityError> {
-    let key = KeyAndCsr::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
+    let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
     let mut node = match bootstrap {
         Bootstrap::Bundle(certs) => {
-            let td = bundle::trust_domain_of(&certs[0])
-                .map_err(|e| IdentityError::BadAnswer(e.to_string()))?;
+            let td = bundle::trust_domain_of(&certs[0]).map_err(IdentityError::Bootstrap)?;
             // No agent SVID yet: the source holds only the bundle, so no certificate is sent.
             let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
             client::connect_node(addr, &source, &crate::wire::server_id(&td)).await?
@@ -303,7 +329,7 @@ pub async fn attest(
 /// # Errors
 /// [`IdentityError`] when the server refuses or answers nonsense.
 pub async fn renew(link: &ServerLink) -> Result<AgentSvid, IdentityError> {
-    let key = KeyAndCsr::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
+    let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
     let answer = link
         .client()
         .renew_agent(pb::RenewAgentRequest { csr: key.csr })
@@ -319,6 +345,6 @@ fn from_answer(
     key_pkcs8: Vec<u8>,
     bundle: Vec<Vec<u8>>,
 ) -> Result<AgentSvid, IdentityError> {
-    let svid = svid.ok_or_else(|| IdentityError::BadAnswer("no SVID".into()))?;
+    let svid = svid.ok_or(IdentityError::BadAnswer(AgentSvidError::NoSvid))?;
     AgentSvid::new(svid.cert_chain, key_pkcs8, bundle).map_err(IdentityError::BadAnswer)
 }

@@ -90,20 +90,25 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug, thiserror::Error)]
 pub enum MtlsError {
     /// rustls refused the configuration.
-    #[error("the mTLS configuration was refused: {0}")]
+    #[error("the mTLS configuration was refused")]
     Tls(#[from] rustls::Error),
     /// The SVID given to a source is unusable (no SPIFFE ID, or a key that does not fit).
-    #[error("the SVID cannot be used: {0}")]
-    BadSvid(String),
+    #[error("the SVID cannot be used: {reason}")]
+    BadSvid {
+        /// What is wrong with it, in words.
+        reason: &'static str,
+        /// The lower layer's error that found it, if one did.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// A certificate of a trust bundle could not be used as a root.
-    #[error(
-        "a certificate in the bundle of trust domain '{trust_domain}' is not a usable root: {reason}"
-    )]
+    #[error("a certificate in the bundle of trust domain '{trust_domain}' is not a usable root")]
     BadBundle {
         /// The trust domain whose bundle held it.
         trust_domain: String,
         /// Why webpki refused it.
-        reason: String,
+        #[source]
+        source: webpki::Error,
     },
     /// The source got no SVID and bundle from the Workload API in time.
     #[error(

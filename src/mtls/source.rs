@@ -87,7 +87,7 @@ impl TrustSet {
                     Err(e) if strict => {
                         return Err(MtlsError::BadBundle {
                             trust_domain: td.to_string(),
-                            reason: e.to_string(),
+                            source: e,
                         });
                     }
                     Err(e) => {
@@ -159,16 +159,27 @@ impl State {
         chain: Vec<CertificateDer<'static>>,
         key_pkcs8: &[u8],
     ) -> Result<LocalSvid, MtlsError> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| MtlsError::BadSvid("the chain is empty".to_owned()))?;
+        fn bad<E: std::error::Error + Send + Sync + 'static>(
+            reason: &'static str,
+        ) -> impl FnOnce(E) -> MtlsError {
+            move |e| MtlsError::BadSvid {
+                reason,
+                source: Some(Box::new(e)),
+            }
+        }
+        let leaf = chain.first().ok_or(MtlsError::BadSvid {
+            reason: "its chain is empty",
+            source: None,
+        })?;
         let (_, cert) = X509Certificate::from_der(leaf.as_ref())
-            .map_err(|e| MtlsError::BadSvid(format!("the leaf does not parse: {e}")))?;
-        let id = svid::leaf_spiffe_id(&cert).map_err(|e| MtlsError::BadSvid(e.to_string()))?;
-        let id = ScopedId::from_spiffe_id(&id).map_err(|e| MtlsError::BadSvid(e.to_string()))?;
+            .map_err(bad("its leaf does not parse as a certificate"))?;
+        let id =
+            svid::leaf_spiffe_id(&cert).map_err(bad("its leaf carries no usable SPIFFE ID"))?;
+        let id = ScopedId::from_spiffe_id(&id)
+            .map_err(bad("its SPIFFE ID carries a malformed scope list"))?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
         let certified = CertifiedKey::from_der(chain, key, &self.provider)
-            .map_err(|e| MtlsError::BadSvid(format!("the key does not fit the leaf: {e}")))?;
+            .map_err(bad("the key does not fit the leaf"))?;
         Ok(LocalSvid {
             certified: Arc::new(certified),
             id,
@@ -234,7 +245,7 @@ impl State {
                 );
                 self.set_trust(trust);
             }
-            Err(e) => self.record_error(e.to_string()),
+            Err(e) => self.record_error(crate::wire::error_chain(&e)),
         }
     }
 }

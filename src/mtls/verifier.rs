@@ -169,18 +169,18 @@ pub(crate) fn verify_peer(
         .roots(td)
         .ok_or_else(|| SvidError::UnknownTrustDomain(td.to_owned()))?;
     if roots.anchors.is_empty() {
-        return Err(SvidError::Untrusted(format!(
-            "the bundle of trust domain '{td}' holds no usable root"
-        ))
-        .into());
+        return Err(SvidError::NoUsableRoot(td.to_owned()).into());
     }
 
     // 3. The X509-SVID leaf rules.
     let (id, serial, not_after) = facts.rules.clone()?;
 
     // 4. The path, with webpki, at the handshake's time.
-    let end_entity = webpki::EndEntityCert::try_from(end_entity)
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let end_entity =
+        webpki::EndEntityCert::try_from(end_entity).map_err(|e| SvidError::Malformed {
+            reason: "webpki cannot read it".to_owned(),
+            source: Some(crate::svid::Cause::new(e)),
+        })?;
     let (eku, eku_name) = match usage {
         Usage::Client => (webpki::KeyUsage::client_auth(), "clientAuth"),
         Usage::Server => (webpki::KeyUsage::server_auth(), "serverAuth"),

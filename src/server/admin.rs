@@ -36,8 +36,8 @@ enum AdminError {
     NotFound(String),
     #[error("{0}")]
     Exists(String),
-    #[error("the server's store failed: {0}")]
-    Store(StoreError),
+    #[error("the server's store failed")]
+    Store(#[source] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error(transparent)]
@@ -65,10 +65,10 @@ impl AdminError {
     fn status(&self) -> Status {
         match self {
             Self::Invalid(m) => Status::invalid_argument(m.clone()),
-            Self::Entry(e) => Status::invalid_argument(e.to_string()),
+            Self::Entry(e) => Status::invalid_argument(crate::wire::error_chain(e)),
             Self::NotFound(m) => Status::not_found(m.clone()),
             Self::Exists(m) => Status::already_exists(m.clone()),
-            Self::Store(_) | Self::Audit(_) => Status::unavailable(self.to_string()),
+            Self::Store(_) | Self::Audit(_) => Status::unavailable(crate::wire::error_chain(self)),
         }
     }
 }

@@ -24,9 +24,10 @@ const QUEUE: usize = 8192;
 /// Why a record could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
-    /// The store refused the batch holding this record.
-    #[error("the audit record could not be stored: {0}")]
-    Store(String),
+    /// The store refused the batch holding this record. The store's error is shared by every
+    /// record of the batch, hence the `Arc`.
+    #[error("the audit record could not be stored")]
+    Store(#[source] Arc<StoreError>),
     /// The record repeats a serial number already issued; it was not stored.
     #[error("the audit record repeats a serial number already issued")]
     DuplicateSerial,
@@ -136,7 +137,7 @@ async fn append_one(store: &dyn Store, event: &AuditEvent) -> Result<AuditRecord
 fn to_audit_error(e: StoreError) -> AuditError {
     match e {
         StoreError::AlreadyExists(_) => AuditError::DuplicateSerial,
-        other => AuditError::Store(other.to_string()),
+        other => AuditError::Store(Arc::new(other)),
     }
 }
 

@@ -35,11 +35,11 @@ const MAX_EVIDENCE_LEN: usize = 4096;
 enum NodeError {
     #[error(transparent)]
     Refused(#[from] Refusal),
-    #[error("the request's CSR was refused: {0}")]
-    Csr(SvidError),
-    #[error("signing failed: {0}")]
-    Sign(SvidError),
-    #[error("the server's store failed: {0}")]
+    #[error("the request's CSR was refused")]
+    Csr(#[source] SvidError),
+    #[error("signing failed")]
+    Sign(#[source] SvidError),
+    #[error("the server's store failed")]
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
@@ -55,18 +55,22 @@ impl NodeError {
     }
 
     fn bare_status(&self) -> Status {
+        let message = self.text();
         match self {
-            Self::Refused(Refusal::NotAuthenticated) => Status::unauthenticated(self.to_string()),
-            Self::Refused(r) if r.is_invalid_argument() => {
-                Status::invalid_argument(self.to_string())
-            }
-            Self::Refused(_) => Status::permission_denied(self.to_string()),
-            Self::Csr(_) => Status::invalid_argument(self.to_string()),
+            Self::Refused(Refusal::NotAuthenticated) => Status::unauthenticated(message),
+            Self::Refused(r) if r.is_invalid_argument() => Status::invalid_argument(message),
+            Self::Refused(_) => Status::permission_denied(message),
+            Self::Csr(_) => Status::invalid_argument(message),
             Self::Sign(_) | Self::Store(_) | Self::Audit(_) => {
-                tracing::error!(error = %self, "node API call failed");
-                Status::unavailable(self.to_string())
+                tracing::error!(error = %message, "node API call failed");
+                Status::unavailable(message)
             }
         }
+    }
+
+    /// The error with its causes, as the caller and the audit log get it.
+    fn text(&self) -> String {
+        crate::wire::error_chain(self)
     }
 
     /// Whether the refusal is a decision worth an audit record (internal failures are logged
@@ -94,7 +98,7 @@ impl NodeService {
             // Every caller-chosen value in the reason was escaped where it entered the
             // message (IdError, DnsNameError and the refusals here hold escaped text), and
             // the event's free-text fields were escaped when they were filled in.
-            event.reason = err.to_string();
+            event.reason = err.text();
             tracing::debug!(
                 action = %event.action,
                 reason = %event.reason,
