@@ -46,7 +46,7 @@ const MAX_COMMON_NAME_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     /// Reading or writing a key or certificate file failed.
-    #[error("could not {action} {path}: {source}")]
+    #[error("could not {action} {path}")]
     Io {
         /// What was being done.
         action: &'static str,
@@ -62,12 +62,24 @@ pub enum CaError {
         path: PathBuf,
         /// What it should hold.
         what: &'static str,
-        /// Why it is not.
+        /// Why it is not, in words.
         reason: String,
+        /// The parser's or crypto library's error that found it, if one did.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// Key generation or signing failed.
-    #[error("CA crypto failed: {0}")]
-    Crypto(String),
+    #[error("CA crypto failed while {step}")]
+    Crypto {
+        /// What was being done.
+        step: &'static str,
+        /// The crypto library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A validity time cannot be written in a certificate.
+    #[error("the time {0} (Unix seconds) cannot be written in a CA certificate")]
+    TimeOutOfRange(u64),
     /// The CA lifetime asked for was under one second.
     #[error("the CA lifetime must be at least one second; give a longer CA TTL")]
     InvalidTtl,
@@ -130,6 +142,31 @@ fn bad_file(path: &Path, what: &'static str, reason: impl Into<String>) -> CaErr
         path: path.to_owned(),
         what,
         reason: reason.into(),
+        source: None,
+    }
+}
+
+/// [`CaError::BadFile`] found by a lower layer, whose error is kept as the source.
+fn bad_file_because<E: std::error::Error + Send + Sync + 'static>(
+    path: &Path,
+    what: &'static str,
+    reason: &'static str,
+) -> impl FnOnce(E) -> CaError {
+    move |e| CaError::BadFile {
+        path: path.to_owned(),
+        what,
+        reason: reason.to_owned(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// [`CaError::Crypto`] while doing `step`.
+fn crypto<E: std::error::Error + Send + Sync + 'static>(
+    step: &'static str,
+) -> impl FnOnce(E) -> CaError {
+    move |e| CaError::Crypto {
+        step,
+        source: Box::new(e),
     }
 }
 
@@ -145,7 +182,7 @@ fn datetime(secs: u64) -> Result<OffsetDateTime, CaError> {
     i64::try_from(secs)
         .ok()
         .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .ok_or_else(|| CaError::Crypto(format!("time {secs} is out of range")))
+        .ok_or(CaError::TimeOutOfRange(secs))
 }
 
 /// The URI SANs of a certificate (empty when it has none or they cannot be parsed).
@@ -197,7 +234,11 @@ fn parse_cert<'a>(
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(bad_file(path, what, "it has bytes after the certificate")),
-        Err(e) => Err(bad_file(path, what, e.to_string())),
+        Err(e) => Err(bad_file_because(
+            path,
+            what,
+            "it does not parse as a certificate",
+        )(e)),
     }
 }
 
@@ -206,7 +247,7 @@ fn read_one_cert(path: &Path, what: &'static str) -> Result<CertificateDer<'stat
     let pem = fs::read(path).map_err(io_error("read", path))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad_file(path, what, e.to_string()))?;
+        .map_err(bad_file_because(path, what, "it does not parse as PEM"))?;
     match <[_; 1]>::try_from(certs) {
         Ok([cert]) => Ok(cert),
         Err(certs) if certs.is_empty() => Err(bad_file(path, what, "it holds no PEM certificate")),
@@ -224,10 +265,16 @@ impl LoadedUpstream {
         const KEY: &str = "upstream CA private key";
         let cert = read_one_cert(&upstream.cert_path, CERT)?;
         let key_pem = fs::read(&upstream.key_path).map_err(io_error("read", &upstream.key_path))?;
-        let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad_file(&upstream.key_path, KEY, e.to_string()))?;
-        let key = KeyPair::try_from(&key_der)
-            .map_err(|e| bad_file(&upstream.key_path, KEY, e.to_string()))?;
+        let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(bad_file_because(
+            &upstream.key_path,
+            KEY,
+            "it holds no PEM private key",
+        ))?;
+        let key = KeyPair::try_from(&key_der).map_err(bad_file_because(
+            &upstream.key_path,
+            KEY,
+            "it is not a key this CA can sign with",
+        ))?;
 
         let parsed = parse_cert(&cert, &upstream.cert_path, CERT)?;
         if !can_sign_certs(&parsed) {
@@ -259,8 +306,11 @@ impl LoadedUpstream {
         let spki_raw = parsed.public_key().raw.to_vec();
         let has_key_id = has_subject_key_id(&parsed);
         drop(parsed);
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(|e| bad_file(&upstream.cert_path, CERT, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(bad_file_because(
+            &upstream.cert_path,
+            CERT,
+            "it cannot sign with its key",
+        ))?;
         Ok(Self {
             cert_path: upstream.cert_path.clone(),
             cert,
@@ -345,8 +395,10 @@ impl Authority {
         if mode & 0o077 != 0 {
             tracing::warn!(path = %key_path.display(), mode = format!("{:o}", mode & 0o777), "the CA key file is readable by others; set its mode to 0600");
         }
-        let key = KeyPair::from_pkcs8_pem_and_sign_algo(&key_pem, &PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| bad_file(key_path, KEY, e.to_string()))?;
+        let key =
+            KeyPair::from_pkcs8_pem_and_sign_algo(&key_pem, &PKCS_ECDSA_P256_SHA256).map_err(
+                bad_file_because(key_path, KEY, "it is not a PKCS#8 PEM P-256 key"),
+            )?;
         let cert = read_one_cert(cert_path, CERT)?;
         let parsed = parse_cert(&cert, cert_path, CERT)?;
         if key.subject_public_key_info() != parsed.public_key().raw {
@@ -379,7 +431,7 @@ impl Authority {
             }
             Some(up) => {
                 let (_, up_spki) = SubjectPublicKeyInfo::from_der(&up.spki_raw)
-                    .map_err(|e| CaError::Crypto(e.to_string()))?;
+                    .map_err(crypto("reading the upstream CA's public key"))?;
                 parsed.issuer().as_raw() == up.subject_raw.as_slice()
                     && parsed.verify_signature(Some(&up_spki)).is_ok()
             }
@@ -389,8 +441,11 @@ impl Authority {
             return Ok(None);
         }
         drop(parsed);
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(|e| bad_file(cert_path, CERT, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(bad_file_because(
+            cert_path,
+            CERT,
+            "it cannot sign with its key",
+        ))?;
         let (chain_tail, bundle_roots) = match upstream {
             None => (Vec::new(), vec![cert.clone()]),
             Some(up) => (vec![cert.clone()], vec![up.cert.clone()]),
@@ -416,12 +471,12 @@ impl Authority {
             return Err(CaError::InvalidTtl);
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Crypto(e.to_string()))?;
+            .map_err(crypto("generating the CA key"))?;
         let mut not_after = now.saturating_add(ttl.as_secs());
         if let Some(up) = &upstream {
             not_after = not_after.min(up.not_after_unix);
         }
-        let serial = Serial::try_generate().map_err(|e| CaError::Crypto(e.to_string()))?;
+        let serial = Serial::try_generate().map_err(crypto("generating a serial number"))?;
 
         let mut common_name = format!("Mayfly CA {td}");
         common_name.truncate(MAX_COMMON_NAME_LEN);
@@ -429,8 +484,8 @@ impl Authority {
         subject.push(DnType::OrganizationName, CA_ORGANIZATION);
         subject.push(DnType::CommonName, common_name);
 
-        let td_uri =
-            Ia5String::try_from(td.id().as_str()).map_err(|e| CaError::Crypto(e.to_string()))?;
+        let td_uri = Ia5String::try_from(td.id().as_str())
+            .map_err(crypto("writing the trust domain URI"))?;
         let mut params = CertificateParams::default();
         params.not_before = datetime(now.saturating_sub(CLOCK_SKEW.as_secs()))?;
         params.not_after = datetime(not_after)?;
@@ -451,17 +506,17 @@ impl Authority {
             None => params.self_signed(&key),
             Some(up) => params.signed_by(&key, &up.issuer),
         }
-        .map_err(|e| CaError::Crypto(e.to_string()))?;
+        .map_err(crypto("signing the CA certificate"))?;
         let cert = CertificateDer::from(cert);
 
         if let Some(up) = &upstream {
             // rcgen rebuilds the issuer name from the parsed upstream subject; path building
             // compares names byte for byte, so make sure the rebuilt one is identical.
             let parsed = X509Certificate::from_der(&cert)
-                .map_err(|e| CaError::Crypto(e.to_string()))?
+                .map_err(crypto("reading the new CA certificate"))?
                 .1;
             let (_, up_spki) = SubjectPublicKeyInfo::from_der(&up.spki_raw)
-                .map_err(|e| CaError::Crypto(e.to_string()))?;
+                .map_err(crypto("reading the upstream CA's public key"))?;
             if parsed.issuer().as_raw() != up.subject_raw.as_slice()
                 || parsed.verify_signature(Some(&up_spki)).is_err()
             {
@@ -474,7 +529,7 @@ impl Authority {
         }
 
         let issuer =
-            Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::Crypto(e.to_string()))?;
+            Issuer::from_ca_cert_der(&cert, key).map_err(crypto("making the CA an issuer"))?;
         let (chain_tail, bundle_roots) = match upstream {
             None => (Vec::new(), vec![cert.clone()]),
             Some(up) => (vec![cert.clone()], vec![up.cert]),

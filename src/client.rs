@@ -24,7 +24,7 @@ pub enum ClientError {
     #[error(transparent)]
     Tls(#[from] MtlsError),
     /// The server's SPIFFE ID cannot be expected of a peer (it names a trust domain).
-    #[error("the server's SPIFFE ID cannot be expected of a peer: {0}")]
+    #[error("the server's SPIFFE ID cannot be expected of a peer")]
     ServerId(#[source] PolicyError),
     /// The server could not be reached.
     #[error("could not connect to the Mayfly server at {target}: {reason}")]
@@ -170,11 +170,14 @@ pub enum AttestError {
     #[error("the server refused attestation: {}", .0.message())]
     Refused(tonic::Status),
     /// Generating the key failed.
-    #[error("could not generate the agent key: {0}")]
+    #[error("could not generate the agent key")]
     Key(#[from] crate::svid::SvidError),
-    /// The server's answer was not usable.
-    #[error("the server's answer was malformed: {0}")]
-    BadAnswer(String),
+    /// The server's answer held no SVID.
+    #[error("the server's answer was malformed: it holds no SVID")]
+    NoSvid,
+    /// The server's answer named an SPIFFE ID that does not parse.
+    #[error("the server's answer was malformed: its SPIFFE ID does not parse")]
+    BadSpiffeId(#[source] crate::id::IdError),
 }
 
 /// Attests with a join token: generates a key locally, sends a CSR over TLS (verifying the
@@ -202,11 +205,8 @@ pub async fn attest_with_join_token(
         .await
         .map_err(AttestError::Refused)?
         .into_inner();
-    let svid = answer
-        .svid
-        .ok_or_else(|| AttestError::BadAnswer("no SVID".into()))?;
-    let spiffe_id =
-        SpiffeId::parse(&svid.spiffe_id).map_err(|e| AttestError::BadAnswer(e.to_string()))?;
+    let svid = answer.svid.ok_or(AttestError::NoSvid)?;
+    let spiffe_id = SpiffeId::parse(&svid.spiffe_id).map_err(AttestError::BadSpiffeId)?;
     let chain: Vec<_> = svid
         .cert_chain
         .into_iter()

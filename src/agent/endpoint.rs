@@ -52,7 +52,7 @@ const MAX_ATTESTING: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     /// The directory that is to hold the socket could not be created.
-    #[error("could not create the directory {path} for the agent socket: {source}")]
+    #[error("could not create the directory {path} for the agent socket")]
     SocketDir {
         /// The directory.
         path: PathBuf,
@@ -70,7 +70,7 @@ pub enum EndpointError {
     )]
     InUse(PathBuf),
     /// A socket left over from an earlier run could not be inspected or removed.
-    #[error("could not remove the stale socket {path}: {source}")]
+    #[error("could not remove the stale socket {path}")]
     Stale {
         /// The socket path.
         path: PathBuf,
@@ -78,7 +78,7 @@ pub enum EndpointError {
         source: io::Error,
     },
     /// The socket could not be bound, or its mode set.
-    #[error("could not listen on the agent socket {path}: {source}")]
+    #[error("could not listen on the agent socket {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,
@@ -86,7 +86,7 @@ pub enum EndpointError {
         source: io::Error,
     },
     /// The gRPC server on the socket failed.
-    #[error("the workload API stopped: {0}")]
+    #[error("the workload API stopped")]
     Serve(#[source] tonic::transport::Error),
     /// The request lacks the header the SPIFFE Workload API requires of every call.
     #[error(

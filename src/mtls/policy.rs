@@ -16,7 +16,7 @@ const WILDCARD_SUFFIX: &str = "/*";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     /// The pattern (without a trailing `/*`) was not a valid SPIFFE ID.
-    #[error("'{pattern}' is not a SPIFFE ID pattern: {source}")]
+    #[error("'{pattern}' is not a SPIFFE ID pattern")]
     BadId {
         /// The pattern as given.
         pattern: String,

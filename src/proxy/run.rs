@@ -49,7 +49,7 @@ pub struct ProxyConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The listen address could not be bound.
-    #[error("could not listen on {addr}: {source}")]
+    #[error("could not listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,

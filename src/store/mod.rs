@@ -22,10 +22,10 @@ use crate::svid::Serial;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or answered with an error.
-    #[error("database error: {0}")]
+    #[error("the database failed")]
     Database(#[from] sqlx::Error),
     /// The schema could not be brought up to date.
-    #[error("could not apply database migrations: {0}")]
+    #[error("could not apply database migrations")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A stored row could not be read back as a valid value (the database was edited by hand
     /// or is from an incompatible version).
