@@ -17,6 +17,7 @@ use crate::id::SpiffeId;
 use crate::mtls::SvidSource;
 use crate::proto::node as pb;
 use crate::proto::node::node_client::NodeClient;
+use crate::svid::Serial;
 
 /// A task SVID minted for a workload: the chain from the server and the key this agent made.
 #[derive(Clone)]
@@ -27,8 +28,8 @@ pub struct MintedSvid {
     pub chain: Vec<Vec<u8>>,
     /// PKCS#8 private key, generated here and never sent anywhere but to the workload.
     pub key_pkcs8: Vec<u8>,
-    /// Leaf serial, lowercase hex.
-    pub serial: String,
+    /// Leaf serial.
+    pub serial: Serial,
     /// Leaf notAfter.
     pub not_after: SystemTime,
 }
@@ -154,7 +155,7 @@ fn from_answer(answer: pb::IssueResponse, key_pkcs8: Vec<u8>) -> Result<MintedSv
         spiffe_id,
         chain: svid.cert_chain,
         key_pkcs8,
-        serial: svid.serial,
+        serial: Serial::from_hex(&svid.serial).ok_or_else(|| bad("had a malformed serial"))?,
         not_after: UNIX_EPOCH + Duration::from_secs(not_after),
     })
 }

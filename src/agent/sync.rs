@@ -358,7 +358,7 @@ mod tests {
             spiffe_id: SpiffeId::parse("spiffe://t.test/w").unwrap(),
             chain: vec![],
             key_pkcs8: vec![],
-            serial: String::new(),
+            serial: crate::svid::Serial::from_hex("01").unwrap(),
             issued_at,
             not_after: issued_at + Duration::from_secs(100),
         };

@@ -124,7 +124,7 @@ impl pb::task_server::Task for TaskApi {
             x509_svid_key: minted.key_pkcs8,
             // The newest bundle: it may have changed during the round trip.
             bundle: self.snapshot.borrow().bundle_der(),
-            serial: minted.serial,
+            serial: minted.serial.to_hex(),
             not_after,
         }))
     }

@@ -62,9 +62,10 @@ struct PeerHeaders {
 impl PeerHeaders {
     fn new(peer: &PeerInfo) -> Self {
         let scopes = peer.scopes_header();
+        let serial = peer.serial.to_hex();
         let values = PEER_HEADERS
             .into_iter()
-            .zip([peer.id.base().as_str(), &scopes, &peer.serial])
+            .zip([peer.id.base().as_str(), &scopes, &serial])
             .filter_map(|(name, value)| {
                 let value = HeaderValue::from_str(value).ok()?;
                 Some((HeaderName::from_static(name), value))
@@ -281,7 +282,7 @@ mod tests {
         let id = SpiffeId::parse("spiffe://t.test/bot/scope/a.read/b.write").unwrap();
         let peer = PeerInfo {
             id: ScopedId::from_spiffe_id(&id).unwrap(),
-            serial: "0a".into(),
+            serial: crate::svid::Serial::from_hex("0a").unwrap(),
             not_after: 0,
         };
         let mut headers = http::HeaderMap::new();

@@ -6,14 +6,15 @@ pub mod http;
 pub mod routes;
 
 use crate::id::ScopedId;
+use crate::svid::Serial;
 
 /// The verified peer of one connection, as the proxy logs and forwards it.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     /// Identity and scopes, from the peer's one URI SAN.
     pub id: ScopedId,
-    /// Leaf serial, lowercase hex.
-    pub serial: String,
+    /// Leaf serial.
+    pub serial: Serial,
     /// Leaf notAfter, Unix seconds.
     pub not_after: i64,
 }
@@ -34,7 +35,7 @@ impl From<crate::mtls::VerifiedPeer> for PeerInfo {
     fn from(peer: crate::mtls::VerifiedPeer) -> Self {
         Self {
             id: peer.id,
-            serial: peer.serial.to_hex(),
+            serial: peer.serial,
             not_after: crate::wire::unix_secs(peer.not_after),
         }
     }
