@@ -1095,6 +1095,8 @@ async fn malformed_requests_are_refused_and_the_server_keeps_serving() {
             Code::InvalidArgument,
         );
         assert!(status.message().contains("CSR"), "{name}: {status:?}");
+        // The caller gets the cause too, not only the outermost message.
+        assert!(status.message().contains(reason), "{name}: {status:?}");
         let r = server.assert_one_denial(mark, "svid.task", reason).await;
         assert_eq!(r.task_id, task);
         // Identity SVIDs and renewals refuse it the same way.
