@@ -7,25 +7,35 @@
 //! keyCertSign/cRLSign) are here too; the one verifier that applies them with the roots of the
 //! leaf's trust domain and webpki's path check is [`crate::mtls`] ([`crate::mtls::verify_chain`]).
 
+// Parsing and the leaf rules are in every build; issuance (a leaf from a CSR, with the
+// server's CA) only with the `server` feature, and key generation (a key and a CSR, what an
+// agent sends) with the server or the agent: the `mtls` build needs neither, nor rcgen.
 use std::collections::HashMap;
+#[cfg(any(feature = "server", feature = "agent"))]
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rcgen::string::Ia5String;
+#[cfg(any(feature = "server", feature = "agent"))]
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+#[cfg(feature = "server")]
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
-    SignatureAlgorithm,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber, SignatureAlgorithm, string::Ia5String,
 };
 use rustls_pki_types::CertificateDer;
+#[cfg(feature = "server")]
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
+#[cfg(feature = "server")]
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
+#[cfg(feature = "server")]
 use x509_parser::oid_registry::{
     OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED448,
-    OID_SIG_ED25519, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE,
-    OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_SIG_ED25519,
+};
+use x509_parser::oid_registry::{
+    OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 use x509_parser::prelude::FromDer;
 
@@ -33,8 +43,11 @@ mod serial;
 
 pub use serial::{GENERATED_SERIAL_LEN, MAX_SERIAL_LEN, Serial};
 
+#[cfg(feature = "server")]
 use crate::ca::Authority;
-use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain};
+#[cfg(feature = "server")]
+use crate::id::ScopedId;
+use crate::id::{IdError, SpiffeId, TrustDomain};
 
 /// The largest CSR accepted, in bytes; a P-256 CSR is a few hundred.
 pub const MAX_CSR_LEN: usize = 4096;
@@ -48,12 +61,14 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// non-critical (RFC 5280 §4.2.1.6).
 pub const LEAF_ORGANIZATION: &str = "Mayfly";
 
+#[cfg(feature = "server")]
 /// The DER prefix of a P-256 SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { id-ecPublicKey,
 /// prime256v1 }, BIT STRING (0 unused bits) ... }, followed by the 65-byte uncompressed point.
 const P256_SPKI_PREFIX: [u8; 26] = [
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
+#[cfg(feature = "server")]
 /// The length of a P-256 SubjectPublicKeyInfo with an uncompressed point.
 const P256_SPKI_LEN: usize = P256_SPKI_PREFIX.len() + 65;
 
@@ -159,6 +174,7 @@ pub enum SvidError {
     Untrusted(String),
 }
 
+#[cfg(feature = "server")]
 /// A public key taken from a CSR whose signature verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestedKey {
@@ -166,6 +182,7 @@ pub struct RequestedKey {
     spki: [u8; P256_SPKI_LEN],
 }
 
+#[cfg(feature = "server")]
 impl RequestedKey {
     /// The key's DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> &[u8] {
@@ -178,6 +195,7 @@ impl RequestedKey {
     }
 }
 
+#[cfg(feature = "server")]
 impl PublicKeyData for RequestedKey {
     fn der_bytes(&self) -> &[u8] {
         self.point()
@@ -188,6 +206,7 @@ impl PublicKeyData for RequestedKey {
     }
 }
 
+#[cfg(feature = "server")]
 /// Whether `der` is exactly one DER SEQUENCE (tag, minimal length, no trailing bytes). Cheap,
 /// so it runs before any real parsing.
 fn is_one_der_sequence(der: &[u8]) -> bool {
@@ -209,6 +228,7 @@ fn is_one_der_sequence(der: &[u8]) -> bool {
     header_len + content_len == der.len()
 }
 
+#[cfg(feature = "server")]
 /// Describes a key that is not P-256, for the error message.
 fn describe_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
     let alg = &spki.algorithm.algorithm;
@@ -225,6 +245,7 @@ fn describe_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
     }
 }
 
+#[cfg(feature = "server")]
 /// Parses a CSR and verifies its self-signature; only the public key is kept.
 ///
 /// Size, emptiness and the outer DER SEQUENCE are checked before any parsing, so oversized or
@@ -282,6 +303,7 @@ pub fn parse_csr(der: &[u8]) -> Result<RequestedKey, SvidError> {
     Ok(key)
 }
 
+#[cfg(feature = "server")]
 /// What to issue.
 #[derive(Debug, Clone)]
 pub struct LeafSpec<'a> {
@@ -295,6 +317,7 @@ pub struct LeafSpec<'a> {
     pub dns_names: &'a [String],
 }
 
+#[cfg(feature = "server")]
 /// An issued SVID.
 #[derive(Debug, Clone)]
 pub struct IssuedSvid {
@@ -306,11 +329,13 @@ pub struct IssuedSvid {
     pub not_after: SystemTime,
 }
 
+#[cfg(feature = "server")]
 /// Whole seconds since the Unix epoch (0 before it).
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+#[cfg(feature = "server")]
 fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
     i64::try_from(secs)
         .ok()
@@ -318,6 +343,7 @@ fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
         .ok_or_else(|| SvidError::Signing(format!("time {secs} is out of range")))
 }
 
+#[cfg(feature = "server")]
 /// Signs a leaf for `spec` with `ca` at `now`.
 ///
 /// The leaf follows the X509-SVID profile exactly: one URI SAN (the scoped ID) plus the DNS
@@ -539,6 +565,7 @@ pub(crate) fn serial_and_not_after(
     Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 /// A locally generated key pair and a CSR for it.
 pub struct KeyAndCsr {
     /// PKCS#8 DER private key.
@@ -547,6 +574,7 @@ pub struct KeyAndCsr {
     pub csr: Vec<u8>,
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 impl fmt::Debug for KeyAndCsr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyAndCsr")
@@ -556,6 +584,7 @@ impl fmt::Debug for KeyAndCsr {
     }
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 impl KeyAndCsr {
     /// Generates a P-256 key and a CSR for it (empty subject, no extensions: the server takes
     /// only the key).
@@ -577,7 +606,7 @@ impl KeyAndCsr {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 

@@ -19,8 +19,11 @@ use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
 /// The environment variable SPIFFE clients read the socket address from.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
-/// The header every Workload API call carries.
-pub use crate::agent::endpoint::HEADER;
+/// The header every Workload API call carries; the agent refuses a call without it.
+pub const HEADER: &str = "workload.spiffe.io";
+/// Where the agent's socket is when nothing says otherwise (made absolute by
+/// [`socket_path`]).
+pub const DEFAULT_SOCKET: &str = ".mayfly/agent.sock";
 
 /// Why a workload call failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +117,17 @@ pub async fn connect(path: &Path) -> Result<Channel, WorkloadClientError> {
         .await
         .map_err(|e| WorkloadClientError::Connect {
             path: path.to_owned(),
-            reason: crate::client::root_cause(&e),
+            reason: root_cause(&e),
         })
+}
+
+/// The innermost cause of `e`, which is what a person can act on ("Connection refused").
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// The Workload API over `channel`, with the header.
@@ -147,7 +159,10 @@ impl WorkloadSvid {
         let leaf = crate::svid::parse_leaf(self.chain.first()?).ok()?;
         let (serial, not_after) = crate::svid::serial_and_not_after(&leaf).ok()?;
         // The serial as the audit log writes it, so the two can be matched.
-        Some((serial.to_hex(), crate::server::policy::unix_secs(not_after)))
+        let not_after = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Some((serial.to_hex(), not_after))
     }
 }
 

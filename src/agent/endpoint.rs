@@ -34,8 +34,7 @@ use super::workload_api::SpiffeWorkloadApi;
 use crate::proto::task::task_server::TaskServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
-/// The metadata key every request on the socket must carry with the value `true`.
-pub const HEADER: &str = "workload.spiffe.io";
+pub use crate::workload_client::HEADER;
 /// The largest request decoded: every request of both APIs is a few hundred bytes at most.
 const MAX_REQUEST: usize = 64 * 1024;
 /// Connections attested but not yet taken by the gRPC server.
