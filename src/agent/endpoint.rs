@@ -327,7 +327,7 @@ async fn attest(stream: &UnixStream, attestor: Arc<dyn WorkloadAttestor>) -> Wor
 /// What attestation at accept established about one connection's peer: the connection's
 /// `ConnectInfo`, found in every request's extensions.
 #[derive(Debug, Clone)]
-pub struct WorkloadPeer(Arc<Attestation>);
+pub(crate) struct WorkloadPeer(Arc<Attestation>);
 
 #[derive(Debug)]
 enum Attestation {
@@ -368,7 +368,7 @@ impl WorkloadPeer {
 /// # Errors
 /// As [`WorkloadPeer::confirm`]; [`EndpointError::NotAttested`] for a request that did not
 /// come through [`serve`]'s accept loop.
-pub fn caller<T>(request: &Request<T>) -> Result<WorkloadPeer, EndpointError> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<WorkloadPeer, EndpointError> {
     let peer = request.extensions().get::<WorkloadPeer>().ok_or_else(|| {
         EndpointError::NotAttested("the connection did not pass the agent's accept loop".into())
     })?;

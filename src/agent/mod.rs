@@ -9,12 +9,12 @@
 pub mod config;
 pub mod endpoint;
 pub mod identity;
-pub mod keys;
+pub(crate) mod keys;
 pub mod link;
 pub mod state;
-pub mod sync;
-pub mod task_api;
-pub mod workload_api;
+pub(crate) mod sync;
+pub(crate) mod task_api;
+pub(crate) mod workload_api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
