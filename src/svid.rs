@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 #[cfg(any(feature = "server", feature = "agent"))]
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+#[cfg(feature = "mtls")]
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[cfg(any(feature = "server", feature = "agent"))]
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -29,14 +31,15 @@ use x509_parser::certificate::X509Certificate;
 #[cfg(feature = "server")]
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME;
 #[cfg(feature = "server")]
 use x509_parser::oid_registry::{
     OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED448,
     OID_SIG_ED25519,
 };
-use x509_parser::oid_registry::{
-    OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
-};
+#[cfg(feature = "mtls")]
+use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
+#[cfg(feature = "mtls")]
 use x509_parser::prelude::FromDer;
 
 mod serial;
@@ -496,6 +499,7 @@ pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError>
     Ok(id)
 }
 
+#[cfg(feature = "mtls")]
 /// The leaf's basicConstraints and keyUsage, after the X509-SVID rules.
 pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
     match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
@@ -526,6 +530,7 @@ pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), S
     }
 }
 
+#[cfg(feature = "mtls")]
 pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     match e {
         webpki::Error::CertExpired { .. } => SvidError::Expired,
@@ -534,6 +539,7 @@ pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     }
 }
 
+#[cfg(feature = "mtls")]
 /// Parses a leaf certificate, bounded: at most [`MAX_LEAF_LEN`] bytes, nothing after it.
 ///
 /// # Errors
@@ -552,6 +558,7 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     Ok(leaf)
 }
 
+#[cfg(feature = "mtls")]
 /// A leaf's serial number and notAfter.
 ///
 /// # Errors
