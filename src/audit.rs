@@ -209,7 +209,7 @@ fn as_hex<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Erro
 /// The hash of the record numbered `seq` holding `event`, after `prev`.
 ///
 /// Each field is length-prefixed in a fixed order, so no two different records encode alike.
-pub fn chain_hash(prev: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
+pub(crate) fn chain_hash(prev: &[u8; 32], seq: i64, event: &AuditEvent) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(b"mayfly-audit-v1\0");
     ctx.update(prev);

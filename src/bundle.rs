@@ -104,7 +104,7 @@ struct SpiffeBundle {
 }
 
 /// How often relying parties should re-fetch the bundle, in seconds.
-pub const REFRESH_HINT_SECS: u64 = 300;
+pub(crate) const REFRESH_HINT_SECS: u64 = 300;
 
 /// Certificates as a SPIFFE bundle document (JSON).
 ///

@@ -32,13 +32,13 @@ use crate::id::TrustDomain;
 use crate::svid::{Bundles, CLOCK_SKEW, Serial};
 
 /// The private key file in a CA directory.
-pub const KEY_FILE: &str = "ca.key";
+pub(crate) const KEY_FILE: &str = "ca.key";
 /// The certificate file in a CA directory.
-pub const CERT_FILE: &str = "ca.pem";
+pub(crate) const CERT_FILE: &str = "ca.pem";
 /// A stored CA is reused only while it has more than this much life left.
-pub const MIN_REMAINING_LIFE: Duration = Duration::from_secs(60);
+pub(crate) const MIN_REMAINING_LIFE: Duration = Duration::from_secs(60);
 /// The organization (O=) in the CA's subject.
-pub const CA_ORGANIZATION: &str = "Mayfly";
+pub(crate) const CA_ORGANIZATION: &str = "Mayfly";
 /// The longest common name RFC 5280 allows (ub-common-name).
 const MAX_COMMON_NAME_LEN: usize = 64;
 
@@ -550,7 +550,7 @@ impl Authority {
     }
 
     /// This CA's certificate, PEM.
-    pub fn certificate_pem(&self) -> String {
+    pub(crate) fn certificate_pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.cert)
     }
 

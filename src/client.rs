@@ -16,6 +16,7 @@ use crate::mtls::{self, MtlsError, PeerPolicy, PolicyError, SvidSource};
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::node::node_client::NodeClient;
 use crate::svid::Bundles;
+use crate::workload_client::root_cause;
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
@@ -133,15 +134,6 @@ pub async fn connect_admin(path: &Path) -> Result<AdminClient<Channel>, ClientEr
             reason: root_cause(&e),
         })?;
     Ok(AdminClient::new(channel))
-}
-
-/// The innermost cause of `e`, which is what a person can act on ("Connection refused").
-pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 /// An agent identity obtained from the server: its SVID chain and key, the bundle, and a node

@@ -2,11 +2,13 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 /// The node API (agents → server).
+#[cfg(any(feature = "server", feature = "agent"))]
 pub mod node {
     tonic::include_proto!("mayfly.node.v1");
 }
 
 /// The admin API (operators → server).
+#[cfg(any(feature = "server", feature = "agent"))]
 pub mod admin {
     tonic::include_proto!("mayfly.admin.v1");
 }

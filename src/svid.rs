@@ -7,26 +7,39 @@
 //! keyCertSign/cRLSign) are here too; the one verifier that applies them with the roots of the
 //! leaf's trust domain and webpki's path check is [`crate::mtls`] ([`crate::mtls::verify_chain`]).
 
+// Parsing and the leaf rules are in every build; issuance (a leaf from a CSR, with the
+// server's CA) only with the `server` feature, and key generation (a key and a CSR, what an
+// agent sends) with the server or the agent: the `mtls` build needs neither, nor rcgen.
 use std::collections::HashMap;
+#[cfg(any(feature = "server", feature = "agent"))]
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+#[cfg(feature = "mtls")]
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use rcgen::string::Ia5String;
+#[cfg(any(feature = "server", feature = "agent"))]
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+#[cfg(feature = "server")]
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
-    SignatureAlgorithm,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber, SignatureAlgorithm, string::Ia5String,
 };
 use rustls_pki_types::CertificateDer;
+#[cfg(feature = "server")]
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
+#[cfg(feature = "server")]
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME;
+#[cfg(feature = "server")]
 use x509_parser::oid_registry::{
     OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ED448,
-    OID_SIG_ED25519, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE,
-    OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_SIG_ED25519,
 };
+#[cfg(feature = "mtls")]
+use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
+#[cfg(feature = "mtls")]
 use x509_parser::prelude::FromDer;
 
 mod cause;
@@ -35,8 +48,11 @@ mod serial;
 pub use cause::Cause;
 pub use serial::{GENERATED_SERIAL_LEN, MAX_SERIAL_LEN, Serial};
 
+#[cfg(feature = "server")]
 use crate::ca::Authority;
-use crate::id::{IdError, ScopedId, SpiffeId, TrustDomain};
+#[cfg(feature = "server")]
+use crate::id::ScopedId;
+use crate::id::{IdError, SpiffeId, TrustDomain};
 
 /// The largest CSR accepted, in bytes; a P-256 CSR is a few hundred.
 pub const MAX_CSR_LEN: usize = 4096;
@@ -50,12 +66,14 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// non-critical (RFC 5280 §4.2.1.6).
 pub const LEAF_ORGANIZATION: &str = "Mayfly";
 
+#[cfg(feature = "server")]
 /// The DER prefix of a P-256 SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { id-ecPublicKey,
 /// prime256v1 }, BIT STRING (0 unused bits) ... }, followed by the 65-byte uncompressed point.
 const P256_SPKI_PREFIX: [u8; 26] = [
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
+#[cfg(feature = "server")]
 /// The length of a P-256 SubjectPublicKeyInfo with an uncompressed point.
 const P256_SPKI_LEN: usize = P256_SPKI_PREFIX.len() + 65;
 
@@ -181,6 +199,7 @@ pub enum SvidError {
 
 impl SvidError {
     /// [`SvidError::CsrMalformed`] found by our own checks, with no parser error behind it.
+    #[cfg(feature = "server")]
     fn csr_malformed(reason: &'static str) -> Self {
         Self::CsrMalformed {
             reason,
@@ -197,6 +216,7 @@ impl SvidError {
     }
 }
 
+#[cfg(feature = "server")]
 /// A public key taken from a CSR whose signature verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestedKey {
@@ -204,6 +224,7 @@ pub struct RequestedKey {
     spki: [u8; P256_SPKI_LEN],
 }
 
+#[cfg(feature = "server")]
 impl RequestedKey {
     /// The key's DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> &[u8] {
@@ -216,6 +237,7 @@ impl RequestedKey {
     }
 }
 
+#[cfg(feature = "server")]
 impl PublicKeyData for RequestedKey {
     fn der_bytes(&self) -> &[u8] {
         self.point()
@@ -226,6 +248,7 @@ impl PublicKeyData for RequestedKey {
     }
 }
 
+#[cfg(feature = "server")]
 /// Whether `der` is exactly one DER SEQUENCE (tag, minimal length, no trailing bytes). Cheap,
 /// so it runs before any real parsing.
 fn is_one_der_sequence(der: &[u8]) -> bool {
@@ -247,6 +270,7 @@ fn is_one_der_sequence(der: &[u8]) -> bool {
     header_len + content_len == der.len()
 }
 
+#[cfg(feature = "server")]
 /// Describes a key that is not P-256, for the error message.
 fn describe_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
     let alg = &spki.algorithm.algorithm;
@@ -263,6 +287,7 @@ fn describe_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
     }
 }
 
+#[cfg(feature = "server")]
 /// Parses a CSR and verifies its self-signature; only the public key is kept.
 ///
 /// Size, emptiness and the outer DER SEQUENCE are checked before any parsing, so oversized or
@@ -321,6 +346,7 @@ pub fn parse_csr(der: &[u8]) -> Result<RequestedKey, SvidError> {
     Ok(key)
 }
 
+#[cfg(feature = "server")]
 /// What to issue.
 #[derive(Debug, Clone)]
 pub struct LeafSpec<'a> {
@@ -334,6 +360,7 @@ pub struct LeafSpec<'a> {
     pub dns_names: &'a [String],
 }
 
+#[cfg(feature = "server")]
 /// An issued SVID.
 #[derive(Debug, Clone)]
 pub struct IssuedSvid {
@@ -345,11 +372,13 @@ pub struct IssuedSvid {
     pub not_after: SystemTime,
 }
 
+#[cfg(feature = "server")]
 /// Whole seconds since the Unix epoch (0 before it).
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+#[cfg(feature = "server")]
 fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
     i64::try_from(secs)
         .ok()
@@ -357,6 +386,7 @@ fn datetime(secs: u64) -> Result<OffsetDateTime, SvidError> {
         .ok_or(SvidError::TimeOutOfRange(secs))
 }
 
+#[cfg(feature = "server")]
 /// Signs a leaf for `spec` with `ca` at `now`.
 ///
 /// The leaf follows the X509-SVID profile exactly: one URI SAN (the scoped ID) plus the DNS
@@ -509,6 +539,7 @@ pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError>
     Ok(id)
 }
 
+#[cfg(feature = "mtls")]
 /// The leaf's basicConstraints and keyUsage, after the X509-SVID rules.
 pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
     match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
@@ -539,6 +570,7 @@ pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), S
     }
 }
 
+#[cfg(feature = "mtls")]
 pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     match e {
         webpki::Error::CertExpired { .. } => SvidError::Expired,
@@ -547,6 +579,7 @@ pub(crate) fn map_webpki_error(e: &webpki::Error) -> SvidError {
     }
 }
 
+#[cfg(feature = "mtls")]
 /// Parses a leaf certificate, bounded: at most [`MAX_LEAF_LEN`] bytes, nothing after it.
 ///
 /// # Errors
@@ -567,6 +600,7 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     Ok(leaf)
 }
 
+#[cfg(feature = "mtls")]
 /// A leaf's serial number and notAfter.
 ///
 /// # Errors
@@ -580,6 +614,7 @@ pub(crate) fn serial_and_not_after(
     Ok((serial, UNIX_EPOCH + Duration::from_secs(secs)))
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 /// A locally generated key pair and a CSR for it.
 pub struct KeyAndCsr {
     /// PKCS#8 DER private key.
@@ -588,6 +623,7 @@ pub struct KeyAndCsr {
     pub csr: Vec<u8>,
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 impl fmt::Debug for KeyAndCsr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyAndCsr")
@@ -597,6 +633,7 @@ impl fmt::Debug for KeyAndCsr {
     }
 }
 
+#[cfg(any(feature = "server", feature = "agent"))]
 impl KeyAndCsr {
     /// Generates a P-256 key and a CSR for it (empty subject, no extensions: the server takes
     /// only the key).
@@ -618,7 +655,7 @@ impl KeyAndCsr {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 

@@ -19,8 +19,11 @@ use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
 /// The environment variable SPIFFE clients read the socket address from.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
-/// The header every Workload API call carries.
-pub use crate::agent::endpoint::HEADER;
+/// The header every Workload API call carries; the agent refuses a call without it.
+pub const HEADER: &str = "workload.spiffe.io";
+/// Where the agent's socket is when nothing says otherwise (made absolute by
+/// [`socket_path`]).
+pub const DEFAULT_SOCKET: &str = ".mayfly/agent.sock";
 
 /// Why a workload call failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +117,17 @@ pub async fn connect(path: &Path) -> Result<Channel, WorkloadClientError> {
         .await
         .map_err(|e| WorkloadClientError::Connect {
             path: path.to_owned(),
-            reason: crate::client::root_cause(&e),
+            reason: root_cause(&e),
         })
+}
+
+/// The innermost cause of `e`, which is what a person can act on ("Connection refused").
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// The Workload API over `channel`, with the header.

@@ -11,7 +11,7 @@ use crate::config_file::{ConfigFileError, Layer};
 use crate::duration::{self, DurationError};
 
 /// The server address when none is given: the server's default node API.
-pub const DEFAULT_SERVER: &str = "127.0.0.1:8081";
+pub(crate) const DEFAULT_SERVER: &str = "127.0.0.1:8081";
 
 /// Why the agent's configuration was refused.
 #[derive(Debug, thiserror::Error)]

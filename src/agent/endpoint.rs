@@ -34,8 +34,7 @@ use super::workload_api::SpiffeWorkloadApi;
 use crate::proto::task::task_server::TaskServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
-/// The metadata key every request on the socket must carry with the value `true`.
-pub const HEADER: &str = "workload.spiffe.io";
+pub use crate::workload_client::HEADER;
 /// The largest request decoded: every request of both APIs is a few hundred bytes at most.
 const MAX_REQUEST: usize = 64 * 1024;
 /// Connections attested but not yet taken by the gRPC server.
@@ -328,7 +327,7 @@ async fn attest(stream: &UnixStream, attestor: Arc<dyn WorkloadAttestor>) -> Wor
 /// What attestation at accept established about one connection's peer: the connection's
 /// `ConnectInfo`, found in every request's extensions.
 #[derive(Debug, Clone)]
-pub struct WorkloadPeer(Arc<Attestation>);
+pub(crate) struct WorkloadPeer(Arc<Attestation>);
 
 #[derive(Debug)]
 enum Attestation {
@@ -369,7 +368,7 @@ impl WorkloadPeer {
 /// # Errors
 /// As [`WorkloadPeer::confirm`]; [`EndpointError::NotAttested`] for a request that did not
 /// come through [`serve`]'s accept loop.
-pub fn caller<T>(request: &Request<T>) -> Result<WorkloadPeer, EndpointError> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<WorkloadPeer, EndpointError> {
     let peer = request.extensions().get::<WorkloadPeer>().ok_or_else(|| {
         EndpointError::NotAttested("the connection did not pass the agent's accept loop".into())
     })?;

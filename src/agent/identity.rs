@@ -99,7 +99,7 @@ impl Bootstrap {
     ///
     /// # Errors
     /// [`IdentityError`] when the file cannot be read or holds no usable CA certificate.
-    pub fn from_pem_file(path: &Path) -> Result<Self, IdentityError> {
+    pub(crate) fn from_pem_file(path: &Path) -> Result<Self, IdentityError> {
         let text = std::fs::read(path).map_err(files::io_error("read", path))?;
         let certs = bundle::from_pem(&text).map_err(|source| IdentityError::BadTrustBundle {
             path: path.to_owned(),
@@ -115,7 +115,7 @@ impl Bootstrap {
 
 /// The agent's SVID, its key, and the trust bundle that came with it.
 #[derive(Clone)]
-pub struct AgentSvid {
+pub(crate) struct AgentSvid {
     /// The agent's SPIFFE ID.
     pub spiffe_id: SpiffeId,
     /// DER certificates, leaf first.
@@ -174,14 +174,14 @@ impl AgentSvid {
     /// When to renew: half-way through the SVID's life, counted from its issuance. The
     /// server backdates notBefore by [`crate::svid::CLOCK_SKEW`] to absorb clock drift; counting
     /// from notBefore would renew a short-lived SVID at once, and again at every round.
-    pub fn renew_at(&self) -> SystemTime {
+    pub(crate) fn renew_at(&self) -> SystemTime {
         let issued = (self.not_before + crate::svid::CLOCK_SKEW).min(self.not_after);
         let life = self.not_after.duration_since(issued).unwrap_or_default();
         issued + life / 2
     }
 
     /// Whether the SVID is still valid at `now`.
-    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_valid_at(&self, now: SystemTime) -> bool {
         now < self.not_after
     }
 
@@ -201,7 +201,7 @@ impl AgentSvid {
 
 /// The agent's files in its data dir: `agent.pem` (chain), `agent.key` (0600), `bundle.pem`.
 #[derive(Debug, Clone)]
-pub struct IdentityFiles {
+pub(crate) struct IdentityFiles {
     dir: PathBuf,
 }
 
@@ -253,7 +253,7 @@ impl IdentityFiles {
     ///
     /// # Errors
     /// [`IdentityError::File`] when a file cannot be written.
-    pub fn save(&self, svid: &AgentSvid) -> Result<(), IdentityError> {
+    pub(crate) fn save(&self, svid: &AgentSvid) -> Result<(), IdentityError> {
         files::create_dir(&self.dir, 0o700)?;
         let key_pem = bundle::pem_block("PRIVATE KEY", &svid.key_pkcs8);
         files::write_atomically(&self.dir, KEY_FILE, key_pem.as_bytes(), 0o600)?;
@@ -270,7 +270,7 @@ impl IdentityFiles {
     ///
     /// # Errors
     /// [`IdentityError::File`] when the file cannot be written.
-    pub fn save_bundle(&self, certs: &[Vec<u8>]) -> Result<(), IdentityError> {
+    pub(crate) fn save_bundle(&self, certs: &[Vec<u8>]) -> Result<(), IdentityError> {
         files::create_dir(&self.dir, 0o700)?;
         files::write_atomically(
             &self.dir,
@@ -282,7 +282,7 @@ impl IdentityFiles {
     }
 
     /// Removes the stored SVID and key (after the server forgot the agent).
-    pub fn forget(&self) {
+    pub(crate) fn forget(&self) {
         let _ = std::fs::remove_file(self.dir.join(SVID_FILE));
         let _ = std::fs::remove_file(self.dir.join(KEY_FILE));
     }
@@ -292,7 +292,7 @@ impl IdentityFiles {
 ///
 /// # Errors
 /// [`IdentityError`] when the server cannot be reached, refuses, or answers nonsense.
-pub async fn attest(
+pub(crate) async fn attest(
     addr: SocketAddr,
     bootstrap: &Bootstrap,
     token: &str,
@@ -328,7 +328,7 @@ pub async fn attest(
 ///
 /// # Errors
 /// [`IdentityError`] when the server refuses or answers nonsense.
-pub async fn renew(link: &ServerLink) -> Result<AgentSvid, IdentityError> {
+pub(crate) async fn renew(link: &ServerLink) -> Result<AgentSvid, IdentityError> {
     let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
     let answer = link
         .client()

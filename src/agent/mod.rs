@@ -9,12 +9,12 @@
 pub mod config;
 pub mod endpoint;
 pub mod identity;
-pub mod keys;
+pub(crate) mod keys;
 pub mod link;
 pub mod state;
-pub mod sync;
-pub mod task_api;
-pub mod workload_api;
+pub(crate) mod sync;
+pub(crate) mod task_api;
+pub(crate) mod workload_api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +36,7 @@ pub mod defaults {
     /// The agent's data dir.
     pub const DATA_DIR: &str = ".mayfly/agent";
     /// The Workload API socket.
-    pub const SOCKET: &str = ".mayfly/agent.sock";
+    pub use crate::workload_client::DEFAULT_SOCKET as SOCKET;
     /// How often the agent asks the server whether its entries changed. The call is cheap
     /// (a revision compare), and a new or deleted entry must reach workloads within 5 s.
     pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);

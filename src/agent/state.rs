@@ -71,7 +71,7 @@ impl std::fmt::Debug for CachedSvid {
 
 impl CachedSvid {
     /// Whether it may still be served at `now` (strictly before notAfter).
-    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_valid_at(&self, now: SystemTime) -> bool {
         now < self.not_after
     }
 }
@@ -115,7 +115,7 @@ impl Snapshot {
 
     /// The entries matching `selectors`, in entry order, each with its SVID if it is valid at
     /// `now` (an expired SVID is never served).
-    pub fn identities_for(&self, selectors: &[Selector], now: SystemTime) -> Vec<Identity> {
+    pub(crate) fn identities_for(&self, selectors: &[Selector], now: SystemTime) -> Vec<Identity> {
         self.entries
             .iter()
             .filter(|e| e.matches(selectors))
@@ -139,7 +139,7 @@ impl Snapshot {
 /// The publishing end, owned by the sync task.
 pub type SnapshotTx = watch::Sender<Arc<Snapshot>>;
 /// A reading end for the Workload and task APIs.
-pub type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
+pub(crate) type SnapshotRx = watch::Receiver<Arc<Snapshot>>;
 
 #[cfg(test)]
 mod tests {

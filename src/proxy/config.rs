@@ -97,7 +97,7 @@ impl ProxySettings {
         let settings = self.over_file(file)?;
         let socket = crate::workload_client::socket_path(
             settings.socket.as_deref(),
-            Path::new(crate::agent::defaults::SOCKET),
+            Path::new(crate::workload_client::DEFAULT_SOCKET),
         )?;
         Ok(ProxySetup {
             config: settings.resolve()?,

@@ -108,11 +108,6 @@ impl HttpProxy {
     }
 
     /// Decides and, if allowed, forwards one request.
-    pub async fn handle(&self, peer: &PeerInfo, request: Request<Incoming>) -> Response<ProxyBody> {
-        self.handle_with(peer, &PeerHeaders::new(peer), request)
-            .await
-    }
-
     async fn handle_with(
         &self,
         peer: &PeerInfo,
@@ -198,10 +193,6 @@ impl HttpProxy {
 }
 
 /// Removes hop-by-hop headers and any client-sent peer headers, then names the verified peer.
-pub fn strip_and_set_headers(headers: &mut http::HeaderMap, peer: &PeerInfo) {
-    strip_and_set(headers, &PeerHeaders::new(peer));
-}
-
 fn strip_and_set(headers: &mut http::HeaderMap, peer: &PeerHeaders) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -294,7 +285,7 @@ mod tests {
         headers.insert("X-Mayfly-Other", HeaderValue::from_static("x"));
         headers.insert("connection", HeaderValue::from_static("close"));
         headers.insert("accept", HeaderValue::from_static("*/*"));
-        strip_and_set_headers(&mut headers, &peer);
+        strip_and_set(&mut headers, &PeerHeaders::new(&peer));
         assert_eq!(headers["x-mayfly-spiffe-id"], "spiffe://t.test/bot");
         assert_eq!(headers["x-mayfly-scopes"], "a:read,b:write");
         assert_eq!(headers["x-mayfly-serial"], "0a");

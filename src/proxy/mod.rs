@@ -2,7 +2,7 @@
 //! X509-SVID rules, allowed IDs, required scopes); in HTTP mode each request is then decided
 //! by route rules, in TCP mode bytes are piped once the handshake passed.
 
-pub mod http;
+pub(crate) mod http;
 pub mod routes;
 
 use crate::id::ScopedId;
@@ -21,7 +21,7 @@ pub struct PeerInfo {
 
 impl PeerInfo {
     /// The peer's scopes in human form, comma-separated (empty for none).
-    pub fn scopes_header(&self) -> String {
+    pub(crate) fn scopes_header(&self) -> String {
         self.id
             .scopes()
             .iter()

@@ -32,7 +32,7 @@ pub enum RouteError {
 
 /// Which methods a route covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MethodMatch {
+pub(crate) enum MethodMatch {
     /// Any method (`*`).
     Any,
     /// Exactly this one.
@@ -41,7 +41,7 @@ pub enum MethodMatch {
 
 /// One rule: requests with this method under this prefix need this scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     method: MethodMatch,
     prefix: String,
     /// `None` for a route open to every authorized peer (`-`).
@@ -82,7 +82,7 @@ impl Route {
     }
 
     /// Whether this route covers `method` on `path` (a path in normal form).
-    pub fn covers(&self, method: &http::Method, path: &str) -> bool {
+    pub(crate) fn covers(&self, method: &http::Method, path: &str) -> bool {
         let method_ok = match &self.method {
             MethodMatch::Any => true,
             MethodMatch::Exact(m) => m == method,
@@ -119,7 +119,7 @@ impl fmt::Display for Route {
 
 /// Why a request path was refused before routing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// A `.`, `..` or empty segment, or an encoded separator.
     #[error(
         "the request path is not in normal form ('.', '..', '//' or an encoded '/', '.' or '%'); send the canonical path"
@@ -131,7 +131,7 @@ pub enum PathError {
 ///
 /// # Errors
 /// [`PathError::NotNormal`].
-pub fn check_path(path: &str) -> Result<(), PathError> {
+pub(crate) fn check_path(path: &str) -> Result<(), PathError> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f")
         || lower.contains("%2e")
@@ -157,7 +157,7 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
 
 /// What the route table decided for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Forward it.
     Allow {
         /// The route that matched.
@@ -193,7 +193,7 @@ impl Routes {
 
     /// Decides a request from `peer` for `method` on `path`: the first covering route's scope
     /// must be among the peer's scopes (exactly, as a whole scope).
-    pub fn decide(&self, peer: &ScopedId, method: &http::Method, path: &str) -> Decision {
+    pub(crate) fn decide(&self, peer: &ScopedId, method: &http::Method, path: &str) -> Decision {
         if let Err(e) = check_path(path) {
             return Decision::BadPath(e);
         }

@@ -126,7 +126,7 @@ pub enum EntryError {
 
 /// The rules an entry is checked against.
 #[derive(Debug, Clone, Copy)]
-pub struct EntryRules<'a> {
+pub(crate) struct EntryRules<'a> {
     /// The server's trust domain.
     pub trust_domain: &'a TrustDomain,
     /// The issuance policy (which IDs are agents).
@@ -141,7 +141,7 @@ impl EntryRules<'_> {
     ///
     /// # Errors
     /// The [`EntryError`] for the first rule the request breaks.
-    pub fn validate(&self, req: &pb::CreateEntryRequest) -> Result<Entry, EntryError> {
+    pub(crate) fn validate(&self, req: &pb::CreateEntryRequest) -> Result<Entry, EntryError> {
         let td = self.trust_domain;
         let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
         spiffe_id.check_registrable(td)?;

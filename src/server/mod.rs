@@ -1,14 +1,14 @@
 //! The Mayfly server: the CA, the registration store, issuance policy and the audit log,
 //! behind the node API (agents, TCP with TLS) and the admin API (operators, a Unix socket).
 
-pub mod admin;
-pub mod audit_log;
+pub(crate) mod admin;
+pub(crate) mod audit_log;
 pub mod config;
-pub mod conn;
+pub(crate) mod conn;
 pub mod entry_rules;
-pub mod node;
+pub(crate) mod node;
 pub mod policy;
-pub mod status_layer;
+pub(crate) mod status_layer;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

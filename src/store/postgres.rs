@@ -70,7 +70,7 @@ impl PostgresStore {
     ///
     /// # Errors
     /// As [`PostgresStore::connect`].
-    pub async fn connect_options(options: PgConnectOptions) -> Result<Self, StoreError> {
+    pub(crate) async fn connect_options(options: PgConnectOptions) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .connect_with(options)
