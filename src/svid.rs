@@ -28,9 +28,15 @@ use rustls_pki_types::CertificateDer;
 #[cfg(feature = "server")]
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
+#[cfg(feature = "mtls")]
+use x509_parser::certificate::X509CertificateParser;
 #[cfg(feature = "server")]
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+#[cfg(feature = "mtls")]
+use x509_parser::extensions::{BasicConstraints, KeyUsage};
+use x509_parser::extensions::{GeneralName, SubjectAlternativeName};
+#[cfg(feature = "mtls")]
+use x509_parser::nom::Parser as _;
 use x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME;
 #[cfg(feature = "server")]
 use x509_parser::oid_registry::{
@@ -39,7 +45,6 @@ use x509_parser::oid_registry::{
 };
 #[cfg(feature = "mtls")]
 use x509_parser::oid_registry::{OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_KEY_USAGE};
-#[cfg(feature = "mtls")]
 use x509_parser::prelude::FromDer;
 
 mod cause;
@@ -490,15 +495,28 @@ pub enum Usage {
     Server,
 }
 
-/// The one extension with `oid`, refusing duplicates.
-fn unique_extension<'c, 'a>(
-    cert: &'c X509Certificate<'a>,
+/// The value of the one extension with `oid`, refusing duplicates, parsed as `T`.
+///
+/// Leaves are parsed without decoding their extensions ([`parse_leaf`]); the three the
+/// X509-SVID rules read are decoded here, one at a time.
+fn unique_extension<'a, T: FromDer<'a, x509_parser::error::X509Error>>(
+    cert: &X509Certificate<'a>,
     oid: &x509_parser::der_parser::oid::Oid<'_>,
     name: &str,
-) -> Result<Option<&'c ParsedExtension<'a>>, SvidError> {
-    cert.get_extension_unique(oid)
-        .map(|ext| ext.map(|e| e.parsed_extension()))
-        .map_err(|_| SvidError::malformed(format!("it has more than one {name} extension")))
+) -> Result<Option<T>, SvidError> {
+    let Some(ext) = cert
+        .get_extension_unique(oid)
+        .map_err(|_| SvidError::malformed(format!("it has more than one {name} extension")))?
+    else {
+        return Ok(None);
+    };
+    let value: &'a [u8] = ext.value;
+    T::from_der(value)
+        .map(|(_, parsed)| Some(parsed))
+        .map_err(|e| SvidError::Malformed {
+            reason: format!("its {name} extension cannot be parsed"),
+            source: Some(Cause::new(e)),
+        })
 }
 
 /// The leaf's one SPIFFE ID, after the X509-SVID SAN rules: exactly one URI SAN, and that
@@ -510,23 +528,21 @@ fn unique_extension<'c, 'a>(
 /// [`SvidError::RootId`] when the URI SANs break those rules; [`SvidError::Malformed`] when the
 /// subjectAltName extension is duplicated or unreadable.
 pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
-    let uris: Vec<&str> =
-        match unique_extension(cert, &OID_X509_EXT_SUBJECT_ALT_NAME, "subjectAltName")? {
-            None => Vec::new(),
-            Some(ParsedExtension::SubjectAlternativeName(san)) => san
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::URI(uri) => Some(*uri),
-                    _ => None,
-                })
-                .collect(),
-            Some(_) => {
-                return Err(SvidError::malformed(
-                    "its subjectAltName extension cannot be parsed".to_owned(),
-                ));
-            }
-        };
+    let uris: Vec<&str> = match unique_extension::<SubjectAlternativeName<'_>>(
+        cert,
+        &OID_X509_EXT_SUBJECT_ALT_NAME,
+        "subjectAltName",
+    )? {
+        None => Vec::new(),
+        Some(san) => san
+            .general_names
+            .into_iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Some(uri),
+                _ => None,
+            })
+            .collect(),
+    };
     let uri = match uris.as_slice() {
         [] => return Err(SvidError::NoUriSan),
         [one] => *one,
@@ -542,31 +558,20 @@ pub fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError>
 #[cfg(feature = "mtls")]
 /// The leaf's basicConstraints and keyUsage, after the X509-SVID rules.
 pub(crate) fn check_leaf_constraints(cert: &X509Certificate<'_>) -> Result<(), SvidError> {
-    match unique_extension(cert, &OID_X509_EXT_BASIC_CONSTRAINTS, "basicConstraints")? {
-        Some(ParsedExtension::BasicConstraints(bc)) if bc.ca => return Err(SvidError::LeafIsCa),
-        None | Some(ParsedExtension::BasicConstraints(_)) => {}
-        Some(_) => {
-            return Err(SvidError::malformed(
-                "its basicConstraints extension cannot be parsed".to_owned(),
-            ));
-        }
+    let bc = unique_extension::<BasicConstraints>(
+        cert,
+        &OID_X509_EXT_BASIC_CONSTRAINTS,
+        "basicConstraints",
+    )?;
+    if bc.is_some_and(|bc| bc.ca) {
+        return Err(SvidError::LeafIsCa);
     }
-    match unique_extension(cert, &OID_X509_EXT_KEY_USAGE, "keyUsage")? {
+    match unique_extension::<KeyUsage>(cert, &OID_X509_EXT_KEY_USAGE, "keyUsage")? {
         None => Err(SvidError::MissingDigitalSignature),
-        Some(ParsedExtension::KeyUsage(ku)) => {
-            if ku.key_cert_sign() {
-                Err(SvidError::ForbiddenKeyUsage("keyCertSign"))
-            } else if ku.crl_sign() {
-                Err(SvidError::ForbiddenKeyUsage("cRLSign"))
-            } else if !ku.digital_signature() {
-                Err(SvidError::MissingDigitalSignature)
-            } else {
-                Ok(())
-            }
-        }
-        Some(_) => Err(SvidError::malformed(
-            "its keyUsage extension cannot be parsed".to_owned(),
-        )),
+        Some(ku) if ku.key_cert_sign() => Err(SvidError::ForbiddenKeyUsage("keyCertSign")),
+        Some(ku) if ku.crl_sign() => Err(SvidError::ForbiddenKeyUsage("cRLSign")),
+        Some(ku) if !ku.digital_signature() => Err(SvidError::MissingDigitalSignature),
+        Some(_) => Ok(()),
     }
 }
 
@@ -588,7 +593,11 @@ pub(crate) fn parse_leaf(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     if der.len() > MAX_LEAF_LEN {
         return Err(SvidError::LeafTooLarge(der.len()));
     }
-    let (rest, leaf) = X509Certificate::from_der(der).map_err(|e| SvidError::Malformed {
+    // Extensions are left undecoded: the three the X509-SVID rules need are decoded on demand
+    // (`unique_extension`), and webpki decodes the ones path validation needs. Decoding all of
+    // them was most of the cost of reading a leaf, paid at every handshake with a new SVID.
+    let mut parser = X509CertificateParser::new().with_deep_parse_extensions(false);
+    let (rest, leaf) = parser.parse(der).map_err(|e| SvidError::Malformed {
         reason: "it does not parse as an X.509 certificate".to_owned(),
         source: Some(Cause::new(e)),
     })?;
