@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// A file operation that failed, with the path and what was being done.
 #[derive(Debug, thiserror::Error)]
-#[error("could not {action} {path}: {source}")]
+#[error("could not {action} {path}")]
 pub struct FileError {
     /// What was being done.
     pub action: &'static str,

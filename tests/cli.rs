@@ -557,3 +557,31 @@ fn durations_text_tables_and_completions() {
     assert!(!out.status.success() && stderr(&out).contains("tcsh"));
     server.stop();
 }
+
+#[test]
+fn a_server_that_cannot_listen_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["server", "run", "--bind", &addr])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run mayfly server run");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let first = err.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    assert!(
+        first.contains(&format!("could not listen on {addr}")),
+        "{err}"
+    );
+    // The OS's reason comes from the error's source chain, once, not again in the message.
+    assert_eq!(first.matches("in use").count(), 1, "{err}");
+
+    // Positive control on the same address once it is free: the server starts and serves.
+    drop(taken);
+    let server = Server::start(dir.path(), &["--bind", &addr]);
+    ok(server.mayfly(&["entry", "list"]));
+}

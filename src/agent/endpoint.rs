@@ -282,7 +282,7 @@ async fn accept_loop(
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "could not accept a workload connection");
+                tracing::warn!(error = %crate::wire::error_chain(&e), "could not accept a workload connection");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }

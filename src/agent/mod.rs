@@ -167,7 +167,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             let _ = stop.wait_for(|s| *s).await;
         };
         if let Err(e) = endpoint::serve(listener, rx_serve, link, attestor, stopped).await {
-            tracing::error!(error = %e, "the workload socket stopped serving");
+            tracing::error!(error = %crate::wire::error_chain(&e), "the workload socket stopped serving");
         }
     });
     Ok(RunningAgent {

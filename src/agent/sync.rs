@@ -85,9 +85,9 @@ impl Syncer {
                     // Say it once per streak at warn level, then quietly, so an outage does
                     // not flood the log.
                     if self.failures == 1 {
-                        tracing::warn!(error = %e, "sync with the server failed; serving cached SVIDs until they expire");
+                        tracing::warn!(error = %crate::wire::error_chain(&e), "sync with the server failed; serving cached SVIDs until they expire");
                     } else {
-                        tracing::debug!(error = %e, failures = self.failures, "sync failed again");
+                        tracing::debug!(error = %crate::wire::error_chain(&e), failures = self.failures, "sync failed again");
                     }
                     backoff(self.failures)
                 }

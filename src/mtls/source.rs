@@ -91,7 +91,7 @@ impl TrustSet {
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(trust_domain = %td, error = %e, "skipping a bundle certificate that is not a usable root");
+                        tracing::warn!(trust_domain = %td, error = %crate::wire::error_chain(&e), "skipping a bundle certificate that is not a usable root");
                     }
                 }
             }
@@ -220,7 +220,7 @@ impl State {
                 self.set_svid(Some(local));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring an unusable SVID from the Workload API");
+                tracing::warn!(error = %crate::wire::error_chain(&e), "ignoring an unusable SVID from the Workload API");
                 self.record_error(e.to_string());
             }
         }
@@ -230,7 +230,9 @@ impl State {
                 Ok(id) => {
                     bundles.insert(id.trust_domain(), to_certs(&first.bundle));
                 }
-                Err(e) => tracing::warn!(error = %e, "the agent's SVID has an unusable SPIFFE ID"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::wire::error_chain(&e), "the agent's SVID has an unusable SPIFFE ID")
+                }
             }
             self.apply_bundles(bundles);
         }
@@ -263,7 +265,7 @@ fn wire_bundles(map: HashMap<String, Vec<u8>>) -> Bundles {
         .filter_map(|(key, der)| match key.parse::<TrustDomain>() {
             Ok(td) => Some((td, to_certs(&der))),
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "skipping a bundle with an unusable trust domain");
+                tracing::warn!(key = %key, error = %crate::wire::error_chain(&e), "skipping a bundle with an unusable trust domain");
                 None
             }
         })

@@ -280,7 +280,7 @@ impl PeerVerifier {
             Some(&self.leaves),
         )
         .map_err(|e| {
-            tracing::info!(error = %e, "mTLS peer refused");
+            tracing::info!(error = %crate::wire::error_chain(&e), "mTLS peer refused");
             e.into()
         })
     }

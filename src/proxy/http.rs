@@ -103,7 +103,7 @@ impl HttpProxy {
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
-            tracing::debug!(error = %e, "HTTP connection ended with an error");
+            tracing::debug!(error = %crate::wire::error_chain(&*e), "HTTP connection ended with an error");
         }
     }
 
@@ -128,7 +128,7 @@ impl HttpProxy {
             Decision::Allow { .. } => match self.forward(headers, request).await {
                 Ok(response) => (response, "allow"),
                 Err(e) => {
-                    tracing::warn!(error = %e, upstream = %self.upstream, "the upstream failed");
+                    tracing::warn!(error = %crate::wire::error_chain(&e), upstream = %self.upstream, "the upstream failed");
                     (
                         plain(
                             StatusCode::BAD_GATEWAY,

@@ -113,7 +113,7 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = events.len(), "audit append failed");
+                tracing::error!(error = %crate::wire::error_chain(&e), records = events.len(), "audit append failed");
                 let err = to_audit_error(e);
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(err.clone()));

@@ -56,7 +56,7 @@ const BUNDLE_REFRESH: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The data directory could not be created.
-    #[error("could not create the data directory {path}: {source}")]
+    #[error("could not create the data directory {path}")]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -65,7 +65,7 @@ pub enum ServerError {
     },
     /// The node API address could not be bound.
     #[error(
-        "could not listen on {addr} for the node API: {source}; is another server running? choose another address with --bind"
+        "could not listen on {addr} for the node API (is another server running? choose another address with --bind)"
     )]
     Bind {
         /// The address.
@@ -74,7 +74,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The admin socket could not be created.
-    #[error("could not create the admin socket {path}: {source}")]
+    #[error("could not create the admin socket {path}")]
     AdminSocket {
         /// The socket path.
         path: PathBuf,
@@ -352,7 +352,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(error = %e, "node API stopped");
+            tracing::error!(error = %crate::wire::error_chain(&e), "node API stopped");
         }
         // The stream is gone with the server: wait for the listener to close, so the address
         // is free when `shutdown` returns.
@@ -371,7 +371,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             })
             .await;
         if let Err(e) = result {
-            tracing::error!(error = %e, "admin API stopped");
+            tracing::error!(error = %crate::wire::error_chain(&e), "admin API stopped");
         }
         let _ = std::fs::remove_file(&socket_path);
     }));
@@ -407,7 +407,7 @@ async fn maintain(
             () = tokio::time::sleep(BUNDLE_REFRESH) => {}
         }
         if let Err(e) = refresh_bundle(store.as_ref(), &td, &source).await {
-            tracing::warn!(error = %e, "could not refresh the trust bundle; keeping the current one");
+            tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle; keeping the current one");
         }
         if SystemTime::now() >= renew_at {
             match issue_server_svid(&cas.current(), &td) {
@@ -419,10 +419,12 @@ async fn maintain(
                         renew_at = SystemTime::now() + life / 2;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "could not install the renewed server SVID")
+                        tracing::error!(error = %crate::wire::error_chain(&e), "could not install the renewed server SVID")
                     }
                 },
-                Err(e) => tracing::error!(error = %e, "could not renew the server SVID"),
+                Err(e) => {
+                    tracing::error!(error = %crate::wire::error_chain(&e), "could not renew the server SVID")
+                }
             }
         }
     }

@@ -107,7 +107,7 @@ impl NodeService {
                 "refused"
             );
             if let Err(audit_err) = self.state.audit.record(event).await {
-                tracing::error!(error = %audit_err, "could not audit a refusal");
+                tracing::error!(error = %crate::wire::error_chain(&audit_err), "could not audit a refusal");
             }
         }
         err.status()
