@@ -7,7 +7,7 @@ pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
 pub(crate) mod node;
-pub mod policy;
+pub(crate) mod policy;
 pub(crate) mod status_layer;
 
 use std::net::SocketAddr;
