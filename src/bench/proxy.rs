@@ -442,18 +442,8 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
-        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGQUIT: nginx's graceful shutdown.
+        super::deploy::stop_child(&mut self.child, nix::sys::signal::Signal::SIGQUIT);
     }
 }
 

@@ -190,13 +190,7 @@ pub async fn entry(admin: &mut Admin, cmd: EntryCommand, out: Printer) -> Result
                 .map_err(refused)?
                 .into_inner()
                 .entries;
-            if out.json_wanted() {
-                out.json(&entries)
-            } else if entries.is_empty() {
-                out.line("no entries")
-            } else {
-                out.table(&entry_table(&entries, SystemTime::now()))
-            }
+            print_list(out, &entries, "no entries", entry_table)
         }
         EntryCommand::Show { id } => {
             let entry = admin
@@ -238,13 +232,7 @@ pub async fn agent(admin: &mut Admin, cmd: AgentAdminCommand, out: Printer) -> R
                 .map_err(refused)?
                 .into_inner()
                 .agents;
-            if out.json_wanted() {
-                out.json(&agents)
-            } else if agents.is_empty() {
-                out.line("no agents")
-            } else {
-                out.table(&agent_table(&agents, SystemTime::now()))
-            }
+            print_list(out, &agents, "no agents", agent_table)
         }
         AgentAdminCommand::Ban { id } => {
             let agent = admin
@@ -378,6 +366,23 @@ fn list_or_none(values: &[String]) -> String {
 
 fn ttl(seconds: u32) -> String {
     compact(std::time::Duration::from_secs(u64::from(seconds)))
+}
+
+/// A list of records: JSON for machines, else `none` when there is nothing, else the table
+/// `table` makes of them at the current time.
+fn print_list<T: Serialize>(
+    out: Printer,
+    items: &[T],
+    none: &str,
+    table: fn(&[T], SystemTime) -> Table,
+) -> Result<()> {
+    if out.json_wanted() {
+        out.json(&items)
+    } else if items.is_empty() {
+        out.line(none)
+    } else {
+        out.table(&table(items, SystemTime::now()))
+    }
 }
 
 /// The entry list as a table (its cells escaped by the table).
