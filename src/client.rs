@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -15,6 +16,7 @@ use crate::id::SpiffeId;
 use crate::mtls::{self, MtlsError, PeerPolicy, PolicyError, SvidSource};
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::node::node_client::NodeClient;
+use crate::server_set::ServerSet;
 use crate::svid::Bundles;
 use crate::workload_client::root_cause;
 
@@ -35,6 +37,9 @@ pub enum ClientError {
         /// Why: the innermost cause (tonic's own chain repeats itself).
         reason: String,
     },
+    /// The list of servers is unusable.
+    #[error(transparent)]
+    Servers(#[from] crate::server_set::ServerSetError),
     /// The admin socket does not exist.
     #[error(
         "there is no admin socket at {0}: is `mayfly server run` running with that data dir? Point to it with --admin-socket or MAYFLY_ADMIN_SOCKET"
@@ -88,28 +93,139 @@ pub async fn connect_node_with(
     addr: SocketAddr,
     config: rustls::ClientConfig,
 ) -> Result<NodeClient<Channel>, ClientError> {
+    let (client, _) = connect_node_any(&Arc::new(ServerSet::single(addr)), config).await?;
+    Ok(client)
+}
+
+/// Connects to the node API at `servers` with `source`'s SVID (none while it holds none) and
+/// bundles, accepting only the server `server_id`: see [`connect_node_any`].
+///
+/// # Errors
+/// As [`connect_node_any`], and [`ClientError`] when TLS cannot be configured.
+pub async fn connect_node_servers(
+    servers: &Arc<ServerSet>,
+    source: &SvidSource,
+    server_id: &SpiffeId,
+) -> Result<(NodeClient<Channel>, ConnectedTo), ClientError> {
+    let config = node_tls_config(source, server_policy(server_id)?)?;
+    connect_node_any(servers, config).await
+}
+
+/// The server a channel made by [`connect_node_any`] is connected to (the one it reached
+/// last: the channel reconnects on its own when its connection is lost).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectedTo(Arc<std::sync::Mutex<Option<SocketAddr>>>);
+
+impl ConnectedTo {
+    /// The server reached last, if any.
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the channel reached `addr`.
+    pub fn set(&self, addr: SocketAddr) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+}
+
+/// Connects to the node API of one of `servers` with a prepared TLS client config. One HTTP/2
+/// connection, multiplexed; whenever it has to be made again (the server was lost), the
+/// servers are tried again in [`ServerSet::attempt_order`], so the channel fails over on its
+/// own. A call in flight when the connection is lost fails; the next one reconnects.
+///
+/// # Errors
+/// [`ClientError::Connect`] when no server can be reached, naming each one's reason.
+pub async fn connect_node_any(
+    servers: &Arc<ServerSet>,
+    config: rustls::ClientConfig,
+) -> Result<(NodeClient<Channel>, ConnectedTo), ClientError> {
     let config = Arc::new(config);
-    let connector = tower::service_fn(move |_uri| {
-        let config = config.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            // The name is not checked: the verifier authenticates the server by SPIFFE ID.
-            let name = ServerName::try_from("mayfly-server").map_err(io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
-        }
-    });
+    let connected = ConnectedTo::default();
+    let connector = {
+        let servers = servers.clone();
+        let connected = connected.clone();
+        tower::service_fn(move |_uri| {
+            let (config, servers, connected) = (config.clone(), servers.clone(), connected.clone());
+            async move {
+                let tls = connect_first(&servers, config).await?;
+                connected.set(tls.0);
+                Ok::<_, io::Error>(TokioIo::new(tls.1))
+            }
+        })
+    };
+    let target = servers
+        .addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let channel = Endpoint::from_static("http://mayfly-server")
+        // A server that vanished without closing its connections (a host gone, a cable cut)
+        // is noticed by the missing ping answer, so the channel can move to another server.
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .connect_with_connector(connector)
         .await
         .map_err(|e| ClientError::Connect {
-            target: addr.to_string(),
+            target,
             reason: root_cause(&e),
         })?;
-    Ok(NodeClient::new(channel).max_decoding_message_size(crate::wire::MAX_NODE_MESSAGE))
+    let client = NodeClient::new(channel).max_decoding_message_size(crate::wire::MAX_NODE_MESSAGE);
+    Ok((client, connected))
+}
+
+/// How long one server may take to accept a connection and finish the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle connection to the server is pinged.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is given up.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS connection to the first of `servers` that answers, and its address.
+async fn connect_first(
+    servers: &ServerSet,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(SocketAddr, tokio_rustls::client::TlsStream<TcpStream>), io::Error> {
+    let (order, wait) = servers.attempt_order(Instant::now());
+    if !wait.is_zero() {
+        // Every server failed recently: wait out the soonest backoff (jittered) instead of
+        // knocking again at once.
+        tokio::time::sleep(wait).await;
+    }
+    let single = order.len() == 1;
+    let mut reasons = Vec::with_capacity(order.len());
+    for addr in order {
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect_tls(addr, config.clone()));
+        let reason = match attempt.await {
+            Ok(Ok(tls)) => {
+                servers.succeeded(addr);
+                return Ok((addr, tls));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+        };
+        servers.failed(addr, Instant::now());
+        tracing::debug!(server = %addr, %reason, "could not connect to a server");
+        reasons.push(if single {
+            reason
+        } else {
+            format!("{addr}: {reason}")
+        });
+    }
+    Err(io::Error::other(reasons.join("; ")))
+}
+
+async fn connect_tls(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, io::Error> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    // The name is not checked: the verifier authenticates the server by SPIFFE ID.
+    let name = ServerName::try_from("mayfly-server").map_err(io::Error::other)?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 /// Connects to the admin API on the Unix socket `path`.

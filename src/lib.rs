@@ -51,6 +51,9 @@ mod under_way;
 
 #[cfg(any(feature = "server", feature = "agent"))]
 pub mod client;
+// Several servers, one PostgreSQL (issue 10): the agent's list of servers and their failover.
+#[cfg(any(feature = "server", feature = "agent"))]
+pub mod server_set;
 
 #[cfg(feature = "agent")]
 pub mod agent;

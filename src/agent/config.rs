@@ -2,7 +2,6 @@
 //! (flags over environment over file), then validated into an [`AgentConfig`] with the defaults
 //! filling what no layer set.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use super::AgentConfig;
@@ -19,9 +18,9 @@ pub enum AgentConfigError {
     /// The settings file could not be read or parsed.
     #[error(transparent)]
     File(#[from] ConfigFileError),
-    /// The server address does not resolve.
-    #[error("'{0}' is not a server address: write HOST:PORT, such as 127.0.0.1:8081")]
-    Server(String),
+    /// A server address is malformed or does not resolve.
+    #[error("--server (server in a config file)")]
+    Server(#[source] crate::server_set::ServerSetError),
     /// Both ways of trusting the server were given.
     #[error(
         "--trust-bundle and --insecure-bootstrap contradict each other; give one (--trust-bundle in production)"
@@ -40,9 +39,13 @@ crate::settings_layer! {
     /// (`sync_interval`), as flags (`--sync-interval`) and as environment variables
     /// (`MAYFLY_AGENT_SYNC_INTERVAL`; the join token's is `MAYFLY_JOIN_TOKEN`).
     pub struct AgentSettings {
-        /// The server's node API, HOST:PORT [default: 127.0.0.1:8081].
-        #[arg(long, env = "MAYFLY_AGENT_SERVER")]
-        pub server: Option<String>,
+        /// A server's node API, HOST:PORT [default: 127.0.0.1:8081]. Repeat it (or separate
+        /// with commas) for several servers sharing one database: the agent uses one and fails
+        /// over to the others; a name with several addresses counts as several servers. In a
+        /// config file, a string or a list of strings.
+        #[arg(long, env = "MAYFLY_AGENT_SERVER", value_delimiter = ',')]
+        #[serde(default, deserialize_with = "one_or_many")]
+        pub server: Vec<String>,
         /// A single-use join token from `mayfly token generate` (needed until the agent has an
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
@@ -85,13 +88,14 @@ impl AgentSettings {
     /// # Errors
     /// The [`AgentConfigError`] for the first bad setting.
     pub fn resolve(self) -> Result<AgentConfig, AgentConfigError> {
-        let server = self.server.unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        let addr: SocketAddr = server
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| AgentConfigError::Server(server.clone()))?;
-        let mut config = AgentConfig::with_defaults(addr);
+        let names = if self.server.is_empty() {
+            vec![DEFAULT_SERVER.to_owned()]
+        } else {
+            self.server
+        };
+        let servers = crate::server_set::resolve(&names).map_err(AgentConfigError::Server)?;
+        let mut config = AgentConfig::with_defaults(servers[0]);
+        config.servers = servers;
         config.join_token = self.join_token;
         config.bootstrap = match (self.trust_bundle, self.insecure_bootstrap.unwrap_or(false)) {
             (Some(_), true) => return Err(AgentConfigError::BothBootstraps),
@@ -115,6 +119,20 @@ impl AgentSettings {
         }
         Ok(config)
     }
+}
+
+/// A config file's `server`: one address as a string, or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match serde::Deserialize::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -145,6 +163,59 @@ mod tests {
                 err,
                 AgentConfigError::SyncInterval(DurationError::Malformed(_))
             ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn several_servers_from_flags_file_and_env_forms() {
+        use crate::config_file::Layer;
+        let config = AgentSettings {
+            server: vec!["127.0.0.1:8081".into(), "127.0.0.2:8082".into()],
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            config.servers,
+            vec![
+                "127.0.0.1:8081".parse().unwrap(),
+                "127.0.0.2:8082".parse().unwrap()
+            ]
+        );
+        // The file accepts one string (as before) or a list; flags replace the file's list.
+        let one: AgentSettings = toml::from_str("server = \"127.0.0.3:1\"").unwrap();
+        assert_eq!(one.server, vec!["127.0.0.3:1".to_owned()]);
+        let many: AgentSettings =
+            toml::from_str("server = [\"127.0.0.3:1\", \"127.0.0.4:2\"]").unwrap();
+        assert_eq!(many.server.len(), 2);
+        let merged = AgentSettings::default().or(many.clone()).resolve().unwrap();
+        assert_eq!(merged.servers.len(), 2);
+        // The environment's comma-separated form, as clap splits it.
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: AgentSettings,
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "--server",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--server",
+            "127.0.0.1:3",
+        ])
+        .unwrap();
+        assert_eq!(cli.settings.server.len(), 3);
+        // A missing port is refused with what to write.
+        let err = AgentSettings {
+            server: vec!["127.0.0.1".into()],
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            crate::wire::error_chain(&err).contains("HOST:PORT"),
             "{err:?}"
         );
     }

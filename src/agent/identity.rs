@@ -1,8 +1,8 @@
 //! The agent's own identity: attested once with a join token, kept in the agent's data dir so
 //! a restart needs no new token while the SVID is valid, and renewed at half its lifetime.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::CertificateDer;
@@ -14,6 +14,7 @@ use crate::files::{self, FileError};
 use crate::id::{SpiffeId, TrustDomain};
 use crate::mtls::{self, MtlsError, SvidSource};
 use crate::proto::node as pb;
+use crate::server_set::ServerSet;
 use crate::svid::{self, Bundles, KeyAndCsr};
 
 const SVID_FILE: &str = "agent.pem";
@@ -288,12 +289,14 @@ impl IdentityFiles {
     }
 }
 
-/// Attests to the server at `addr` with `token`, trusting it as `bootstrap` says.
+/// Attests to one of `servers` (the first that answers) with `token`, trusting it as
+/// `bootstrap` says. Any server will do: they share one store, so the token is spent once
+/// whichever consumes it.
 ///
 /// # Errors
-/// [`IdentityError`] when the server cannot be reached, refuses, or answers nonsense.
+/// [`IdentityError`] when no server can be reached, or the server refuses or answers nonsense.
 pub(crate) async fn attest(
-    addr: SocketAddr,
+    servers: &Arc<ServerSet>,
     bootstrap: &Bootstrap,
     token: &str,
 ) -> Result<AgentSvid, IdentityError> {
@@ -303,12 +306,14 @@ pub(crate) async fn attest(
             let td = bundle::trust_domain_of(&certs[0]).map_err(IdentityError::Bootstrap)?;
             // No agent SVID yet: the source holds only the bundle, so no certificate is sent.
             let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
-            client::connect_node(addr, &source, &crate::wire::server_id(&td)).await?
+            client::connect_node_servers(servers, &source, &crate::wire::server_id(&td))
+                .await?
+                .0
         }
         Bootstrap::Insecure => {
             let mut config = mtls::insecure_bootstrap_client_config()?;
             config.alpn_protocols = vec![b"h2".to_vec()];
-            client::connect_node_with(addr, config).await?
+            client::connect_node_any(servers, config).await?.0
         }
     };
     let answer = node
@@ -324,18 +329,25 @@ pub(crate) async fn attest(
 }
 
 /// Renews the agent SVID over `link`: a new key, a new SVID. The caller swaps the certificate
-/// and reconnects; the server accepts the old SVID until the new one is first used.
+/// and reconnects; the server accepts the old SVID until the new one is first used. A renewal
+/// whose server is lost is asked once more of another server (with the same key: the SVID the
+/// lost server may have signed was never delivered, and the newer request supersedes it).
 ///
 /// # Errors
 /// [`IdentityError`] when the server refuses or answers nonsense.
 pub(crate) async fn renew(link: &ServerLink) -> Result<AgentSvid, IdentityError> {
     let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
     let answer = link
-        .client()
-        .renew_agent(pb::RenewAgentRequest { csr: key.csr })
+        .call_with_failover("the agent SVID's renewal", |mut node| {
+            let csr = key.csr.clone();
+            async move {
+                node.renew_agent(pb::RenewAgentRequest { csr })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
         .await
-        .map_err(IdentityError::Refused)?
-        .into_inner();
+        .map_err(IdentityError::Refused)?;
     from_answer(answer.svid, key.key_pkcs8, answer.bundle)
 }
 

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::id::SpiffeId;
+use crate::server_set::ServerSet;
 use identity::{AgentSvid, Bootstrap, IdentityError, IdentityFiles};
 use link::ServerLink;
 use state::SnapshotRx;
@@ -45,8 +46,8 @@ pub mod defaults {
 /// Everything `mayfly agent run` needs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The server's node API.
-    pub server: SocketAddr,
+    /// The servers' node APIs (at least one): the agent uses one and fails over to the others.
+    pub servers: Vec<SocketAddr>,
     /// A single-use join token; needed only when the agent has no valid stored identity.
     pub join_token: Option<String>,
     /// How to trust the server before the agent has a bundle of its own.
@@ -63,7 +64,7 @@ impl AgentConfig {
     /// The defaults, for the server at `server`.
     pub fn with_defaults(server: SocketAddr) -> Self {
         Self {
-            server,
+            servers: vec![server],
             join_token: None,
             bootstrap: None,
             socket: PathBuf::from(defaults::SOCKET),
@@ -130,7 +131,11 @@ impl RunningAgent {
 /// cannot be bound.
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let files = IdentityFiles::new(&config.data_dir);
-    let agent = obtain_identity(&config, &files).await?;
+    // One set for every connection the agent makes, so they share what they learnt about
+    // which server answers.
+    let servers =
+        Arc::new(ServerSet::new(&config.servers).map_err(crate::client::ClientError::from)?);
+    let agent = obtain_identity(&config, &servers, &files).await?;
     tracing::info!(agent = %agent.spiffe_id, not_after = crate::wire::unix_secs(agent.not_after), "agent identity ready");
 
     let source =
@@ -138,8 +143,14 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let server_id = crate::wire::server_id(&agent.trust_domain());
     // Connecting is lazy in spirit: if the server is down now, the sync loop retries, and the
     // agent still serves whatever it can.
-    let node = crate::client::connect_node(config.server, &source, &server_id).await?;
-    let link = Arc::new(ServerLink::new(config.server, server_id, source, node));
+    let (node, on) = crate::client::connect_node_servers(&servers, &source, &server_id).await?;
+    let link = Arc::new(ServerLink::over(
+        servers.clone(),
+        server_id,
+        source,
+        node,
+        on,
+    ));
 
     let (tx, rx) = watch::channel(Arc::new(sync::initial_snapshot(&agent)));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -150,7 +161,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         files,
         agent,
         sync::Reattest {
-            addr: config.server,
+            servers,
             join_token: config.join_token.clone(),
         },
         config.sync_interval,
@@ -182,6 +193,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
 /// The stored identity if it is still valid, else a fresh attestation with the join token.
 async fn obtain_identity(
     config: &AgentConfig,
+    servers: &Arc<ServerSet>,
     files: &IdentityFiles,
 ) -> Result<AgentSvid, AgentError> {
     let stored = files.load()?;
@@ -201,10 +213,10 @@ async fn obtain_identity(
     if matches!(bootstrap, Bootstrap::Insecure) {
         tracing::warn!(
             "INSECURE BOOTSTRAP: the server's certificate is not verified for this first attestation; an attacker on the path to {} could impersonate it and hand this agent its own trust bundle. Use --trust-bundle in production.",
-            config.server
+            servers.preferred()
         );
     }
-    let svid = identity::attest(config.server, &bootstrap, token).await?;
+    let svid = identity::attest(servers, &bootstrap, token).await?;
     files.save(&svid)?;
     Ok(svid)
 }

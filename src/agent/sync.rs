@@ -7,7 +7,6 @@
 //! the Workload API withdraws each SVID at its notAfter on its own.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -29,8 +28,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What the loop needs to re-attest on its own.
 pub struct Reattest {
-    /// The server's node API address.
-    pub addr: SocketAddr,
+    /// The servers' node APIs: attestation goes to whichever answers.
+    pub servers: Arc<crate::server_set::ServerSet>,
     /// The join token the agent was started with, if any.
     pub join_token: Option<String>,
 }
@@ -261,7 +260,7 @@ impl Syncer {
             return Err(SyncError::NeedsToken);
         };
         let bootstrap = Bootstrap::Bundle(self.agent.bundle.clone());
-        match identity::attest(self.reattest.addr, &bootstrap, &token).await {
+        match identity::attest(&self.reattest.servers, &bootstrap, &token).await {
             Ok(svid) => {
                 tracing::info!(agent = %svid.spiffe_id, "attested again with the join token");
                 self.adopt(svid).await
