@@ -555,3 +555,5 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 pub mod cluster;
+// Several servers, one PostgreSQL (issue 10).
+pub mod ha;

@@ -1,0 +1,408 @@
+//! Several servers, one PostgreSQL (issue 10, point 5): server processes on one schema behave
+//! as one. An agent given several servers survives the SIGKILL of the one it uses under
+//! task-mint load and keeps its identity; a ban or a join token made on one server holds on
+//! the other; two servers appending to the one audit chain at once do not fork it.
+//!
+//! Every test skips (with a message) when `MAYFLY_TEST_POSTGRES_URL` is unset.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::ha::{HaCluster, SharedSchema};
+use mayfly::audit::{AuditAction, AuditEvent, ChainVerifier};
+use mayfly::id::TrustDomain;
+use mayfly::mtls::{PeerPolicy, TrustSet, Usage};
+use mayfly::proto::task::MintX509svidRequest;
+use mayfly::store::postgres::PostgresStore;
+use mayfly::store::{AuditFilter, Store};
+use mayfly::workload_client::{self, WorkloadSvid};
+use rustls_pki_types::CertificateDer;
+
+/// Mints in flight at once through the agent's task API.
+const IN_FLIGHT: usize = 16;
+/// Each worker's successful mints required after the kill.
+const AFTER_KILL: usize = 4;
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", nix::unistd::getuid())
+}
+
+async fn mint(socket: &std::path::Path, task: &str) -> Result<WorkloadSvid, String> {
+    let attempt = async {
+        let channel = workload_client::connect(socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        workload_client::mint_x509(
+            channel,
+            MintX509svidRequest {
+                task_id: task.into(),
+                scopes: vec!["db:read".into()],
+                ttl_seconds: 0,
+                spiffe_id: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| mayfly::wire::error_chain(&e))
+    };
+    tokio::time::timeout(Duration::from_secs(60), attempt)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 60 s".into()))
+}
+
+/// Mints until one succeeds (the agent syncs the entry first), for at most a minute.
+async fn first_mint(socket: &std::path::Path, task: &str) -> WorkloadSvid {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match mint(socket, task).await {
+            Ok(svid) => return svid,
+            Err(e) => assert!(Instant::now() < deadline, "no mint succeeded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The CA of `svid`'s own bundle that signed it: each server has its own CA, so this says which
+/// server issued it. Also checks the SVID verifies against the bundle it came with.
+fn issuer_of(svid: &WorkloadSvid) -> String {
+    let td = TrustDomain::new("mayfly.local").unwrap();
+    let chain: Vec<CertificateDer<'static>> = svid
+        .chain
+        .iter()
+        .cloned()
+        .map(CertificateDer::from)
+        .collect();
+    let verifies = |cas: &[Vec<u8>]| {
+        let trust = TrustSet::new(mayfly::client::bundle_map(&td, cas)).unwrap();
+        mayfly::mtls::verify_chain(
+            &chain,
+            &trust,
+            Usage::Client,
+            SystemTime::now(),
+            &PeerPolicy::any_id(),
+        )
+        .is_ok()
+    };
+    assert!(
+        verifies(&svid.bundle),
+        "the SVID verifies against its bundle"
+    );
+    svid.bundle
+        .iter()
+        .find(|ca| verifies(std::slice::from_ref(*ca)))
+        .map(|ca| {
+            hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca).as_ref()[..8])
+        })
+        .expect("one CA of the bundle signed it")
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Successful mints per worker since the kill.
+    after_kill: Vec<AtomicUsize>,
+    /// Every failure, with its task.
+    failures: std::sync::Mutex<Vec<String>>,
+    /// Issuing CA of each mint, before and after the kill.
+    issuers_before: std::sync::Mutex<BTreeSet<String>>,
+    issuers_after: std::sync::Mutex<BTreeSet<String>>,
+    minted_before: AtomicUsize,
+}
+
+/// Two servers, one agent given both (the victim first, so the agent uses it): under 16 mints
+/// in flight the victim is SIGKILLed. No mint fails (each in flight is retried once on the
+/// other server), mints go on through the survivor, the agent keeps its ID without attesting
+/// again, and the audit chain verifies through the survivor.
+async fn survives_the_loss_of(victim: usize) {
+    let Some(mut cluster) = HaCluster::start(2).await else {
+        return;
+    };
+    let survivor = 1 - victim;
+    cluster.create_entry(
+        survivor,
+        "spiffe://mayfly.local/ha/worker",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    cluster.start_agent(&[victim, survivor]);
+    let socket = cluster.socket();
+
+    // Positive control: mints go through, issued by the victim (the server the agent uses).
+    let control = first_mint(&socket, "control").await;
+    let victim_ca = issuer_of(&control);
+
+    let tally = Arc::new(Tally {
+        after_kill: (0..IN_FLIGHT).map(|_| AtomicUsize::new(0)).collect(),
+        ..Tally::default()
+    });
+    // Set just before the kill, and just after it returns: a mint that completed before the
+    // first was issued by the victim, one that started after the second by the survivor; those
+    // in flight across the kill may be either (retried on the survivor when the victim died).
+    let killing = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..IN_FLIGHT)
+        .map(|w| {
+            let (tally, killing, killed, stop, socket) = (
+                tally.clone(),
+                killing.clone(),
+                killed.clone(),
+                stop.clone(),
+                socket.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let task = format!("w{w}-{n}");
+                    let started_after_kill = killed.load(Ordering::SeqCst);
+                    match mint(&socket, &task).await {
+                        Ok(svid) => {
+                            let issuer = issuer_of(&svid);
+                            if started_after_kill {
+                                tally.after_kill[w].fetch_add(1, Ordering::SeqCst);
+                                tally.issuers_after.lock().unwrap().insert(issuer);
+                            } else if !killing.load(Ordering::SeqCst) {
+                                tally.minted_before.fetch_add(1, Ordering::SeqCst);
+                                tally.issuers_before.lock().unwrap().insert(issuer);
+                            }
+                        }
+                        Err(e) => tally.failures.lock().unwrap().push(format!("{task}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tally.minted_before.load(Ordering::SeqCst) < 2 * IN_FLIGHT {
+        assert!(Instant::now() < deadline, "the load never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The kill lands with mints in flight: the workers never pause.
+    killing.store(true, Ordering::SeqCst);
+    cluster.kill_server(victim);
+    killed.store(true, Ordering::SeqCst);
+    while tally
+        .after_kill
+        .iter()
+        .any(|n| n.load(Ordering::SeqCst) < AFTER_KILL)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "mints stopped after the kill: {:?}; agent log:\n{}",
+            tally.failures.lock().unwrap(),
+            cluster.agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let failures = tally.failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} mints failed after the retry: {failures:#?}\nagent log:\n{}",
+        failures.len(),
+        cluster.agent_log()
+    );
+    assert_eq!(
+        *tally.issuers_before.lock().unwrap(),
+        BTreeSet::from([victim_ca.clone()]),
+        "before the kill the victim issued every mint; agent log:\n{}",
+        cluster.agent_log()
+    );
+    let after = tally.issuers_after.lock().unwrap().clone();
+    assert_eq!(after.len(), 1, "after the kill one server issued");
+    assert!(
+        !after.contains(&victim_ca),
+        "the survivor issued after the kill"
+    );
+
+    // The agent kept its identity: one agent, the same ID, no second attestation.
+    let agents = cluster.ok(survivor, &["agent", "list", "--output", "json"]);
+    let ids = agent_ids(&agents);
+    assert_eq!(ids, vec![cluster.agent_id.clone()], "{agents}");
+    let log = cluster.agent_log();
+    assert!(!log.contains("attested again"), "no re-attestation: {log}");
+    assert!(log.contains("moved to another server"), "{log}");
+
+    // Every mint after the kill was audited by the survivor, on one verified chain.
+    let verify = cluster.ok(survivor, &["audit", "verify"]);
+    assert!(verify.contains("hash chain verified"), "{verify}");
+    let records = cluster.ok(
+        survivor,
+        &["audit", "list", "--task", "w0-1", "--output", "json"],
+    );
+    assert!(records.contains("\"allow\""), "{records}");
+    cluster.stop().await;
+}
+
+/// The agents' IDs in `agent list --output json` (an array, or one object per line).
+fn agent_ids(json: &str) -> Vec<String> {
+    let values: Vec<serde_json::Value> = match serde_json::from_str(json) {
+        Ok(serde_json::Value::Array(all)) => all,
+        _ => json
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("agent json"))
+            .collect(),
+    };
+    values
+        .iter()
+        .map(|v| v["spiffe_id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_survives_the_sigkill_of_the_first_server_under_mint_load() {
+    survives_the_loss_of(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_survives_the_sigkill_of_the_second_server_under_mint_load() {
+    survives_the_loss_of(1).await;
+}
+
+/// A ban made on server 0 refuses the agent on server 1 at its next call; before the ban the
+/// same agent mints through server 1 (the positive control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_server_refuses_the_agent_on_the_other() {
+    let Some(mut cluster) = HaCluster::start(2).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/banned",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    cluster.start_agent(&[1]);
+    let socket = cluster.socket();
+    first_mint(&socket, "before-ban").await;
+
+    cluster.ok(0, &["agent", "ban", &cluster.agent_id]);
+    let err = mint(&socket, "after-ban")
+        .await
+        .err()
+        .expect("refused after the ban");
+    assert!(err.contains("banned"), "{err}");
+    // The refusal was audited by server 1, on the shared chain.
+    let records = cluster.ok(
+        0,
+        &["audit", "list", "--task", "after-ban", "--output", "json"],
+    );
+    assert!(records.contains("\"deny\""), "{records}");
+    cluster.stop().await;
+}
+
+/// A join token made on server 0 is consumed by an agent that reaches only server 1, and then
+/// is spent for server 0 as well: single use across servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_made_on_one_server_is_consumed_once_via_the_other() {
+    let Some(mut cluster) = HaCluster::start(2).await else {
+        return;
+    };
+    cluster.start_agent(&[1]);
+    let agents = cluster.ok(0, &["agent", "list", "--output", "json"]);
+    assert_eq!(
+        agent_ids(&agents),
+        vec![cluster.agent_id.clone()],
+        "{agents}"
+    );
+    let log = cluster.agent_log();
+    assert!(log.contains(&cluster.agent_id), "{log}");
+
+    // The same token again, through server 0, from a fresh data dir: refused.
+    let out = cluster
+        .agent_command("second", &[0], &cluster.token)
+        .output()
+        .expect("run a second agent");
+    assert!(!out.status.success(), "a spent token must not attest twice");
+    let stderr = std::fs::read_to_string(cluster.path("second.log")).unwrap_or_default();
+    assert!(stderr.contains("already used"), "{stderr}");
+    cluster.stop().await;
+}
+
+fn event(writer: usize, n: usize) -> AuditEvent {
+    AuditEvent {
+        reason: "issued".into(),
+        task_id: Some(format!("writer{writer}-{n}")),
+        time_ms: 1,
+        ..AuditEvent::new(AuditAction::SvidTask)
+    }
+}
+
+/// Two stores on one schema (two servers' connection pools) append 500 records each at once,
+/// in batches of 1 to 7 from 8 tasks each: every record lands once on one linear chain that
+/// verifies, each writer's records in its own order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_appending_at_once_keep_one_audit_chain() {
+    const PER_SERVER: usize = 500;
+    const TASKS: usize = 8;
+    let Some(schema) = SharedSchema::create().await else {
+        return;
+    };
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let store: Arc<dyn Store> = Arc::new(
+            PostgresStore::connect_with_schema(schema.url(), schema.name())
+                .await
+                .expect("connect"),
+        );
+        stores.push(store);
+    }
+    let mut handles = Vec::new();
+    for (writer, store) in stores.iter().enumerate() {
+        for t in 0..TASKS {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let mine: Vec<usize> = (0..PER_SERVER).filter(|n| n % TASKS == t).collect();
+                let mut seqs = Vec::new();
+                for (i, batch) in mine.chunks(1 + t % 7).enumerate() {
+                    let events: Vec<AuditEvent> = batch.iter().map(|&n| event(writer, n)).collect();
+                    let records = store.append_audit(&events).await.expect("append");
+                    assert_eq!(records.len(), events.len(), "batch {i}");
+                    seqs.extend(records.iter().map(|r| r.seq));
+                }
+                seqs
+            }));
+        }
+    }
+    let mut all_seqs = Vec::new();
+    for handle in handles {
+        let seqs = handle.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one task's records in order"
+        );
+        all_seqs.extend(seqs);
+    }
+    all_seqs.sort_unstable();
+    let expected: Vec<i64> = (1..=(2 * PER_SERVER) as i64).collect();
+    assert_eq!(
+        all_seqs, expected,
+        "every sequence number once, none skipped"
+    );
+
+    // The chain, read back through either store, verifies end to end.
+    let (head_seq, head_hash) = stores[1].audit_head().await.unwrap();
+    let records = stores[0].list_audit(&AuditFilter::default()).await.unwrap();
+    let mut verifier = ChainVerifier::new();
+    let mut per_writer: BTreeMap<String, usize> = BTreeMap::new();
+    for record in &records {
+        verifier.push(record).expect("the chain links");
+        let task = record.event.task_id.clone().unwrap_or_default();
+        *per_writer
+            .entry(task.split('-').next().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        verifier.finish(head_seq, head_hash).unwrap(),
+        (2 * PER_SERVER) as i64
+    );
+    assert_eq!(per_writer.get("writer0"), Some(&PER_SERVER));
+    assert_eq!(per_writer.get("writer1"), Some(&PER_SERVER));
+}
