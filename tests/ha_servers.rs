@@ -326,6 +326,66 @@ async fn a_join_token_made_on_one_server_is_consumed_once_via_the_other() {
     cluster.stop().await;
 }
 
+/// An agent attested by a server that has just started (so its SVID is signed by a CA the
+/// other server may not have read yet, for up to 5 s) keeps its identity when that server is
+/// killed: the other server serves it (it re-reads the store's CAs when it refuses a client
+/// certificate, and every 5 s), and the agent does not attest again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_attested_by_a_server_just_started_is_served_by_the_other() {
+    let Some(mut cluster) = HaCluster::start(1).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/newcomer",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    let newcomer = cluster.add_server();
+    cluster.save_bundle_of(newcomer);
+    cluster.start_agent(&[newcomer, 0]);
+    let socket = cluster.socket();
+    let control = first_mint(&socket, "by-newcomer").await;
+    let newcomer_ca = issuer_of(&control);
+
+    cluster.kill_server(newcomer);
+    let after = first_mint(&socket, "by-first").await;
+    assert_ne!(issuer_of(&after), newcomer_ca, "the first server issued");
+    let log = cluster.agent_log();
+    assert!(!log.contains("attested again"), "no re-attestation: {log}");
+    let agents = cluster.ok(0, &["agent", "list", "--output", "json"]);
+    assert_eq!(
+        agent_ids(&agents),
+        vec![cluster.agent_id.clone()],
+        "{agents}"
+    );
+    cluster.stop().await;
+}
+
+/// An eviction on server 0 refuses the agent on server 1 (it is unknown there too); before it
+/// the agent mints through server 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_on_one_server_refuses_the_agent_on_the_other() {
+    let Some(mut cluster) = HaCluster::start(2).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/evicted",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    cluster.start_agent(&[1]);
+    let socket = cluster.socket();
+    first_mint(&socket, "before-evict").await;
+
+    cluster.ok(0, &["agent", "evict", &cluster.agent_id]);
+    let err = mint(&socket, "after-evict")
+        .await
+        .err()
+        .expect("refused after the eviction");
+    assert!(err.contains("unknown to the server"), "{err}");
+    cluster.stop().await;
+}
+
 fn event(writer: usize, n: usize) -> AuditEvent {
     AuditEvent {
         reason: "issued".into(),

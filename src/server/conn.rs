@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::mtls::{self, VerifiedPeer};
+use crate::server::bundle_wake::BundleWake;
 
 /// A handshake slower than this is dropped, so idle sockets cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,13 +79,16 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Accepts TCP connections on `listener`, handshakes each concurrently, and yields the
-/// successful ones. Failed handshakes are logged and dropped; the listener keeps serving.
+/// successful ones. Failed handshakes are logged and dropped; the listener keeps serving. A
+/// refused client certificate wakes `refused` (a re-read of the bundle: the certificate may
+/// come from a server whose CA this one has not loaded yet).
 ///
 /// The listener is closed as soon as the stream is dropped (the server stopped); the returned
 /// task ends then, so awaiting it guarantees the address is free again.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    refused: BundleWake,
 ) -> (
     impl Stream<Item = Result<TlsConn, io::Error>>,
     tokio::task::JoinHandle<()>,
@@ -107,6 +111,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
@@ -115,7 +120,12 @@ pub fn incoming(
                         };
                         let _ = tx.send(Ok(TlsConn { inner, peer })).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                        if BundleWake::is_refused_certificate(&e) {
+                            refused.wake();
+                        }
+                    }
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
                 }
             });

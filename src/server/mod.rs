@@ -3,6 +3,8 @@
 
 pub(crate) mod admin;
 pub(crate) mod audit_log;
+// Several servers, one PostgreSQL (issue 10): re-read the bundle when a client is refused.
+pub(crate) mod bundle_wake;
 pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
@@ -341,7 +343,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let node = NodeServer::new(node::NodeService::new(state.clone()))
         .max_decoding_message_size(MAX_NODE_MESSAGE);
-    let (incoming, accept_loop) = conn::incoming(listener, TlsAcceptor::from(Arc::new(tls_config)));
+    // Several servers, one PostgreSQL (issue 10): a refused client certificate may be signed
+    // by a server that has just started, whose CA this one has not read yet: re-read at once.
+    let refused = bundle_wake::BundleWake::default();
+    tasks.push(tokio::spawn(bundle_wake::run(
+        refused.clone(),
+        store.clone(),
+        config.trust_domain.clone(),
+        source.clone(),
+        shutdown.subscribe(),
+    )));
+    let (incoming, accept_loop) =
+        conn::incoming(listener, TlsAcceptor::from(Arc::new(tls_config)), refused);
     let mut stop = shutdown.subscribe();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()

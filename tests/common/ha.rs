@@ -123,6 +123,21 @@ impl HaCluster {
         wait_for_path(&admin, Duration::from_secs(30), "a server's admin socket");
     }
 
+    /// Starts one more server on the schema (its CA published at its start); its index.
+    pub fn add_server(&mut self) -> usize {
+        self.ports.push(free_port());
+        self.servers.push(None);
+        let i = self.servers.len() - 1;
+        self.start_server(i);
+        i
+    }
+
+    /// Writes server `i`'s bundle where agents read it at their first start.
+    pub fn save_bundle_of(&self, i: usize) {
+        std::fs::write(self.path("bundle.pem"), self.ok(i, &["bundle", "show"]))
+            .expect("write bundle");
+    }
+
     /// SIGKILL of server `i`.
     pub fn kill_server(&mut self, i: usize) {
         if let Some(mut server) = self.servers[i].take() {
