@@ -361,6 +361,58 @@ async fn an_agent_attested_by_a_server_just_started_is_served_by_the_other() {
     cluster.stop().await;
 }
 
+/// An agent whose first server is down at its start attests through the next one and mints
+/// there; once the first comes up and the second is killed, it moves to the first, keeping
+/// its identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_skips_a_server_that_is_down_at_its_start() {
+    let Some(mut cluster) = HaCluster::start(1).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/skipper",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    let down = cluster.reserve_server();
+    cluster.start_agent(&[down, 0]);
+    let socket = cluster.socket();
+    let first = first_mint(&socket, "through-the-second").await;
+    assert!(cluster.agent_log().contains(&cluster.agent_id));
+
+    // The server that was down comes up; the one in use is killed.
+    cluster.start_server(down);
+    // The agent learns the new server's CA from the server it uses (which re-reads the store's
+    // CAs every 5 s) at its next sync: only then can it verify the new server.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    while mint(&socket, &format!("learning-{n}"))
+        .await
+        .map_or(0, |s| s.bundle.len())
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never learnt the new server's CA"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        n += 1;
+    }
+    cluster.kill_server(0);
+    // The mint in flight is retried on the server that came up.
+    let after = mint(&socket, "through-the-first")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", cluster.agent_log()));
+    assert_ne!(
+        issuer_of(&after),
+        issuer_of(&first),
+        "another server issued"
+    );
+    let log = cluster.agent_log();
+    assert!(!log.contains("attested again"), "no re-attestation: {log}");
+    cluster.stop().await;
+}
+
 /// An eviction on server 0 refuses the agent on server 1 (it is unknown there too); before it
 /// the agent mints through server 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

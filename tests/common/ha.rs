@@ -125,11 +125,16 @@ impl HaCluster {
 
     /// Starts one more server on the schema (its CA published at its start); its index.
     pub fn add_server(&mut self) -> usize {
-        self.ports.push(free_port());
-        self.servers.push(None);
-        let i = self.servers.len() - 1;
+        let i = self.reserve_server();
         self.start_server(i);
         i
+    }
+
+    /// A port for one more server, not started (nothing listens there yet); its index.
+    pub fn reserve_server(&mut self) -> usize {
+        self.ports.push(free_port());
+        self.servers.push(None);
+        self.servers.len() - 1
     }
 
     /// Writes server `i`'s bundle where agents read it at their first start.
