@@ -322,3 +322,40 @@ fn from_answer(answer: pb::IssueResponse, key_pkcs8: Vec<u8>) -> Result<MintedSv
         not_after: UNIX_EPOCH + Duration::from_secs(not_after),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    /// A lost connection or a server that could not serve is retried elsewhere; a decision
+    /// (every refusal names its kind) or a malformed request is not, whatever its code.
+    #[test]
+    fn only_a_lost_or_failing_server_is_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Internal,
+            Code::Cancelled,
+            Code::Aborted,
+            Code::DeadlineExceeded,
+        ] {
+            assert!(
+                is_server_lost(&Status::new(code, "transport error")),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::NotFound,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!is_server_lost(&Status::new(code, "no")), "{code:?}");
+        }
+        let mut refused = Status::unavailable("refused, yet with a retryable code");
+        RefusalKind::Banned.attach(&mut refused);
+        assert!(!is_server_lost(&refused));
+    }
+}
