@@ -413,6 +413,80 @@ async fn an_agent_skips_a_server_that_is_down_at_its_start() {
     cluster.stop().await;
 }
 
+/// The agent's own SVID and its workloads' identity SVIDs keep being renewed after the server
+/// that issued them is killed: the survivor renews both (short TTLs compress the time), and
+/// the agent never attests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_identity_svids_go_on_at_the_survivor() {
+    let Some(mut cluster) =
+        HaCluster::start_with(2, &["--agent-ttl", "6s", "--min-entry-ttl", "2s"]).await
+    else {
+        return;
+    };
+    cluster.create_entry(
+        1,
+        "spiffe://mayfly.local/ha/renewed",
+        &[
+            "--selector",
+            &uid_selector(),
+            "--scope",
+            "db:read",
+            "--ttl",
+            "4s",
+        ],
+    );
+    cluster.start_agent(&[0, 1]);
+    let socket = cluster.socket();
+    let fetch = || async {
+        let channel = workload_client::connect(&socket).await.ok()?;
+        workload_client::fetch_x509(channel).await.ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let identity = loop {
+        if let Some(svid) = fetch().await {
+            break svid;
+        }
+        assert!(Instant::now() < deadline, "no identity SVID");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let first_ca = issuer_of(&identity);
+    let serial_of_agent = |c: &HaCluster| -> String {
+        let out = c.ok(1, &["agent", "list", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v[0]["current_serial"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    cluster.kill_server(0);
+    let serial_at_kill = serial_of_agent(&cluster);
+    // Identity SVIDs (4 s) rotate at about 2 s; the agent SVID (6 s) renews at about 3 s: wait
+    // until both were renewed by the survivor, and the agent's first SVID has expired.
+    let waited_from = Instant::now();
+    let deadline = waited_from + Duration::from_secs(90);
+    loop {
+        let rotated = fetch().await.is_some_and(|s| issuer_of(&s) != first_ca);
+        let renewed = serial_of_agent(&cluster) != serial_at_kill;
+        if rotated && renewed && waited_from.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotated {rotated}, renewed {renewed}; agent log:\n{}",
+            cluster.agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Past the first agent SVID's life, the agent still mints: it uses its renewed SVID.
+    mint(&socket, "after-renewal")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", cluster.agent_log()));
+    let log = cluster.agent_log();
+    assert!(!log.contains("attested again"), "no re-attestation: {log}");
+    cluster.stop().await;
+}
+
 /// An eviction on server 0 refuses the agent on server 1 (it is unknown there too); before it
 /// the agent mints through server 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

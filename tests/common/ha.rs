@@ -48,6 +48,8 @@ pub struct HaCluster {
     pub agent_id: String,
     /// The join token made for the agent on server 0.
     pub token: String,
+    /// Extra `server run` flags for every server.
+    server_args: Vec<String>,
 }
 
 impl HaCluster {
@@ -55,6 +57,11 @@ impl HaCluster {
     /// server's bundle holds all `n` CAs (each server re-reads the store's CAs every 5 s);
     /// makes a join token on server 0. `None` when PostgreSQL is not configured.
     pub async fn start(n: usize) -> Option<Self> {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Like [`HaCluster::start`], every server with the extra `server run` flags `args`.
+    pub async fn start_with(n: usize, args: &[&str]) -> Option<Self> {
         let schema = SharedSchema::create().await?;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Self {
@@ -65,6 +72,7 @@ impl HaCluster {
             agent: None,
             agent_id: String::new(),
             token: String::new(),
+            server_args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         for i in 0..n {
             cluster.start_server(i);
@@ -113,6 +121,7 @@ impl HaCluster {
             .arg(self.path(&format!("server-{i}")))
             .arg("--database")
             .arg(self.schema.scoped_url())
+            .args(&self.server_args)
             .current_dir(self.dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
