@@ -139,6 +139,29 @@ pub async fn connect_node_any(
     servers: &Arc<ServerSet>,
     config: rustls::ClientConfig,
 ) -> Result<(NodeClient<Channel>, ConnectedTo), ClientError> {
+    failover_client(servers, config, false).await
+}
+
+/// Like [`connect_node_servers`], but the connection is made at the first call, so a client
+/// can be set up while every server is down (an agent restarting with a stored identity
+/// during an outage keeps running and connects when a server is back).
+///
+/// # Errors
+/// [`ClientError`] when TLS cannot be configured.
+pub async fn connect_node_servers_lazy(
+    servers: &Arc<ServerSet>,
+    source: &SvidSource,
+    server_id: &SpiffeId,
+) -> Result<(NodeClient<Channel>, ConnectedTo), ClientError> {
+    let config = node_tls_config(source, server_policy(server_id)?)?;
+    failover_client(servers, config, true).await
+}
+
+async fn failover_client(
+    servers: &Arc<ServerSet>,
+    config: rustls::ClientConfig,
+    lazy: bool,
+) -> Result<(NodeClient<Channel>, ConnectedTo), ClientError> {
     let config = Arc::new(config);
     let connected = ConnectedTo::default();
     let connector = {
@@ -153,23 +176,27 @@ pub async fn connect_node_any(
             }
         })
     };
-    let target = servers
-        .addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let channel = Endpoint::from_static("http://mayfly-server")
+    let endpoint = Endpoint::from_static("http://mayfly-server")
         // A server that vanished without closing its connections (a host gone, a cable cut)
         // is noticed by the missing ping answer, so the channel can move to another server.
         .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| ClientError::Connect {
-            target,
-            reason: root_cause(&e),
-        })?;
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+    let channel = if lazy {
+        endpoint.connect_with_connector_lazy(connector)
+    } else {
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| ClientError::Connect {
+                target: servers
+                    .addrs()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                reason: root_cause(&e),
+            })?
+    };
     let client = NodeClient::new(channel).max_decoding_message_size(crate::wire::MAX_NODE_MESSAGE);
     Ok((client, connected))
 }

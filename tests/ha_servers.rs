@@ -487,6 +487,51 @@ async fn renewals_and_identity_svids_go_on_at_the_survivor() {
     cluster.stop().await;
 }
 
+/// An agent restarted with a stored identity while every server is down starts anyway (it
+/// connects at its first call) and serves once a server is back, without attesting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_during_an_outage_serves_when_a_server_is_back() {
+    let Some(mut cluster) = HaCluster::start(2).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/outage",
+        &["--selector", &uid_selector(), "--scope", "db:read"],
+    );
+    cluster.start_agent(&[0, 1]);
+    first_mint(&cluster.socket(), "before-outage").await;
+    if let Some(mut agent) = cluster.agent.take() {
+        agent.kill();
+    }
+    cluster.kill_server(0);
+    cluster.kill_server(1);
+
+    cluster.start_agent(&[0, 1]);
+    assert!(
+        cluster
+            .agent
+            .as_mut()
+            .unwrap()
+            .0
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "the agent runs with no server up: {}",
+        cluster.agent_log()
+    );
+    cluster.start_server(1);
+    first_mint(&cluster.socket(), "after-outage").await;
+    let log = cluster.agent_log();
+    assert!(!log.contains("attested again"), "no re-attestation: {log}");
+    assert_eq!(
+        log.matches("agent identity ready").count(),
+        2,
+        "the stored identity was used: {log}"
+    );
+    cluster.stop().await;
+}
+
 /// An eviction on server 0 refuses the agent on server 1 (it is unknown there too); before it
 /// the agent mints through server 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,9 +141,10 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let source =
         crate::mtls::SvidSource::from_parts(agent.cert_chain(), &agent.key_pkcs8, agent.bundles())?;
     let server_id = crate::wire::server_id(&agent.trust_domain());
-    // Connecting is lazy in spirit: if the server is down now, the sync loop retries, and the
-    // agent still serves whatever it can.
-    let (node, on) = crate::client::connect_node_servers(&servers, &source, &server_id).await?;
+    // Connecting is lazy: if every server is down now, the agent still starts, and its first
+    // calls (the sync loop's, retried with backoff) connect when one is back.
+    let (node, on) =
+        crate::client::connect_node_servers_lazy(&servers, &source, &server_id).await?;
     let link = Arc::new(ServerLink::over(
         servers.clone(),
         server_id,
