@@ -222,6 +222,16 @@ async fn survives_the_loss_of(victim: usize) {
         "the survivor issued after the kill"
     );
 
+    println!(
+        "victim {victim}: {} mints before the kill, {} after, {} retried on the survivor, 0 failed",
+        tally.minted_before.load(Ordering::SeqCst),
+        tally
+            .after_kill
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .sum::<usize>(),
+        cluster.agent_log().matches("trying once more").count(),
+    );
     // The agent kept its identity: one agent, the same ID, no second attestation.
     let agents = cluster.ok(survivor, &["agent", "list", "--output", "json"]);
     let ids = agent_ids(&agents);
