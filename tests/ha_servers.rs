@@ -647,3 +647,34 @@ async fn two_servers_appending_at_once_keep_one_audit_chain() {
     assert_eq!(per_writer.get("writer0"), Some(&PER_SERVER));
     assert_eq!(per_writer.get("writer1"), Some(&PER_SERVER));
 }
+
+/// `MAYFLY_AGENT_SERVER` takes several servers separated by commas: the second entry of the
+/// list is read (and refused, for lacking a port, with what to write), while the same list
+/// with a port on both gets past the server addresses (to the missing join token).
+#[test]
+fn the_server_variable_takes_a_comma_separated_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |servers: &str| {
+        std::process::Command::new(common::cluster::BIN)
+            .args(["agent", "run", "--insecure-bootstrap"])
+            .arg("--data-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .env("MAYFLY_AGENT_SERVER", servers)
+            .env_remove("MAYFLY_JOIN_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = run("127.0.0.1:1,127.0.0.1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("'127.0.0.1' is not a server address"), "{err}");
+    assert!(err.contains("HOST:PORT"), "{err}");
+
+    let out = run("127.0.0.1:1,127.0.0.1:2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("server address"), "{err}");
+    assert!(err.contains("join token"), "{err}");
+}

@@ -214,7 +214,12 @@ async fn obtain_identity(
     if matches!(bootstrap, Bootstrap::Insecure) {
         tracing::warn!(
             "INSECURE BOOTSTRAP: the server's certificate is not verified for this first attestation; an attacker on the path to {} could impersonate it and hand this agent its own trust bundle. Use --trust-bundle in production.",
-            servers.preferred()
+            servers
+                .addrs()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let svid = identity::attest(servers, &bootstrap, token).await?;
