@@ -33,6 +33,9 @@ pub enum AgentConfigError {
     /// The sync interval is malformed.
     #[error("--sync-interval (sync_interval in a config file)")]
     SyncInterval(#[source] DurationError),
+    /// The pinned trust domain is not a trust domain name.
+    #[error("--trust-domain (trust_domain in a config file) is not a trust domain name")]
+    TrustDomain(#[source] crate::id::IdError),
 }
 
 crate::settings_layer! {
@@ -68,6 +71,11 @@ crate::settings_layer! {
         /// How often to ask the server for entry changes, e.g. 2s or 500ms [default: 2s].
         #[arg(long, env = "MAYFLY_AGENT_SYNC_INTERVAL")]
         pub sync_interval: Option<String>,
+        /// The server's trust domain, e.g. acme.test: pins it when the trust bundle's roots
+        /// name none (an upstream CA without a SPIFFE URI SAN), and must agree with the ones
+        /// they name [default: the bundle's, else the server SVID's that verifies against it].
+        #[arg(long, env = "MAYFLY_AGENT_TRUST_DOMAIN")]
+        pub trust_domain: Option<String>,
     }
 }
 
@@ -109,6 +117,11 @@ impl AgentSettings {
         // one workloads are told about are the same wherever they run from.
         config.socket = absolute(&config.socket);
         config.data_dir = absolute(&config.data_dir);
+        config.trust_domain = self
+            .trust_domain
+            .map(|td| crate::id::TrustDomain::new(&td))
+            .transpose()
+            .map_err(AgentConfigError::TrustDomain)?;
         if let Some(interval) = self.sync_interval {
             config.sync_interval =
                 duration::parse(&interval).map_err(AgentConfigError::SyncInterval)?;
