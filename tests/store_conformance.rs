@@ -1361,7 +1361,7 @@ async fn entry_filters_are_evaluated_by_the_store(db: Db) {
     };
     let sel = |t: &str| Selector::parse(t).unwrap();
     let prefix = |t: &str| Some(store::SpiffeIdPrefix::parse(t).unwrap());
-    let mut sorted = |v: Vec<&Entry>| {
+    let sorted = |v: Vec<&Entry>| {
         let mut v: Vec<Entry> = v.into_iter().cloned().collect();
         v.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
         ids(&v)
