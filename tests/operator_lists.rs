@@ -138,6 +138,19 @@ async fn a_list_larger_than_one_message_streams_through_the_cli() {
         .collect();
     assert_eq!(rows, created);
     assert_eq!(text.lines().count(), N + 1);
+
+    // The audit log (one record per entry created) streams as well: one header, then the
+    // records in order, printed a chunk at a time.
+    let audit = ok(&socket, &["audit", "list"]).await;
+    let mut lines = audit.lines();
+    assert!(lines.next().unwrap().starts_with("SEQ "), "a header first");
+    let seqs: Vec<String> = lines
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (1..=N).map(|n| format!("#{n}")).collect();
+    assert_eq!(seqs, expected);
+    let json = ok(&socket, &["audit", "list", "--output", "json"]).await;
+    assert_eq!(json.lines().count(), N, "one JSON record a line");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -243,6 +243,57 @@ fn openssl_verify(bundle: &Path, chain_pem: &Path, dir: &Path) {
     );
 }
 
+/// Where pkilint's commands are (`MAYFLY_PKILINT_BIN`, set by `.ci/run`, which installs
+/// pkilint from PyPI into a virtualenv under target/); `None` prints a skip notice.
+fn pkilint_bin() -> Option<PathBuf> {
+    match std::env::var("MAYFLY_PKILINT_BIN") {
+        Ok(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => {
+            println!("skipped pkilint: MAYFLY_PKILINT_BIN is not set");
+            None
+        }
+    }
+}
+
+/// The finding codes of one pkilint run (`code (SEVERITY): ...` lines).
+fn pkilint_findings(bin: &Path, tool: &str, files: &[&Path]) -> Vec<String> {
+    let out = Command::new(bin.join(tool))
+        .arg("lint")
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("    "))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// pkilint on the intermediate and the leaf of `chain_pem`, and on both signer/signee pairs:
+/// nothing but what DESIGN.md expects of every Mayfly certificate (the `spiffe` URI scheme,
+/// which pkilint's URI syntax check does not know, and a notice that the key identifier is the
+/// RFC 7093 SHA-256 method).
+fn pkilint_chain(root_pem: &Path, chain_pem: &Path, dir: &Path) {
+    let Some(bin) = pkilint_bin() else { return };
+    let (leaf, intermediate) = split_chain(chain_pem, dir);
+    for cert in [&intermediate, &leaf] {
+        for finding in pkilint_findings(&bin, "lint_pkix_cert", &[cert]) {
+            let expected = (finding.starts_with("pkix.invalid_uri_syntax (ERROR)")
+                && finding.contains("\"spiffe://"))
+                || finding == "pkix.unknown_subject_key_identifier_calculation_method (NOTICE)";
+            assert!(expected, "pkilint on {}: {finding}", cert.display());
+        }
+    }
+    for (signer, signee) in [(root_pem, intermediate.as_path()), (&intermediate, &leaf)] {
+        let findings = pkilint_findings(
+            &bin,
+            "lint_pkix_signer_signee_cert_chain",
+            &[signer, signee],
+        );
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+}
+
 /// The whole path for one kind of root: the bundle is the root alone; the agent bootstraps
 /// from it; a workload gets an SVID; both chains verify with openssl; the SPIFFE bundle
 /// renders the root's key as `kty`.
@@ -285,6 +336,11 @@ fn bootstrap_and_verify(root: Root, kty: &str) {
         &cluster.path("check-agent"),
     );
     openssl_verify(
+        &bundle_pem,
+        &dir.join("svid.pem"),
+        &cluster.path("check-workload"),
+    );
+    pkilint_chain(
         &bundle_pem,
         &dir.join("svid.pem"),
         &cluster.path("check-workload"),

@@ -360,15 +360,19 @@ pub async fn audit(admin: &mut Admin, cmd: AuditCommand, out: Printer) -> Result
                 }
                 return Ok(());
             }
-            let now = SystemTime::now();
+            // Printed a chunk at a time as the stream arrives, so a long log is never held
+            // whole: columns take the first chunk's widths.
+            let mut printer = PagedPrinter::new(out, "no audit records", audit_rows);
+            let mut chunk = Vec::with_capacity(AUDIT_CHUNK);
             while let Some(record) = stream.next().await {
-                push_audit_row(&mut table, &record.map_err(refused)?, now);
+                chunk.push(record.map_err(refused)?);
+                if chunk.len() == AUDIT_CHUNK {
+                    printer.page(&chunk)?;
+                    chunk.clear();
+                }
             }
-            if table.is_empty() {
-                out.line("no audit records")
-            } else {
-                out.table(&table)
-            }
+            printer.page(&chunk)?;
+            printer.finish()
         }
         AuditCommand::Verify => {
             let answer = admin
@@ -472,6 +476,18 @@ pub fn agent_table(agents: &[pb::Agent], now: SystemTime) -> Table {
             when(a.not_after, now),
             when(a.created_at, now),
         ]);
+    }
+    table
+}
+
+/// Audit records printed per chunk by `audit list` (text).
+const AUDIT_CHUNK: usize = 500;
+
+/// Audit records as a table at `now`.
+fn audit_rows(records: &[pb::AuditRecord], now: SystemTime) -> Table {
+    let mut table = audit_table();
+    for r in records {
+        push_audit_row(&mut table, r, now);
     }
     table
 }

@@ -65,6 +65,9 @@ impl<T: Serialize> PagedPrinter<T> {
             return self.out.raw(&text);
         }
         let table = (self.table_of)(items, self.now);
+        if table.is_empty() {
+            return Ok(());
+        }
         self.printed += items.len();
         match &self.widths {
             None => {
