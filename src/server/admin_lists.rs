@@ -30,11 +30,10 @@ pub(crate) enum ListError {
     Invalid(String),
 }
 
-fn invalid(what: &str, text: &str, why: impl std::fmt::Display) -> ListError {
-    ListError::Invalid(format!(
-        "{what} '{}' is not usable: {why}",
-        escape_bounded(text, 120)
-    ))
+/// A refused filter: the flag, then the parser's sentence (which quotes the value), escaped
+/// since it echoes what the caller sent.
+fn invalid(flag: &str, why: impl std::fmt::Display) -> ListError {
+    ListError::Invalid(format!("{flag}: {}", escape_bounded(&why.to_string(), 400)))
 }
 
 fn page_size(asked: u32) -> u32 {
@@ -45,11 +44,10 @@ fn page_size(asked: u32) -> u32 {
 }
 
 fn bad_token(token: &str) -> ListError {
-    invalid(
-        "the page token",
-        token,
-        "it is not one this server gave; start again without one",
-    )
+    ListError::Invalid(format!(
+        "the page token '{}' is not one this server gave; start the list again without one",
+        escape_bounded(token, 120)
+    ))
 }
 
 /// The store query a `ListEntries` request asks for, every filter validated.
@@ -59,19 +57,16 @@ fn bad_token(token: &str) -> ListError {
 pub(crate) fn entry_query(req: &pb::ListEntriesRequest) -> Result<EntryQuery, ListError> {
     let parent_id = match req.parent_id.as_str() {
         "" => None,
-        text => Some(SpiffeId::parse(text).map_err(|e| invalid("--parent-id", text, e))?),
+        text => Some(SpiffeId::parse(text).map_err(|e| invalid("--parent-id", e))?),
     };
     let spiffe_id_prefix = match req.spiffe_id_prefix.as_str() {
         "" => None,
-        text => Some(
-            SpiffeIdPrefix::parse(text)
-                .map_err(|e| ListError::Invalid(format!("--spiffe-id-prefix: {e}")))?,
-        ),
+        text => Some(SpiffeIdPrefix::parse(text).map_err(|e| invalid("--spiffe-id-prefix", e))?),
     };
     let selectors = req
         .selectors
         .iter()
-        .map(|text| Selector::parse(text).map_err(|e| invalid("--selector", text, e)))
+        .map(|text| Selector::parse(text).map_err(|e| invalid("--selector", e)))
         .collect::<Result<Vec<_>, _>>()?;
     let after = match req.page_token.as_str() {
         "" => None,
