@@ -4,7 +4,8 @@
 //! Every part is real: `mayfly server run` is a child process (SQLite in a fresh temporary
 //! data dir, `synchronous=FULL`, the durable audit log), entries are created through its admin
 //! API with many requests in flight, and the listing is `mayfly entry list --output json`, a
-//! process of its own whose output is read as it streams. The server's VmRSS is sampled from
+//! process of its own whose output is read as it streams, then `mayfly audit list --output
+//! json` through the audit log (one record per entry created). The server's VmRSS is sampled from
 //! /proc every 50 ms during each phase, and its VmHWM (the kernel's peak) read at the end.
 //! The goal: ≤ 64 MiB at all times with 100,000 entries over 1,000 agents.
 //!
@@ -77,6 +78,13 @@ pub struct ListBenchReport {
     pub listing_max_rss_kib: u64,
     /// Highest VmRSS of the `entry list` process itself, KiB.
     pub cli_max_rss_kib: u64,
+    /// Audit records `mayfly audit list --output json` printed (one per entry created, and
+    /// the deployment's own).
+    pub audited: usize,
+    /// Its wall time, seconds.
+    pub audit_secs: f64,
+    /// Highest server VmRSS sampled while it streamed, KiB.
+    pub audit_max_rss_kib: u64,
     /// Paging through every entry over the admin API in this process (pages of 1000):
     /// microseconds per entry, as the server answers and the client decodes.
     pub api_us_per_entry: f64,
@@ -90,7 +98,10 @@ pub struct ListBenchReport {
 impl ListBenchReport {
     /// The highest resident size seen in any phase, KiB (VmHWM when it could be read).
     pub fn peak_kib(&self) -> u64 {
-        let sampled = self.creating_max_rss_kib.max(self.listing_max_rss_kib);
+        let sampled = self
+            .creating_max_rss_kib
+            .max(self.listing_max_rss_kib)
+            .max(self.audit_max_rss_kib);
         self.end.map_or(sampled, |m| m.hwm_kib.max(sampled))
     }
 }
@@ -122,6 +133,13 @@ impl fmt::Display for ListBenchReport {
             self.list_secs,
             mib(self.listing_max_rss_kib),
             mib(self.cli_max_rss_kib)
+        )?;
+        writeln!(
+            f,
+            "  audit list (JSON): {} records in {:.1} s, server VmRSS max {:.1} MiB",
+            self.audited,
+            self.audit_secs,
+            mib(self.audit_max_rss_kib)
         )?;
         writeln!(
             f,
@@ -228,6 +246,19 @@ pub async fn list_benchmark(opts: ListBenchOptions) -> Result<ListBenchReport, A
     let list_secs = started.elapsed().as_secs_f64();
     let listing_max_rss_kib = sampler.finish().await;
 
+    // The audit log (a record per entry created) streamed through `audit list`.
+    let sampler = Sampler::start(pid);
+    let started = Instant::now();
+    let (audited, _) = run_cli(
+        &exe,
+        &socket,
+        &["audit", "list", "--output", "json"],
+        |line| line.starts_with('{'),
+    )
+    .await?;
+    let audit_secs = started.elapsed().as_secs_f64();
+    let audit_max_rss_kib = sampler.finish().await;
+
     // Paging in this process, and one agent's entries with a filter.
     let api_us_per_entry = page_through(&deployment).await?;
     let started = Instant::now();
@@ -246,6 +277,9 @@ pub async fn list_benchmark(opts: ListBenchOptions) -> Result<ListBenchReport, A
         list_secs,
         listing_max_rss_kib,
         cli_max_rss_kib,
+        audited,
+        audit_secs,
+        audit_max_rss_kib,
         api_us_per_entry,
         one_parent,
         end,
@@ -259,10 +293,24 @@ async fn run_cli_list(
     socket: &std::path::Path,
     extra: &[&str],
 ) -> Result<(usize, u64), AgentBenchError> {
+    let mut args = vec!["entry", "list", "--output", "json"];
+    args.extend_from_slice(extra);
+    // Each entry of the pretty array has exactly one line `    "id": "…",`.
+    run_cli(exe, socket, &args, |line| line.starts_with("    \"id\": ")).await
+}
+
+/// Runs `mayfly <args> --admin-socket <socket>` and counts the lines of its output that
+/// `counts`; answers them and the command's own highest VmRSS.
+async fn run_cli(
+    exe: &PathBuf,
+    socket: &std::path::Path,
+    args: &[&str],
+    counts: fn(&str) -> bool,
+) -> Result<(usize, u64), AgentBenchError> {
     let mut child = Command::new(exe)
-        .args(["entry", "list", "--output", "json", "--admin-socket"])
+        .args(args)
+        .arg("--admin-socket")
         .arg(socket)
-        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -274,12 +322,11 @@ async fn run_cli_list(
     let sampler = Sampler::start(child.id());
     let stdout = child.stdout.take();
     let counted = tokio::task::spawn_blocking(move || {
-        // Each entry of the pretty array has exactly one line `    "id": "…",`.
         let count = stdout.map_or(0, |out| {
             BufReader::new(out)
                 .lines()
                 .map_while(Result::ok)
-                .filter(|line| line.starts_with("    \"id\": "))
+                .filter(|line| counts(line))
                 .count()
         });
         (count, child.wait_with_output())
@@ -292,7 +339,8 @@ async fn run_cli_list(
         output.map_err(|e| AgentBenchError::Stalled(format!("`entry list` failed: {e}")))?;
     if !output.status.success() {
         return Err(AgentBenchError::Stalled(format!(
-            "`mayfly entry list` failed: {}",
+            "`mayfly {}` failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
@@ -342,8 +390,9 @@ mod tests {
         })
         .await
         .unwrap();
-        // The deployment's own entry is listed too.
+        // The deployment's own entry is listed too; each entry and the join token is audited.
         assert_eq!(report.listed, 301);
+        assert_eq!(report.audited, 302);
         assert_eq!(report.one_parent.0, 30);
         println!("{report}");
     }
