@@ -139,6 +139,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pinned_trust_domain_is_validated() {
+        let config = AgentSettings {
+            trust_domain: Some("acme.test".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.trust_domain.unwrap().as_str(), "acme.test");
+        assert!(
+            AgentSettings::default()
+                .resolve()
+                .unwrap()
+                .trust_domain
+                .is_none()
+        );
+        let err = AgentSettings {
+            trust_domain: Some("spiffe://acme.test".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, AgentConfigError::TrustDomain(_)), "{err:?}");
+    }
+
+    #[test]
     fn a_sub_second_sync_interval_is_accepted_and_a_bad_one_named() {
         let config = AgentSettings {
             sync_interval: Some("500ms".into()),
