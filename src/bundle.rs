@@ -1,8 +1,14 @@
 //! The trust bundle's two published forms: PEM, and a SPIFFE bundle (a JWKS whose keys have
 //! `use: x509-svid` and carry their certificate in `x5c`).
+//!
+//! Roots come from Mayfly's own CAs (P-256, URI SAN `spiffe://<td>`) or from an upstream CA an
+//! organisation already runs (RSA or EC, usually without any SPIFFE SAN), so nothing here
+//! assumes either the key type or the SAN.
+
+mod jwk;
 
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -12,9 +18,12 @@ pub enum BundleError {
     /// A certificate in the bundle could not be parsed.
     #[error("a bundle certificate could not be parsed")]
     BadCertificate(#[source] crate::svid::Cause),
-    /// A certificate's key is not an uncompressed P-256 point.
-    #[error("a bundle certificate's key is not a P-256 key, which Mayfly CAs always use")]
-    NotP256,
+    /// A certificate's key cannot be written as a JSON Web Key (it is neither RSA nor EC on
+    /// P-256, P-384 or P-521); the text says what it is.
+    #[error(
+        "a bundle certificate holds {0}, which a SPIFFE bundle cannot publish; use an RSA or EC (P-256, P-384, P-521) upstream CA"
+    )]
+    UnsupportedKey(String),
     /// A PEM block of the text does not decode.
     #[error("the trust bundle is not PEM certificates; pass the output of `mayfly bundle show`")]
     BadPem(#[source] crate::svid::Cause),
@@ -59,20 +68,49 @@ pub fn from_pem(text: &[u8]) -> Result<Vec<Vec<u8>>, BundleError> {
 /// # Errors
 /// [`BundleError`] when the certificate cannot be parsed or names no trust domain.
 pub fn trust_domain_of(ca_der: &[u8]) -> Result<crate::id::TrustDomain, BundleError> {
-    use x509_parser::extensions::GeneralName;
     let (_, cert) = X509Certificate::from_der(ca_der)
         .map_err(|e| BundleError::BadCertificate(crate::svid::Cause::new(e)))?;
+    let uri = first_uri_san(&cert)?.ok_or(BundleError::NoTrustDomain)?;
+    let id = crate::id::SpiffeId::parse(uri).map_err(BundleError::BadTrustDomain)?;
+    Ok(id.trust_domain())
+}
+
+/// The trust domain a CA certificate names, if it names one: `Some` for a URI SAN
+/// `spiffe://<td>`, `None` for a root without a SPIFFE URI SAN (an upstream corporate root,
+/// whose certificates say nothing about SPIFFE). Readers of a bundle must accept both.
+///
+/// # Errors
+/// [`BundleError::BadCertificate`] when the certificate cannot be parsed;
+/// [`BundleError::BadTrustDomain`] when its URI SAN has the `spiffe` scheme but is not a
+/// valid SPIFFE ID.
+pub fn trust_domain_named(ca_der: &[u8]) -> Result<Option<crate::id::TrustDomain>, BundleError> {
+    let (_, cert) = X509Certificate::from_der(ca_der)
+        .map_err(|e| BundleError::BadCertificate(crate::svid::Cause::new(e)))?;
+    match first_uri_san(&cert)? {
+        Some(uri)
+            if uri
+                .get(..9)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) =>
+        {
+            let id = crate::id::SpiffeId::parse(uri).map_err(BundleError::BadTrustDomain)?;
+            Ok(Some(id.trust_domain()))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The first URI SAN of a certificate, if any.
+fn first_uri_san<'a>(cert: &'a X509Certificate<'_>) -> Result<Option<&'a str>, BundleError> {
+    use x509_parser::extensions::GeneralName;
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| BundleError::BadCertificate(crate::svid::Cause::new(e)))?
-        .ok_or(BundleError::NoTrustDomain)?;
-    for name in &san.value.general_names {
-        if let GeneralName::URI(uri) = name {
-            let id = crate::id::SpiffeId::parse(uri).map_err(BundleError::BadTrustDomain)?;
-            return Ok(id.trust_domain());
-        }
-    }
-    Err(BundleError::NoTrustDomain)
+        .map_err(|e| BundleError::BadCertificate(crate::svid::Cause::new(e)))?;
+    Ok(san.and_then(|san| {
+        san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+    }))
 }
 
 /// Certificates as concatenated PEM blocks.
@@ -96,51 +134,61 @@ pub fn pem_block(label: &str, der: &[u8]) -> String {
 }
 
 #[derive(Serialize)]
-struct Jwk {
-    kty: &'static str,
-    crv: &'static str,
-    x: String,
-    y: String,
-    #[serde(rename = "use")]
-    use_: &'static str,
-    x5c: Vec<String>,
-}
-
-#[derive(Serialize)]
 struct SpiffeBundle {
-    keys: Vec<Jwk>,
+    keys: Vec<jwk::Jwk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spiffe_sequence: Option<u64>,
     spiffe_refresh_hint: u64,
 }
 
 /// How often relying parties should re-fetch the bundle, in seconds.
 pub(crate) const REFRESH_HINT_SECS: u64 = 300;
 
-/// Certificates as a SPIFFE bundle document (JSON).
+/// The bundle document's fields besides its keys. The CA rotation decides them; until it
+/// passes its own, [`SpiffeBundleInfo::default`] gives no sequence and the fixed hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpiffeBundleInfo {
+    /// `spiffe_sequence`: grows with every change of the bundle (left out when `None`).
+    pub sequence: Option<u64>,
+    /// `spiffe_refresh_hint`, in seconds.
+    pub refresh_hint_secs: u64,
+}
+
+impl Default for SpiffeBundleInfo {
+    fn default() -> Self {
+        Self {
+            sequence: None,
+            refresh_hint_secs: REFRESH_HINT_SECS,
+        }
+    }
+}
+
+/// Certificates as a SPIFFE bundle document (JSON), with the default
+/// [`SpiffeBundleInfo`].
 ///
 /// # Errors
-/// [`BundleError`] when a certificate is not a parsable P-256 certificate.
+/// [`BundleError`] when a certificate does not parse or holds a key a JWK cannot carry.
 pub fn to_spiffe_json(certs: &[Vec<u8>]) -> Result<String, BundleError> {
-    let mut keys = Vec::with_capacity(certs.len());
-    for der in certs {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| BundleError::BadCertificate(crate::svid::Cause::new(e)))?;
-        let point = cert.public_key().subject_public_key.data.as_ref();
-        // An uncompressed P-256 point: 0x04, then 32 bytes of x and 32 of y.
-        if point.len() != 65 || point[0] != 0x04 {
-            return Err(BundleError::NotP256);
-        }
-        keys.push(Jwk {
-            kty: "EC",
-            crv: "P-256",
-            x: URL_SAFE_NO_PAD.encode(&point[1..33]),
-            y: URL_SAFE_NO_PAD.encode(&point[33..65]),
-            use_: "x509-svid",
-            x5c: vec![STANDARD.encode(der)],
-        });
-    }
+    to_spiffe_json_with(certs, SpiffeBundleInfo::default())
+}
+
+/// Certificates as a SPIFFE bundle document (JSON): one JWK per certificate, RSA (`n`, `e`)
+/// or EC (`crv`, `x`, `y`), each with `use: x509-svid` and the certificate in `x5c`.
+///
+/// # Errors
+/// [`BundleError`] when a certificate does not parse or holds a key a JWK cannot carry.
+pub fn to_spiffe_json_with(
+    certs: &[Vec<u8>],
+    info: SpiffeBundleInfo,
+) -> Result<String, BundleError> {
+    let keys = certs
+        .iter()
+        .map(|der| jwk::Jwk::of_certificate(der))
+        .collect::<Result<Vec<_>, _>>()?;
     let doc = SpiffeBundle {
         keys,
-        spiffe_refresh_hint: REFRESH_HINT_SECS,
+        spiffe_sequence: info.sequence,
+        spiffe_refresh_hint: info.refresh_hint_secs,
     };
     serde_json::to_string_pretty(&doc).map_err(|e| BundleError::Encode(crate::svid::Cause::new(e)))
 }
@@ -167,6 +215,29 @@ mod tests {
         assert_eq!(td.as_str(), "acme.test");
         let pem = to_pem(&[self_signed(Some("spiffe://acme.test"))]);
         assert_eq!(from_pem(pem.as_bytes()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_root_without_a_spiffe_san_names_no_trust_domain_and_is_no_error() {
+        assert_eq!(
+            trust_domain_named(&self_signed(Some("spiffe://acme.test")))
+                .unwrap()
+                .map(|td| td.to_string()),
+            Some("acme.test".to_owned())
+        );
+        assert_eq!(trust_domain_named(&self_signed(None)).unwrap(), None);
+        assert_eq!(
+            trust_domain_named(&self_signed(Some("https://pki.example.com"))).unwrap(),
+            None
+        );
+        assert!(matches!(
+            trust_domain_named(&self_signed(Some("spiffe://UPPER case"))),
+            Err(BundleError::BadTrustDomain(_))
+        ));
+        assert!(matches!(
+            trust_domain_named(b"not a certificate"),
+            Err(BundleError::BadCertificate(_))
+        ));
     }
 
     #[test]

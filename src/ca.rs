@@ -23,7 +23,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer as _;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
@@ -123,7 +123,6 @@ struct LoadedUpstream {
     subject_raw: Vec<u8>,
     /// The upstream's SubjectPublicKeyInfo, DER.
     spki_raw: Vec<u8>,
-    has_key_id: bool,
     not_after_unix: u64,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -217,15 +216,6 @@ fn can_sign_certs(cert: &X509Certificate<'_>) -> bool {
         }
 }
 
-fn has_subject_key_id(cert: &X509Certificate<'_>) -> bool {
-    cert.iter_extensions().any(|e| {
-        matches!(
-            e.parsed_extension(),
-            ParsedExtension::SubjectKeyIdentifier(_)
-        )
-    })
-}
-
 fn parse_cert<'a>(
     der: &'a [u8],
     path: &Path,
@@ -304,7 +294,6 @@ impl LoadedUpstream {
         }
         let subject_raw = parsed.subject().as_raw().to_vec();
         let spki_raw = parsed.public_key().raw.to_vec();
-        let has_key_id = has_subject_key_id(&parsed);
         drop(parsed);
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(bad_file_because(
             &upstream.cert_path,
@@ -316,7 +305,6 @@ impl LoadedUpstream {
             cert,
             subject_raw,
             spki_raw,
-            has_key_id,
             not_after_unix,
             issuer,
         })
@@ -498,8 +486,10 @@ impl Authority {
         params.name_constraints = None;
         params.crl_distribution_points = Vec::new();
         params.custom_extensions = Vec::new();
-        params.use_authority_key_identifier_extension =
-            upstream.as_ref().is_some_and(|up| up.has_key_id);
+        // RFC 5280 §4.2.1.1: every certificate but a self-signed one names its issuer's key.
+        // An upstream root without a subject key identifier gets one derived from its public
+        // key (rcgen's SHA-256 method); verifiers match it only against an SKI the root has.
+        params.use_authority_key_identifier_extension = upstream.is_some();
         params.key_identifier_method = KeyIdMethod::Sha256;
 
         let cert = match &upstream {
@@ -728,6 +718,15 @@ impl From<files::FileError> for CaError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn has_subject_key_id(cert: &X509Certificate<'_>) -> bool {
+        cert.iter_extensions().any(|e| {
+            matches!(
+                e.parsed_extension(),
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(_)
+            )
+        })
+    }
 
     fn td() -> TrustDomain {
         TrustDomain::new("ca.test").unwrap()

@@ -105,6 +105,21 @@ enum BenchCommand {
     Handshake(BenchHandshakeArgs),
     /// mayfly proxy against nginx: mTLS requests/s and new-connection handshakes/s.
     Proxy(BenchProxyArgs),
+    /// Server memory with many entries, while creating them and while `entry list` pages them.
+    List(BenchListArgs),
+}
+
+#[derive(Args)]
+struct BenchListArgs {
+    /// Entries to create.
+    #[arg(long, default_value_t = 100_000)]
+    entries: usize,
+    /// Parent agents they are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    agents: usize,
+    /// Create requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
 }
 
 #[derive(Args)]
@@ -258,7 +273,19 @@ async fn bench_command(cmd: BenchCommand, out: Printer) -> Result<()> {
         BenchCommand::Streams(args) => bench_streams(args, out).await,
         BenchCommand::Handshake(args) => bench_handshake(args, out).await,
         BenchCommand::Proxy(args) => bench_proxy(args, out).await,
+        BenchCommand::List(args) => bench_list(args, out).await,
     }
+}
+
+async fn bench_list(args: BenchListArgs, out: Printer) -> Result<()> {
+    let options = bench::list::ListBenchOptions {
+        entries: args.entries,
+        agents: args.agents,
+        concurrency: args.concurrency,
+        exe: None,
+    };
+    let report = bench::list::list_benchmark(options).await?;
+    print_report(&report, out)
 }
 
 async fn bench_proxy(args: BenchProxyArgs, out: Printer) -> Result<()> {

@@ -688,7 +688,7 @@ async fn evicted_agent_must_attest_again() {
         .expect("EvictAgent");
     let agents = server
         .admin()
-        .list_agents(admin_pb::ListAgentsRequest {})
+        .list_agents(admin_pb::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -796,7 +796,7 @@ async fn superseded_agent_svid_is_refused_after_the_new_one_is_used() {
     assert_task_issued(&mut renewed_node, &entry, &key.csr).await;
     let record = server
         .admin()
-        .list_agents(admin_pb::ListAgentsRequest {})
+        .list_agents(admin_pb::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -1018,7 +1018,7 @@ async fn concurrent_attestations_with_one_token(engine: Engine) {
     assert_eq!(
         server
             .admin()
-            .list_agents(admin_pb::ListAgentsRequest {})
+            .list_agents(admin_pb::ListAgentsRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -162,6 +162,10 @@ conformance!(
     audit_round_trip_and_filters,
     audit_duplicate_serial_writes_nothing,
     audit_tampering_detected,
+    // Operator lists, paged and filtered (issue 10).
+    entry_pages_hold_every_entry_once,
+    entry_filters_are_evaluated_by_the_store,
+    agent_pages_hold_every_agent_once,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1233,4 +1237,228 @@ async fn open_dispatches_on_the_url_scheme() {
     let opened = store::open(&url).await.unwrap();
     assert_eq!(opened.entries_revision().await.unwrap(), 0);
     assert_eq!(opened.audit_head().await.unwrap(), (0, [0; 32]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator lists, paged and filtered (issue 10)
+
+/// Reads every page of `query` with pages of `limit`, following the last key of each.
+async fn all_pages(store: &dyn Store, mut query: store::EntryQuery, limit: u32) -> Vec<Entry> {
+    query.limit = limit;
+    let mut out: Vec<Entry> = Vec::new();
+    loop {
+        let page = store.list_entries_page(&query).await.unwrap();
+        assert!(
+            page.len() <= limit as usize,
+            "a page holds at most its limit"
+        );
+        let Some(last) = page.last() else { break };
+        query.after = Some(store::EntryCursor {
+            spiffe_id: last.spiffe_id.clone(),
+            id: last.id.clone(),
+        });
+        let full = page.len() == limit as usize;
+        out.extend(page);
+        if !full {
+            break;
+        }
+    }
+    out
+}
+
+fn ids(entries: &[Entry]) -> Vec<String> {
+    entries.iter().map(|e| e.id.to_string()).collect()
+}
+
+async fn entry_pages_hold_every_entry_once(db: Db) {
+    let s = db.store();
+    // Seven entries share one SPIFFE ID (different selectors), so pages of 3 end inside that
+    // run: the cursor must break ties by entry ID.
+    let mut made = Vec::new();
+    for n in 0..7 {
+        let e = entry(
+            "spiffe://acme.test/same",
+            &agent_a(),
+            &[&format!("unix:uid:{n}")],
+            &[],
+        );
+        s.create_entry(&e).await.unwrap();
+        made.push(e);
+    }
+    for name in ["a", "m", "z"] {
+        let e = entry(
+            &format!("spiffe://acme.test/{name}"),
+            &agent_b(),
+            &["unix:uid:1"],
+            &[],
+        );
+        s.create_entry(&e).await.unwrap();
+        made.push(e);
+    }
+    let expected = s.list_entries().await.unwrap();
+    assert_eq!(expected.len(), 10);
+    for limit in [1, 2, 3, 4, 10, 11, 1000] {
+        let paged = all_pages(s, store::EntryQuery::default(), limit).await;
+        assert_eq!(ids(&paged), ids(&expected), "pages of {limit}");
+    }
+    let unique: BTreeSet<String> = ids(&all_pages(s, store::EntryQuery::default(), 3).await)
+        .into_iter()
+        .collect();
+    assert_eq!(unique.len(), made.len(), "every entry exactly once");
+
+    // An entry deleted between two pages neither repeats nor hides another.
+    let mut query = store::EntryQuery {
+        limit: 4,
+        ..store::EntryQuery::default()
+    };
+    let first = s.list_entries_page(&query).await.unwrap();
+    let last = first.last().unwrap();
+    query.after = Some(store::EntryCursor {
+        spiffe_id: last.spiffe_id.clone(),
+        id: last.id.clone(),
+    });
+    assert!(s.delete_entry(&last.id).await.unwrap());
+    query.limit = 100;
+    let rest = s.list_entries_page(&query).await.unwrap();
+    assert_eq!(first.len() + rest.len(), 10);
+    assert_eq!(ids(&rest), ids(&expected)[4..].to_vec());
+}
+
+async fn entry_filters_are_evaluated_by_the_store(db: Db) {
+    let s = db.store();
+    let web = entry(
+        "spiffe://acme.test/agents/web",
+        &agent_a(),
+        &["unix:uid:1000", "unix:gid:50"],
+        &[],
+    );
+    let web_b = entry(
+        "spiffe://acme.test/agents/web",
+        &agent_b(),
+        &["unix:uid:1000"],
+        &[],
+    );
+    let billing = entry(
+        "spiffe://acme.test/agents/billing-bot",
+        &agent_a(),
+        &["unix:uid:1001", "unix:gid:50"],
+        &[],
+    );
+    let db_entry = entry("spiffe://acme.test/db", &agent_a(), &["unix:uid:5432"], &[]);
+    let other_td = entry(
+        "spiffe://acme.tester/agents/web",
+        &agent_a(),
+        &["unix:uid:1000"],
+        &[],
+    );
+    for e in [&web, &web_b, &billing, &db_entry, &other_td] {
+        s.create_entry(e).await.unwrap();
+    }
+    let select = |f: &dyn Fn(&mut store::EntryQuery)| {
+        let mut q = store::EntryQuery::default();
+        f(&mut q);
+        q
+    };
+    let sel = |t: &str| Selector::parse(t).unwrap();
+    let prefix = |t: &str| Some(store::SpiffeIdPrefix::parse(t).unwrap());
+    let sorted = |v: Vec<&Entry>| {
+        let mut v: Vec<Entry> = v.into_iter().cloned().collect();
+        v.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
+        ids(&v)
+    };
+    let cases: Vec<(store::EntryQuery, Vec<String>)> = vec![
+        // No filter: everything (the positive control of each filter below).
+        (
+            select(&|_| {}),
+            sorted(vec![&web, &web_b, &billing, &db_entry, &other_td]),
+        ),
+        // Parent.
+        (
+            select(&|q| q.parent_id = Some(agent_b())),
+            sorted(vec![&web_b]),
+        ),
+        (
+            select(&|q| q.parent_id = Some(sid("spiffe://acme.test/nobody"))),
+            vec![],
+        ),
+        // Prefix: text, not path segments; a longer trust domain is not inside a shorter one
+        // ending in '/'.
+        (
+            select(&|q| q.spiffe_id_prefix = prefix("spiffe://acme.test/agents/")),
+            sorted(vec![&web, &web_b, &billing]),
+        ),
+        (
+            select(&|q| q.spiffe_id_prefix = prefix("spiffe://acme.test/agents/bil")),
+            sorted(vec![&billing]),
+        ),
+        (
+            select(&|q| q.spiffe_id_prefix = prefix("spiffe://acme.test/")),
+            sorted(vec![&web, &web_b, &billing, &db_entry]),
+        ),
+        (
+            select(&|q| q.spiffe_id_prefix = prefix("spiffe://acme.test/nothing")),
+            vec![],
+        ),
+        // Selectors: entries having all of them.
+        (
+            select(&|q| q.selectors = vec![sel("unix:gid:50")]),
+            sorted(vec![&web, &billing]),
+        ),
+        (
+            select(&|q| q.selectors = vec![sel("unix:uid:1000"), sel("unix:gid:50")]),
+            sorted(vec![&web]),
+        ),
+        (
+            select(&|q| q.selectors = vec![sel("unix:uid:1001"), sel("unix:uid:1000")]),
+            vec![],
+        ),
+        // A selector that is a prefix or substring of a stored one does not match it.
+        (select(&|q| q.selectors = vec![sel("unix:uid:100")]), vec![]),
+        // All three together.
+        (
+            select(&|q| {
+                q.parent_id = Some(agent_a());
+                q.spiffe_id_prefix = prefix("spiffe://acme.test/agents/");
+                q.selectors = vec![sel("unix:uid:1000")];
+            }),
+            sorted(vec![&web]),
+        ),
+    ];
+    for (query, want) in cases {
+        for limit in [1, 2, 100] {
+            let got = all_pages(s, query.clone(), limit).await;
+            assert_eq!(ids(&got), want, "{query:?}, pages of {limit}");
+        }
+    }
+}
+
+async fn agent_pages_hold_every_agent_once(db: Db) {
+    let s = db.store();
+    let mut made = Vec::new();
+    for n in 0..9 {
+        let id = sid(&format!(
+            "spiffe://acme.test/mayfly/agent/join_token/node-{n}"
+        ));
+        s.create_agent(&agent(&id, &format!("01{n:030x}")))
+            .await
+            .unwrap();
+        made.push(id);
+    }
+    let expected = s.list_agents().await.unwrap();
+    for limit in [1, 2, 4, 9, 10] {
+        let mut after: Option<SpiffeId> = None;
+        let mut got = Vec::new();
+        loop {
+            let page = s.list_agents_page(after.as_ref(), limit).await.unwrap();
+            assert!(page.len() <= limit as usize);
+            let full = page.len() == limit as usize;
+            after = page.last().map(|a| a.spiffe_id.clone());
+            got.extend(page);
+            if !full {
+                break;
+            }
+        }
+        assert_eq!(got, expected, "pages of {limit}");
+    }
+    assert_eq!(expected.len(), made.len());
 }

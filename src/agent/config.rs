@@ -32,6 +32,9 @@ pub enum AgentConfigError {
     /// The sync interval is malformed.
     #[error("--sync-interval (sync_interval in a config file)")]
     SyncInterval(#[source] DurationError),
+    /// The pinned trust domain is not a trust domain name.
+    #[error("--trust-domain (trust_domain in a config file) is not a trust domain name")]
+    TrustDomain(#[source] crate::id::IdError),
 }
 
 crate::settings_layer! {
@@ -71,6 +74,11 @@ crate::settings_layer! {
         /// How often to ask the server for entry changes, e.g. 2s or 500ms [default: 2s].
         #[arg(long, env = "MAYFLY_AGENT_SYNC_INTERVAL")]
         pub sync_interval: Option<String>,
+        /// The server's trust domain, e.g. acme.test: pins it when the trust bundle's roots
+        /// name none (an upstream CA without a SPIFFE URI SAN), and must agree with the ones
+        /// they name [default: the bundle's, else the server SVID's that verifies against it].
+        #[arg(long, env = "MAYFLY_AGENT_TRUST_DOMAIN")]
+        pub trust_domain: Option<String>,
     }
 }
 
@@ -113,6 +121,11 @@ impl AgentSettings {
         // one workloads are told about are the same wherever they run from.
         config.socket = absolute(&config.socket);
         config.data_dir = absolute(&config.data_dir);
+        config.trust_domain = self
+            .trust_domain
+            .map(|td| crate::id::TrustDomain::new(&td))
+            .transpose()
+            .map_err(AgentConfigError::TrustDomain)?;
         if let Some(interval) = self.sync_interval {
             config.sync_interval =
                 duration::parse(&interval).map_err(AgentConfigError::SyncInterval)?;
@@ -142,6 +155,31 @@ fn absolute(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_trust_domain_is_validated() {
+        let config = AgentSettings {
+            trust_domain: Some("acme.test".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.trust_domain.unwrap().as_str(), "acme.test");
+        assert!(
+            AgentSettings::default()
+                .resolve()
+                .unwrap()
+                .trust_domain
+                .is_none()
+        );
+        let err = AgentSettings {
+            trust_domain: Some("spiffe://acme.test".into()),
+            ..AgentSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, AgentConfigError::TrustDomain(_)), "{err:?}");
+    }
 
     #[test]
     fn a_sub_second_sync_interval_is_accepted_and_a_bad_one_named() {

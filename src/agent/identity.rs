@@ -61,6 +61,32 @@ pub enum IdentityError {
     /// The bootstrap trust bundle names no trust domain.
     #[error("the bootstrap trust bundle names no trust domain")]
     Bootstrap(#[source] bundle::BundleError),
+    // Upstream CAs of any kind: the trust domain when the roots name none, or several.
+    /// The roots name trust domains, and the pinned one (`--trust-domain`) is not among them.
+    #[error(
+        "--trust-domain {pinned} disagrees with the trust bundle, whose roots are for {named}; pass the bundle of that server, or fix --trust-domain"
+    )]
+    TrustDomainMismatch {
+        /// The trust domain pinned.
+        pinned: TrustDomain,
+        /// The ones the roots name, comma-separated.
+        named: String,
+    },
+    /// The roots name several trust domains and none was pinned.
+    #[error(
+        "the trust bundle's roots name several trust domains ({0}); pass --trust-domain to say which server to trust"
+    )]
+    AmbiguousTrustDomain(String),
+    /// The server issued an SVID in a trust domain other than the one pinned.
+    #[error(
+        "the server issued an agent SVID in trust domain {got}, not {pinned}; it serves another trust domain than --trust-domain says"
+    )]
+    WrongTrustDomain {
+        /// The trust domain pinned.
+        pinned: TrustDomain,
+        /// The one the SVID names.
+        got: TrustDomain,
+    },
     /// The server's answer could not be used.
     #[error("the server's answer was malformed")]
     BadAnswer(#[source] AgentSvidError),
@@ -106,10 +132,14 @@ impl Bootstrap {
             path: path.to_owned(),
             source,
         })?;
-        bundle::trust_domain_of(&certs[0]).map_err(|source| IdentityError::BadTrustBundle {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Every root must parse; a SPIFFE URI SAN is welcome but not required, since an
+        // upstream CA's root usually has none (see `bootstrap_trust_domain`).
+        for cert in &certs {
+            bundle::trust_domain_named(cert).map_err(|source| IdentityError::BadTrustBundle {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
         Ok(Self::Bundle(certs))
     }
 }
@@ -289,9 +319,59 @@ impl IdentityFiles {
     }
 }
 
+/// Where a bootstrap bundle's trust domain comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BootstrapTrust {
+    /// The roots name it (in a URI SAN `spiffe://<td>`), and a pin agrees.
+    Named(TrustDomain),
+    /// The roots name none (an upstream CA's): the server's SVID names it, believed once it
+    /// verifies against the roots (see [`mtls::any_domain_bootstrap_client_config`]), and it
+    /// must be the pinned one when one is given.
+    FromServer(Option<TrustDomain>),
+}
+
+/// Where the trust domain of a bootstrap bundle's server comes from, given the pin
+/// (`--trust-domain`, or the trust domain of the agent's previous SVID).
+///
+/// # Errors
+/// [`IdentityError::Bootstrap`] for a root that does not parse,
+/// [`IdentityError::TrustDomainMismatch`] when the roots name trust domains and the pin is not
+/// among them, [`IdentityError::AmbiguousTrustDomain`] when they name several and there is no
+/// pin.
+pub(crate) fn bootstrap_trust(
+    certs: &[Vec<u8>],
+    pinned: Option<&TrustDomain>,
+) -> Result<BootstrapTrust, IdentityError> {
+    let mut named = std::collections::BTreeSet::new();
+    for cert in certs {
+        if let Some(td) = bundle::trust_domain_named(cert).map_err(IdentityError::Bootstrap)? {
+            named.insert(td);
+        }
+    }
+    let list = || {
+        named
+            .iter()
+            .map(TrustDomain::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (pinned, named.len()) {
+        (pinned, 0) => Ok(BootstrapTrust::FromServer(pinned.cloned())),
+        (Some(td), _) if named.contains(td) => Ok(BootstrapTrust::Named(td.clone())),
+        (Some(td), _) => Err(IdentityError::TrustDomainMismatch {
+            pinned: td.clone(),
+            named: list(),
+        }),
+        (None, 1) => Ok(BootstrapTrust::Named(
+            named.into_iter().next().expect("one element"),
+        )),
+        (None, _) => Err(IdentityError::AmbiguousTrustDomain(list())),
+    }
+}
+
 /// Attests to one of `servers` (the first that answers) with `token`, trusting it as
-/// `bootstrap` says. Any server will do: they share one store, so the token is spent once
-/// whichever consumes it.
+/// `bootstrap` says, in trust domain `pinned` when given. Any server will do: they share one
+/// store, so the token is spent once whichever consumes it.
 ///
 /// # Errors
 /// [`IdentityError`] when no server can be reached, or the server refuses or answers nonsense.
@@ -299,17 +379,26 @@ pub(crate) async fn attest(
     servers: &Arc<ServerSet>,
     bootstrap: &Bootstrap,
     token: &str,
+    pinned: Option<&TrustDomain>,
 ) -> Result<AgentSvid, IdentityError> {
     let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
     let mut node = match bootstrap {
-        Bootstrap::Bundle(certs) => {
-            let td = bundle::trust_domain_of(&certs[0]).map_err(IdentityError::Bootstrap)?;
-            // No agent SVID yet: the source holds only the bundle, so no certificate is sent.
-            let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
-            client::connect_node_servers(servers, &source, &crate::wire::server_id(&td))
-                .await?
-                .0
-        }
+        Bootstrap::Bundle(certs) => match bootstrap_trust(certs, pinned)? {
+            BootstrapTrust::Named(td) => {
+                // No agent SVID yet: the source holds only the bundle, so no certificate is
+                // sent.
+                let source = SvidSource::trust_only(client::bundle_map(&td, certs))?;
+                client::connect_node_servers(servers, &source, &crate::wire::server_id(&td))
+                    .await?
+                    .0
+            }
+            BootstrapTrust::FromServer(expected) => {
+                let roots = certs.iter().cloned().map(CertificateDer::from).collect();
+                let mut config = mtls::any_domain_bootstrap_client_config(roots, expected)?;
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                client::connect_node_any(servers, config).await?.0
+            }
+        },
         Bootstrap::Insecure => {
             let mut config = mtls::insecure_bootstrap_client_config()?;
             config.alpn_protocols = vec![b"h2".to_vec()];
@@ -325,7 +414,16 @@ pub(crate) async fn attest(
         .await
         .map_err(IdentityError::Refused)?
         .into_inner();
-    from_answer(answer.svid, key.key_pkcs8, answer.bundle)
+    let svid = from_answer(answer.svid, key.key_pkcs8, answer.bundle)?;
+    if let Some(pinned) = pinned
+        && svid.trust_domain() != *pinned
+    {
+        return Err(IdentityError::WrongTrustDomain {
+            pinned: pinned.clone(),
+            got: svid.trust_domain(),
+        });
+    }
+    Ok(svid)
 }
 
 /// Renews the agent SVID over `link`: a new key, a new SVID. The caller swaps the certificate

@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// How often to poll the server for entry changes.
     pub sync_interval: Duration,
+    /// The trust domain to expect of the server at the first attestation (`--trust-domain`);
+    /// `None`: the one the bundle's roots name, else the one the server's verified SVID names.
+    pub trust_domain: Option<crate::id::TrustDomain>,
 }
 
 impl AgentConfig {
@@ -70,6 +73,7 @@ impl AgentConfig {
             socket: PathBuf::from(defaults::SOCKET),
             data_dir: PathBuf::from(defaults::DATA_DIR),
             sync_interval: defaults::SYNC_INTERVAL,
+            trust_domain: None,
         }
     }
 }
@@ -222,7 +226,12 @@ async fn obtain_identity(
                 .join(", ")
         );
     }
-    let svid = identity::attest(servers, &bootstrap, token).await?;
+    // An agent that had an identity stays in its trust domain when it attests again.
+    let pinned = stored
+        .as_ref()
+        .map(AgentSvid::trust_domain)
+        .or_else(|| config.trust_domain.clone());
+    let svid = identity::attest(servers, &bootstrap, token, pinned.as_ref()).await?;
     files.save(&svid)?;
     Ok(svid)
 }

@@ -260,7 +260,8 @@ impl Syncer {
             return Err(SyncError::NeedsToken);
         };
         let bootstrap = Bootstrap::Bundle(self.agent.bundle.clone());
-        match identity::attest(&self.reattest.servers, &bootstrap, &token).await {
+        let td = self.agent.trust_domain();
+        match identity::attest(&self.reattest.servers, &bootstrap, &token, Some(&td)).await {
             Ok(svid) => {
                 tracing::info!(agent = %svid.spiffe_id, "attested again with the join token");
                 self.adopt(svid).await

@@ -13,6 +13,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::output::Printer;
+use super::paged::PagedPrinter;
 use super::table::Table;
 use super::time::{compact, when, when_ms};
 
@@ -35,8 +36,8 @@ pub enum TokenCommand {
 pub enum EntryCommand {
     /// Register a workload; prints the entry ID.
     Create(EntryCreateArgs),
-    /// List the entries.
-    List,
+    /// List the entries, a page at a time, optionally filtered.
+    List(EntryListArgs),
     /// Show one entry.
     Show {
         /// The entry ID.
@@ -70,6 +71,23 @@ pub struct EntryCreateArgs {
     /// A DNS name to put in its SVIDs (repeat for more).
     #[arg(long = "dns")]
     dns_names: Vec<String>,
+}
+
+/// `mayfly entry list`: filters (all must hold) and the page size.
+#[derive(Args)]
+pub struct EntryListArgs {
+    /// Only entries whose parent is this agent (a SPIFFE ID).
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// Only entries whose SPIFFE ID begins with this text, e.g. spiffe://acme.test/agents/.
+    #[arg(long)]
+    spiffe_id_prefix: Option<String>,
+    /// Only entries having this selector, TYPE:KIND:VALUE (repeat: entries having all of them).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// Entries fetched per request (the server caps it at 1000).
+    #[arg(long, default_value_t = 500)]
+    page_size: u32,
 }
 
 /// `mayfly agent list|ban|evict`.
@@ -183,14 +201,28 @@ pub async fn entry(admin: &mut Admin, cmd: EntryCommand, out: Printer) -> Result
                 out.line(escape(&entry.id))
             }
         }
-        EntryCommand::List => {
-            let entries = admin
-                .list_entries(pb::ListEntriesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .entries;
-            print_list(out, &entries, "no entries", entry_table)
+        EntryCommand::List(args) => {
+            let mut printer = PagedPrinter::new(out, "no entries", entry_table);
+            let mut request = pb::ListEntriesRequest {
+                page_size: args.page_size,
+                page_token: String::new(),
+                parent_id: args.parent_id.unwrap_or_default(),
+                spiffe_id_prefix: args.spiffe_id_prefix.unwrap_or_default(),
+                selectors: args.selectors,
+            };
+            loop {
+                let page = admin
+                    .list_entries(request.clone())
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                printer.page(&page.entries)?;
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            printer.finish()
         }
         EntryCommand::Show { id } => {
             let entry = admin
@@ -226,13 +258,21 @@ pub async fn entry(admin: &mut Admin, cmd: EntryCommand, out: Printer) -> Result
 pub async fn agent(admin: &mut Admin, cmd: AgentAdminCommand, out: Printer) -> Result<()> {
     match cmd {
         AgentAdminCommand::List => {
-            let agents = admin
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .agents;
-            print_list(out, &agents, "no agents", agent_table)
+            let mut printer = PagedPrinter::new(out, "no agents", agent_table);
+            let mut request = pb::ListAgentsRequest::default();
+            loop {
+                let page = admin
+                    .list_agents(request.clone())
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                printer.page(&page.agents)?;
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+            printer.finish()
         }
         AgentAdminCommand::Ban { id } => {
             let agent = admin
@@ -320,15 +360,19 @@ pub async fn audit(admin: &mut Admin, cmd: AuditCommand, out: Printer) -> Result
                 }
                 return Ok(());
             }
-            let now = SystemTime::now();
+            // Printed a chunk at a time as the stream arrives, so a long log is never held
+            // whole: columns take the first chunk's widths.
+            let mut printer = PagedPrinter::new(out, "no audit records", audit_rows);
+            let mut chunk = Vec::with_capacity(AUDIT_CHUNK);
             while let Some(record) = stream.next().await {
-                push_audit_row(&mut table, &record.map_err(refused)?, now);
+                chunk.push(record.map_err(refused)?);
+                if chunk.len() == AUDIT_CHUNK {
+                    printer.page(&chunk)?;
+                    chunk.clear();
+                }
             }
-            if table.is_empty() {
-                out.line("no audit records")
-            } else {
-                out.table(&table)
-            }
+            printer.page(&chunk)?;
+            printer.finish()
         }
         AuditCommand::Verify => {
             let answer = admin
@@ -366,23 +410,6 @@ fn list_or_none(values: &[String]) -> String {
 
 fn ttl(seconds: u32) -> String {
     compact(std::time::Duration::from_secs(u64::from(seconds)))
-}
-
-/// A list of records: JSON for machines, else `none` when there is nothing, else the table
-/// `table` makes of them at the current time.
-fn print_list<T: Serialize>(
-    out: Printer,
-    items: &[T],
-    none: &str,
-    table: fn(&[T], SystemTime) -> Table,
-) -> Result<()> {
-    if out.json_wanted() {
-        out.json(&items)
-    } else if items.is_empty() {
-        out.line(none)
-    } else {
-        out.table(&table(items, SystemTime::now()))
-    }
 }
 
 /// The entry list as a table (its cells escaped by the table).
@@ -449,6 +476,18 @@ pub fn agent_table(agents: &[pb::Agent], now: SystemTime) -> Table {
             when(a.not_after, now),
             when(a.created_at, now),
         ]);
+    }
+    table
+}
+
+/// Audit records printed per chunk by `audit list` (text).
+const AUDIT_CHUNK: usize = 500;
+
+/// Audit records as a table at `now`.
+fn audit_rows(records: &[pb::AuditRecord], now: SystemTime) -> Table {
+    let mut table = audit_table();
+    for r in records {
+        push_audit_row(&mut table, r, now);
     }
     table
 }

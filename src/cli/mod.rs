@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod output;
+pub mod paged;
 pub mod run;
 pub mod table;
 pub mod time;

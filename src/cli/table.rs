@@ -69,6 +69,12 @@ impl Table {
             .collect()
     }
 
+    /// Each column's width as the table would render now (for pages printed one after the
+    /// other, which keep the first page's widths as their least).
+    pub fn column_widths(&self) -> Vec<usize> {
+        self.widths()
+    }
+
     fn widths(&self) -> Vec<usize> {
         let mut widths: Vec<usize> = self
             .headers

@@ -56,6 +56,7 @@
 //! connection pays a full handshake, which is what makes trust and policy changes take effect
 //! on the next connection.
 
+mod any_domain;
 mod bootstrap;
 mod policy;
 mod source;
@@ -67,6 +68,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+pub use any_domain::any_domain_bootstrap_client_config;
 pub use bootstrap::insecure_bootstrap_client_config;
 pub use policy::{IdPattern, PeerPolicy, PolicyError, Refusal};
 pub use source::{SvidSource, TrustSet};

@@ -13,6 +13,7 @@ use crate::audit::{AuditAction, AuditEvent, AuditRecord, ChainError, ChainVerifi
 use crate::id::{IdError, SpiffeId};
 use crate::proto::admin as pb;
 use crate::server::ServerState;
+use crate::server::admin_lists::{self, ListError};
 use crate::server::audit_log::AuditError;
 use crate::server::entry_rules::{EntryError, EntryRules};
 use crate::store::{AgentRecord, AuditFilter, Entry, EntryId, JoinTokenRecord, StoreError};
@@ -58,6 +59,14 @@ impl From<StoreError> for AdminError {
 impl From<IdError> for AdminError {
     fn from(e: IdError) -> Self {
         Self::Invalid(e.to_string())
+    }
+}
+
+impl From<ListError> for AdminError {
+    fn from(e: ListError) -> Self {
+        match e {
+            ListError::Invalid(m) => Self::Invalid(m),
+        }
     }
 }
 
@@ -195,17 +204,17 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_entries(
         &self,
-        _request: Request<pb::ListEntriesRequest>,
+        request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
-        let entries = self
-            .state
-            .store
-            .list_entries()
-            .await
-            .map_err(|e| AdminError::from(e).status())?;
-        Ok(Response::new(pb::ListEntriesResponse {
-            entries: entries.into_iter().map(entry_message).collect(),
-        }))
+        // One page, filtered by the store (see admin_lists).
+        let result: Result<pb::ListEntriesResponse, AdminError> = async {
+            let query = admin_lists::entry_query(request.get_ref())?;
+            let entries = self.state.store.list_entries_page(&query).await?;
+            let entries = entries.into_iter().map(entry_message).collect();
+            Ok(admin_lists::entries_answer(entries, query.limit))
+        }
+        .await;
+        result.map(Response::new).map_err(|e| e.status())
     }
 
     async fn get_entry(
@@ -297,17 +306,21 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_agents(
         &self,
-        _request: Request<pb::ListAgentsRequest>,
+        request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self
-            .state
-            .store
-            .list_agents()
-            .await
-            .map_err(|e| AdminError::from(e).status())?;
-        Ok(Response::new(pb::ListAgentsResponse {
-            agents: agents.into_iter().map(agent_message).collect(),
-        }))
+        // One page (see admin_lists).
+        let result: Result<pb::ListAgentsResponse, AdminError> = async {
+            let (after, limit) = admin_lists::agent_query(request.get_ref())?;
+            let agents = self
+                .state
+                .store
+                .list_agents_page(after.as_ref(), limit)
+                .await?;
+            let agents = agents.into_iter().map(agent_message).collect();
+            Ok(admin_lists::agents_answer(agents, limit))
+        }
+        .await;
+        result.map(Response::new).map_err(|e| e.status())
     }
 
     async fn ban_agent(

@@ -2,6 +2,7 @@
 //! behind the node API (agents, TCP with TLS) and the admin API (operators, a Unix socket).
 
 pub(crate) mod admin;
+pub(crate) mod admin_lists;
 pub(crate) mod audit_log;
 // Several servers, one PostgreSQL (issue 10): re-read the bundle when a client is refused.
 pub(crate) mod bundle_wake;

@@ -5,7 +5,9 @@
 //! for several server replicas sharing one database). Both pass the same conformance suite
 //! (`tests/store_conformance.rs`). Schema changes are sqlx migrations under `migrations/`.
 
+mod paging;
 pub mod postgres;
+pub mod query;
 mod rows;
 pub mod sqlite;
 
@@ -17,6 +19,8 @@ use mayfly_attestors::Selector;
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::{ScopeSet, SpiffeId};
 use crate::svid::Serial;
+
+pub use query::{EntryCursor, EntryQuery, PrefixError, SpiffeIdPrefix};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +176,23 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Database`] or [`StoreError::Corrupt`].
     async fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
+    // Operator lists, paged and filtered (issue 10): see `query`.
+    /// One page of the entries `query` selects, ordered by SPIFFE ID then ID: at most
+    /// `query.limit` (at least one is asked for), after `query.after`. The filters are
+    /// evaluated by the database, and only one page is ever held.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_entries_page(&self, query: &EntryQuery) -> Result<Vec<Entry>, StoreError>;
+    /// One page of agents ordered by SPIFFE ID: at most `limit` (at least one), after `after`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_agents_page(
+        &self,
+        after: Option<&SpiffeId>,
+        limit: u32,
+    ) -> Result<Vec<AgentRecord>, StoreError>;
     /// Deletes an entry; `false` when there was none.
     ///
     /// # Errors

@@ -323,14 +323,23 @@ impl TestServer {
             .map(|r| r.into_inner())
     }
 
-    /// Every entry, from the admin API.
+    /// Every entry, from the admin API, following its pages.
     pub async fn entries(&self) -> Vec<admin_pb::Entry> {
-        self.admin()
-            .list_entries(admin_pb::ListEntriesRequest {})
-            .await
-            .expect("ListEntries")
-            .into_inner()
-            .entries
+        let mut admin = self.admin();
+        let mut request = admin_pb::ListEntriesRequest::default();
+        let mut entries = Vec::new();
+        loop {
+            let page = admin
+                .list_entries(request.clone())
+                .await
+                .expect("ListEntries")
+                .into_inner();
+            entries.extend(page.entries);
+            if page.next_page_token.is_empty() {
+                return entries;
+            }
+            request.page_token = page.next_page_token;
+        }
     }
 
     /// Audit records after `after_seq` (0: all), oldest first.

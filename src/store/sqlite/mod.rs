@@ -71,7 +71,8 @@ use super::rows::{
     entry_columns,
 };
 use super::{
-    AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store, StoreError,
+    AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, EntryQuery, JoinTokenRecord, Store,
+    StoreError, paging,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
@@ -281,6 +282,41 @@ impl Store for SqliteStore {
         .into_iter()
         .map(Entry::try_from)
         .collect()
+    }
+
+    // Operator lists, paged and filtered (issue 10).
+    async fn list_entries_page(&self, query: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
+        let sql = paging::entry_page_sql(query, paging::Dialect::Sqlite);
+        // Built from constant text and numbered placeholders only; every value is bound.
+        let mut statement = sqlx::query_as::<_, EntryRow>(sqlx::AssertSqlSafe(sql));
+        for value in paging::entry_page_binds(query) {
+            statement = statement.bind(value);
+        }
+        statement
+            .bind(i64::from(query.limit.max(1)))
+            .fetch_all(&mut *self.read().await?)
+            .await?
+            .into_iter()
+            .map(Entry::try_from)
+            .collect()
+    }
+
+    async fn list_agents_page(
+        &self,
+        after: Option<&SpiffeId>,
+        limit: u32,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        let mut statement = sqlx::query_as::<_, AgentRow>(paging::agent_page_sql(after.is_some()));
+        if let Some(after) = after {
+            statement = statement.bind(after.as_str());
+        }
+        statement
+            .bind(i64::from(limit.max(1)))
+            .fetch_all(&mut *self.read().await?)
+            .await?
+            .into_iter()
+            .map(AgentRecord::try_from)
+            .collect()
     }
 
     async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
