@@ -247,3 +247,16 @@ mod tests {
         assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_secs(42)), 42);
     }
 }
+
+/// The digest an agent sends of the bundle it holds and the server compares with its own, so
+/// an unchanged bundle is not sent again (entry sync, issue 10): SHA-256 over each DER
+/// certificate's length (8 bytes, big-endian) and bytes, in order.
+pub fn bundle_digest<C: AsRef<[u8]>>(certs: &[C]) -> Vec<u8> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for cert in certs {
+        let der = cert.as_ref();
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    ctx.finish().as_ref().to_vec()
+}
