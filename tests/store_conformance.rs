@@ -1528,9 +1528,10 @@ async fn entry_changes_are_paged_by_revision_per_agent(db: Db) {
         changes(s, sync_query(&agent_a(), now.current, (r0 + 1, &ida1), 1)).await,
         vec![(ida2.clone(), r0 + 3)]
     );
-    // Only what changed after a known revision, and only up to the pass's revision.
+    // Only what changed after a known revision (the cursor `(known + 1, "")` stands before
+    // every row of the next revision), and only up to the pass's revision.
     assert_eq!(
-        changes(s, sync_query(&agent_a(), now.current, (r0 + 1, ""), 10)).await,
+        changes(s, sync_query(&agent_a(), now.current, (r0 + 2, ""), 10)).await,
         vec![(ida2, r0 + 3)]
     );
     assert_eq!(
@@ -1540,7 +1541,7 @@ async fn entry_changes_are_paged_by_revision_per_agent(db: Db) {
     assert!(
         changes(
             s,
-            sync_query(&agent_a(), now.current, (now.current, ""), 10)
+            sync_query(&agent_a(), now.current, (now.current + 1, ""), 10)
         )
         .await
         .is_empty()
@@ -1561,7 +1562,7 @@ async fn deletions_leave_tombstones_until_pruned(db: Db) {
     let after = s.entry_revisions().await.unwrap().current;
     assert_eq!(after, before + 1);
     let deletions = |parent: SpiffeId| async move {
-        s.entry_deletions_page(&sync_query(&parent, after, (before, ""), 10))
+        s.entry_deletions_page(&sync_query(&parent, after, (before + 1, ""), 10))
             .await
             .unwrap()
             .into_iter()
@@ -1613,7 +1614,7 @@ async fn entry_revisions_commit_in_order_under_concurrent_writers(db: Db) {
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let seen = s.entry_revisions().await.unwrap().current;
                 let found = s
-                    .entry_changes_page(&sync_query(&agent_a(), seen, (r0, ""), 1000))
+                    .entry_changes_page(&sync_query(&agent_a(), seen, (r0 + 1, ""), 1000))
                     .await
                     .unwrap()
                     .len();
@@ -1651,7 +1652,7 @@ async fn entry_revisions_commit_in_order_under_concurrent_writers(db: Db) {
     let total = WRITERS * EACH;
     let now = s.entry_revisions().await.unwrap().current;
     assert_eq!(now, r0 + i64::try_from(total).unwrap());
-    let revisions: BTreeSet<i64> = changes(&*s, sync_query(&agent_a(), now, (r0, ""), 1000))
+    let revisions: BTreeSet<i64> = changes(&*s, sync_query(&agent_a(), now, (r0 + 1, ""), 1000))
         .await
         .into_iter()
         .map(|(_, r)| r)

@@ -96,6 +96,15 @@ impl PageToken {
     }
 }
 
+/// The cursor before the first row of a pass: every row for a full one, the rows after revision
+/// `since` otherwise.
+fn start(full: bool, since: i64) -> SyncCursor {
+    SyncCursor {
+        revision: if full { 0 } else { since.saturating_add(1) },
+        id: String::new(),
+    }
+}
+
 /// The entry as the agent gets it.
 pub(crate) fn entry_message(entry: Entry) -> pb::Entry {
     pb::Entry {
@@ -165,10 +174,7 @@ pub(crate) async fn page(
             since: if full { 0 } else { known },
             upto: revisions.current,
             deletions_done: full,
-            after: SyncCursor {
-                revision: if full { 0 } else { known },
-                id: String::new(),
-            },
+            after: start(full, known),
         }
     } else {
         PageToken::parse(&req.page_token)?
@@ -214,10 +220,7 @@ pub(crate) async fn page(
         }
         if read < ROWS_PER_READ as usize {
             token.deletions_done = true;
-            token.after = SyncCursor {
-                revision: token.since,
-                id: String::new(),
-            };
+            token.after = start(token.full, token.since);
         }
     }
     while !more {

@@ -64,10 +64,12 @@ pub struct Revisions {
     pub horizon: i64,
 }
 
-/// Where a page of a sync starts: after this `(revision, id)`.
+/// Where a page of a sync starts: after this `(revision, id)`. IDs are never empty, so
+/// `(r, "")` stands before every row of revision `r`: a sync from known revision `k` starts at
+/// `(k + 1, "")`, a full one at `(0, "")`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SyncCursor {
-    /// The revision of the last row sent (the agent's known revision before the first page).
+    /// The revision of the last row sent.
     pub revision: i64,
     /// The ID of the last row sent (empty before the first).
     pub id: String,
