@@ -17,3 +17,7 @@ CREATE INDEX entry_tombstones_by_parent ON entry_tombstones (parent_id, revision
 CREATE INDEX entry_tombstones_by_age ON entry_tombstones (deleted_at);
 
 ALTER TABLE entries_revision ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0;
+
+-- Revision 0 means "none" to an agent: moved past it, so an agent that synced an empty store
+-- is not mistaken for one that never synced (and sent everything again, every time).
+UPDATE entries_revision SET revision = revision + 1 WHERE id = 1;
