@@ -260,4 +260,3 @@ mod tests {
         assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_secs(42)), 42);
     }
 }
-
