@@ -78,16 +78,17 @@ fn create_mine(cluster: &Cluster, spiffe_id: &str) -> String {
     cluster.create_entry(spiffe_id, &args)
 }
 
-/// A FetchX509SVID stream from this process.
-async fn svid_stream(socket: &Path) -> tonic::Streaming<X509svidResponse> {
+/// A FetchX509SVID stream from this process, or why there is none (no socket yet, or no
+/// identity for this process yet).
+async fn svid_stream(socket: &Path) -> Result<tonic::Streaming<X509svidResponse>, String> {
     let channel = workload_client::connect(socket)
         .await
-        .expect("agent socket");
-    workload_client::workload_api(channel)
+        .map_err(|e| e.to_string())?;
+    Ok(workload_client::workload_api(channel)
         .fetch_x509svid(X509svidRequest {})
         .await
-        .expect("FetchX509SVID")
-        .into_inner()
+        .map_err(|s| s.to_string())?
+        .into_inner())
 }
 
 /// Waits (up to `limit`) for a stream message whose SPIFFE IDs satisfy `done`; returns them.
@@ -119,14 +120,21 @@ async fn wait_served(
 ) -> tonic::Streaming<X509svidResponse> {
     let deadline = Instant::now() + limit;
     loop {
-        let mut stream = svid_stream(socket).await;
-        if let Ok(Ok(Some(m))) =
-            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-            && m.svids.iter().any(|s| s.spiffe_id == id)
-        {
-            return stream;
-        }
-        assert!(Instant::now() < deadline, "the agent never served {id}");
+        let answer = match svid_stream(socket).await {
+            Ok(mut stream) => {
+                match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                    Ok(Ok(Some(m))) if m.svids.iter().any(|s| s.spiffe_id == id) => {
+                        return stream;
+                    }
+                    other => format!("{other:?}"),
+                }
+            }
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the agent never served {id}: {answer}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -1240,7 +1240,8 @@ async fn open_dispatches_on_the_url_scheme() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
     let opened = store::open(&url).await.unwrap();
-    assert_eq!(opened.entries_revision().await.unwrap(), 0);
+    // Revision 0 means "none" to an agent, so a new store starts past it (migration 0003).
+    assert_eq!(opened.entries_revision().await.unwrap(), 1);
     assert_eq!(opened.audit_head().await.unwrap(), (0, [0; 32]));
 }
 

@@ -1,13 +1,18 @@
 //! One sync pass over the node API's `ListEntries` (issue 10): every page of it, in order, so
-//! the caller applies the pass as one step. Against a server of an earlier version (no
+//! the caller applies the pass as one step, and the entry set after it ([`merge`]). Against a server of an earlier version (no
 //! `incremental` in its answer) the one answer is the whole list, as before.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 
 use super::link::ServerLink;
+use super::state::AgentEntry;
 use super::sync_error::SyncError;
+use crate::attestors::Selector;
+use crate::id::{SpiffeId, parse_scopes};
 use crate::proto::node as pb;
 
 /// The call's name in messages.
@@ -101,5 +106,117 @@ pub(super) async fn fetch(
         request.page_token = answer.next_page_token;
         request.bundle_sha256.clear();
         request.wait_ms = 0;
+    }
+}
+
+/// Logs what a pass brought, and at warn level the entries the server could not send.
+pub(super) fn report(pass: &Pass) {
+    if !pass.skipped.is_empty() {
+        // The IDs were escaped by the server; escaped again in case the server is older.
+        let ids: Vec<String> = pass
+            .skipped
+            .iter()
+            .map(|id| crate::text::escape_bounded(id, 64).into_owned())
+            .collect();
+        tracing::warn!(entries = ?ids, "the server skipped entries it could not send (unreadable in its store, or too large); the others are synced: check them with `mayfly entry show ID`");
+    }
+    tracing::info!(
+        full = pass.full,
+        pages = pass.pages,
+        bytes = pass.bytes,
+        entries = pass.entries.len(),
+        deleted = pass.deleted.len(),
+        revision = pass.revision,
+        "synced entries"
+    );
+}
+
+/// The entry set after `pass`: its entries replace `current` when it is a full pass, and are
+/// applied to it as changes (with its deletions) otherwise. Ordered by SPIFFE ID, then ID.
+pub(super) fn merge(current: &[Arc<AgentEntry>], pass: Pass) -> Vec<Arc<AgentEntry>> {
+    let mut by_id: HashMap<String, Arc<AgentEntry>> = if pass.full {
+        HashMap::new()
+    } else {
+        current.iter().map(|e| (e.id.clone(), e.clone())).collect()
+    };
+    for id in pass.deleted.iter().chain(&pass.skipped) {
+        by_id.remove(id);
+    }
+    for e in pass.entries {
+        match to_entry(e) {
+            Ok(entry) => {
+                by_id.insert(entry.id.clone(), Arc::new(entry));
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "ignoring an entry the agent cannot use");
+            }
+        }
+    }
+    let mut entries: Vec<Arc<AgentEntry>> = by_id.into_values().collect();
+    entries.sort_by(|a, b| (a.spiffe_id.as_str(), &a.id).cmp(&(b.spiffe_id.as_str(), &b.id)));
+    entries
+}
+
+fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
+    let spiffe_id = SpiffeId::parse(&e.spiffe_id).map_err(|err| err.to_string())?;
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| Selector::parse(s).map_err(|err| err.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scopes = parse_scopes(&e.scopes).map_err(|err| err.to_string())?;
+    Ok(AgentEntry {
+        id: e.id,
+        spiffe_id,
+        selectors,
+        scopes,
+        ttl: Duration::from_secs(u64::from(e.ttl_seconds)),
+        dns_names: e.dns_names,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, path: &str) -> pb::Entry {
+        pb::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://t.test/{path}"),
+            selectors: vec!["unix:uid:1".into()],
+            scopes: vec![],
+            ttl_seconds: 60,
+            dns_names: vec![],
+        }
+    }
+
+    fn ids(entries: &[Arc<AgentEntry>]) -> Vec<&str> {
+        entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_full_pass_replaces_and_a_delta_applies_changes() {
+        let full = Pass {
+            full: true,
+            entries: vec![entry("b", "w/2"), entry("a", "w/1")],
+            ..Pass::default()
+        };
+        let set = merge(&[], full);
+        assert_eq!(ids(&set), ["a", "b"], "ordered by SPIFFE ID");
+        let delta = Pass {
+            entries: vec![entry("c", "w/0"), entry("bad", "not a spiffe id")],
+            deleted: vec!["a".into(), "unknown".into()],
+            skipped: vec!["b".into()],
+            ..Pass::default()
+        };
+        assert_eq!(ids(&merge(&set, delta)), ["c"]);
+        // Positive control: an empty delta keeps the set; a full pass drops what it lacks.
+        assert_eq!(ids(&merge(&set, Pass::default())), ["a", "b"]);
+        let again = Pass {
+            full: true,
+            entries: vec![entry("b", "w/2")],
+            ..Pass::default()
+        };
+        assert_eq!(ids(&merge(&set, again)), ["b"]);
     }
 }

@@ -13,14 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::entry_pages::{self, Pass};
+use super::entry_pages::{self, Pass, merge, report};
 use super::identity::{self, AgentSvid, Bootstrap, IdentityError, IdentityFiles};
 use super::link::ServerLink;
 use super::state::{AgentEntry, CachedSvid, Snapshot, SnapshotTx};
 pub use super::sync_error::SyncError;
-use crate::attestors::Selector;
-use crate::id::{SpiffeId, parse_scopes};
-use crate::proto::node as pb;
 use crate::wire::RefusalKind;
 
 /// How many identity SVIDs are requested at once.
@@ -174,7 +171,7 @@ impl Syncer {
         let mut next = (*current).clone();
         let revision = pass.revision;
         self.holds = pass.incremental;
-        self.changed = !pass.unchanged;
+        self.changed = !pass.unchanged || !pass.bundle.is_empty();
         if !pass.bundle.is_empty() && pass.bundle != next.bundle {
             self.set_bundle(&pass.bundle)?;
             next.bundle = pass.bundle.clone();
@@ -329,72 +326,6 @@ fn rotation_time(svid: &CachedSvid) -> SystemTime {
     svid.issued_at + life.mul_f64(fraction)
 }
 
-/// Logs what a pass brought, and at warn level the entries the server could not send.
-fn report(pass: &Pass) {
-    if !pass.skipped.is_empty() {
-        // The IDs were escaped by the server; escaped again in case the server is older.
-        let ids: Vec<String> = pass
-            .skipped
-            .iter()
-            .map(|id| crate::text::escape_bounded(id, 64).into_owned())
-            .collect();
-        tracing::warn!(entries = ?ids, "the server skipped entries it could not send (unreadable in its store, or too large); the others are synced: check them with `mayfly entry show ID`");
-    }
-    tracing::info!(
-        full = pass.full,
-        pages = pass.pages,
-        bytes = pass.bytes,
-        entries = pass.entries.len(),
-        deleted = pass.deleted.len(),
-        revision = pass.revision,
-        "synced entries"
-    );
-}
-
-/// The entry set after `pass`: its entries replace `current` when it is a full pass, and are
-/// applied to it as changes (with its deletions) otherwise. Ordered by SPIFFE ID, then ID.
-fn merge(current: &[Arc<AgentEntry>], pass: Pass) -> Vec<Arc<AgentEntry>> {
-    let mut by_id: HashMap<String, Arc<AgentEntry>> = if pass.full {
-        HashMap::new()
-    } else {
-        current.iter().map(|e| (e.id.clone(), e.clone())).collect()
-    };
-    for id in pass.deleted.iter().chain(&pass.skipped) {
-        by_id.remove(id);
-    }
-    for e in pass.entries {
-        match to_entry(e) {
-            Ok(entry) => {
-                by_id.insert(entry.id.clone(), Arc::new(entry));
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, "ignoring an entry the agent cannot use");
-            }
-        }
-    }
-    let mut entries: Vec<Arc<AgentEntry>> = by_id.into_values().collect();
-    entries.sort_by(|a, b| (a.spiffe_id.as_str(), &a.id).cmp(&(b.spiffe_id.as_str(), &b.id)));
-    entries
-}
-
-fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
-    let spiffe_id = SpiffeId::parse(&e.spiffe_id).map_err(|err| err.to_string())?;
-    let selectors = e
-        .selectors
-        .iter()
-        .map(|s| Selector::parse(s).map_err(|err| err.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let scopes = parse_scopes(&e.scopes).map_err(|err| err.to_string())?;
-    Ok(AgentEntry {
-        id: e.id,
-        spiffe_id,
-        selectors,
-        scopes,
-        ttl: Duration::from_secs(u64::from(e.ttl_seconds)),
-        dns_names: e.dns_names,
-    })
-}
-
 /// An empty snapshot for `agent`, not ready until the first sync.
 pub fn initial_snapshot(agent: &AgentSvid) -> Snapshot {
     Snapshot::empty(agent.trust_domain(), agent.bundle.clone())
@@ -403,6 +334,7 @@ pub fn initial_snapshot(agent: &AgentSvid) -> Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::id::SpiffeId;
 
     #[test]
     fn rotation_falls_within_ten_percent_of_half_life() {

@@ -23,6 +23,9 @@ pub(crate) const TOMBSTONE_TTL: Duration = Duration::from_secs(86_400);
 /// The global entry revision as this server last saw it.
 pub(crate) struct EntryWatch {
     revision: watch::Sender<i64>,
+    /// Turns true when the server shuts down: held calls answer at once, so a graceful
+    /// shutdown does not wait for them.
+    closing: watch::Sender<bool>,
     store: Arc<dyn Store>,
 }
 
@@ -31,6 +34,7 @@ impl EntryWatch {
     pub(crate) fn new(store: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self {
             revision: watch::Sender::new(0),
+            closing: watch::Sender::new(false),
             store,
         })
     }
@@ -38,6 +42,11 @@ impl EntryWatch {
     /// A receiver woken whenever the revision grows.
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.revision.subscribe()
+    }
+
+    /// A receiver that turns true when the server shuts down.
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Reads the revision and wakes the waiters when it grew. A failed read is left for the
@@ -68,7 +77,10 @@ pub(crate) async fn run(watch: Arc<EntryWatch>, mut stop: watch::Receiver<bool>)
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                watch.closing.send_replace(true);
+                return;
+            }
             _ = poll.tick() => watch.refresh().await,
             _ = prune.tick() => {
                 let before = unix_secs(SystemTime::now() - TOMBSTONE_TTL);

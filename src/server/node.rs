@@ -325,7 +325,8 @@ impl NodeService {
     /// One page of an incremental sync. A first page with nothing for the agent is held while
     /// the agent asked to wait (at most [`MAX_WAIT`]): it is answered as soon as an entry under
     /// the agent changes or the bundle does, and the agent's standing is checked again every
-    /// [`STANDING_RECHECK`], so a ban or an eviction ends the call.
+    /// [`STANDING_RECHECK`], so a ban or an eviction ends the call. A shutting-down server
+    /// answers at once.
     async fn sync_incremental(
         &self,
         peer: Option<&VerifiedPeer>,
@@ -336,6 +337,7 @@ impl NodeService {
         let id = &agent.spiffe_id;
         // Subscribed before the first read, so a change between the two still wakes the wait.
         let mut changes = self.state.entry_watch.subscribe();
+        let mut closing = self.state.entry_watch.closing();
         let mut answer = entry_sync::page(store, id, req, self.bundle()).await?;
         let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
         if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
@@ -349,6 +351,7 @@ impl NodeService {
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => return Ok(answer),
+                () = closed(&mut closing) => return Ok(answer),
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return Ok(answer);
@@ -372,6 +375,11 @@ enum EntryLookup {
     Read(EntryId, Result<Option<Entry>, StoreError>),
     /// The ID is no entry ID.
     Malformed(Refusal),
+}
+
+/// Resolves once `closing` turns true (or its sender is gone).
+async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
 }
 
 fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedPeer>> {

@@ -224,6 +224,24 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One page of entry-sync rows read by `sql` (see `sync`): every page statement binds the
+    /// same five values in the same order.
+    async fn sync_page<R>(&self, sql: &'static str, query: &SyncQuery) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as::<_, R>(sql)
+            .bind(query.parent.as_str())
+            .bind(query.upto)
+            .bind(query.after.revision)
+            .bind(query.after.id.as_str())
+            .bind(i64::from(query.limit.max(1)))
+            .fetch_all(&mut *self.read().await?)
+            .await?)
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
@@ -360,31 +378,17 @@ impl Store for SqliteStore {
     }
 
     async fn entry_changes_page(&self, query: &SyncQuery) -> Result<Vec<SyncRow>, StoreError> {
-        Ok(sqlx::query_as::<_, SyncEntryRow>(sync::CHANGES_PAGE)
-            .bind(query.parent.as_str())
-            .bind(query.upto)
-            .bind(query.after.revision)
-            .bind(query.after.id.as_str())
-            .bind(i64::from(query.limit.max(1)))
-            .fetch_all(&mut *self.read().await?)
-            .await?
-            .into_iter()
-            .map(SyncRow::from)
-            .collect())
+        let rows = self
+            .sync_page::<SyncEntryRow>(sync::CHANGES_PAGE, query)
+            .await?;
+        Ok(rows.into_iter().map(SyncRow::from).collect())
     }
 
     async fn entry_deletions_page(&self, query: &SyncQuery) -> Result<Vec<Deletion>, StoreError> {
-        Ok(sqlx::query_as::<_, (i64, String)>(sync::DELETIONS_PAGE)
-            .bind(query.parent.as_str())
-            .bind(query.upto)
-            .bind(query.after.revision)
-            .bind(query.after.id.as_str())
-            .bind(i64::from(query.limit.max(1)))
-            .fetch_all(&mut *self.read().await?)
-            .await?
-            .into_iter()
-            .map(sync::deletion)
-            .collect())
+        let rows = self
+            .sync_page::<(i64, String)>(sync::DELETIONS_PAGE, query)
+            .await?;
+        Ok(rows.into_iter().map(sync::deletion).collect())
     }
 
     async fn prune_tombstones(&self, deleted_before: i64) -> Result<u64, StoreError> {
