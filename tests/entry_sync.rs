@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::{TestServer, entry_request};
 use futures::StreamExt;
 use mayfly::proto::admin as admin_pb;
+use mayfly::proto::node::ListEntriesRequest;
 use mayfly::proto::workload::{X509svidRequest, X509svidResponse};
 use mayfly::workload_client;
+use prost::Message as _;
 
 const TD: &str = "spiffe://mayfly.local";
 /// Identity SVIDs live an hour, so none rotates during a test.
@@ -386,4 +389,133 @@ async fn an_entry_created_on_one_server_reaches_an_agent_on_another() {
     // Another server sees the change by polling the revision every 200 ms.
     assert!(took < Duration::from_secs(5), "{took:?}");
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_api_pages_sends_changes_only_holds_and_refuses_a_forged_token() {
+    let server = TestServer::start().await;
+    let agent = server.attest().await;
+    let other = server.attest().await;
+    let mut node = agent.node.clone();
+    let parent = agent.spiffe_id.to_string();
+    for _ in 0..600 {
+        server.create_entry(entry_request(&parent)).await.unwrap();
+    }
+    let (_, bundle) = server.bundle_der().await;
+    let digest = mayfly::wire::bundle_digest(&bundle);
+
+    // A full pass, in pages under the client's 64 KiB limit; the bundle on the first only.
+    let mut request = ListEntriesRequest {
+        incremental: true,
+        ..Default::default()
+    };
+    let mut ids = BTreeSet::new();
+    let mut pages = 0;
+    let revision = loop {
+        let page = node
+            .list_entries(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.incremental && page.full && !page.unchanged);
+        assert!(page.encoded_len() <= 48 * 1024, "{}", page.encoded_len());
+        assert_eq!(page.bundle.is_empty(), pages > 0, "the bundle comes once");
+        pages += 1;
+        ids.extend(page.entries.into_iter().map(|e| e.id));
+        if page.next_page_token.is_empty() {
+            break page.revision;
+        }
+        request.page_token = page.next_page_token;
+    };
+    assert!(pages > 1);
+    assert_eq!(ids.len(), 600);
+
+    // A token the server did not hand out is refused.
+    request.page_token = "garbage".into();
+    let refused = node.list_entries(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // Up to date, with the bundle's digest: held for the wait asked, then "unchanged", no bundle.
+    let current = ListEntriesRequest {
+        known_revision: revision,
+        incremental: true,
+        bundle_sha256: digest.clone(),
+        wait_ms: 400,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let same = node
+        .list_entries(current.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(started.elapsed() >= Duration::from_millis(350), "held");
+    assert!(same.unchanged && same.entries.is_empty() && same.bundle.is_empty());
+    // Positive control: without the digest the bundle comes.
+    let without = ListEntriesRequest {
+        bundle_sha256: Vec::new(),
+        wait_ms: 0,
+        ..current.clone()
+    };
+    assert_eq!(
+        node.list_entries(without)
+            .await
+            .unwrap()
+            .into_inner()
+            .bundle,
+        bundle
+    );
+
+    // Another agent's new entry does not answer this agent's held call...
+    server
+        .create_entry(entry_request(other.spiffe_id.as_str()))
+        .await
+        .unwrap();
+    let quiet = node
+        .list_entries(current.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(quiet.unchanged, "{quiet:?}");
+    assert_eq!(quiet.revision, revision + 1, "but moves its revision on");
+
+    // ...its own does, at once, with that entry alone.
+    let held = ListEntriesRequest {
+        known_revision: quiet.revision,
+        wait_ms: 20_000,
+        ..current
+    };
+    let call = tokio::spawn({
+        let (mut node, held) = (node.clone(), held.clone());
+        async move { node.list_entries(held).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let created = server.create_entry(entry_request(&parent)).await.unwrap();
+    let started = Instant::now();
+    let change = call.await.unwrap().unwrap().into_inner();
+    println!(
+        "a held call answered {:?} after the entry was created",
+        started.elapsed()
+    );
+    assert!(!change.full && !change.unchanged);
+    assert_eq!(change.entries.len(), 1);
+    assert_eq!(change.entries[0].id, created.id);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // A deletion comes as its ID.
+    let mut admin = server.admin();
+    admin
+        .delete_entry(admin_pb::EntryIdRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let after = ListEntriesRequest {
+        known_revision: change.revision,
+        wait_ms: 5_000,
+        ..held
+    };
+    let gone = node.list_entries(after).await.unwrap().into_inner();
+    assert_eq!(gone.deleted_entry_ids, vec![created.id]);
+    assert!(gone.entries.is_empty());
 }
