@@ -228,14 +228,14 @@ pub(crate) async fn page(
         // After the first read, ask for about what the page still has room for (by the mean
         // size so far), not a whole batch: rows read but not sent are read again next page.
         let sent = page.answer.entries.len();
-        let limit = if sent == 0 {
-            ROWS_PER_READ
-        } else {
-            let mean = (page.used - page_start) / sent;
-            let room = PAGE_BUDGET.saturating_sub(page.used) / mean.max(1) + 1;
-            u32::try_from(room)
-                .unwrap_or(ROWS_PER_READ)
-                .clamp(1, ROWS_PER_READ)
+        let limit = match (page.used - page_start).checked_div(sent) {
+            None => ROWS_PER_READ,
+            Some(mean) => {
+                let room = PAGE_BUDGET.saturating_sub(page.used) / mean.max(1) + 1;
+                u32::try_from(room)
+                    .unwrap_or(ROWS_PER_READ)
+                    .clamp(1, ROWS_PER_READ)
+            }
         };
         let rows = store
             .entry_changes_page(&query(&token.after, limit))
