@@ -8,7 +8,7 @@
 //! agent that reads `(since, N]` misses nothing, whichever server wrote.
 
 use super::rows::{EntryRow, entry_columns};
-use super::{Entry, EntryId, StoreError};
+use super::{Entry, StoreError};
 use crate::id::SpiffeId;
 
 /// Bumps the global revision and returns the new value; the first statement of every entry
@@ -98,7 +98,7 @@ pub struct SyncRow {
     pub entry: Result<Entry, StoreError>,
 }
 
-/// A deleted entry: its tombstone's position and the entry's ID as stored.
+/// A deleted entry: its tombstone's position (whose ID is the entry's, as stored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deletion {
     /// The tombstone's position (its ID is the deleted entry's).
@@ -131,9 +131,4 @@ pub(super) fn deletion((revision, id): (i64, String)) -> Deletion {
     Deletion {
         cursor: SyncCursor { revision, id },
     }
-}
-
-/// The entry ID a deleted entry's tombstone names, when it is one.
-pub fn deleted_id(deletion: &Deletion) -> Option<EntryId> {
-    EntryId::parse(&deletion.cursor.id)
 }
