@@ -9,6 +9,9 @@ pub(crate) mod bundle_wake;
 pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
+// Entry sync at scale (issue 10): paged, incremental, held `ListEntries`.
+pub(crate) mod entry_sync;
+pub(crate) mod entry_watch;
 pub(crate) mod node;
 pub(crate) mod policy;
 pub(crate) mod status_layer;
@@ -155,6 +158,8 @@ pub(crate) struct ServerState {
     pub(crate) source: SvidSource,
     pub(crate) agent_ttl: Duration,
     pub(crate) min_entry_ttl: Duration,
+    /// The entry revision held `ListEntries` calls wait on.
+    pub(crate) entry_watch: Arc<entry_watch::EntryWatch>,
 }
 
 impl ServerState {
@@ -324,6 +329,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source: source.clone(),
         agent_ttl: config.agent_ttl,
         min_entry_ttl: config.min_entry_ttl,
+        entry_watch: entry_watch::EntryWatch::new(store.clone()),
     });
 
     let listener = TcpListener::bind(config.bind)
@@ -352,6 +358,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         store.clone(),
         config.trust_domain.clone(),
         source.clone(),
+        shutdown.subscribe(),
+    )));
+    tasks.push(tokio::spawn(entry_watch::run(
+        state.entry_watch.clone(),
         shutdown.subscribe(),
     )));
     let (incoming, accept_loop) =
