@@ -101,6 +101,7 @@ pub struct Authority {
     chain_tail: Vec<CertificateDer<'static>>,
     bundle_roots: Vec<CertificateDer<'static>>,
     not_after_unix: u64,
+    not_before_unix: u64,
     /// The CA's name, key identifier and signing key, parsed once for the issuing hot path.
     issuer: Issuer<'static, KeyPair>,
 }
@@ -365,9 +366,78 @@ impl Authority {
         Self::create(td, ttl, None, unix_secs(SystemTime::now()))
     }
 
+    /// Creates a new CA for `td`, valid from now for `ttl` (capped by the upstream CA's
+    /// notAfter), self-signed or signed by `upstream` (read from disk again, so a renewed
+    /// upstream is picked up at the next rotation). Nothing is written.
+    ///
+    /// # Errors
+    /// [`CaError`] when the upstream files are unusable or signing fails.
+    pub fn create_with(
+        td: &TrustDomain,
+        ttl: Duration,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Self, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        Self::create(td, ttl, upstream, now)
+    }
+
+    /// The journaled CA of certificate `der` whose key is the file `key_path`, if it is usable
+    /// as is: key and certificate match, it names `td`, it is signed the way configured (by
+    /// itself, or by `upstream`), and it has more than [`MIN_REMAINING_LIFE`] left. `None`
+    /// otherwise.
+    ///
+    /// # Errors
+    /// [`CaError`] when the key file cannot be read or the upstream files are unusable.
+    pub fn resume(
+        td: &TrustDomain,
+        der: &[u8],
+        key_path: &Path,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Option<Self>, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        let cert = CertificateDer::from(der.to_vec());
+        Self::from_parts(key_path, cert, key_path, td, upstream.as_ref(), now)
+    }
+
+    /// Loads the CA of the layout before the journal (`ca.key` and `ca.pem` in `dir`) if it
+    /// exists and is usable as is; `None` otherwise.
+    ///
+    /// # Errors
+    /// [`CaError`] when the files cannot be read or the upstream files are unusable.
+    pub fn load_legacy(
+        dir: &Path,
+        td: &TrustDomain,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Option<Self>, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let key_path = dir.join(KEY_FILE);
+        let cert_path = dir.join(CERT_FILE);
+        if !key_path.exists() || !cert_path.exists() {
+            return Ok(None);
+        }
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        Self::load(&key_path, &cert_path, td, upstream.as_ref(), now)
+    }
+
     /// The stored CA if it is usable as is; `None` when it must be replaced.
     fn load(
         key_path: &Path,
+        cert_path: &Path,
+        td: &TrustDomain,
+        upstream: Option<&LoadedUpstream>,
+        now: u64,
+    ) -> Result<Option<Self>, CaError> {
+        let cert = read_one_cert(cert_path, "CA certificate")?;
+        Self::from_parts(key_path, cert, cert_path, td, upstream, now)
+    }
+
+    /// The CA of certificate `cert` (read from `cert_path`, named in errors) and the key file
+    /// `key_path`, if it is usable as is; `None` when it must be replaced.
+    fn from_parts(
+        key_path: &Path,
+        cert: CertificateDer<'static>,
         cert_path: &Path,
         td: &TrustDomain,
         upstream: Option<&LoadedUpstream>,
@@ -387,7 +457,6 @@ impl Authority {
             KeyPair::from_pkcs8_pem_and_sign_algo(&key_pem, &PKCS_ECDSA_P256_SHA256).map_err(
                 bad_file_because(key_path, KEY, "it is not a PKCS#8 PEM P-256 key"),
             )?;
-        let cert = read_one_cert(cert_path, CERT)?;
         let parsed = parse_cert(&cert, cert_path, CERT)?;
         if key.subject_public_key_info() != parsed.public_key().raw {
             return Err(bad_file(
@@ -403,6 +472,7 @@ impl Authority {
             return Err(bad_file(cert_path, CERT, "it is not a CA certificate"));
         }
         let not_after_unix = cert_not_after(&parsed);
+        let not_before_unix = u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0);
         if not_after_unix <= now + MIN_REMAINING_LIFE.as_secs() {
             tracing::info!(path = %cert_path.display(), "the stored CA has expired or is about to; replacing it");
             return Ok(None);
@@ -444,6 +514,7 @@ impl Authority {
             chain_tail,
             bundle_roots,
             not_after_unix,
+            not_before_unix,
             issuer,
         }))
     }
@@ -530,6 +601,7 @@ impl Authority {
             chain_tail,
             bundle_roots,
             not_after_unix: not_after,
+            not_before_unix: now.saturating_sub(CLOCK_SKEW.as_secs()),
             issuer,
         })
     }
@@ -558,6 +630,24 @@ impl Authority {
     /// When this CA expires.
     pub fn not_after(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.not_after_unix)
+    }
+
+    /// This CA's ID: the hex SHA-256 of its certificate's DER.
+    pub fn id(&self) -> String {
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &self.cert,
+        ))
+    }
+
+    /// When this CA became valid, in whole seconds since the Unix epoch.
+    pub(crate) fn not_before_unix(&self) -> u64 {
+        self.not_before_unix
+    }
+
+    /// This CA's private key, PKCS#8 PEM (to keep in its key file).
+    pub(crate) fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The trust domain this CA signs for.
@@ -629,6 +719,17 @@ impl fmt::Debug for CaSet {
 }
 
 impl CaSet {
+    /// A set holding `current` and, published to follow it, `next`.
+    pub fn from_arcs(current: Arc<Authority>, next: Option<Arc<Authority>>) -> Self {
+        Self {
+            state: RwLock::new(CaSetState {
+                current,
+                next,
+                previous: Vec::new(),
+            }),
+        }
+    }
+
     /// A set holding only `current`.
     pub fn new(current: Authority) -> Self {
         Self {
@@ -673,6 +774,14 @@ impl CaSet {
         let old = std::mem::replace(&mut state.current, next);
         state.previous.push(old);
         true
+    }
+
+    /// Replaces the authority that signs and the one published to follow it.
+    pub fn set(&self, current: Arc<Authority>, next: Option<Arc<Authority>>) {
+        let mut state = self.write();
+        state.current = current;
+        state.next = next;
+        state.previous.clear();
     }
 
     /// Drops previous authorities that expired before `now`.
