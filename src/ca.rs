@@ -612,7 +612,7 @@ impl Authority {
     }
 
     /// This CA's certificate, PEM.
-    pub(crate) fn certificate_pem(&self) -> String {
+    pub fn certificate_pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.cert)
     }
 

@@ -2,7 +2,8 @@
 //! schedule, and the operator's steps (`mayfly ca prepare|activate|taint|revoke`).
 //!
 //! Each server owns its CAs (its instance ID, kept in `<data dir>/instance_id`, names them in
-//! the journal) and keeps their keys as files, `<data dir>/ca/<CA ID>.key`. A key is written
+//! the journal) and keeps their keys as files, `<data dir>/ca/<CA ID>.key` (the certificate
+//! beside it as `<CA ID>.pem`, for operators). A key is written
 //! (synced, renamed into place) before its journal row, so `kill -9` never leaves a row whose
 //! key is missing; an orphan key file is harmless. Every step is one store transaction, so a
 //! restart at any point finds the journal in a state it resumes from.
@@ -27,6 +28,8 @@ use crate::wire::unix_secs;
 
 /// The file holding this server's instance ID.
 const INSTANCE_ID_FILE: &str = "instance_id";
+/// How long after a swap an issuance that took the old CA may still sign with it, at most.
+const IN_FLIGHT_MARGIN: Duration = Duration::from_secs(5);
 /// The same warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -183,6 +186,13 @@ impl Journal {
             ca.key_pem().as_bytes(),
             0o600,
         )?;
+        // For operators and tools; the journal row is what the server reads.
+        files::write_atomically(
+            &self.key_dir,
+            &format!("{id}.pem"),
+            ca.certificate_pem().as_bytes(),
+            0o644,
+        )?;
         let not_after = i64::try_from(ca.not_after_unix()).unwrap_or(i64::MAX);
         let roots = ca
             .bundle_roots()
@@ -216,7 +226,8 @@ impl Journal {
 
     /// Makes the prepared CA `ca_id` active in the journal, and the active one old.
     async fn activate_row(&self, ca_id: &str) -> Result<(), RotationError> {
-        let bound = SystemTime::now() + self.max_svid_ttl + crate::svid::CLOCK_SKEW;
+        // An issuance that took the old CA just before the swap signs a moment later.
+        let bound = SystemTime::now() + self.max_svid_ttl + IN_FLIGHT_MARGIN;
         let applied = self
             .store
             .apply_ca_change(&CaChange::Activate {
@@ -301,7 +312,7 @@ impl Rotation {
             self.activate_locked().await?;
             changed = true;
         }
-        if self.cas.next().is_none() && left * 6 <= life {
+        if !changed && self.cas.next().is_none() && left * 6 <= life {
             self.warn_limited(
                 "no-successor",
                 &format!("the signing CA expires in {left}s and no successor is prepared"),

@@ -189,7 +189,16 @@ macro_rules! apply_ca_change {
                     .bind(&record.der)
                     .bind(record.signed_until)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(|e| {
+                        $crate::store::rows::unique_violation(e, || {
+                            format!(
+                                "CA {} (or another {} CA of this server)",
+                                record.ca_id,
+                                record.state.as_str()
+                            )
+                        })
+                    })?;
                 let mut added = 0;
                 for root in roots {
                     added += sqlx::query(j::PUBLISH)

@@ -9,7 +9,7 @@ pub mod ca_journal;
 mod paging;
 pub mod postgres;
 pub mod query;
-mod rows;
+pub(crate) mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;
