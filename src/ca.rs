@@ -37,6 +37,9 @@ pub(crate) const KEY_FILE: &str = "ca.key";
 pub(crate) const CERT_FILE: &str = "ca.pem";
 /// A stored CA is reused only while it has more than this much life left.
 pub(crate) const MIN_REMAINING_LIFE: Duration = Duration::from_secs(60);
+/// A journaled CA is resumed while it has more than this left: the schedule replaces it in
+/// time, and a CA TTL may be shorter than [`MIN_REMAINING_LIFE`] in tests.
+const MIN_RESUMED_LIFE: Duration = Duration::from_secs(1);
 /// The organization (O=) in the CA's subject.
 pub(crate) const CA_ORGANIZATION: &str = "Mayfly";
 /// The longest common name RFC 5280 allows (ub-common-name).
@@ -384,7 +387,7 @@ impl Authority {
 
     /// The journaled CA of certificate `der` whose key is the file `key_path`, if it is usable
     /// as is: key and certificate match, it names `td`, it is signed the way configured (by
-    /// itself, or by `upstream`), and it has more than [`MIN_REMAINING_LIFE`] left. `None`
+    /// itself, or by `upstream`), and it has more than a second left. `None`
     /// otherwise.
     ///
     /// # Errors
@@ -398,7 +401,8 @@ impl Authority {
         let now = unix_secs(SystemTime::now());
         let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
         let cert = CertificateDer::from(der.to_vec());
-        Self::from_parts(key_path, cert, key_path, td, upstream.as_ref(), now)
+        let parts = (key_path, cert, key_path);
+        Self::from_parts(parts, td, upstream.as_ref(), now, MIN_RESUMED_LIFE)
     }
 
     /// Loads the CA of the layout before the journal (`ca.key` and `ca.pem` in `dir`) if it
@@ -430,18 +434,19 @@ impl Authority {
         now: u64,
     ) -> Result<Option<Self>, CaError> {
         let cert = read_one_cert(cert_path, "CA certificate")?;
-        Self::from_parts(key_path, cert, cert_path, td, upstream, now)
+        let parts = (key_path, cert, cert_path);
+        Self::from_parts(parts, td, upstream, now, MIN_REMAINING_LIFE)
     }
 
-    /// The CA of certificate `cert` (read from `cert_path`, named in errors) and the key file
-    /// `key_path`, if it is usable as is; `None` when it must be replaced.
+    /// The CA of the key file `key_path` and certificate `cert` (read from `cert_path`, named
+    /// in errors), if it is usable as is with more than `min_left` to live; `None` when it
+    /// must be replaced.
     fn from_parts(
-        key_path: &Path,
-        cert: CertificateDer<'static>,
-        cert_path: &Path,
+        (key_path, cert, cert_path): (&Path, CertificateDer<'static>, &Path),
         td: &TrustDomain,
         upstream: Option<&LoadedUpstream>,
         now: u64,
+        min_left: Duration,
     ) -> Result<Option<Self>, CaError> {
         const CERT: &str = "CA certificate";
         const KEY: &str = "CA private key (PKCS#8 PEM, P-256)";
@@ -473,7 +478,7 @@ impl Authority {
         }
         let not_after_unix = cert_not_after(&parsed);
         let not_before_unix = u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0);
-        if not_after_unix <= now + MIN_REMAINING_LIFE.as_secs() {
+        if not_after_unix <= now + min_left.as_secs() {
             tracing::info!(path = %cert_path.display(), "the stored CA has expired or is about to; replacing it");
             return Ok(None);
         }

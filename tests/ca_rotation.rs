@@ -1,0 +1,283 @@
+//! CA rotation end to end (issue 10), on real processes: the journal survives restarts and
+//! `kill -9` between steps, the operator's steps are refused out of order and audited in
+//! order, and the 6x TTL rule holds at start and at `entry create`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::{BIN, Cluster};
+use serde_json::Value;
+
+/// Short lifetimes that pass the 6x rule: a CA lives 36 s, so the next one is prepared at
+/// 18 s left and activated at 6 s left.
+const SHORT: &[&str] = &[
+    "--ca-ttl",
+    "36s",
+    "--agent-ttl",
+    "6s",
+    "--min-entry-ttl",
+    "2s",
+];
+
+/// `ca list --output json`.
+fn cas(cluster: &Cluster) -> Vec<Value> {
+    let out = cluster.ok(&["ca", "list", "--output", "json"]);
+    serde_json::from_str::<Value>(&out)
+        .expect("ca list json")
+        .as_array()
+        .expect("an array")
+        .clone()
+}
+
+/// The IDs of the CAs in `state`.
+fn ids_in(cluster: &Cluster, state: &str) -> Vec<String> {
+    cas(cluster)
+        .iter()
+        .filter(|c| c["state"] == state && c["revoked"] == false)
+        .map(|c| c["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+/// `(id, state)` of every CA, sorted by ID.
+fn journal(cluster: &Cluster) -> Vec<(String, String)> {
+    let mut all: Vec<_> = cas(cluster)
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().expect("id").to_owned(),
+                c["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+/// The SPIFFE bundle document `bundle show --format spiffe` prints.
+fn spiffe_bundle(cluster: &Cluster) -> Value {
+    serde_json::from_str(&cluster.ok(&["bundle", "show", "--format", "spiffe"]))
+        .expect("bundle json")
+}
+
+/// The certificates of the PEM bundle, as PEM blocks.
+fn bundle_certs(cluster: &Cluster) -> usize {
+    cluster
+        .ok(&["bundle", "show"])
+        .matches("BEGIN CERTIFICATE")
+        .count()
+}
+
+/// Runs `mayfly` expecting a refusal; returns its stderr.
+fn refused(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.mayfly(args);
+    assert!(!out.status.success(), "mayfly {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Waits (generously: the machine is shared) until `done` holds.
+fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `kill -9` of the server, then a start on the same data dir.
+fn kill_and_restart(cluster: &mut Cluster) {
+    if let Some(mut server) = cluster.server.take() {
+        server.kill();
+    }
+    cluster.start_server();
+}
+
+#[test]
+fn a_restart_keeps_the_same_ca_and_kill_9_between_steps_resumes_the_rotation() {
+    let mut cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
+    let first = ids_in(&cluster, "active");
+    assert_eq!(first.len(), 1, "{:?}", cas(&cluster));
+    let bundle_before = cluster.ok(&["bundle", "show"]);
+
+    // A clean restart: the same CA, the same bundle.
+    cluster.stop_server();
+    cluster.start_server();
+    assert_eq!(ids_in(&cluster, "active"), first);
+    assert_eq!(cluster.ok(&["bundle", "show"]), bundle_before);
+
+    // kill -9 right after prepare: the same active and prepared CAs.
+    cluster.ok(&["ca", "prepare"]);
+    let prepared = journal(&cluster);
+    assert_eq!(prepared.len(), 2);
+    kill_and_restart(&mut cluster);
+    assert_eq!(journal(&cluster), prepared);
+    assert_eq!(bundle_certs(&cluster), 2);
+
+    // kill -9 right after activate: the prepared CA signs, the first is old.
+    let next = ids_in(&cluster, "prepared");
+    cluster.ok(&["ca", "activate"]);
+    let activated = journal(&cluster);
+    kill_and_restart(&mut cluster);
+    assert_eq!(journal(&cluster), activated);
+    assert_eq!(ids_in(&cluster, "active"), next);
+    assert_eq!(ids_in(&cluster, "old"), first);
+    // And the rotation goes on from there.
+    cluster.ok(&["ca", "prepare"]);
+    assert_eq!(ids_in(&cluster, "prepared").len(), 1);
+    assert_eq!(bundle_certs(&cluster), 3);
+}
+
+#[test]
+fn the_schedule_rotates_on_its_own_and_survives_kill_9() {
+    let mut cluster = Cluster::start_with(SHORT);
+    let first = ids_in(&cluster, "active");
+    // Prepared at 1/2 of the life left (18 s of 36 s) and published at once.
+    wait_for(Duration::from_secs(60), "a prepared CA", || {
+        ids_in(&cluster, "prepared").len() == 1
+    });
+    assert_eq!(bundle_certs(&cluster), 2);
+    let next = ids_in(&cluster, "prepared");
+    kill_and_restart(&mut cluster);
+    // Activated at 1/6 left, even though the server was killed in between.
+    wait_for(
+        Duration::from_secs(60),
+        "the prepared CA to activate",
+        || ids_in(&cluster, "active") == next,
+    );
+    let old = ids_in(&cluster, "old");
+    assert_eq!(old, first);
+    // The old CA leaves the bundle once nothing it signed can be valid.
+    wait_for(Duration::from_secs(60), "the old CA to be dropped", || {
+        !journal(&cluster).iter().any(|(id, _)| *id == first[0])
+    });
+    let log = std::fs::read_to_string(cluster.path("server.log")).unwrap_or_default();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn operator_steps_out_of_order_are_refused_and_every_step_is_audited_in_order() {
+    let cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
+    let first = ids_in(&cluster, "active").remove(0);
+    let seq0 = spiffe_bundle(&cluster)["spiffe_sequence"].as_u64().unwrap();
+
+    let err = refused(&cluster, &["ca", "activate"]);
+    assert!(err.contains("no CA is prepared"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    let err = refused(&cluster, &["ca", "taint", &first]);
+    assert!(err.contains("is active and signing"), "{err}");
+    let err = refused(&cluster, &["ca", "revoke", &first]);
+    assert!(err.contains("is active and signing"), "{err}");
+    let err = refused(&cluster, &["ca", "taint", "not-an-id"]);
+    assert!(err.contains("is not a CA ID"), "{err}");
+
+    cluster.ok(&["ca", "prepare"]);
+    let seq1 = spiffe_bundle(&cluster)["spiffe_sequence"].as_u64().unwrap();
+    assert!(seq1 > seq0, "publishing the next CA bumps the sequence");
+    let err = refused(&cluster, &["ca", "prepare"]);
+    assert!(err.contains("is already prepared"), "{err}");
+    cluster.ok(&["ca", "activate"]);
+    let err = refused(&cluster, &["ca", "revoke", &first]);
+    assert!(err.contains("is not tainted"), "{err}");
+    cluster.ok(&["ca", "taint", &first]);
+    let err = refused(&cluster, &["ca", "taint", &first]);
+    assert!(err.contains("already tainted"), "{err}");
+    // Still in the bundle while only tainted (verifiers keep accepting it).
+    assert_eq!(bundle_certs(&cluster), 2);
+    let revoked: Value =
+        serde_json::from_str(&cluster.ok(&["ca", "revoke", &first, "--output", "json"])).unwrap();
+    assert_eq!(revoked["revoked"], true);
+    assert_eq!(bundle_certs(&cluster), 1, "a revoked CA leaves the bundle");
+    let seq2 = spiffe_bundle(&cluster)["spiffe_sequence"].as_u64().unwrap();
+    assert!(seq2 > seq1, "revoking bumps the sequence");
+    assert!(
+        spiffe_bundle(&cluster)["spiffe_refresh_hint"]
+            .as_u64()
+            .unwrap()
+            <= 300
+    );
+
+    // The audit log holds every step, refused or not, in order.
+    let out = cluster.ok(&["audit", "list", "--output", "json"]);
+    let steps: Vec<(String, String)> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["action"].as_str().unwrap_or_default().starts_with("ca."))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["decision"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("ca.activate", "deny"),
+        ("ca.taint", "deny"),
+        ("ca.revoke", "deny"),
+        ("ca.prepare", "allow"),
+        ("ca.prepare", "deny"),
+        ("ca.activate", "allow"),
+        ("ca.revoke", "deny"),
+        ("ca.taint", "allow"),
+        ("ca.taint", "deny"),
+        ("ca.revoke", "allow"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, d)| (a.to_string(), d.to_string()))
+        .collect();
+    assert_eq!(steps, expected);
+    let verify = cluster.ok(&["audit", "verify"]);
+    assert!(verify.contains("intact"), "{verify}");
+}
+
+#[test]
+fn the_6x_rule_is_enforced_at_start_and_at_entry_create() {
+    // At start: a CA TTL under 6x the agent TTL is refused in one sentence.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "run", "--bind", "127.0.0.1:0", "--ca-ttl", "60s"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run the server");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("must be at least 6 times the agent SVID TTL"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+
+    // Positive control: the same CA TTL with an agent TTL of a sixth of it starts.
+    let mut cluster = Cluster::start_with(&[
+        "--ca-ttl",
+        "60s",
+        "--agent-ttl",
+        "10s",
+        "--min-entry-ttl",
+        "2s",
+    ]);
+    cluster.start_agent();
+    // At entry create: the ceiling is min(1h, ca_ttl / 6) = 10 s.
+    let out = cluster.mayfly(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://mayfly.local/bot",
+        "--parent-id",
+        &cluster.agent_id,
+        "--selector",
+        "unix:uid:1001",
+        "--ttl",
+        "11s",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("above the ceiling of 10s"), "{err}");
+    // Positive control: at the ceiling.
+    cluster.create_entry(
+        "spiffe://mayfly.local/bot",
+        &["--selector", "unix:uid:1001", "--ttl", "10s"],
+    );
+}
