@@ -498,7 +498,14 @@ mod tests {
 
     #[test]
     fn records_chained_with_the_string_action_verify_identically() {
-        assert_eq!(STRING_ERA_HASHES.len(), AuditAction::ALL.len());
+        // Every action of that era comes first in ALL; later ones (the ca.* steps) never had
+        // a string form.
+        let era: Vec<&str> = STRING_ERA_HASHES.iter().map(|(name, _)| *name).collect();
+        let first: Vec<&str> = AuditAction::ALL[..era.len()]
+            .iter()
+            .map(|a| a.as_str())
+            .collect();
+        assert_eq!(first, era);
         for (name, hash) in STRING_ERA_HASHES {
             let action = AuditAction::parse(name).expect(name);
             assert_eq!(action.as_str(), name);

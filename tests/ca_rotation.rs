@@ -281,3 +281,273 @@ fn the_6x_rule_is_enforced_at_start_and_at_entry_create() {
         &["--selector", "unix:uid:1001", "--ttl", "10s"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rotation under traffic.
+
+const CLIENT_ID: &str = "spiffe://mayfly.local/agents/rotation-client";
+const PROXY_ID: &str = "spiffe://mayfly.local/services/proxy";
+
+/// hex SHA-256 of DER: a CA's ID.
+fn ca_id(der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
+}
+
+/// The IDs of the CAs in the bundle `bundle show` prints now.
+fn bundle_ids(cluster: &Cluster) -> Vec<String> {
+    let pem = cluster.ok(&["bundle", "show"]);
+    mayfly::bundle::from_pem(pem.as_bytes())
+        .expect("a PEM bundle")
+        .iter()
+        .map(|der| ca_id(der))
+        .collect()
+}
+
+/// A TCP upstream that answers each line with `echo: <line>`, until the client closes.
+async fn line_echo_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = tcp.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = format!("echo: {line}\n");
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One mTLS connection through the proxy with the client's live SVID: a line up, its echo
+/// back.
+async fn one_request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(format!("request {n}\n").as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(tls)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    if line == format!("echo: request {n}\n") {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer {line:?}"))
+    }
+}
+
+/// `mayfly svid mint` of a 10 s task SVID into `dir`; then `openssl verify` of it against the
+/// bundle that came with it. `Err` says which failed.
+fn mint_and_verify(cluster: &Cluster, n: usize) -> Result<(), String> {
+    let dir = cluster.path(&format!("mint-{n}"));
+    let dir_text = dir.display().to_string();
+    let task = format!("task-{n}");
+    let out = cluster.mayfly(&[
+        "svid",
+        "mint",
+        "--task",
+        &task,
+        "--spiffe-id",
+        CLIENT_ID,
+        "--scope",
+        "echo:use:lines",
+        "--ttl",
+        "10s",
+        "--write",
+        &dir_text,
+    ]);
+    if !out.status.success() {
+        return Err(format!(
+            "mint {n} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("bundle.pem"))
+        .arg(dir.join("svid.pem"))
+        .output()
+        .map_err(|e| format!("run openssl: {e}"))?;
+    if verify.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl verify of mint {n}: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        ))
+    }
+}
+
+/// The scenario: CA TTL 90 s, agent SVIDs 15 s (the 6x rule allows no more), task
+/// SVIDs 10 s, for 2.5 CA lifetimes: every task mint succeeds and verifies with openssl
+/// against the bundle fetched with it, one mTLS request a second through `mayfly proxy` never
+/// fails, and at every handover the bundle holds both the old and the new CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_under_traffic_fail_no_mint_and_no_request() {
+    const RUN: Duration = Duration::from_secs(230);
+    let mut cluster = Cluster::start_with(&[
+        "--ca-ttl",
+        "90s",
+        "--agent-ttl",
+        "15s",
+        "--min-entry-ttl",
+        "2s",
+    ]);
+    cluster.start_agent();
+    cluster.create_entry(
+        PROXY_ID,
+        &[
+            "--selector",
+            "unix:uid:0",
+            "--dns",
+            "localhost",
+            "--ttl",
+            "10s",
+        ],
+    );
+    cluster.create_entry(
+        CLIENT_ID,
+        &[
+            "--selector",
+            "unix:uid:0",
+            "--scope",
+            "echo:use:lines",
+            "--ttl",
+            "10s",
+        ],
+    );
+    let upstream = line_echo_upstream().await;
+    let port = common::cluster::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let proxy_log = cluster.path("proxy.log");
+    let _proxy = common::cluster::Proc(
+        Command::new(BIN)
+            .args(["proxy", "--listen", &listen, "--upstream"])
+            .arg(upstream.to_string())
+            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
+            .args(["--allow-id", CLIENT_ID])
+            .current_dir(cluster.dir.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
+            .spawn()
+            .expect("spawn mayfly proxy"),
+    );
+    let read_proxy_log = || std::fs::read_to_string(&proxy_log).unwrap_or_default();
+    wait_for(Duration::from_secs(40), "the proxy to run", || {
+        read_proxy_log().contains("mayfly proxy running")
+    });
+
+    let source = mayfly::mtls::SvidSource::spawn_for(
+        cluster.socket(),
+        Some(mayfly::id::SpiffeId::parse(CLIENT_ID).expect("an ID")),
+    );
+    source
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("the client's SVID");
+    let policy = mayfly::mtls::PeerPolicy::parse_ids(&[PROXY_ID]).expect("a policy");
+    let config = mayfly::mtls::client_config(&source, policy).expect("client config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let addr: std::net::SocketAddr = listen.parse().expect("an address");
+
+    // The client: one request a second, all along.
+    let start = Instant::now();
+    let client = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        let mut n = 0;
+        while start.elapsed() < RUN {
+            n += 1;
+            let at = start.elapsed();
+            match tokio::time::timeout(Duration::from_secs(10), one_request(&connector, addr, n))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(format!("at {at:?}: {e}")),
+                Err(_) => failures.push(format!("at {at:?}: timed out")),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        (n, failures)
+    });
+
+    // Meanwhile: a task mint every few seconds, and the journal and bundle watched.
+    let cluster = std::sync::Arc::new(cluster);
+    let watcher = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut mint_failures = Vec::new();
+            let mut mints = 0;
+            let mut handovers = Vec::new();
+            let mut active = ids_in(&cluster, "active");
+            while start.elapsed() < RUN {
+                mints += 1;
+                if let Err(e) = mint_and_verify(&cluster, mints) {
+                    mint_failures.push(format!("at {:?}: {e}", start.elapsed()));
+                }
+                let now_active = ids_in(&cluster, "active");
+                if now_active != active {
+                    let bundle = bundle_ids(&cluster);
+                    handovers.push((active.clone(), now_active.clone(), bundle));
+                    active = now_active;
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            (mints, mint_failures, handovers)
+        })
+    };
+    let (requests, failures) = client.await.expect("the client");
+    let (mints, mint_failures, handovers) = watcher.await.expect("the watcher");
+    println!(
+        "{requests} requests, {mints} mints, {} handovers in {:?}",
+        handovers.len(),
+        start.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed: {failures:#?}\nproxy log:\n{}",
+        failures.len(),
+        read_proxy_log()
+    );
+    assert!(
+        mint_failures.is_empty(),
+        "{} of {mints} mints failed: {mint_failures:#?}",
+        mint_failures.len()
+    );
+    // 230 s from a CA born at the start: activations near 75 s, 150 s and 225 s.
+    assert!(handovers.len() >= 2, "only {} handovers", handovers.len());
+    for (old, new, bundle) in &handovers {
+        for id in old.iter().chain(new) {
+            assert!(
+                bundle.contains(id),
+                "the bundle at a handover lacks CA {id}: {bundle:?}"
+            );
+        }
+    }
+    assert!(requests >= 150, "only {requests} requests");
+}
