@@ -551,3 +551,224 @@ async fn rotations_under_traffic_fail_no_mint_and_no_request() {
     }
     assert!(requests >= 150, "only {requests} requests");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Taint and revoke.
+
+/// `svid fetch` (identity) or `svid mint` (task) into `<cluster>/<name>`, retried for up to
+/// 15 s while the agent has not synced the entry yet; returns the directory and the serial.
+fn write_svid(cluster: &Cluster, name: &str, args: &[&str]) -> (std::path::PathBuf, String) {
+    let dir = cluster.path(name);
+    let dir_text = dir.display().to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--write", &dir_text, "--output", "json"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = cluster.mayfly(&all);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("svid json");
+            return (dir, v["serial"].as_str().expect("serial").to_owned());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether `openssl verify` accepts the SVID in `dir` against the one CA `ca_pem`.
+fn signed_by(dir: &std::path::Path, ca_pem: &std::path::Path) -> bool {
+    Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca_pem)
+        .arg(dir.join("svid.pem"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The PEM file of CA `id` in the server's data dir.
+fn ca_pem(cluster: &Cluster, id: &str) -> std::path::PathBuf {
+    cluster.path(&format!(".mayfly/server/ca/{id}.pem"))
+}
+
+/// `openssl s_client` through the proxy with the SVID in `dir`, verifying the proxy against
+/// `bundle`; whether the line came back echoed.
+fn echoed_through(port: u16, dir: &std::path::Path, bundle: &std::path::Path) -> bool {
+    use std::io::Write as _;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "localhost", "-verify_return_error", "-quiet"])
+        .arg("-CAfile")
+        .arg(bundle)
+        .arg("-cert")
+        .arg(dir.join("svid.pem"))
+        .arg("-key")
+        .arg(dir.join("svid.key"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(b"hello\n");
+    // -quiet ignores the end of its input, and the echo upstream keeps the connection while
+    // the client does: give the answer a few seconds, then end this s_client.
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    drop(stdin);
+    let out = child.wait_with_output().expect("s_client output");
+    String::from_utf8_lossy(&out.stdout).contains("echo: hello")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taint_reissues_within_a_sync_round_and_revoke_is_refused_by_the_proxy() {
+    let mut cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
+    cluster.start_agent();
+    cluster.create_entry(
+        PROXY_ID,
+        &[
+            "--selector",
+            "unix:uid:0",
+            "--dns",
+            "localhost",
+            "--ttl",
+            "5m",
+        ],
+    );
+    cluster.create_entry(
+        CLIENT_ID,
+        &[
+            "--selector",
+            "unix:uid:0",
+            "--scope",
+            "echo:use:lines",
+            "--ttl",
+            "5m",
+        ],
+    );
+    let upstream = line_echo_upstream().await;
+    let port = common::cluster::free_port();
+    let proxy_log = cluster.path("proxy.log");
+    let _proxy = common::cluster::Proc(
+        Command::new(BIN)
+            .args([
+                "proxy",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+            ])
+            .arg(upstream.to_string())
+            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
+            .args(["--allow-id", CLIENT_ID])
+            .current_dir(cluster.dir.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
+            .spawn()
+            .expect("spawn mayfly proxy"),
+    );
+    wait_for(Duration::from_secs(40), "the proxy to run", || {
+        std::fs::read_to_string(&proxy_log)
+            .unwrap_or_default()
+            .contains("mayfly proxy running")
+    });
+
+    let old_ca = ids_in(&cluster, "active").remove(0);
+    let (identity, identity_serial) = write_svid(&cluster, "identity", &["svid", "fetch"]);
+    assert!(signed_by(&identity, &ca_pem(&cluster, &old_ca)));
+    let task_args = [
+        "svid",
+        "mint",
+        "--task",
+        "before-revoke",
+        "--spiffe-id",
+        CLIENT_ID,
+        "--scope",
+        "echo:use:lines",
+    ];
+    let (old_task, _) = write_svid(&cluster, "old-task", &task_args);
+    // Positive control: an SVID of the CA about to be revoked gets through the proxy.
+    std::fs::write(
+        cluster.path("bundle-now.pem"),
+        cluster.ok(&["bundle", "show"]),
+    )
+    .unwrap();
+    assert!(echoed_through(
+        port,
+        &old_task,
+        &cluster.path("bundle-now.pem")
+    ));
+
+    cluster.ok(&["ca", "prepare"]);
+    cluster.ok(&["ca", "activate"]);
+    let new_ca = ids_in(&cluster, "active").remove(0);
+    // Nothing is re-issued for a rotation alone: the identity SVID is the same.
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, serial) = write_svid(&cluster, "identity-after-rotation", &["svid", "fetch"]);
+    assert_eq!(serial, identity_serial, "no re-issue without a taint");
+
+    // Taint: within one sync round (2 s) plus issuance, the identity SVIDs and the agent's
+    // own SVID come from the new CA.
+    let tainted_at = Instant::now();
+    cluster.ok(&["ca", "taint", &old_ca]);
+    let mut replaced = None;
+    wait_for(
+        Duration::from_secs(15),
+        "the identity SVID re-issued",
+        || {
+            let (dir, serial) = write_svid(&cluster, "identity-after-taint", &["svid", "fetch"]);
+            let done = serial != identity_serial && signed_by(&dir, &ca_pem(&cluster, &new_ca));
+            if done {
+                replaced = Some(tainted_at.elapsed());
+            }
+            done
+        },
+    );
+    println!(
+        "identity SVID replaced {:?} after the taint",
+        replaced.unwrap()
+    );
+    wait_for(Duration::from_secs(15), "the agent SVID renewed", || {
+        cluster.agent_log().contains("renewed the agent SVID")
+    });
+    // Tainted, not revoked: the old task SVID still gets through.
+    assert!(echoed_through(
+        port,
+        &old_task,
+        &cluster.path("bundle-now.pem")
+    ));
+
+    // Revoke: the old CA leaves the bundle; at the proxy's next bundle update the old SVID is
+    // refused, while a fresh one gets through (positive control on the same proxy).
+    cluster.ok(&["ca", "revoke", &old_ca]);
+    std::fs::write(
+        cluster.path("bundle-now.pem"),
+        cluster.ok(&["bundle", "show"]),
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the proxy to refuse the revoked CA",
+        || !echoed_through(port, &old_task, &cluster.path("bundle-now.pem")),
+    );
+    let fresh_args = [
+        "svid",
+        "mint",
+        "--task",
+        "after-revoke",
+        "--spiffe-id",
+        CLIENT_ID,
+        "--scope",
+        "echo:use:lines",
+    ];
+    let (fresh, _) = write_svid(&cluster, "fresh-task", &fresh_args);
+    assert!(echoed_through(
+        port,
+        &fresh,
+        &cluster.path("bundle-now.pem")
+    ));
+}

@@ -13,6 +13,8 @@ pub(crate) mod keys;
 pub mod link;
 pub mod state;
 pub(crate) mod sync;
+// Re-issuing what a tainted CA signed (issue 10).
+pub(crate) mod taint;
 pub(crate) mod task_api;
 pub(crate) mod workload_api;
 

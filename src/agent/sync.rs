@@ -174,6 +174,14 @@ impl Syncer {
                 .is_some_and(|e| e.spiffe_id == svid.spiffe_id)
         });
         self.rotate_at.retain(|id, _| next.svids.contains_key(id));
+        let fps = &answer.tainted_ca_fingerprints;
+        let agent_tainted = super::taint::mark_due(
+            fps,
+            &next.bundle,
+            &next.svids,
+            &mut self.rotate_at,
+            &self.agent.chain,
+        );
         let now = SystemTime::now();
         let due: Vec<Arc<AgentEntry>> = next
             .entries
@@ -212,6 +220,9 @@ impl Syncer {
                     refused = Some(status);
                 }
             }
+        }
+        if agent_tainted {
+            self.renew_agent().await?;
         }
         next.ready = true;
         let changed = next.entries != current.entries

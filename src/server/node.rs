@@ -489,6 +489,7 @@ impl pb::node_server::Node for NodeService {
                     unchanged: true,
                     entries: Vec::new(),
                     bundle: self.bundle(),
+                    tainted_ca_fingerprints: self.state.rotation.tainted(),
                 });
             }
             let entries = self
@@ -501,6 +502,7 @@ impl pb::node_server::Node for NodeService {
                 unchanged: false,
                 entries: entries.into_iter().map(entry_message).collect(),
                 bundle: self.bundle(),
+                tainted_ca_fingerprints: self.state.rotation.tainted(),
             })
         }
         .await;

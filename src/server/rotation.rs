@@ -78,6 +78,8 @@ pub(crate) struct Rotation {
     /// Woken after every step, so the server refreshes its bundle and own SVID at once.
     pub(crate) changed: Notify,
     warned: Mutex<HashMap<&'static str, Instant>>,
+    /// SHA-256 of every tainted CA of the trust domain, as agents are told at each sync.
+    tainted: Mutex<Arc<Vec<Vec<u8>>>>,
 }
 
 /// What [`Rotation::resume`] needs from the server's configuration.
@@ -245,6 +247,14 @@ impl Journal {
     }
 }
 
+/// The fingerprints of the tainted CAs among `rows`.
+fn tainted_of(rows: &[CaJournalRecord]) -> Vec<Vec<u8>> {
+    rows.iter()
+        .filter(|r| r.tainted)
+        .filter_map(|r| hex::decode(&r.ca_id).ok())
+        .collect()
+}
+
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
@@ -281,6 +291,7 @@ impl Rotation {
             steps: tokio::sync::Mutex::new(()),
             changed: Notify::new(),
             warned: Mutex::new(HashMap::new()),
+            tainted: Mutex::new(Arc::new(tainted_of(&rows))),
         })
     }
 
@@ -318,7 +329,10 @@ impl Rotation {
                 &format!("the signing CA expires in {left}s and no successor is prepared"),
             );
         }
-        for row in self.journal.store.list_ca_journal().await? {
+        let rows = self.journal.store.list_ca_journal().await?;
+        // Other servers' taints reach this one's agents within a pass.
+        self.set_tainted(&rows);
+        for row in rows {
             let spent = row.state == CaState::Old && row.signed_until < now_s;
             let dead = row.not_after < now_s && row.state != CaState::Active;
             if row.instance_id == self.journal.instance_id && (spent || dead) {
@@ -433,6 +447,7 @@ impl Rotation {
             ca_id: ca_id.to_owned(),
         })
         .await?;
+        self.set_tainted(&self.journal.store.list_ca_journal().await?);
         self.record(ca_id).await
     }
 
@@ -482,6 +497,18 @@ impl Rotation {
         }
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// SHA-256 of every tainted CA (see [`Rotation::tick`], which re-reads them).
+    pub(crate) fn tainted(&self) -> Vec<Vec<u8>> {
+        self.tainted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .to_vec()
+    }
+
+    fn set_tainted(&self, rows: &[CaJournalRecord]) {
+        *self.tainted.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(tainted_of(rows));
     }
 
     /// This server's instance ID.
