@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "Agent",
             "AuditRecord",
             "VerifyAuditResponse",
+            "Ca",
         ] {
             config = config.type_attribute(
                 format!(".mayfly.admin.v1.{message}"),

@@ -37,6 +37,9 @@ pub(crate) const KEY_FILE: &str = "ca.key";
 pub(crate) const CERT_FILE: &str = "ca.pem";
 /// A stored CA is reused only while it has more than this much life left.
 pub(crate) const MIN_REMAINING_LIFE: Duration = Duration::from_secs(60);
+/// A journaled CA is resumed while it has more than this left: the schedule replaces it in
+/// time, and a CA TTL may be shorter than [`MIN_REMAINING_LIFE`] in tests.
+const MIN_RESUMED_LIFE: Duration = Duration::from_secs(1);
 /// The organization (O=) in the CA's subject.
 pub(crate) const CA_ORGANIZATION: &str = "Mayfly";
 /// The longest common name RFC 5280 allows (ub-common-name).
@@ -101,6 +104,7 @@ pub struct Authority {
     chain_tail: Vec<CertificateDer<'static>>,
     bundle_roots: Vec<CertificateDer<'static>>,
     not_after_unix: u64,
+    not_before_unix: u64,
     /// The CA's name, key identifier and signing key, parsed once for the issuing hot path.
     issuer: Issuer<'static, KeyPair>,
 }
@@ -365,6 +369,62 @@ impl Authority {
         Self::create(td, ttl, None, unix_secs(SystemTime::now()))
     }
 
+    /// Creates a new CA for `td`, valid from now for `ttl` (capped by the upstream CA's
+    /// notAfter), self-signed or signed by `upstream` (read from disk again, so a renewed
+    /// upstream is picked up at the next rotation). Nothing is written.
+    ///
+    /// # Errors
+    /// [`CaError`] when the upstream files are unusable or signing fails.
+    pub fn create_with(
+        td: &TrustDomain,
+        ttl: Duration,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Self, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        Self::create(td, ttl, upstream, now)
+    }
+
+    /// The journaled CA of certificate `der` whose key is the file `key_path`, if it is usable
+    /// as is: key and certificate match, it names `td`, it is signed the way configured (by
+    /// itself, or by `upstream`), and it has more than a second left. `None`
+    /// otherwise.
+    ///
+    /// # Errors
+    /// [`CaError`] when the key file cannot be read or the upstream files are unusable.
+    pub fn resume(
+        td: &TrustDomain,
+        der: &[u8],
+        key_path: &Path,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Option<Self>, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        let cert = CertificateDer::from(der.to_vec());
+        let parts = (key_path, cert, key_path);
+        Self::from_parts(parts, td, upstream.as_ref(), now, MIN_RESUMED_LIFE)
+    }
+
+    /// Loads the CA of the layout before the journal (`ca.key` and `ca.pem` in `dir`) if it
+    /// exists and is usable as is; `None` otherwise.
+    ///
+    /// # Errors
+    /// [`CaError`] when the files cannot be read or the upstream files are unusable.
+    pub fn load_legacy(
+        dir: &Path,
+        td: &TrustDomain,
+        upstream: Option<&UpstreamCa>,
+    ) -> Result<Option<Self>, CaError> {
+        let now = unix_secs(SystemTime::now());
+        let key_path = dir.join(KEY_FILE);
+        let cert_path = dir.join(CERT_FILE);
+        if !key_path.exists() || !cert_path.exists() {
+            return Ok(None);
+        }
+        let upstream = upstream.map(|u| LoadedUpstream::load(u, now)).transpose()?;
+        Self::load(&key_path, &cert_path, td, upstream.as_ref(), now)
+    }
+
     /// The stored CA if it is usable as is; `None` when it must be replaced.
     fn load(
         key_path: &Path,
@@ -372,6 +432,21 @@ impl Authority {
         td: &TrustDomain,
         upstream: Option<&LoadedUpstream>,
         now: u64,
+    ) -> Result<Option<Self>, CaError> {
+        let cert = read_one_cert(cert_path, "CA certificate")?;
+        let parts = (key_path, cert, cert_path);
+        Self::from_parts(parts, td, upstream, now, MIN_REMAINING_LIFE)
+    }
+
+    /// The CA of the key file `key_path` and certificate `cert` (read from `cert_path`, named
+    /// in errors), if it is usable as is with more than `min_left` to live; `None` when it
+    /// must be replaced.
+    fn from_parts(
+        (key_path, cert, cert_path): (&Path, CertificateDer<'static>, &Path),
+        td: &TrustDomain,
+        upstream: Option<&LoadedUpstream>,
+        now: u64,
+        min_left: Duration,
     ) -> Result<Option<Self>, CaError> {
         const CERT: &str = "CA certificate";
         const KEY: &str = "CA private key (PKCS#8 PEM, P-256)";
@@ -387,7 +462,6 @@ impl Authority {
             KeyPair::from_pkcs8_pem_and_sign_algo(&key_pem, &PKCS_ECDSA_P256_SHA256).map_err(
                 bad_file_because(key_path, KEY, "it is not a PKCS#8 PEM P-256 key"),
             )?;
-        let cert = read_one_cert(cert_path, CERT)?;
         let parsed = parse_cert(&cert, cert_path, CERT)?;
         if key.subject_public_key_info() != parsed.public_key().raw {
             return Err(bad_file(
@@ -403,7 +477,8 @@ impl Authority {
             return Err(bad_file(cert_path, CERT, "it is not a CA certificate"));
         }
         let not_after_unix = cert_not_after(&parsed);
-        if not_after_unix <= now + MIN_REMAINING_LIFE.as_secs() {
+        let not_before_unix = u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0);
+        if not_after_unix <= now + min_left.as_secs() {
             tracing::info!(path = %cert_path.display(), "the stored CA has expired or is about to; replacing it");
             return Ok(None);
         }
@@ -444,6 +519,7 @@ impl Authority {
             chain_tail,
             bundle_roots,
             not_after_unix,
+            not_before_unix,
             issuer,
         }))
     }
@@ -530,6 +606,7 @@ impl Authority {
             chain_tail,
             bundle_roots,
             not_after_unix: not_after,
+            not_before_unix: now.saturating_sub(CLOCK_SKEW.as_secs()),
             issuer,
         })
     }
@@ -540,7 +617,7 @@ impl Authority {
     }
 
     /// This CA's certificate, PEM.
-    pub(crate) fn certificate_pem(&self) -> String {
+    pub fn certificate_pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.cert)
     }
 
@@ -558,6 +635,24 @@ impl Authority {
     /// When this CA expires.
     pub fn not_after(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.not_after_unix)
+    }
+
+    /// This CA's ID: the hex SHA-256 of its certificate's DER.
+    pub fn id(&self) -> String {
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &self.cert,
+        ))
+    }
+
+    /// When this CA became valid, in whole seconds since the Unix epoch.
+    pub(crate) fn not_before_unix(&self) -> u64 {
+        self.not_before_unix
+    }
+
+    /// This CA's private key, PKCS#8 PEM (to keep in its key file).
+    pub(crate) fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The trust domain this CA signs for.
@@ -629,6 +724,17 @@ impl fmt::Debug for CaSet {
 }
 
 impl CaSet {
+    /// A set holding `current` and, published to follow it, `next`.
+    pub fn from_arcs(current: Arc<Authority>, next: Option<Arc<Authority>>) -> Self {
+        Self {
+            state: RwLock::new(CaSetState {
+                current,
+                next,
+                previous: Vec::new(),
+            }),
+        }
+    }
+
     /// A set holding only `current`.
     pub fn new(current: Authority) -> Self {
         Self {
@@ -673,6 +779,14 @@ impl CaSet {
         let old = std::mem::replace(&mut state.current, next);
         state.previous.push(old);
         true
+    }
+
+    /// Replaces the authority that signs and the one published to follow it.
+    pub fn set(&self, current: Arc<Authority>, next: Option<Arc<Authority>>) {
+        let mut state = self.write();
+        state.current = current;
+        state.next = next;
+        state.previous.clear();
     }
 
     /// Drops previous authorities that expired before `now`.

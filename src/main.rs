@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use cli::admin::{AgentAdminCommand, AuditCommand, BundleCommand, EntryCommand, TokenCommand};
+use cli::ca::CaCommand;
 use cli::output::{Format, Printer, is_closed};
 use cli::run::{AgentRunArgs, ProxyArgs, ServerRunArgs};
 use cli::workload::SvidCommand;
@@ -56,6 +57,9 @@ enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// The CAs, and rotating them by hand.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// SVIDs for this workload, from the agent's socket.
     #[command(subcommand)]
     Svid(SvidCommand),
@@ -274,6 +278,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bundle(cmd) => {
             cli::admin::bundle(&mut admin(&cli.admin_socket).await?, cmd, out).await
         }
+        Command::Ca(cmd) => cli::ca::ca(&mut admin(&cli.admin_socket).await?, cmd, out).await,
         Command::Audit(cmd) => {
             cli::admin::audit(&mut admin(&cli.admin_socket).await?, cmd, out).await
         }

@@ -689,10 +689,21 @@ async fn a_leaf_from_the_trust_domain_ca_with_a_20_octet_serial_is_accepted() {
     let read = mint(&cluster, "read", BOT_ID, &[READ], None);
     curl(&proxy, &read, &[], "/customers").ok("200");
 
+    // The signing CA's files, <CA ID>.key and .pem, as the CA journal names them.
+    let cas: serde_json::Value =
+        serde_json::from_str(&cluster.ok(&["ca", "list", "--output", "json"])).unwrap();
+    let active = cas
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["state"] == "active")
+        .expect("an active CA");
+    let id = active["id"].as_str().unwrap();
     let ca_dir = cluster.path(".mayfly/server/ca");
     let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
-    let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join(format!("{id}.key"))).unwrap())
+            .unwrap();
+    let ca_pem = std::fs::read_to_string(ca_dir.join(format!("{id}.pem"))).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
     // pyca: a positive 159-bit integer, 20 octets of DER content.
     let mut pyca = [0u8; 20];

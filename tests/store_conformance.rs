@@ -21,8 +21,8 @@ use mayfly::id::{Scope, SpiffeId};
 use mayfly::store::postgres::PostgresStore;
 use mayfly::store::sqlite::SqliteStore;
 use mayfly::store::{
-    self, AgentRecord, AuditFilter, CaCertRecord, Entry, EntryId, JoinTokenRecord, Store,
-    StoreError, SyncCursor, SyncQuery,
+    self, AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, CaState, Entry,
+    EntryId, JoinTokenRecord, Store, StoreError, SyncCursor, SyncQuery,
 };
 use mayfly::svid::Serial;
 use sqlx::{PgPool, SqlitePool};
@@ -157,6 +157,9 @@ conformance!(
     lookups_under_concurrency_answer_each_caller,
     agent_serial_rotation,
     ca_certs_idempotent_and_expiry,
+    // The CA journal (issue 10).
+    ca_journal_lifecycle_and_sequence,
+    ca_journal_steps_out_of_order_change_nothing,
     audit_concurrent_appends_form_one_chain,
     audit_appends_given_up_half_way_leave_the_chain_whole,
     audit_round_trip_and_filters,
@@ -810,6 +813,205 @@ async fn ca_certs_idempotent_and_expiry(db: Db) {
         vec![last_second.clone(), live.clone(), expired.clone()]
     );
     assert_eq!(s.list_ca_certs(NOW + 101).await.unwrap(), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CA journal
+
+/// A journal row of `instance` in `state`, its ID `id` (also its bundle fingerprint).
+fn journal_row(id: &str, instance: &str, state: CaState, not_after: i64) -> CaJournalRecord {
+    CaJournalRecord {
+        ca_id: id.into(),
+        instance_id: instance.into(),
+        state,
+        tainted: false,
+        revoked: false,
+        upstream: false,
+        not_before: NOW - 10,
+        not_after,
+        der: format!("der of {id}").into_bytes(),
+        signed_until: not_after,
+    }
+}
+
+/// Inserts `row`, publishing its own certificate.
+async fn insert_ca(s: &dyn Store, row: &CaJournalRecord) -> Result<bool, StoreError> {
+    s.apply_ca_change(&CaChange::Insert {
+        record: row.clone(),
+        roots: vec![CaCertRecord {
+            fingerprint: row.ca_id.clone(),
+            der: row.der.clone(),
+            not_after: row.not_after,
+        }],
+    })
+    .await
+}
+
+fn fingerprints(certs: &[CaCertRecord]) -> Vec<&str> {
+    certs.iter().map(|c| c.fingerprint.as_str()).collect()
+}
+
+/// prepare, activate (the previous active becomes old, bounded), taint, revoke (leaves the
+/// bundle), drop; the sequence grows exactly when the published certificates change.
+async fn ca_journal_lifecycle_and_sequence(db: Db) {
+    let s = db.store();
+    let seq0 = s.bundle_sequence().await.unwrap();
+    let a = journal_row("aa", "one", CaState::Prepared, NOW + 1000);
+    assert!(insert_ca(s, &a).await.unwrap());
+    let seq1 = s.bundle_sequence().await.unwrap();
+    assert!(seq1 > seq0, "publishing a CA bumps the sequence");
+    let activate = |id: &str, bound| CaChange::Activate {
+        instance_id: "one".into(),
+        ca_id: id.into(),
+        old_signed_until: bound,
+    };
+    assert!(s.apply_ca_change(&activate("aa", NOW)).await.unwrap());
+    // Activation changes no published certificate.
+    assert_eq!(s.bundle_sequence().await.unwrap(), seq1);
+
+    let b = journal_row("bb", "one", CaState::Prepared, NOW + 2000);
+    assert!(insert_ca(s, &b).await.unwrap());
+    // Another server's CAs live beside these.
+    let other = journal_row("cc", "two", CaState::Prepared, NOW + 3000);
+    assert!(insert_ca(s, &other).await.unwrap());
+    assert!(s.apply_ca_change(&activate("bb", NOW + 50)).await.unwrap());
+    let journal = s.list_ca_journal().await.unwrap();
+    let get = |id: &str| journal.iter().find(|r| r.ca_id == id).unwrap().clone();
+    assert_eq!(get("aa").state, CaState::Old);
+    assert_eq!(
+        get("aa").signed_until,
+        NOW + 50,
+        "the bound of what it signed"
+    );
+    assert_eq!(get("bb").state, CaState::Active);
+    assert_eq!(
+        get("cc").state,
+        CaState::Prepared,
+        "another server's CA untouched"
+    );
+    assert_eq!(get("cc").der, other.der);
+    assert_eq!(
+        fingerprints(&s.list_ca_certs(NOW).await.unwrap()),
+        ["aa", "bb", "cc"]
+    );
+
+    let seq2 = s.bundle_sequence().await.unwrap();
+    assert!(
+        s.apply_ca_change(&CaChange::Taint { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    assert!(s.list_ca_journal().await.unwrap()[0].tainted);
+    assert_eq!(s.bundle_sequence().await.unwrap(), seq2);
+    assert!(
+        s.apply_ca_change(&CaChange::Revoke { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    let seq3 = s.bundle_sequence().await.unwrap();
+    assert!(seq3 > seq2, "revoking bumps the sequence");
+    assert_eq!(
+        fingerprints(&s.list_ca_certs(NOW).await.unwrap()),
+        ["bb", "cc"]
+    );
+    assert!(s.list_ca_journal().await.unwrap()[0].revoked);
+
+    assert!(
+        s.apply_ca_change(&CaChange::Drop { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    assert!(s.bundle_sequence().await.unwrap() > seq3);
+    let ids: Vec<_> = s
+        .list_ca_journal()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.ca_id)
+        .collect();
+    assert_eq!(ids, ["bb", "cc"]);
+}
+
+/// A step whose CA is not in the state it needs writes nothing and says so; one server never
+/// holds two prepared or two active CAs.
+async fn ca_journal_steps_out_of_order_change_nothing(db: Db) {
+    let s = db.store();
+    let a = journal_row("aa", "one", CaState::Prepared, NOW + 1000);
+    insert_ca(s, &a).await.unwrap();
+    // A second prepared CA of the same server is refused; another server's is not.
+    let twin = journal_row("ab", "one", CaState::Prepared, NOW + 1000);
+    assert!(is_already_exists(insert_ca(s, &twin).await));
+    assert!(
+        insert_ca(s, &journal_row("zz", "two", CaState::Prepared, NOW))
+            .await
+            .unwrap()
+    );
+    // The same ID twice is refused.
+    assert!(is_already_exists(insert_ca(s, &a).await));
+
+    let before = s.list_ca_journal().await.unwrap();
+    let seq = s.bundle_sequence().await.unwrap();
+    let refused = [
+        // Only a prepared CA of this server activates.
+        CaChange::Activate {
+            instance_id: "two".into(),
+            ca_id: "aa".into(),
+            old_signed_until: NOW,
+        },
+        CaChange::Activate {
+            instance_id: "one".into(),
+            ca_id: "nope".into(),
+            old_signed_until: NOW,
+        },
+        // Only a tainted, non-active CA is revoked.
+        CaChange::Revoke { ca_id: "aa".into() },
+        CaChange::Taint {
+            ca_id: "nope".into(),
+        },
+    ];
+    for change in &refused {
+        assert!(!s.apply_ca_change(change).await.unwrap(), "{change:?}");
+    }
+    assert_eq!(
+        s.list_ca_journal().await.unwrap(),
+        before,
+        "nothing written"
+    );
+    assert_eq!(s.bundle_sequence().await.unwrap(), seq);
+
+    // Positive control on the same fixture: the prepared CA activates, and then an active CA
+    // is neither revoked (even tainted) nor dropped.
+    let activate = CaChange::Activate {
+        instance_id: "one".into(),
+        ca_id: "aa".into(),
+        old_signed_until: NOW,
+    };
+    assert!(s.apply_ca_change(&activate).await.unwrap());
+    assert!(
+        s.apply_ca_change(&CaChange::Taint { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.apply_ca_change(&CaChange::Taint { ca_id: "aa".into() })
+            .await
+            .unwrap(),
+        "tainted once"
+    );
+    assert!(
+        !s.apply_ca_change(&CaChange::Revoke { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.apply_ca_change(&CaChange::Drop { ca_id: "aa".into() })
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        fingerprints(&s.list_ca_certs(NOW).await.unwrap()),
+        ["aa", "zz"]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ pub mod link;
 pub mod state;
 pub(crate) mod sync;
 pub mod sync_error;
+// Re-issuing what a tainted CA signed (issue 10).
+pub(crate) mod taint;
 pub(crate) mod task_api;
 pub(crate) mod workload_api;
 

@@ -166,7 +166,8 @@ impl Syncer {
         entry_pages::fetch(&self.link, self.revision, held, self.hold_for()).await
     }
 
-    async fn apply(&mut self, pass: Pass) -> Result<(), SyncError> {
+    async fn apply(&mut self, mut pass: Pass) -> Result<(), SyncError> {
+        let tainted = std::mem::take(&mut pass.tainted);
         let current = self.tx.borrow().clone();
         let mut next = (*current).clone();
         let revision = pass.revision;
@@ -190,6 +191,13 @@ impl Syncer {
                 .is_some_and(|e| e.spiffe_id == svid.spiffe_id)
         });
         self.rotate_at.retain(|id, _| next.svids.contains_key(id));
+        let agent_tainted = super::taint::mark_due(
+            &tainted,
+            &next.bundle,
+            &next.svids,
+            &mut self.rotate_at,
+            &self.agent.chain,
+        );
         let now = SystemTime::now();
         let due: Vec<Arc<AgentEntry>> = next
             .entries
@@ -228,6 +236,9 @@ impl Syncer {
                     refused = Some(status);
                 }
             }
+        }
+        if agent_tainted {
+            self.renew_agent().await?;
         }
         next.ready = true;
         let changed = next.entries != current.entries

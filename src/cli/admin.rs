@@ -150,7 +150,7 @@ pub enum AuditCommand {
 }
 
 /// A gRPC status as the one sentence the server wrote.
-fn refused(status: tonic::Status) -> anyhow::Error {
+pub fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow!("{}", status.message())
 }
 
@@ -319,7 +319,16 @@ pub async fn bundle(admin: &mut Admin, cmd: BundleCommand, out: Printer) -> Resu
         .into_inner();
     match format {
         BundleFormat::Pem => out.raw(&mayfly::bundle::to_pem(&bundle.certificates)),
-        BundleFormat::Spiffe => out.line(mayfly::bundle::to_spiffe_json(&bundle.certificates)?),
+        BundleFormat::Spiffe => {
+            let info = mayfly::bundle::SpiffeBundleInfo {
+                sequence: Some(bundle.sequence),
+                refresh_hint_secs: u64::from(bundle.refresh_hint_seconds),
+            };
+            out.line(mayfly::bundle::to_spiffe_json_with(
+                &bundle.certificates,
+                info,
+            )?)
+        }
     }
 }
 

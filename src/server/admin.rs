@@ -19,6 +19,12 @@ use crate::server::entry_rules::{EntryError, EntryRules};
 use crate::store::{AgentRecord, AuditFilter, Entry, EntryId, JoinTokenRecord, StoreError};
 use crate::wire::unix_secs;
 
+// CA rotation by hand (issue 10).
+#[path = "admin_ca.rs"]
+mod admin_ca;
+use crate::server::rotation::RotationError;
+use admin_ca::CaStep;
+
 /// Join tokens live this long unless asked otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
 /// No join token lives longer than this.
@@ -43,6 +49,10 @@ enum AdminError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Entry(#[from] EntryError),
+    #[error(transparent)]
+    Ca(RotationError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for AdminError {
@@ -77,7 +87,12 @@ impl AdminError {
             Self::Entry(e) => Status::invalid_argument(crate::wire::error_chain(e)),
             Self::NotFound(m) => Status::not_found(m.clone()),
             Self::Exists(m) => Status::already_exists(m.clone()),
-            Self::Store(_) | Self::Audit(_) => Status::unavailable(crate::wire::error_chain(self)),
+            Self::Ca(RotationError::OutOfOrder(m)) => Status::failed_precondition(m.clone()),
+            Self::Ca(e @ RotationError::NotFound(_)) => Status::not_found(e.to_string()),
+            Self::Unavailable(m) => Status::unavailable(m.clone()),
+            Self::Store(_) | Self::Audit(_) | Self::Ca(_) => {
+                Status::unavailable(crate::wire::error_chain(self))
+            }
         }
     }
 }
@@ -110,11 +125,23 @@ impl AdminService {
         Ok(())
     }
 
+    async fn audit_refusal(&self, action: AuditAction, reason: String) -> Result<(), AdminError> {
+        let event = AuditEvent {
+            decision: Some(Decision::Deny),
+            reason,
+            agent_id: Some("operator".into()),
+            ..AuditEvent::new(action)
+        };
+        self.state.audit.record(event).await?;
+        Ok(())
+    }
+
     fn validate_entry(&self, req: &pb::CreateEntryRequest) -> Result<Entry, AdminError> {
         let rules = EntryRules {
             trust_domain: &self.state.td,
             policy: &self.state.policy,
             min_ttl: self.state.min_entry_ttl,
+            max_ttl: self.state.max_entry_ttl,
         };
         Ok(rules.validate(req)?)
     }
@@ -382,10 +409,75 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::GetBundleResponse>, Status> {
-        Ok(Response::new(pb::GetBundleResponse {
-            trust_domain: self.state.td.to_string(),
-            certificates: self.state.bundle_der(),
-        }))
+        let result: Result<pb::GetBundleResponse, AdminError> = async {
+            let certificates = self.state.bundle_der();
+            // Never an empty bundle silently: a verifier given one would trust nothing.
+            if certificates.is_empty() {
+                return Err(AdminError::Unavailable(
+                    "the trust bundle is empty: no CA of this trust domain is valid now; check the server's log for CA rotation warnings".into(),
+                ));
+            }
+            let sequence = self.state.store.bundle_sequence().await?;
+            Ok(pb::GetBundleResponse {
+                trust_domain: self.state.td.to_string(),
+                certificates,
+                sequence: u64::try_from(sequence).unwrap_or(0),
+                refresh_hint_seconds: u32::try_from(self.state.refresh_hint.as_secs())
+                    .unwrap_or(u32::MAX),
+            })
+        }
+        .await;
+        result.map(Response::new).map_err(|e| e.status())
+    }
+
+    async fn list_cas(
+        &self,
+        _request: Request<pb::ListCasRequest>,
+    ) -> Result<Response<pb::ListCasResponse>, Status> {
+        self.ca_list()
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+
+    async fn prepare_ca(
+        &self,
+        _request: Request<pb::PrepareCaRequest>,
+    ) -> Result<Response<pb::Ca>, Status> {
+        self.ca_step(CaStep::Prepare, "")
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+
+    async fn activate_ca(
+        &self,
+        _request: Request<pb::ActivateCaRequest>,
+    ) -> Result<Response<pb::Ca>, Status> {
+        self.ca_step(CaStep::Activate, "")
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+
+    async fn taint_ca(
+        &self,
+        request: Request<pb::CaIdRequest>,
+    ) -> Result<Response<pb::Ca>, Status> {
+        self.ca_step(CaStep::Taint, &request.get_ref().id)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
+    }
+
+    async fn revoke_ca(
+        &self,
+        request: Request<pb::CaIdRequest>,
+    ) -> Result<Response<pb::Ca>, Status> {
+        self.ca_step(CaStep::Revoke, &request.get_ref().id)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
     }
 
     type ListAuditStream = AuditStream;

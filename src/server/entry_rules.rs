@@ -119,9 +119,16 @@ pub enum EntryError {
         /// The floor, in seconds.
         floor: u64,
     },
-    /// The TTL is above the ceiling.
-    #[error("a TTL of {0}s is above the ceiling of 3600s (1h); SVIDs are meant to live minutes")]
-    TtlAboveCeiling(u64),
+    /// The TTL is above the ceiling: 1 h, or 1/6 of the CA TTL when that is shorter.
+    #[error(
+        "a TTL of {asked}s is above the ceiling of {ceiling}s (at most 1h, and at most 1/6 of the CA TTL so that the CA is rotated before what it signed expires); give a shorter --ttl"
+    )]
+    TtlAboveCeiling {
+        /// Seconds asked for.
+        asked: u64,
+        /// The ceiling, in seconds.
+        ceiling: u64,
+    },
 }
 
 /// The rules an entry is checked against.
@@ -133,6 +140,8 @@ pub(crate) struct EntryRules<'a> {
     pub policy: &'a IssuancePolicy,
     /// The shortest TTL an entry may have ([`MIN_TTL`] unless configured otherwise).
     pub min_ttl: Duration,
+    /// The longest TTL an entry may have: min([`MAX_TTL`], ca_ttl / 6).
+    pub max_ttl: Duration,
 }
 
 impl EntryRules<'_> {
@@ -179,10 +188,11 @@ impl EntryRules<'_> {
     /// The TTL to store for `asked` seconds (0: the default).
     fn check_ttl(&self, asked: u32) -> Result<u32, EntryError> {
         let floor = self.min_ttl.as_secs();
+        let ceiling = self.max_ttl.min(MAX_TTL).as_secs();
         let asked = u64::from(asked);
         let ttl = match asked {
-            0 => DEFAULT_TTL.as_secs().max(floor),
-            t if t > MAX_TTL.as_secs() => return Err(EntryError::TtlAboveCeiling(t)),
+            0 => DEFAULT_TTL.as_secs().max(floor).min(ceiling),
+            t if t > ceiling => return Err(EntryError::TtlAboveCeiling { asked: t, ceiling }),
             t if t < floor => return Err(EntryError::TtlBelowFloor { asked: t, floor }),
             t => t,
         };
@@ -232,6 +242,7 @@ mod tests {
             trust_domain: &td,
             policy: &policy,
             min_ttl: MIN_TTL,
+            max_ttl: MAX_TTL,
         };
         assert_eq!(r.check_ttl(0).unwrap(), 300);
         assert_eq!(r.check_ttl(30).unwrap(), 30);
@@ -249,7 +260,10 @@ mod tests {
         ));
         assert!(matches!(
             r.check_ttl(3601),
-            Err(EntryError::TtlAboveCeiling(3601))
+            Err(EntryError::TtlAboveCeiling {
+                asked: 3601,
+                ceiling: 3600
+            })
         ));
         // A floor configured above the default TTL raises the default with it.
         let high = EntryRules {

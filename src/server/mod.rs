@@ -14,6 +14,8 @@ pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod node;
 pub(crate) mod policy;
+// CA rotation (issue 10): the journal, the schedule and the operator's steps.
+pub(crate) mod rotation;
 pub(crate) mod status_layer;
 
 use std::net::SocketAddr;
@@ -31,7 +33,7 @@ use crate::ca::{Authority, CaError, CaSet, UpstreamCa};
 use crate::id::{ScopeSet, ScopedId, TrustDomain};
 use crate::mtls::{self, IdPattern, MtlsError, PeerPolicy, SvidSource};
 use crate::proto::{admin::admin_server::AdminServer, node::node_server::NodeServer};
-use crate::store::{self, CaCertRecord, Store, StoreError};
+use crate::store::{self, Store, StoreError};
 use crate::svid::{self, Bundles, KeyAndCsr, LeafSpec, SvidError};
 use crate::wire::{MAX_NODE_MESSAGE, server_id, unix_secs};
 use audit_log::AuditLog;
@@ -51,12 +53,20 @@ pub mod defaults {
     pub const CA_TTL: Duration = Duration::from_secs(7 * 86_400);
     /// The agents' SVID lifetime (agents renew at half of it).
     pub const AGENT_TTL: Duration = Duration::from_secs(3600);
-    /// The server's own SVID lifetime (renewed at half of it).
+    /// The server's own SVID lifetime at most (renewed at half of it); also at most 1/6 of
+    /// the CA's (see [`super::ServerConfig::server_svid_ttl`]).
     pub const SERVER_TTL: Duration = Duration::from_secs(3600);
 }
 
-/// How often the bundle is re-read from the store (other replicas may publish CAs).
+/// A CA lives at least this many times the longest SVID it signs (SPIRE's rule): it is
+/// activated with 1/6 of its life left, so what it signed last still expires before it does.
+pub const CA_TTL_FACTOR: u32 = 6;
+
+/// How often the bundle is re-read from the store (other replicas may publish CAs), and the
+/// CA schedule checked.
 const BUNDLE_REFRESH: Duration = Duration::from_secs(5);
+/// The longest refresh hint the bundle carries.
+const MAX_REFRESH_HINT: Duration = Duration::from_secs(300);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +109,21 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] MtlsError),
+    /// The CA journal could not be resumed.
+    #[error(transparent)]
+    Rotation(#[from] rotation::RotationError),
+    /// The CA lifetime is too short for the SVID lifetimes (SPIRE's 6x rule).
+    #[error(
+        "the CA TTL ({ca_ttl}s) must be at least 6 times the agent SVID TTL ({agent_ttl}s), so that a CA is rotated well before what it signed expires; give --ca-ttl {needed}s or more, or a shorter --agent-ttl"
+    )]
+    CaTtlTooShort {
+        /// The CA TTL, seconds.
+        ca_ttl: u64,
+        /// The agent TTL, seconds.
+        agent_ttl: u64,
+        /// The shortest CA TTL that would do, seconds.
+        needed: u64,
+    },
 }
 
 /// What a server runs with.
@@ -141,6 +166,38 @@ impl ServerConfig {
         }
     }
 
+    /// The longest SVID TTL this CA lifetime allows: 1/6 of it ([`CA_TTL_FACTOR`]).
+    pub fn max_svid_ttl(&self) -> Duration {
+        self.ca_ttl / CA_TTL_FACTOR
+    }
+
+    /// The server's own SVID lifetime: min(1 h, ca_ttl / 6).
+    pub fn server_svid_ttl(&self) -> Duration {
+        defaults::SERVER_TTL.min(self.max_svid_ttl())
+    }
+
+    /// The longest TTL an entry may be registered with: min(1 h, ca_ttl / 6).
+    pub fn max_entry_ttl(&self) -> Duration {
+        policy::MAX_TTL.min(self.max_svid_ttl())
+    }
+
+    /// Refuses a CA TTL under 6x the agent TTL ([`CA_TTL_FACTOR`]); entry and server SVID
+    /// TTLs are capped at ca_ttl / 6 instead, so they always fit.
+    ///
+    /// # Errors
+    /// [`ServerError::CaTtlTooShort`].
+    pub fn check_ttls(&self) -> Result<(), ServerError> {
+        let needed = self.agent_ttl * CA_TTL_FACTOR;
+        if self.ca_ttl < needed {
+            return Err(ServerError::CaTtlTooShort {
+                ca_ttl: self.ca_ttl.as_secs(),
+                agent_ttl: self.agent_ttl.as_secs(),
+                needed: needed.as_secs(),
+            });
+        }
+        Ok(())
+    }
+
     /// The admin socket's path, `<data dir>/admin.sock`.
     pub fn admin_socket(&self) -> PathBuf {
         self.data_dir.join("admin.sock")
@@ -153,6 +210,8 @@ pub(crate) struct ServerState {
     pub(crate) policy: IssuancePolicy,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) cas: Arc<CaSet>,
+    /// This server's CA journal and schedule.
+    pub(crate) rotation: Arc<rotation::Rotation>,
     pub(crate) audit: AuditLog,
     /// The server's own SVID and the trust bundle, as the node API's TLS uses them.
     pub(crate) source: SvidSource,
@@ -160,6 +219,10 @@ pub(crate) struct ServerState {
     pub(crate) min_entry_ttl: Duration,
     /// The entry revision held `ListEntries` calls wait on.
     pub(crate) entry_watch: Arc<entry_watch::EntryWatch>,
+    /// The longest TTL an entry may have: min(1 h, ca_ttl / 6).
+    pub(crate) max_entry_ttl: Duration,
+    /// How often verifiers should re-read the bundle: min(ca_ttl / 12, 300 s).
+    pub(crate) refresh_hint: Duration,
 }
 
 impl ServerState {
@@ -257,6 +320,7 @@ async fn refresh_bundle(
 fn issue_server_svid(
     authority: &Authority,
     td: &TrustDomain,
+    ttl: Duration,
 ) -> Result<
     (
         Vec<rustls_pki_types::CertificateDer<'static>>,
@@ -274,7 +338,7 @@ fn issue_server_svid(
         &LeafSpec {
             id: &id,
             key: &key,
-            ttl: defaults::SERVER_TTL,
+            ttl,
             dns_names: &[],
         },
         SystemTime::now(),
@@ -288,6 +352,7 @@ fn issue_server_svid(
 /// # Errors
 /// [`ServerError`] naming what could not be set up.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    config.check_ttls()?;
     create_private_dir(&config.data_dir)?;
     let store: Arc<dyn Store> = match &config.database {
         Some(url) => store::open(url).await?,
@@ -296,27 +361,23 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             store::open(&format!("sqlite://{}", path.display())).await?
         }
     };
-    let authority = Authority::load_or_create(
-        &config.data_dir.join("ca"),
-        &config.trust_domain,
-        config.ca_ttl,
-        config.upstream_ca.as_ref(),
-    )?;
-    for root in authority.bundle_roots() {
-        store
-            .put_ca_cert(&CaCertRecord {
-                fingerprint: hex::encode(aws_lc_rs::digest::digest(
-                    &aws_lc_rs::digest::SHA256,
-                    root,
-                )),
-                der: root.to_vec(),
-                not_after: unix_secs(authority.not_after()),
-            })
-            .await?;
-    }
-    let cas = Arc::new(CaSet::new(authority));
+    let rotation = Arc::new(
+        rotation::Rotation::resume(
+            store.clone(),
+            &rotation::RotationConfig {
+                data_dir: &config.data_dir,
+                td: &config.trust_domain,
+                ca_ttl: config.ca_ttl,
+                max_svid_ttl: config.max_svid_ttl().max(config.agent_ttl),
+                upstream: config.upstream_ca.as_ref(),
+            },
+        )
+        .await?,
+    );
+    let cas = rotation.cas();
     let bundles = load_bundle(store.as_ref(), &config.trust_domain).await?;
-    let (chain, key, _) = issue_server_svid(&cas.current(), &config.trust_domain)?;
+    let server_ttl = config.server_svid_ttl();
+    let (chain, key, _) = issue_server_svid(&cas.current(), &config.trust_domain, server_ttl)?;
     let source = SvidSource::from_parts(chain, &key, bundles)?;
     let tls_config = node_tls_config(&source, agent_policy(&config.trust_domain))?;
 
@@ -325,11 +386,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         policy: IssuancePolicy::new(config.trust_domain.clone()),
         store: store.clone(),
         cas: cas.clone(),
+        rotation: rotation.clone(),
         audit: AuditLog::start(store.clone()),
         source: source.clone(),
         agent_ttl: config.agent_ttl,
         min_entry_ttl: config.min_entry_ttl,
         entry_watch: entry_watch::EntryWatch::new(store.clone()),
+        max_entry_ttl: config.max_entry_ttl(),
+        refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
     });
 
     let listener = TcpListener::bind(config.bind)
@@ -403,7 +467,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut stop = shutdown.subscribe();
     let td = config.trust_domain.clone();
     tasks.push(tokio::spawn(async move {
-        maintain(store, td, source, cas, &mut stop).await;
+        let maintained = Maintained {
+            store,
+            td,
+            source,
+            rotation,
+            server_ttl,
+        };
+        maintained.run(&mut stop).await;
     }));
 
     Ok(RunningServer {
@@ -415,42 +486,66 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Keeps the bundle current and renews the server's own SVID at half its life, both in place
-/// in `source`, so the listener picks them up at its next handshake.
-async fn maintain(
+/// What the server's periodic loop keeps current.
+struct Maintained {
     store: Arc<dyn Store>,
     td: TrustDomain,
     source: SvidSource,
-    cas: Arc<CaSet>,
-    stop: &mut watch::Receiver<bool>,
-) {
-    let mut renew_at = SystemTime::now() + defaults::SERVER_TTL / 2;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(BUNDLE_REFRESH) => {}
-        }
-        if let Err(e) = refresh_bundle(store.as_ref(), &td, &source).await {
-            tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle; keeping the current one");
-        }
-        if SystemTime::now() >= renew_at {
-            match issue_server_svid(&cas.current(), &td) {
-                Ok((chain, key, not_after)) => match source.set_svid(chain, &key) {
-                    Ok(()) => {
-                        let life = not_after
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default();
-                        renew_at = SystemTime::now() + life / 2;
+    rotation: Arc<rotation::Rotation>,
+    server_ttl: Duration,
+}
+
+impl Maintained {
+    /// Every [`BUNDLE_REFRESH`], and at once after a CA step: runs the CA schedule, keeps the
+    /// bundle current, and renews the server's own SVID at half its life or as soon as a new
+    /// CA signs, all in place in `source`, so the listener picks them up at its next
+    /// handshake.
+    async fn run(self, stop: &mut watch::Receiver<bool>) {
+        let cas = self.rotation.cas();
+        let mut renew_at = SystemTime::now() + self.server_ttl / 2;
+        let mut signer = cas.current();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(BUNDLE_REFRESH) => {}
+                () = self.rotation.changed.notified() => {}
+            }
+            if let Err(e) = self.rotation.tick(SystemTime::now()).await {
+                self.rotation.warn_limited(
+                    "rotation-step",
+                    &format!(
+                        "a CA rotation step failed; it is retried every {}s: {}",
+                        BUNDLE_REFRESH.as_secs(),
+                        crate::wire::error_chain(&e)
+                    ),
+                );
+            }
+            if let Err(e) = refresh_bundle(self.store.as_ref(), &self.td, &self.source).await {
+                tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle; keeping the current one");
+            }
+            let current = cas.current();
+            if SystemTime::now() >= renew_at || !Arc::ptr_eq(&current, &signer) {
+                match self.renew(&current) {
+                    Ok(next) => {
+                        renew_at = next;
+                        signer = current;
                     }
                     Err(e) => {
-                        tracing::error!(error = %crate::wire::error_chain(&e), "could not install the renewed server SVID")
+                        tracing::error!(error = %crate::wire::error_chain(&e), "could not renew the server SVID");
                     }
-                },
-                Err(e) => {
-                    tracing::error!(error = %crate::wire::error_chain(&e), "could not renew the server SVID")
                 }
             }
         }
+    }
+
+    /// Issues and installs a new server SVID from `ca`; returns when to renew it.
+    fn renew(&self, ca: &Authority) -> Result<SystemTime, ServerError> {
+        let (chain, key, not_after) = issue_server_svid(ca, &self.td, self.server_ttl)?;
+        self.source.set_svid(chain, &key)?;
+        let life = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Ok(SystemTime::now() + life / 2)
     }
 }
 

@@ -338,7 +338,11 @@ impl NodeService {
         // Subscribed before the first read, so a change between the two still wakes the wait.
         let mut changes = self.state.entry_watch.subscribe();
         let mut closing = self.state.entry_watch.closing();
+        // Every page names the tainted CAs, and a held call ends when that set changes, so the
+        // agent re-issues what a newly tainted CA signed within one standing re-check.
+        let tainted = self.state.rotation.tainted();
         let mut answer = entry_sync::page(store, id, req, self.bundle()).await?;
+        answer.tainted_ca_fingerprints.clone_from(&tainted);
         let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
         if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
             return Ok(answer);
@@ -362,7 +366,11 @@ impl NodeService {
                 }
             }
             answer = entry_sync::page(store, id, req, self.bundle()).await?;
-            if !answer.unchanged || !answer.bundle.is_empty() {
+            answer.tainted_ca_fingerprints = self.state.rotation.tainted();
+            if !answer.unchanged
+                || !answer.bundle.is_empty()
+                || answer.tainted_ca_fingerprints != tainted
+            {
                 return Ok(answer);
             }
         }
@@ -545,6 +553,7 @@ impl pb::node_server::Node for NodeService {
                     revision,
                     unchanged: true,
                     bundle: self.bundle(),
+                    tainted_ca_fingerprints: self.state.rotation.tainted(),
                     ..Default::default()
                 });
             }
@@ -557,6 +566,7 @@ impl pb::node_server::Node for NodeService {
                 revision,
                 entries: entries.into_iter().map(entry_message).collect(),
                 bundle: self.bundle(),
+                tainted_ca_fingerprints: self.state.rotation.tainted(),
                 ..Default::default()
             })
         }

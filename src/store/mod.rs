@@ -5,10 +5,11 @@
 //! for several server replicas sharing one database). Both pass the same conformance suite
 //! (`tests/store_conformance.rs`). Schema changes are sqlx migrations under `migrations/`.
 
+pub mod ca_journal;
 mod paging;
 pub mod postgres;
 pub mod query;
-mod rows;
+pub(crate) mod rows;
 pub mod sqlite;
 pub mod sync;
 
@@ -21,6 +22,7 @@ use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::{ScopeSet, SpiffeId};
 use crate::svid::Serial;
 
+pub use ca_journal::{CaChange, CaJournalRecord, CaState};
 pub use query::{EntryCursor, EntryQuery, PrefixError, SpiffeIdPrefix};
 pub use sync::{Deletion, Revisions, SyncCursor, SyncQuery, SyncRow};
 
@@ -296,7 +298,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Database`].
     async fn delete_agent(&self, id: &SpiffeId) -> Result<bool, StoreError>;
 
-    /// Publishes a CA certificate in the bundle (idempotent by fingerprint).
+    /// Publishes a CA certificate in the bundle (idempotent by fingerprint); a new one bumps
+    /// the bundle sequence.
     ///
     /// # Errors
     /// [`StoreError::Database`].
@@ -306,6 +309,26 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Database`].
     async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError>;
+
+    // The CA journal (issue 10): see `ca_journal`.
+    /// Every CA of every server sharing the store, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_ca_journal(&self) -> Result<Vec<CaJournalRecord>, StoreError>;
+    /// Applies one journal step and the bundle changes it implies in one transaction, bumping
+    /// the bundle sequence when the published certificates change. `false` (nothing written)
+    /// when the step no longer applies: the CA is not in the state the step needs.
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when an inserted CA (or a second prepared or active CA
+    /// of one server) exists; [`StoreError::Database`].
+    async fn apply_ca_change(&self, change: &CaChange) -> Result<bool, StoreError>;
+    /// The bundle sequence: it grows with every change of the published CA certificates.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn bundle_sequence(&self) -> Result<i64, StoreError>;
 
     /// Appends events to the hash-chained audit log in one transaction, in order, and returns
     /// their records. When this returns, the records are durable. Concurrent appenders (also

@@ -11,14 +11,15 @@ use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+use super::ca_journal;
 use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
     entry_columns,
 };
 use super::sync::{self, SyncEntryRow};
 use super::{
-    AgentRecord, AuditFilter, CaCertRecord, Deletion, Entry, EntryId, EntryQuery, JoinTokenRecord,
-    Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
+    AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, Deletion, Entry, EntryId,
+    EntryQuery, JoinTokenRecord, Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
 };
 use crate::audit::{self, AuditEvent, AuditRecord, Decision};
 use crate::id::SpiffeId;
@@ -36,6 +37,14 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Publishes one CA certificate and bumps the bundle sequence if it is new, atomically.
+    async fn apply_publish(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        ca_journal::publish_ca_cert!(&mut *tx, cert);
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Connects to `url` (`postgres://USER@HOST/DB`) and applies migrations.
     ///
     /// # Errors
@@ -437,16 +446,33 @@ impl Store for PostgresStore {
     }
 
     async fn put_ca_cert(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO ca_certs (fingerprint, der, not_after) VALUES ($1, $2, $3) \
-             ON CONFLICT (fingerprint) DO NOTHING",
-        )
-        .bind(&cert.fingerprint)
-        .bind(&cert.der)
-        .bind(cert.not_after)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.apply_publish(cert).await
+    }
+
+    async fn list_ca_journal(&self) -> Result<Vec<CaJournalRecord>, StoreError> {
+        sqlx::query_as::<_, ca_journal::JournalRow>(ca_journal::SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(CaJournalRecord::try_from)
+            .collect()
+    }
+
+    async fn apply_ca_change(&self, change: &CaChange) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let applied = ca_journal::apply_ca_change!(&mut *tx, change);
+        if applied {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(applied)
+    }
+
+    async fn bundle_sequence(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(ca_journal::SEQUENCE)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError> {

@@ -16,7 +16,7 @@ use crate::id::{Scope, ScopeSet, SpiffeId};
 use crate::svid::Serial;
 
 /// `err` as [`StoreError::AlreadyExists`] (naming `what`) when it is a unique violation.
-pub(super) fn unique_violation(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+pub(crate) fn unique_violation(err: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::AlreadyExists(what()),
         _ => StoreError::Database(err),

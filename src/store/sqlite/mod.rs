@@ -66,14 +66,15 @@ use self::lookups::{
     serve_lookups,
 };
 use self::readers::{Reader, Readers};
+use super::ca_journal;
 use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
     entry_columns,
 };
 use super::sync::{self, SyncEntryRow};
 use super::{
-    AgentRecord, AuditFilter, CaCertRecord, Deletion, Entry, EntryId, EntryQuery, JoinTokenRecord,
-    Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
+    AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, Deletion, Entry, EntryId,
+    EntryQuery, JoinTokenRecord, Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
@@ -101,6 +102,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Publishes one CA certificate and bumps the bundle sequence if it is new, atomically.
+    async fn apply_publish(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        ca_journal::publish_ca_cert!(&mut *tx, cert);
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Opens (creating if missing) the database at `path` and applies migrations.
     ///
     /// A missing parent directory is created with mode 0700 and a missing database file with
@@ -562,16 +571,33 @@ impl Store for SqliteStore {
     }
 
     async fn put_ca_cert(&self, cert: &CaCertRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO ca_certs (fingerprint, der, not_after) VALUES ($1, $2, $3) \
-             ON CONFLICT (fingerprint) DO NOTHING",
-        )
-        .bind(&cert.fingerprint)
-        .bind(&cert.der)
-        .bind(cert.not_after)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        self.apply_publish(cert).await
+    }
+
+    async fn list_ca_journal(&self) -> Result<Vec<CaJournalRecord>, StoreError> {
+        sqlx::query_as::<_, ca_journal::JournalRow>(ca_journal::SELECT_ALL)
+            .fetch_all(&mut *self.read().await?)
+            .await?
+            .into_iter()
+            .map(CaJournalRecord::try_from)
+            .collect()
+    }
+
+    async fn apply_ca_change(&self, change: &CaChange) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let applied = ca_journal::apply_ca_change!(&mut *tx, change);
+        if applied {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(applied)
+    }
+
+    async fn bundle_sequence(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(ca_journal::SEQUENCE)
+            .fetch_one(&mut *self.read().await?)
+            .await?)
     }
 
     async fn list_ca_certs(&self, now: i64) -> Result<Vec<CaCertRecord>, StoreError> {
