@@ -679,17 +679,6 @@ fn the_server_variable_takes_a_comma_separated_list() {
     assert!(err.contains("join token"), "{err}");
 }
 
-/// Lifetimes short enough for both servers to rotate within a minute, passing the 6x rule: a
-/// CA lives 36 s (the next is prepared at 18 s left and activated at 6 s left).
-const ROTATING: &[&str] = &[
-    "--ca-ttl",
-    "36s",
-    "--agent-ttl",
-    "6s",
-    "--min-entry-ttl",
-    "2s",
-];
-
 /// Server `i`'s `ca list --output json`: `(id, state, owned by server i)` of each CA.
 fn ca_rows(cluster: &HaCluster, i: usize) -> Vec<(String, String, bool)> {
     let json = cluster.ok(i, &["ca", "list", "--output", "json"]);
@@ -736,7 +725,7 @@ fn bundle_ids_of(cluster: &HaCluster, i: usize) -> BTreeSet<String> {
 /// and the audit chain verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_rotate_their_own_cas_and_the_bundle_is_their_union() {
-    let Some(mut cluster) = HaCluster::start_with(2, ROTATING).await else {
+    let Some(mut cluster) = HaCluster::start_with(2, common::cluster::FAST_ROTATION).await else {
         return;
     };
     cluster.create_entry(

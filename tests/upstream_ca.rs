@@ -314,21 +314,7 @@ fn bootstrap_and_verify(root: Root, kty: &str) {
         &["--selector", "unix:uid:0"],
     );
     let dir = cluster.path("svid");
-    let dir_text = dir.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = cluster.mayfly(&["svid", "fetch", "--write", &dir_text]);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SVID for the workload: {}; agent log: {}",
-            String::from_utf8_lossy(&out.stderr),
-            cluster.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    fetch_chain(&cluster, &dir);
     let bundle_pem = cluster.path("bundle.pem");
     openssl_verify(
         &bundle_pem,
@@ -646,18 +632,14 @@ fn the_intermediate_under_an_upstream_root_rotates_and_chains_keep_verifying() {
     let tmp = tempfile::tempdir().unwrap();
     let root = make_root(KeyKind::P256, false, None);
     let (cert, key) = write_root(&root, tmp.path());
-    let mut cluster = Cluster::start_with(&[
+    let mut args = vec![
         "--upstream-ca-cert",
         cert.to_str().unwrap(),
         "--upstream-ca-key",
         key.to_str().unwrap(),
-        "--ca-ttl",
-        "36s",
-        "--agent-ttl",
-        "6s",
-        "--min-entry-ttl",
-        "2s",
-    ]);
+    ];
+    args.extend_from_slice(common::cluster::FAST_ROTATION);
+    let mut cluster = Cluster::start_with(&args);
     let rows = ca_rows(&cluster);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert!(

@@ -13,6 +13,17 @@ use tempfile::TempDir;
 /// The `mayfly` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
 
+/// `server run` lifetimes short enough to watch CA rotations within a minute, passing the 6x
+/// rule: a CA lives 36 s, so the next one is prepared at 18 s left and activated at 6 s left.
+pub const FAST_ROTATION: &[&str] = &[
+    "--ca-ttl",
+    "36s",
+    "--agent-ttl",
+    "6s",
+    "--min-entry-ttl",
+    "2s",
+];
+
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
