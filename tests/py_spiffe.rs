@@ -64,7 +64,10 @@ fn py_spiffe_fetches_its_x509_svid_and_bundles() {
     // Wait until the agent serves the entry, asked with Mayfly's own client.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cluster.mayfly(&["svid", "fetch"]).status.success() {
-        assert!(Instant::now() < deadline, "the agent never served the entry");
+        assert!(
+            Instant::now() < deadline,
+            "the agent never served the entry"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

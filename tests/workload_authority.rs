@@ -37,7 +37,9 @@ enum Answer {
 }
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
+    let len = u32::try_from(payload.len())
+        .expect("small frame")
+        .to_be_bytes();
     let mut f = vec![len[1], len[2], len[3], kind, flags];
     f.extend_from_slice(&stream.to_be_bytes());
     f.extend_from_slice(payload);
@@ -97,11 +99,16 @@ fn fetch_x509(cluster: &Cluster, authority: Option<&str>, with_header: bool) -> 
             }
             HEADERS if stream == 1 => {
                 assert!(flags & END_HEADERS != 0, "no CONTINUATION expected");
-                let fields = decoder.decode(&payload).expect("decode the agent's headers");
+                let fields = decoder
+                    .decode(&payload)
+                    .expect("decode the agent's headers");
                 if flags & END_STREAM != 0 {
                     let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
                     return Answer::Ended(
-                        fields.into_iter().map(|(n, v)| (text(n), text(v))).collect(),
+                        fields
+                            .into_iter()
+                            .map(|(n, v)| (text(n), text(v)))
+                            .collect(),
                     );
                 }
             }
@@ -131,8 +138,14 @@ fn serving_cluster() -> (Cluster, String) {
     let id = "spiffe://mayfly.local/agents/python".to_owned();
     cluster.create_entry(&id, &["--selector", &format!("unix:uid:{uid}")]);
     let deadline = Instant::now() + WAIT;
-    while !matches!(fetch_x509(&cluster, Some("localhost"), true), Answer::Svids(_)) {
-        assert!(Instant::now() < deadline, "the agent never served the entry");
+    while !matches!(
+        fetch_x509(&cluster, Some("localhost"), true),
+        Answer::Svids(_)
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never served the entry"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (cluster, id)
@@ -147,7 +160,10 @@ fn every_authority_a_grpc_client_sends_on_a_unix_socket_gets_an_svid() {
     let forms = [
         ("raw path", Some(path.clone())),
         ("percent-encoded path", Some(encoded.clone())),
-        ("percent-encoded absolute path", Some(format!("%2F{encoded}"))),
+        (
+            "percent-encoded absolute path",
+            Some(format!("%2F{encoded}")),
+        ),
         ("localhost", Some("localhost".to_owned())),
         ("empty", Some(String::new())),
         ("absent", None),
