@@ -1,6 +1,7 @@
 //! The real py-spiffe (the SPIFFE Python library, on the current grpcio) against a real server
 //! and agent: its `WorkloadApiClient`, with its own gRPC channel and no channel options, fetches
-//! this process's X.509-SVID and the X.509 bundles (tests/py/fetch_x509.py).
+//! this process's X.509-SVID and the X.509 bundles, and its `X509Source` follows the
+//! FetchX509SVID stream (tests/py/fetch_x509.py).
 //!
 //! grpcio >= 1.57 sends the percent-encoded socket path as `:authority`, which upstream h2
 //! resets; this is the end-to-end proof that the agent serves it (see vendor/h2/MAYFLY-PATCH.md).
@@ -79,4 +80,5 @@ fn py_spiffe_fetches_its_x509_svid_and_bundles() {
         stdout.contains(&format!("x509-bundle {TRUST_DOMAIN} ")),
         "{stdout}"
     );
+    assert!(stdout.contains(&format!("x509-source {ID}\n")), "{stdout}");
 }

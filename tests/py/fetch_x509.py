@@ -1,6 +1,7 @@
 """Fetches an X.509-SVID and the X.509 bundles from the Workload API with py-spiffe's
-WorkloadApiClient, exactly as a Python workload would: the socket comes from
-SPIFFE_ENDPOINT_SOCKET and the gRPC channel is py-spiffe's own (no channel options).
+WorkloadApiClient (one-shot calls), then through its X509Source (the long-lived
+FetchX509SVID stream most applications use), exactly as a Python workload would: the socket
+comes from SPIFFE_ENDPOINT_SOCKET and the gRPC channel is py-spiffe's own (no channel options).
 
 Usage: fetch_x509.py EXPECTED_SPIFFE_ID EXPECTED_TRUST_DOMAIN
 Prints one line per check; exits non-zero (with the reason on stderr) if one fails.
@@ -8,7 +9,7 @@ Prints one line per check; exits non-zero (with the reason on stderr) if one fai
 
 import sys
 
-from spiffe import TrustDomain, WorkloadApiClient
+from spiffe import TrustDomain, WorkloadApiClient, X509Source
 
 
 def main() -> int:
@@ -31,6 +32,15 @@ def main() -> int:
             print(f"no X.509 bundle for {expected_td} (got {names})", file=sys.stderr)
             return 1
         print(f"x509-bundle {bundle.trust_domain} {len(bundle.x509_authorities)}")
+
+    with X509Source(timeout_in_seconds=30) as source:
+        if str(source.svid.spiffe_id) != expected_id:
+            print(f"X509Source holds {source.svid.spiffe_id}", file=sys.stderr)
+            return 1
+        if source.get_bundle_for_trust_domain(TrustDomain(expected_td)) is None:
+            print(f"X509Source has no bundle for {expected_td}", file=sys.stderr)
+            return 1
+        print(f"x509-source {source.svid.spiffe_id}")
     return 0
 
 
