@@ -56,11 +56,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // The Workload and task APIs: every build has their clients; the agent serves them.
     if mtls {
+        let mut compiler = protox::Compiler::new(["proto"])?;
+        compiler
+            .include_source_info(true)
+            .include_imports(true)
+            .open_files(agent_socket)?;
         tonic_prost_build::configure()
             .build_client(true)
             .build_server(agent)
             .codec_path("crate::codec::SmallBufferCodec")
-            .compile_fds(protox::compile(agent_socket, ["proto"])?)?;
+            .compile_fds(compiler.file_descriptor_set())?;
+        // The agent serves server reflection on its socket, which describes these APIs (and
+        // the well-known types they import) from their encoded descriptors.
+        if agent {
+            let out = std::path::PathBuf::from(env::var("OUT_DIR")?);
+            std::fs::write(
+                out.join("agent_socket_descriptor.bin"),
+                compiler.encode_file_descriptor_set(),
+            )?;
+        }
     }
     Ok(())
 }

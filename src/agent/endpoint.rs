@@ -7,6 +7,20 @@
 //! into tonic as [`WorkloadPeer`], the connection's `ConnectInfo`. Every RPC confirms again
 //! that the process that connected is still alive at its pid before it is answered, so a socket
 //! handed on to another process after its creator died gets nothing.
+//!
+//! Every standard gRPC client is served unchanged, whatever it sends as `:authority` on a Unix
+//! socket: `localhost` (grpc-go, tonic), nothing, the socket path (grpc-java) or the
+//! percent-encoded path (grpcio >= 1.57, hence py-spiffe). Upstream h2 resets a stream whose
+//! `:authority` does not parse as a URI authority before hyper or tonic see it, and neither has
+//! an option to accept it. A layer on the socket rewriting `:authority` before h2 would have to
+//! decode and re-encode every HPACK header block (the value may be Huffman-coded or an index
+//! into the connection's dynamic table) and re-split frames, a second HTTP/2 implementation in
+//! front of the first. So the workspace patches h2 instead (`[patch.crates-io]`,
+//! vendor/h2/MAYFLY-PATCH.md): a one-function change that serves such a request as one without
+//! `:authority`, which nothing here reads (tonic routes by path).
+//!
+//! The socket also serves gRPC health checking and server reflection ([`super::introspection`]),
+//! without the `workload.spiffe.io` header.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +41,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 
+use super::introspection;
 use super::link::ServerLink;
 use super::state::SnapshotRx;
 use super::task_api::TaskApi;
@@ -87,6 +102,11 @@ pub enum EndpointError {
     /// The gRPC server on the socket failed.
     #[error("the workload API stopped")]
     Serve(#[source] tonic::transport::Error),
+    /// The descriptors built into the agent for server reflection do not decode.
+    #[error(
+        "server reflection could not be set up from the built-in API descriptors; this is a build defect, report it"
+    )]
+    Reflection(#[source] tonic_reflection::server::Error),
     /// The request lacks the header the SPIFFE Workload API requires of every call.
     #[error(
         "the request lacks the `workload.spiffe.io: true` header that the SPIFFE Workload API requires"
@@ -156,7 +176,8 @@ impl From<EndpointError> for Status {
             | E::InUse(_)
             | E::Stale { .. }
             | E::Bind { .. }
-            | E::Serve(_) => Status::internal(message),
+            | E::Serve(_)
+            | E::Reflection(_) => Status::internal(message),
         }
     }
 }
@@ -216,7 +237,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
 /// processes are attested with `attestor`.
 ///
 /// # Errors
-/// [`EndpointError::Serve`] when the gRPC server fails.
+/// [`EndpointError::Serve`] when the gRPC server fails, [`EndpointError::Reflection`] when
+/// reflection cannot be set up.
 pub async fn serve(
     listener: UnixListener,
     snapshot: SnapshotRx,
@@ -228,6 +250,9 @@ pub async fn serve(
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_owned));
+    let extras = introspection::build()
+        .await
+        .map_err(EndpointError::Reflection)?;
     // Long-lived streams would hold graceful shutdown open forever, so they watch this too.
     let (stop_tx, stop) = watch::channel(false);
     let (handoff, attested) = mpsc::channel(HANDOFF_QUEUE);
@@ -241,11 +266,15 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(InterceptedService::new(workload, require_header))
         .add_service(InterceptedService::new(task, require_header))
+        .add_service(extras.health)
+        .add_service(extras.reflection)
+        .add_service(extras.reflection_alpha)
         .serve_with_incoming_shutdown(
             ReceiverStream::new(attested).map(Ok::<_, io::Error>),
             async move {
                 shutdown.await;
                 let _ = stop_tx.send(true);
+                extras.reporter.stopping().await;
             },
         )
         .await;

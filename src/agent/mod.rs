@@ -10,6 +10,7 @@ pub mod config;
 pub mod endpoint;
 pub(crate) mod entry_pages;
 pub mod identity;
+pub(crate) mod introspection;
 pub(crate) mod keys;
 pub mod link;
 pub mod state;
