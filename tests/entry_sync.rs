@@ -519,3 +519,26 @@ async fn the_node_api_pages_sends_changes_only_holds_and_refuses_a_forged_token(
     assert_eq!(gone.deleted_entry_ids, vec![created.id]);
     assert!(gone.entries.is_empty());
 }
+
+/// A held sync call does not delay the agent's stop: after SIGTERM the agent exits well before
+/// the server would end the hold (25 s). The same agent served its workload just before, and
+/// has had time to enter its next, held, call.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_waiting_in_a_held_sync_call_stops_at_once() {
+    let mut cluster = Cluster::start();
+    let mine = format!("{TD}/sync/stopping");
+    create_mine(&cluster, &mine);
+    cluster.start_agent();
+    let stream = wait_served(&cluster.socket(), &mine, Duration::from_secs(60)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut agent = cluster.agent.take().expect("the agent runs");
+    let started = Instant::now();
+    let status = agent.stop();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}: {}", cluster.agent_log());
+    assert!(
+        took < Duration::from_secs(10),
+        "the agent took {took:?} to stop"
+    );
+}

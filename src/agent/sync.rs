@@ -57,6 +57,14 @@ pub struct Syncer {
     failures: u32,
 }
 
+/// How a sync round ended.
+enum Round {
+    /// It ran to its end.
+    Done,
+    /// The agent is shutting down: the round stopped while waiting for the server.
+    Stopped,
+}
+
 impl Syncer {
     /// A loop for the agent `agent`, talking over `link`, publishing to `tx`.
     pub fn new(
@@ -86,8 +94,9 @@ impl Syncer {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             let started = Instant::now();
-            let wait = match self.tick().await {
-                Ok(()) => {
+            let wait = match self.tick(&mut shutdown).await {
+                Ok(Round::Stopped) => return,
+                Ok(Round::Done) => {
                     self.failures = 0;
                     if self.holds && (self.changed || started.elapsed() >= MIN_HELD) {
                         // The server held the call (or brought news): ask again at once.
@@ -141,15 +150,21 @@ impl Syncer {
     }
 
     /// One round: renew the agent SVID if due, sync entries and bundle, issue and rotate
-    /// identity SVIDs, publish.
-    async fn tick(&mut self) -> Result<(), SyncError> {
+    /// identity SVIDs, publish. A shutdown while the entry list is awaited (a held call can
+    /// last [`MAX_HOLD`]) ends the round at once: that wait only reads, so nothing is cut
+    /// half-written, whereas renewals and issuance run to their end.
+    async fn tick(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Round, SyncError> {
         let now = SystemTime::now();
         if !self.agent.is_valid_at(now) {
             self.reattest_now().await?;
         } else if now >= self.agent.renew_at() {
             self.renew_agent().await?;
         }
-        let answer = match self.list_entries().await {
+        let listed = tokio::select! {
+            listed = self.list_entries() => listed,
+            _ = shutdown.changed() => return Ok(Round::Stopped),
+        };
+        let answer = match listed {
             Err(SyncError::Refused(status))
                 if RefusalKind::of(&status) == Some(RefusalKind::UnknownAgent) =>
             {
@@ -158,7 +173,8 @@ impl Syncer {
             }
             other => other?,
         };
-        self.apply(answer).await
+        self.apply(answer).await?;
+        Ok(Round::Done)
     }
 
     async fn list_entries(&self) -> Result<Pass, SyncError> {
