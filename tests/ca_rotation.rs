@@ -327,6 +327,47 @@ async fn line_echo_upstream() -> std::net::SocketAddr {
     addr
 }
 
+/// Registers the proxy's and the client's entries (SVID TTL `ttl`), starts a line echo
+/// upstream and `mayfly proxy` in TCP mode admitting the client; returns the proxy process and
+/// its port once it runs. Its log is `<cluster>/proxy.log`.
+async fn start_proxy(cluster: &Cluster, ttl: &str) -> (common::cluster::Proc, u16) {
+    let dns = ["--dns", "localhost"];
+    let scope = ["--scope", "echo:use:lines"];
+    for (id, extra) in [(PROXY_ID, dns), (CLIENT_ID, scope)] {
+        let mut args = vec!["--selector", "unix:uid:0", "--ttl", ttl];
+        args.extend_from_slice(&extra);
+        cluster.create_entry(id, &args);
+    }
+    let upstream = line_echo_upstream().await;
+    let port = common::cluster::free_port();
+    let proxy_log = cluster.path("proxy.log");
+    let proxy = common::cluster::Proc(
+        Command::new(BIN)
+            .args([
+                "proxy",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+            ])
+            .arg(upstream.to_string())
+            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
+            .args(["--allow-id", CLIENT_ID])
+            .current_dir(cluster.dir.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
+            .spawn()
+            .expect("spawn mayfly proxy"),
+    );
+    wait_for(Duration::from_secs(40), "the proxy to run", || {
+        std::fs::read_to_string(&proxy_log)
+            .unwrap_or_default()
+            .contains("mayfly proxy running")
+    });
+    (proxy, port)
+}
+
 /// One mTLS connection through the proxy with the client's live SVID: a line up, its echo
 /// back.
 async fn one_request(
@@ -418,50 +459,10 @@ async fn rotations_under_traffic_fail_no_mint_and_no_request() {
         "2s",
     ]);
     cluster.start_agent();
-    cluster.create_entry(
-        PROXY_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--dns",
-            "localhost",
-            "--ttl",
-            "10s",
-        ],
-    );
-    cluster.create_entry(
-        CLIENT_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--scope",
-            "echo:use:lines",
-            "--ttl",
-            "10s",
-        ],
-    );
-    let upstream = line_echo_upstream().await;
-    let port = common::cluster::free_port();
+    let (_proxy, port) = start_proxy(&cluster, "10s").await;
     let listen = format!("127.0.0.1:{port}");
     let proxy_log = cluster.path("proxy.log");
-    let _proxy = common::cluster::Proc(
-        Command::new(BIN)
-            .args(["proxy", "--listen", &listen, "--upstream"])
-            .arg(upstream.to_string())
-            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
-            .args(["--allow-id", CLIENT_ID])
-            .current_dir(cluster.dir.path())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
-            .spawn()
-            .expect("spawn mayfly proxy"),
-    );
     let read_proxy_log = || std::fs::read_to_string(&proxy_log).unwrap_or_default();
-    wait_for(Duration::from_secs(40), "the proxy to run", || {
-        read_proxy_log().contains("mayfly proxy running")
-    });
 
     let source = mayfly::mtls::SvidSource::spawn_for(
         cluster.socket(),
@@ -627,55 +628,7 @@ fn echoed_through(port: u16, dir: &std::path::Path, bundle: &std::path::Path) ->
 async fn taint_reissues_within_a_sync_round_and_revoke_is_refused_by_the_proxy() {
     let mut cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
     cluster.start_agent();
-    cluster.create_entry(
-        PROXY_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--dns",
-            "localhost",
-            "--ttl",
-            "5m",
-        ],
-    );
-    cluster.create_entry(
-        CLIENT_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--scope",
-            "echo:use:lines",
-            "--ttl",
-            "5m",
-        ],
-    );
-    let upstream = line_echo_upstream().await;
-    let port = common::cluster::free_port();
-    let proxy_log = cluster.path("proxy.log");
-    let _proxy = common::cluster::Proc(
-        Command::new(BIN)
-            .args([
-                "proxy",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--upstream",
-            ])
-            .arg(upstream.to_string())
-            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
-            .args(["--allow-id", CLIENT_ID])
-            .current_dir(cluster.dir.path())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
-            .spawn()
-            .expect("spawn mayfly proxy"),
-    );
-    wait_for(Duration::from_secs(40), "the proxy to run", || {
-        std::fs::read_to_string(&proxy_log)
-            .unwrap_or_default()
-            .contains("mayfly proxy running")
-    });
+    let (_proxy, port) = start_proxy(&cluster, "5m").await;
 
     let old_ca = ids_in(&cluster, "active").remove(0);
     let (identity, identity_serial) = write_svid(&cluster, "identity", &["svid", "fetch"]);
