@@ -598,3 +598,55 @@ fn mayfly_proxy_serves_mtls_under_a_sanless_rsa_root() {
         "{out:?}"
     );
 }
+
+/// CA rotation under an upstream root (issue 10): the next CA is an intermediate signed by the
+/// same root, the bundle keeps holding just that root, and such a CA cannot be revoked alone.
+#[test]
+fn a_rotation_under_the_upstream_signs_the_next_ca_with_it_and_keeps_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = make_root(KeyKind::P256, true, None);
+    let cluster = cluster_under(&root, tmp.path());
+    let bundle = cluster.ok(&["bundle", "show"]);
+    let list = |cluster: &Cluster| -> Vec<Value> {
+        serde_json::from_str::<Value>(&cluster.ok(&["ca", "list", "--output", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let first = list(&cluster)[0]["id"].as_str().unwrap().to_owned();
+    cluster.ok(&["ca", "prepare"]);
+    cluster.ok(&["ca", "activate"]);
+    let cas = list(&cluster);
+    let active = cas.iter().find(|c| c["state"] == "active").unwrap();
+    assert_eq!(active["upstream"], true, "{cas:?}");
+    assert_ne!(active["id"].as_str().unwrap(), first);
+    // The new CA chains to the upstream root.
+    let pem = cluster.path(&format!(
+        ".mayfly/server/ca/{}.pem",
+        active["id"].as_str().unwrap()
+    ));
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(tmp.path().join("corp-root.pem"))
+        .arg(&pem)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(
+        cluster.ok(&["bundle", "show"]),
+        bundle,
+        "still the one root"
+    );
+    // Tainting the old intermediate works; revoking it alone is refused in one sentence.
+    cluster.ok(&["ca", "taint", &first]);
+    let out = cluster.mayfly(&["ca", "revoke", &first]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intermediate under the upstream CA"), "{err}");
+}
