@@ -731,3 +731,53 @@ async fn taint_reissues_within_a_sync_round_and_revoke_is_refused_by_the_proxy()
         &cluster.path("bundle-now.pem")
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several servers, one PostgreSQL.
+
+/// Each server rotates its own CA; the other's stays as it was, and every server serves the
+/// union with the same sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_each_rotate_their_own_ca_and_share_the_bundle() {
+    let Some(ha) =
+        common::ha::HaCluster::start_with(2, &["--ca-ttl", "1h", "--agent-ttl", "5m"]).await
+    else {
+        return;
+    };
+    let list = |i: usize| -> Vec<Value> {
+        serde_json::from_str::<Value>(&ha.ok(i, &["ca", "list", "--output", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let own_active = |i: usize| -> String {
+        list(i)
+            .iter()
+            .find(|c| c["this_server"] == true && c["state"] == "active")
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .expect("an own active CA")
+    };
+    assert_eq!(list(0).len(), 2, "{:?}", list(0));
+    let (a, b) = (own_active(0), own_active(1));
+    assert_ne!(a, b, "each server has a CA of its own");
+
+    ha.ok(0, &["ca", "prepare"]);
+    ha.ok(0, &["ca", "activate"]);
+    assert_ne!(own_active(0), a, "server 0 rotated");
+    assert_eq!(own_active(1), b, "server 1's CA is untouched");
+    // Server 1 serves server 0's new CA after its next re-read of the store (every 5 s).
+    wait_for(Duration::from_secs(30), "server 1 to serve 3 CAs", || {
+        ha.bundle_size(1) == 3
+    });
+    let sequence = |i: usize| -> u64 {
+        serde_json::from_str::<Value>(&ha.ok(i, &["bundle", "show", "--format", "spiffe"])).unwrap()
+            ["spiffe_sequence"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(sequence(0), sequence(1));
+    // Server 1 refuses to activate: it has nothing prepared of its own.
+    let out = ha.mayfly(1, &["ca", "activate"]);
+    assert!(!out.status.success());
+}
