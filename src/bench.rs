@@ -30,6 +30,7 @@ pub mod deploy;
 pub mod handshake;
 pub mod list;
 pub mod proxy;
+pub mod sync;
 pub mod task;
 
 use std::fmt;

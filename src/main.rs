@@ -111,6 +111,25 @@ enum BenchCommand {
     Proxy(BenchProxyArgs),
     /// Server memory with many entries, while creating them and while `entry list` pages them.
     List(BenchListArgs),
+    /// Entry sync: server time per entry of an agent's full list, and how fast a new or
+    /// deleted entry reaches many workload streams.
+    Sync(BenchSyncArgs),
+}
+
+#[derive(Args)]
+struct BenchSyncArgs {
+    /// Entries per agent.
+    #[arg(long, default_value_t = 5_000)]
+    entries: usize,
+    /// Workload streams held on the agent.
+    #[arg(long, default_value_t = 1_000)]
+    streams: usize,
+    /// Entries created and deleted while the streams are held.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Full lists read for the server CPU figure.
+    #[arg(long, default_value_t = 20)]
+    list_passes: usize,
 }
 
 #[derive(Args)]
@@ -282,7 +301,20 @@ async fn bench_command(cmd: BenchCommand, out: Printer) -> Result<()> {
         BenchCommand::Handshake(args) => bench_handshake(args, out).await,
         BenchCommand::Proxy(args) => bench_proxy(args, out).await,
         BenchCommand::List(args) => bench_list(args, out).await,
+        BenchCommand::Sync(args) => bench_sync(args, out).await,
     }
+}
+
+async fn bench_sync(args: BenchSyncArgs, out: Printer) -> Result<()> {
+    let options = bench::sync::SyncBenchOptions {
+        entries: args.entries,
+        streams: args.streams,
+        rounds: args.rounds,
+        list_passes: args.list_passes,
+        exe: None,
+    };
+    let report = bench::sync::sync_benchmark(options).await?;
+    print_report(&report, out)
 }
 
 async fn bench_list(args: BenchListArgs, out: Printer) -> Result<()> {

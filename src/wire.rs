@@ -4,7 +4,7 @@
 //!
 //! Both sides import this module, so neither needs the other: nothing under `agent/`, `proxy/`
 //! or the client modules imports `server::`. It depends only on [`crate::id`], `tonic`'s status
-//! type and std, so it compiles in the small `mtls` build too.
+//! type, std and (for the bundle digest) aws-lc-rs, so it compiles in the small `mtls` build too.
 
 use std::fmt;
 use std::str::FromStr;
@@ -158,6 +158,19 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     text
+}
+
+/// The digest an agent sends of the bundle it holds and the server compares with its own, so
+/// an unchanged bundle is not sent again (entry sync, issue 10): SHA-256 over each DER
+/// certificate's length (8 bytes, big-endian) and bytes, in order.
+pub fn bundle_digest<C: AsRef<[u8]>>(certs: &[C]) -> Vec<u8> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for cert in certs {
+        let der = cert.as_ref();
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    ctx.finish().as_ref().to_vec()
 }
 
 #[cfg(test)]

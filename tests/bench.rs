@@ -36,3 +36,34 @@ fn bench_task_runs_server_and_agent_as_processes() {
     assert!(split["agent_us"].as_f64().unwrap() > 0.0, "{split}");
     assert!(runs[1]["levels"][0]["by_process"].is_null());
 }
+
+/// `mayfly bench sync` with tiny numbers: server and agent as processes, a full list paged
+/// through, and every stream sees an entry come and go.
+#[test]
+fn bench_sync_smoke() {
+    let out = Command::new(BIN)
+        .args(["--output", "json", "bench", "sync"])
+        .args([
+            "--entries",
+            "60",
+            "--streams",
+            "8",
+            "--rounds",
+            "2",
+            "--list-passes",
+            "2",
+        ])
+        .output()
+        .expect("run mayfly bench sync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench sync failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    println!("{report:#}");
+    assert_eq!(report["entries"], 60);
+    assert!(report["pages_per_list"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["server_cpu_us_per_entry"].as_f64().unwrap() >= 0.0);
+    for phase in ["created", "deleted"] {
+        assert_eq!(report[phase]["samples"], 2 * 8, "{report}");
+        assert!(report[phase]["p99_us"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}

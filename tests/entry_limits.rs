@@ -217,7 +217,10 @@ async fn an_entry_at_every_cap_is_stored_synced_and_issued_and_one_over_any_cap_
     // most half the message, so it syncs beside the bundle and other entries...
     let listed = agent
         .node
-        .list_entries(node_pb::ListEntriesRequest { known_revision: 0 })
+        .list_entries(node_pb::ListEntriesRequest {
+            known_revision: 0,
+            ..Default::default()
+        })
         .await
         .expect("the agent syncs an entry at every cap")
         .into_inner();

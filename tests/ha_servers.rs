@@ -678,3 +678,141 @@ fn the_server_variable_takes_a_comma_separated_list() {
     assert!(!err.contains("server address"), "{err}");
     assert!(err.contains("join token"), "{err}");
 }
+
+/// Server `i`'s `ca list --output json`: `(id, state, owned by server i)` of each CA.
+fn ca_rows(cluster: &HaCluster, i: usize) -> Vec<(String, String, bool)> {
+    let json = cluster.ok(i, &["ca", "list", "--output", "json"]);
+    let all: serde_json::Value = serde_json::from_str(&json).expect("ca list json");
+    all.as_array()
+        .expect("an array")
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().expect("id").to_owned(),
+                c["state"].as_str().expect("state").to_owned(),
+                c["this_server"] == true,
+            )
+        })
+        .collect()
+}
+
+/// The ID of the CA server `i` signs with now.
+fn active_ca(cluster: &HaCluster, i: usize) -> String {
+    let active: Vec<String> = ca_rows(cluster, i)
+        .into_iter()
+        .filter(|(_, state, own)| *own && state == "active")
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(active.len(), 1, "server {i} has one active CA: {active:?}");
+    active.into_iter().next().unwrap_or_default()
+}
+
+/// The IDs (hex SHA-256 of the DER) of the CAs in server `i`'s bundle.
+fn bundle_ids_of(cluster: &HaCluster, i: usize) -> BTreeSet<String> {
+    let pem = cluster.ok(i, &["bundle", "show"]);
+    mayfly::bundle::from_pem(pem.as_bytes())
+        .expect("a PEM bundle")
+        .iter()
+        .map(|der| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)))
+        .collect()
+}
+
+/// Two servers on one schema, each rotating its own 36 s CA, and one agent given both, minting
+/// a task SVID every 300 ms across two rotations of each server: no mint fails, each SVID
+/// verifies against the bundle that came with it, and the mints were signed by several CAs.
+/// Each server rotates only its own CAs (the other's rows are the other's in both lists); the
+/// two bundles converge to one union holding both servers' active CAs; the agent keeps its ID
+/// and the audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_rotate_their_own_cas_and_the_bundle_is_their_union() {
+    let Some(mut cluster) = HaCluster::start_with(2, common::cluster::FAST_ROTATION).await else {
+        return;
+    };
+    cluster.create_entry(
+        0,
+        "spiffe://mayfly.local/ha/rotating",
+        &[
+            "--selector",
+            &uid_selector(),
+            "--scope",
+            "db:read",
+            "--ttl",
+            "5s",
+        ],
+    );
+    cluster.start_agent(&[0, 1]);
+    let socket = cluster.socket();
+    first_mint(&socket, "rotating-first").await;
+
+    let first = [active_ca(&cluster, 0), active_ca(&cluster, 1)];
+    assert_ne!(first[0], first[1], "each server has a CA of its own");
+    for i in 0..2 {
+        let rows = ca_rows(&cluster, i);
+        assert!(
+            rows.contains(&(first[i].clone(), "active".into(), true)),
+            "{rows:?}"
+        );
+        assert!(
+            rows.contains(&(first[1 - i].clone(), "active".into(), false)),
+            "server {i} sees the other's CA as the other's: {rows:?}"
+        );
+    }
+
+    let mut seen = [BTreeSet::new(), BTreeSet::new()];
+    let mut issuers = BTreeSet::new();
+    let mut failures = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut n = 0;
+    // Three distinct active CAs per server: two rotations each.
+    while seen.iter().any(|s| s.len() < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "both servers did not rotate twice in 180 s: {seen:?}"
+        );
+        match mint(&socket, &format!("rotating-{n}")).await {
+            Ok(svid) => {
+                issuers.insert(issuer_of(&svid));
+            }
+            Err(e) => failures.push(e),
+        }
+        n += 1;
+        for (i, s) in seen.iter_mut().enumerate() {
+            s.insert(active_ca(&cluster, i));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} mints failed: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        issuers.len() >= 2,
+        "the mints were signed by several CAs: {issuers:?}"
+    );
+    assert!(
+        seen[0].is_disjoint(&seen[1]),
+        "no server activated the other's CA"
+    );
+
+    // Each server re-reads the store's CAs every 5 s: within a few rounds both bundles are the
+    // same union, holding both servers' active CAs.
+    let union_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (b0, b1) = (bundle_ids_of(&cluster, 0), bundle_ids_of(&cluster, 1));
+        let actives = [active_ca(&cluster, 0), active_ca(&cluster, 1)];
+        if b0 == b1 && actives.iter().all(|a| b0.contains(a)) {
+            break;
+        }
+        assert!(
+            Instant::now() < union_deadline,
+            "the bundles never became one union: {b0:?} {b1:?} {actives:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let agents = agent_ids(&cluster.ok(1, &["agent", "list", "--output", "json"]));
+    assert_eq!(agents, [cluster.agent_id.clone()], "the agent kept its ID");
+    cluster.ok(1, &["audit", "verify"]);
+    cluster.stop().await;
+}

@@ -87,7 +87,10 @@ async fn happy_path(engine: Engine) {
     // ListEntries returns it; with that revision the answer is `unchanged`.
     let listed = agent
         .node
-        .list_entries(node_pb::ListEntriesRequest { known_revision: 0 })
+        .list_entries(node_pb::ListEntriesRequest {
+            known_revision: 0,
+            ..Default::default()
+        })
         .await
         .expect("ListEntries")
         .into_inner();
@@ -105,6 +108,7 @@ async fn happy_path(engine: Engine) {
         .node
         .list_entries(node_pb::ListEntriesRequest {
             known_revision: listed.revision,
+            ..Default::default()
         })
         .await
         .expect("ListEntries")

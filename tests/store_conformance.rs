@@ -22,7 +22,7 @@ use mayfly::store::postgres::PostgresStore;
 use mayfly::store::sqlite::SqliteStore;
 use mayfly::store::{
     self, AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, CaState, Entry,
-    EntryId, JoinTokenRecord, Store, StoreError,
+    EntryId, JoinTokenRecord, Store, StoreError, SyncCursor, SyncQuery,
 };
 use mayfly::svid::Serial;
 use sqlx::{PgPool, SqlitePool};
@@ -169,6 +169,11 @@ conformance!(
     entry_pages_hold_every_entry_once,
     entry_filters_are_evaluated_by_the_store,
     agent_pages_hold_every_agent_once,
+    // Entry sync for agents (issue 10).
+    entry_changes_are_paged_by_revision_per_agent,
+    deletions_leave_tombstones_until_pruned,
+    entry_revisions_commit_in_order_under_concurrent_writers,
+    an_unreadable_row_is_named_and_the_others_still_sync,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1437,7 +1442,8 @@ async fn open_dispatches_on_the_url_scheme() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
     let opened = store::open(&url).await.unwrap();
-    assert_eq!(opened.entries_revision().await.unwrap(), 0);
+    // Revision 0 means "none" to an agent, so a new store starts past it (migration 0003).
+    assert_eq!(opened.entries_revision().await.unwrap(), 1);
     assert_eq!(opened.audit_head().await.unwrap(), (0, [0; 32]));
 }
 
@@ -1663,4 +1669,248 @@ async fn agent_pages_hold_every_agent_once(db: Db) {
         assert_eq!(got, expected, "pages of {limit}");
     }
     assert_eq!(expected.len(), made.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry sync for agents (issue 10)
+
+fn sync_query(parent: &SpiffeId, upto: i64, after: (i64, &str), limit: u32) -> SyncQuery {
+    SyncQuery {
+        parent: parent.clone(),
+        upto,
+        after: SyncCursor {
+            revision: after.0,
+            id: after.1.to_owned(),
+        },
+        limit,
+    }
+}
+
+/// The IDs and revisions of a changes page, every row readable.
+async fn changes(s: &dyn Store, q: SyncQuery) -> Vec<(String, i64)> {
+    s.entry_changes_page(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| {
+            let entry = row.entry.expect("a readable row");
+            assert_eq!(entry.id.as_str(), row.cursor.id);
+            (row.cursor.id, row.cursor.revision)
+        })
+        .collect()
+}
+
+async fn entry_changes_are_paged_by_revision_per_agent(db: Db) {
+    let s = db.store();
+    let r0 = s.entry_revisions().await.unwrap().current;
+    let a1 = entry("spiffe://acme.test/w/a1", &agent_a(), &["unix:uid:1"], &[]);
+    let b1 = entry("spiffe://acme.test/w/b1", &agent_b(), &["unix:uid:1"], &[]);
+    let a2 = entry("spiffe://acme.test/w/a2", &agent_a(), &["unix:uid:2"], &[]);
+    for e in [&a1, &b1, &a2] {
+        s.create_entry(e).await.unwrap();
+    }
+    let now = s.entry_revisions().await.unwrap();
+    assert_eq!(now.current, r0 + 3, "one revision per entry written");
+    assert_eq!(now.horizon, 0);
+    let (ida1, ida2) = (a1.id.to_string(), a2.id.to_string());
+    // Everything of agent A, in revision order; nothing of B.
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), now.current, (0, ""), 10)).await,
+        vec![(ida1.clone(), r0 + 1), (ida2.clone(), r0 + 3)]
+    );
+    assert_eq!(
+        changes(s, sync_query(&agent_b(), now.current, (0, ""), 10)).await,
+        vec![(b1.id.to_string(), r0 + 2)]
+    );
+    // Pages of one row, each after the last one's cursor.
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), now.current, (0, ""), 1)).await,
+        vec![(ida1.clone(), r0 + 1)]
+    );
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), now.current, (r0 + 1, &ida1), 1)).await,
+        vec![(ida2.clone(), r0 + 3)]
+    );
+    // Only what changed after a known revision (the cursor `(known + 1, "")` stands before
+    // every row of the next revision), and only up to the pass's revision.
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), now.current, (r0 + 2, ""), 10)).await,
+        vec![(ida2, r0 + 3)]
+    );
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), r0 + 2, (0, ""), 10)).await,
+        vec![(ida1, r0 + 1)]
+    );
+    assert!(
+        changes(
+            s,
+            sync_query(&agent_a(), now.current, (now.current + 1, ""), 10)
+        )
+        .await
+        .is_empty()
+    );
+}
+
+async fn deletions_leave_tombstones_until_pruned(db: Db) {
+    let s = db.store();
+    let a1 = entry("spiffe://acme.test/w/a1", &agent_a(), &["unix:uid:1"], &[]);
+    let b1 = entry("spiffe://acme.test/w/b1", &agent_b(), &["unix:uid:1"], &[]);
+    s.create_entry(&a1).await.unwrap();
+    s.create_entry(&b1).await.unwrap();
+    let before = s.entry_revisions().await.unwrap().current;
+    // Deleting nothing changes no revision.
+    assert!(!s.delete_entry(&EntryId::generate()).await.unwrap());
+    assert_eq!(s.entry_revisions().await.unwrap().current, before);
+    assert!(s.delete_entry(&a1.id).await.unwrap());
+    let after = s.entry_revisions().await.unwrap().current;
+    assert_eq!(after, before + 1);
+    let deletions = |parent: SpiffeId| async move {
+        s.entry_deletions_page(&sync_query(&parent, after, (before + 1, ""), 10))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.cursor.id, d.cursor.revision))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(deletions(agent_a()).await, vec![(a1.id.to_string(), after)]);
+    assert!(deletions(agent_b()).await.is_empty(), "B lost nothing");
+    // The deleted entry is no change any more; B's entry still is.
+    assert!(
+        changes(s, sync_query(&agent_a(), after, (0, ""), 10))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        changes(s, sync_query(&agent_b(), after, (0, ""), 10))
+            .await
+            .len(),
+        1
+    );
+    // Positive control: a prune horizon before the deletion keeps it.
+    let long_ago = unix_now() - 3600;
+    assert_eq!(s.prune_tombstones(long_ago).await.unwrap(), 0);
+    assert_eq!(s.entry_revisions().await.unwrap().horizon, 0);
+    assert_eq!(deletions(agent_a()).await.len(), 1);
+    // Pruned: forgotten, and the horizon says which agents must sync in full.
+    assert_eq!(s.prune_tombstones(unix_now() + 10).await.unwrap(), 1);
+    let revisions = s.entry_revisions().await.unwrap();
+    assert_eq!(revisions.horizon, after);
+    assert_eq!(revisions.current, after);
+    assert!(deletions(agent_a()).await.is_empty());
+    // The horizon never goes back.
+    assert_eq!(s.prune_tombstones(long_ago).await.unwrap(), 0);
+    assert_eq!(s.entry_revisions().await.unwrap().horizon, after);
+}
+
+async fn entry_revisions_commit_in_order_under_concurrent_writers(db: Db) {
+    let s = db.store.clone();
+    let r0 = s.entry_revisions().await.unwrap().current;
+    const WRITERS: usize = 8;
+    const EACH: usize = 12;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A reader that, at every revision it sees, finds every entry up to it: no revision may
+    // commit after a later one was visible.
+    let reader = {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut checks = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let seen = s.entry_revisions().await.unwrap().current;
+                let found = s
+                    .entry_changes_page(&sync_query(&agent_a(), seen, (r0 + 1, ""), 1000))
+                    .await
+                    .unwrap()
+                    .len();
+                assert_eq!(
+                    i64::try_from(found).unwrap(),
+                    seen - r0,
+                    "a revision up to {seen} is missing"
+                );
+                checks += 1;
+            }
+            checks
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let e = entry(
+                        &format!("spiffe://acme.test/w/{w}-{i}"),
+                        &agent_a(),
+                        &["unix:uid:1"],
+                        &[],
+                    );
+                    s.create_entry(&e).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(reader.await.unwrap() > 0, "the reader ran");
+    let total = WRITERS * EACH;
+    let now = s.entry_revisions().await.unwrap().current;
+    assert_eq!(now, r0 + i64::try_from(total).unwrap());
+    let revisions: BTreeSet<i64> = changes(&*s, sync_query(&agent_a(), now, (r0 + 1, ""), 1000))
+        .await
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(
+        revisions,
+        (r0 + 1..=now).collect(),
+        "one revision each, no gaps"
+    );
+}
+
+async fn an_unreadable_row_is_named_and_the_others_still_sync(db: Db) {
+    let s = db.store();
+    let mut broken = entry(
+        "spiffe://acme.test/w/broken",
+        &agent_a(),
+        &["unix:uid:1"],
+        &[],
+    );
+    broken.id = EntryId::parse("0123456789abcdef0123456789abcdef").unwrap();
+    let fine = entry(
+        "spiffe://acme.test/w/fine",
+        &agent_a(),
+        &["unix:uid:2"],
+        &[],
+    );
+    s.create_entry(&broken).await.unwrap();
+    s.create_entry(&fine).await.unwrap();
+    let upto = s.entry_revisions().await.unwrap().current;
+    // Positive control: both read.
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), upto, (0, ""), 10))
+            .await
+            .len(),
+        2
+    );
+    db.raw
+        .execute(
+            "UPDATE entries SET selectors = '[\"unix:pid:1\"]' \
+             WHERE id = '0123456789abcdef0123456789abcdef'",
+        )
+        .await;
+    let rows = s
+        .entry_changes_page(&sync_query(&agent_a(), upto, (0, ""), 10))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].cursor.id, broken.id.to_string());
+    assert!(matches!(rows[0].entry, Err(StoreError::Corrupt(_))));
+    assert_eq!(rows[1].entry.as_ref().unwrap(), &fine);
+}
+
+fn unix_now() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_secs()).unwrap()
 }

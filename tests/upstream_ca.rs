@@ -314,21 +314,7 @@ fn bootstrap_and_verify(root: Root, kty: &str) {
         &["--selector", "unix:uid:0"],
     );
     let dir = cluster.path("svid");
-    let dir_text = dir.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = cluster.mayfly(&["svid", "fetch", "--write", &dir_text]);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SVID for the workload: {}; agent log: {}",
-            String::from_utf8_lossy(&out.stderr),
-            cluster.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    fetch_chain(&cluster, &dir);
     let bundle_pem = cluster.path("bundle.pem");
     openssl_verify(
         &bundle_pem,
@@ -599,38 +585,150 @@ fn mayfly_proxy_serves_mtls_under_a_sanless_rsa_root() {
     );
 }
 
-/// CA rotation under an upstream root (issue 10): the next CA is an intermediate signed by the
-/// same root, the bundle keeps holding just that root, and such a CA cannot be revoked alone.
+/// `svid fetch --write DIR` until it succeeds (the agent syncs first), for at most 30 s; the
+/// certificates of the chain it wrote, leaf first.
+fn fetch_chain(cluster: &Cluster, dir: &Path) -> Vec<Vec<u8>> {
+    let dir_text = dir.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cluster.mayfly(&["svid", "fetch", "--write", &dir_text]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SVID for the workload: {}; agent log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    mayfly::bundle::from_pem(&std::fs::read(dir.join("svid.pem")).unwrap()).unwrap()
+}
+
+/// The `(id, state, upstream)` of each CA in `ca list --output json`.
+fn ca_rows(cluster: &Cluster) -> Vec<(String, String, bool)> {
+    let doc: Value =
+        serde_json::from_str(&cluster.ok(&["ca", "list", "--output", "json"])).expect("json");
+    doc.as_array()
+        .expect("an array")
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().expect("id").to_owned(),
+                c["state"].as_str().expect("state").to_owned(),
+                c["upstream"] == true,
+            )
+        })
+        .collect()
+}
+
+/// Rotation under an upstream root (issue 10, point 1): with a 36 s CA, the server prepares
+/// and activates a new intermediate signed by the same corporate root on its own schedule; the
+/// bundle stays exactly the root throughout; the workload's SVID moves to the new intermediate
+/// and its chain verifies with openssl against the root, before and after.
 #[test]
-fn a_rotation_under_the_upstream_signs_the_next_ca_with_it_and_keeps_the_root() {
+fn the_intermediate_under_an_upstream_root_rotates_and_chains_keep_verifying() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = make_root(KeyKind::P256, false, None);
+    let (cert, key) = write_root(&root, tmp.path());
+    let mut args = vec![
+        "--upstream-ca-cert",
+        cert.to_str().unwrap(),
+        "--upstream-ca-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(common::cluster::FAST_ROTATION);
+    let mut cluster = Cluster::start_with(&args);
+    let rows = ca_rows(&cluster);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].1 == "active" && rows[0].2,
+        "an active upstream CA: {rows:?}"
+    );
+    let first = rows[0].0.clone();
+
+    cluster.start_agent();
+    cluster.create_entry(
+        "spiffe://mayfly.local/corp/rotating",
+        &["--selector", "unix:uid:0", "--ttl", "5s"],
+    );
+    let bundle_pem = cluster.path("bundle.pem");
+    let before = fetch_chain(&cluster, &cluster.path("before"));
+    openssl_verify(
+        &bundle_pem,
+        &cluster.path("before/svid.pem"),
+        &cluster.path("check-before"),
+    );
+
+    // The schedule activates a new intermediate at 1/6 of the first one's life left.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let next = loop {
+        let rows = ca_rows(&cluster);
+        assert!(
+            rows.iter().all(|r| r.2),
+            "every CA is under the upstream: {rows:?}"
+        );
+        assert_eq!(
+            mayfly::bundle::from_pem(cluster.ok(&["bundle", "show"]).as_bytes()).unwrap(),
+            vec![root.cert_der.clone()],
+            "the bundle is the root alone"
+        );
+        if let Some(active) = rows.iter().find(|r| r.1 == "active" && r.0 != first) {
+            break active.0.clone();
+        }
+        assert!(Instant::now() < deadline, "no new CA activated: {rows:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_ne!(next, first);
+
+    // The workload's SVID moves to the new intermediate at its next rotation.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let chain = fetch_chain(&cluster, &cluster.path("after"));
+        if chain[1] != before[1] {
+            break chain;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the SVID stayed under the first CA"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(after.len(), 2, "leaf and intermediate");
+    let issuer = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &after[1],
+    ));
+    assert_eq!(issuer, next, "the new SVID chains to the activated CA");
+    openssl_verify(
+        &bundle_pem,
+        &cluster.path("after/svid.pem"),
+        &cluster.path("check-after"),
+    );
+}
+
+/// Rotation by hand under an upstream root: the next CA is an intermediate signed by the same
+/// root, the bundle keeps holding just that root, and such a CA cannot be revoked alone.
+#[test]
+fn a_rotation_by_hand_under_the_upstream_keeps_the_root_and_refuses_revoking_an_intermediate() {
     let tmp = tempfile::tempdir().unwrap();
     let root = make_root(KeyKind::P256, true, None);
     let cluster = cluster_under(&root, tmp.path());
     let bundle = cluster.ok(&["bundle", "show"]);
-    let list = |cluster: &Cluster| -> Vec<Value> {
-        serde_json::from_str::<Value>(&cluster.ok(&["ca", "list", "--output", "json"]))
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
-    };
-    let first = list(&cluster)[0]["id"].as_str().unwrap().to_owned();
+    let first = ca_rows(&cluster).remove(0).0;
     cluster.ok(&["ca", "prepare"]);
     cluster.ok(&["ca", "activate"]);
-    let cas = list(&cluster);
-    let active = cas.iter().find(|c| c["state"] == "active").unwrap();
-    assert_eq!(active["upstream"], true, "{cas:?}");
-    assert_ne!(active["id"].as_str().unwrap(), first);
+    let rows = ca_rows(&cluster);
+    let (active, _, upstream) = rows.iter().find(|(_, state, _)| state == "active").unwrap();
+    assert!(upstream, "{rows:?}");
+    assert_ne!(*active, first);
     // The new CA chains to the upstream root.
-    let pem = cluster.path(&format!(
-        ".mayfly/server/ca/{}.pem",
-        active["id"].as_str().unwrap()
-    ));
     let verify = Command::new("openssl")
         .arg("verify")
         .arg("-CAfile")
         .arg(tmp.path().join("corp-root.pem"))
-        .arg(&pem)
+        .arg(cluster.path(&format!(".mayfly/server/ca/{active}.pem")))
         .output()
         .unwrap();
     assert!(

@@ -8,11 +8,13 @@
 
 pub mod config;
 pub mod endpoint;
+pub(crate) mod entry_pages;
 pub mod identity;
 pub(crate) mod keys;
 pub mod link;
 pub mod state;
 pub(crate) mod sync;
+pub mod sync_error;
 // Re-issuing what a tainted CA signed (issue 10).
 pub(crate) mod taint;
 pub(crate) mod task_api;

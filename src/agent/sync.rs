@@ -8,23 +8,27 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::entry_pages::{self, Pass, merge, report};
 use super::identity::{self, AgentSvid, Bootstrap, IdentityError, IdentityFiles};
 use super::link::ServerLink;
 use super::state::{AgentEntry, CachedSvid, Snapshot, SnapshotTx};
-use crate::attestors::Selector;
-use crate::id::{SpiffeId, parse_scopes};
-use crate::proto::node as pb;
+pub use super::sync_error::SyncError;
 use crate::wire::RefusalKind;
 
 /// How many identity SVIDs are requested at once.
 const ISSUE_CONCURRENCY: usize = 16;
 /// The longest wait between attempts while the server refuses or is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest the agent asks the server to hold a sync call (the server caps it too).
+const MAX_HOLD: Duration = Duration::from_secs(25);
+/// A round shorter than this that brought nothing was not held: the loop sleeps as it would
+/// without holding, so it never spins.
+const MIN_HELD: Duration = Duration::from_millis(200);
 
 /// What the loop needs to re-attest on its own.
 pub struct Reattest {
@@ -43,6 +47,11 @@ pub struct Syncer {
     interval: Duration,
     tx: SnapshotTx,
     revision: i64,
+    /// The server holds sync calls until something changes (it speaks the incremental
+    /// protocol), so the next round may start at once.
+    holds: bool,
+    /// The last round brought changes.
+    changed: bool,
     /// When each entry's SVID is due for rotation.
     rotate_at: HashMap<String, SystemTime>,
     failures: u32,
@@ -66,6 +75,8 @@ impl Syncer {
             interval,
             tx,
             revision: 0,
+            holds: false,
+            changed: false,
             rotate_at: HashMap::new(),
             failures: 0,
         }
@@ -74,10 +85,16 @@ impl Syncer {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
+            let started = Instant::now();
             let wait = match self.tick().await {
                 Ok(()) => {
                     self.failures = 0;
-                    self.next_wake()
+                    if self.holds && (self.changed || started.elapsed() >= MIN_HELD) {
+                        // The server held the call (or brought news): ask again at once.
+                        Duration::ZERO
+                    } else {
+                        self.next_wake()
+                    }
                 }
                 Err(e) => {
                     self.failures = self.failures.saturating_add(1);
@@ -100,15 +117,27 @@ impl Syncer {
 
     /// How long to sleep: the poll interval, or less when an SVID is due sooner.
     fn next_wake(&self) -> Duration {
+        self.until_due(self.interval).max(Duration::from_millis(50))
+    }
+
+    /// The time until the next SVID (an entry's or the agent's) is due, at most `limit`.
+    fn until_due(&self, limit: Duration) -> Duration {
         let now = SystemTime::now();
-        let mut due = now + self.interval;
+        let mut due = now + limit;
         for at in self.rotate_at.values() {
             due = due.min(*at);
         }
         due = due.min(self.agent.renew_at());
-        due.duration_since(now)
-            .unwrap_or_default()
-            .max(Duration::from_millis(50))
+        due.duration_since(now).unwrap_or_default()
+    }
+
+    /// How long the server may hold the next sync call: never past the next rotation.
+    fn hold_for(&self) -> Duration {
+        if self.holds {
+            self.until_due(MAX_HOLD)
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// One round: renew the agent SVID if due, sync entries and bundle, issue and rotate
@@ -132,39 +161,27 @@ impl Syncer {
         self.apply(answer).await
     }
 
-    async fn list_entries(&self) -> Result<pb::ListEntriesResponse, SyncError> {
-        Ok(self
-            .link
-            .client()
-            .list_entries(pb::ListEntriesRequest {
-                known_revision: self.revision,
-            })
-            .await
-            .map_err(SyncError::Refused)?
-            .into_inner())
+    async fn list_entries(&self) -> Result<Pass, SyncError> {
+        let held = crate::wire::bundle_digest(&self.agent.bundle);
+        entry_pages::fetch(&self.link, self.revision, held, self.hold_for()).await
     }
 
-    async fn apply(&mut self, answer: pb::ListEntriesResponse) -> Result<(), SyncError> {
+    async fn apply(&mut self, mut pass: Pass) -> Result<(), SyncError> {
+        let tainted = std::mem::take(&mut pass.tainted);
         let current = self.tx.borrow().clone();
         let mut next = (*current).clone();
-        if !answer.bundle.is_empty() && answer.bundle != next.bundle {
-            self.set_bundle(&answer.bundle)?;
-            next.bundle = answer.bundle;
+        let revision = pass.revision;
+        self.holds = pass.incremental;
+        self.changed = !pass.unchanged || !pass.bundle.is_empty();
+        if !pass.bundle.is_empty() && pass.bundle != next.bundle {
+            self.set_bundle(&pass.bundle)?;
+            next.bundle = pass.bundle.clone();
         }
-        if !answer.unchanged {
-            next.entries = answer
-                .entries
-                .into_iter()
-                .filter_map(|e| match to_entry(e) {
-                    Ok(entry) => Some(Arc::new(entry)),
-                    Err(reason) => {
-                        tracing::warn!(%reason, "ignoring an entry the agent cannot use");
-                        None
-                    }
-                })
-                .collect();
-            self.revision = answer.revision;
+        if !pass.unchanged {
+            report(&pass);
+            next.entries = merge(&next.entries, pass);
         }
+        self.revision = revision;
         // Drop the SVIDs of entries that are gone or changed, then issue what is missing or due.
         let by_id: HashMap<&str, &Arc<AgentEntry>> =
             next.entries.iter().map(|e| (e.id.as_str(), e)).collect();
@@ -174,9 +191,8 @@ impl Syncer {
                 .is_some_and(|e| e.spiffe_id == svid.spiffe_id)
         });
         self.rotate_at.retain(|id, _| next.svids.contains_key(id));
-        let fps = &answer.tainted_ca_fingerprints;
         let agent_tainted = super::taint::mark_due(
-            fps,
+            &tainted,
             &next.bundle,
             &next.svids,
             &mut self.rotate_at,
@@ -303,20 +319,6 @@ impl Syncer {
     }
 }
 
-/// Why a sync round failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// The server refused a call.
-    #[error("the server refused: {}", .0.message())]
-    Refused(tonic::Status),
-    /// The agent's identity could not be renewed or re-established.
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    /// The agent needs a new join token from an operator.
-    #[error("the agent needs a new join token")]
-    NeedsToken,
-}
-
 fn backoff(failures: u32) -> Duration {
     let secs = 1u64 << failures.min(4).saturating_sub(1);
     Duration::from_secs(secs).min(MAX_BACKOFF)
@@ -335,24 +337,6 @@ fn rotation_time(svid: &CachedSvid) -> SystemTime {
     svid.issued_at + life.mul_f64(fraction)
 }
 
-fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
-    let spiffe_id = SpiffeId::parse(&e.spiffe_id).map_err(|err| err.to_string())?;
-    let selectors = e
-        .selectors
-        .iter()
-        .map(|s| Selector::parse(s).map_err(|err| err.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let scopes = parse_scopes(&e.scopes).map_err(|err| err.to_string())?;
-    Ok(AgentEntry {
-        id: e.id,
-        spiffe_id,
-        selectors,
-        scopes,
-        ttl: Duration::from_secs(u64::from(e.ttl_seconds)),
-        dns_names: e.dns_names,
-    })
-}
-
 /// An empty snapshot for `agent`, not ready until the first sync.
 pub fn initial_snapshot(agent: &AgentSvid) -> Snapshot {
     Snapshot::empty(agent.trust_domain(), agent.bundle.clone())
@@ -361,6 +345,7 @@ pub fn initial_snapshot(agent: &AgentSvid) -> Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::id::SpiffeId;
 
     #[test]
     fn rotation_falls_within_ten_percent_of_half_life() {

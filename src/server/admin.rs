@@ -215,6 +215,8 @@ impl pb::admin_server::Admin for AdminService {
         let result: Result<Entry, AdminError> = async {
             let entry = self.validate_entry(&req)?;
             self.state.store.create_entry(&entry).await?;
+            // Held agent syncs answer at once (issue 10).
+            self.state.entry_watch.refresh().await;
             self.audit_change(AuditAction::EntryCreate, "entry created".into(), |e| {
                 e.entry_id = Some(entry.id.to_string());
                 e.spiffe_id = Some(entry.spiffe_id.to_string());
@@ -273,6 +275,7 @@ impl pb::admin_server::Admin for AdminService {
                     "no entry {id}; `mayfly entry list` shows the entries"
                 )));
             }
+            self.state.entry_watch.refresh().await;
             self.audit_change(AuditAction::EntryDelete, "entry deleted".into(), |e| {
                 e.entry_id = Some(id.to_string());
             })

@@ -9,6 +9,9 @@ pub(crate) mod bundle_wake;
 pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
+// Entry sync at scale (issue 10): paged, incremental, held `ListEntries`.
+pub(crate) mod entry_sync;
+pub(crate) mod entry_watch;
 pub(crate) mod node;
 pub(crate) mod policy;
 // CA rotation (issue 10): the journal, the schedule and the operator's steps.
@@ -214,6 +217,8 @@ pub(crate) struct ServerState {
     pub(crate) source: SvidSource,
     pub(crate) agent_ttl: Duration,
     pub(crate) min_entry_ttl: Duration,
+    /// The entry revision held `ListEntries` calls wait on.
+    pub(crate) entry_watch: Arc<entry_watch::EntryWatch>,
     /// The longest TTL an entry may have: min(1 h, ca_ttl / 6).
     pub(crate) max_entry_ttl: Duration,
     /// How often verifiers should re-read the bundle: min(ca_ttl / 12, 300 s).
@@ -386,6 +391,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source: source.clone(),
         agent_ttl: config.agent_ttl,
         min_entry_ttl: config.min_entry_ttl,
+        entry_watch: entry_watch::EntryWatch::new(store.clone()),
         max_entry_ttl: config.max_entry_ttl(),
         refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
     });
@@ -416,6 +422,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         store.clone(),
         config.trust_domain.clone(),
         source.clone(),
+        shutdown.subscribe(),
+    )));
+    tasks.push(tokio::spawn(entry_watch::run(
+        state.entry_watch.clone(),
         shutdown.subscribe(),
     )));
     let (incoming, accept_loop) =

@@ -18,6 +18,7 @@ use crate::proto::node as pb;
 use crate::server::ServerState;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
+use crate::server::entry_sync::{self, EntrySyncError, entry_message};
 use crate::server::policy::{self, Refusal, Standing, check_task_id};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
@@ -29,6 +30,10 @@ const MAX_ENTRY_ID_LEN: usize = 64;
 const MAX_CSR_LEN: usize = 4096;
 /// The largest attestation evidence.
 const MAX_EVIDENCE_LEN: usize = 4096;
+/// The longest a `ListEntries` call is held waiting for a change (the agent may ask less).
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(25);
+/// How often the standing of an agent whose call is held is checked again.
+const STANDING_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a node API call failed; mapped to a gRPC status in [`NodeError::status`] only.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,9 @@ enum NodeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// An incremental entry sync failed.
+    #[error(transparent)]
+    Sync(#[from] EntrySyncError),
 }
 
 impl NodeError {
@@ -60,8 +68,13 @@ impl NodeError {
             Self::Refused(Refusal::NotAuthenticated) => Status::unauthenticated(message),
             Self::Refused(r) if r.is_invalid_argument() => Status::invalid_argument(message),
             Self::Refused(_) => Status::permission_denied(message),
-            Self::Csr(_) => Status::invalid_argument(message),
-            Self::Sign(_) | Self::Store(_) | Self::Audit(_) => {
+            Self::Csr(_) | Self::Sync(EntrySyncError::BadPageToken) => {
+                Status::invalid_argument(message)
+            }
+            Self::Sign(_)
+            | Self::Sync(EntrySyncError::Store(_))
+            | Self::Store(_)
+            | Self::Audit(_) => {
                 tracing::error!(error = %message, "node API call failed");
                 Status::unavailable(message)
             }
@@ -308,6 +321,60 @@ impl NodeService {
     fn bundle(&self) -> Vec<Vec<u8>> {
         self.state.bundle_der()
     }
+
+    /// One page of an incremental sync. A first page with nothing for the agent is held while
+    /// the agent asked to wait (at most [`MAX_WAIT`]): it is answered as soon as an entry under
+    /// the agent changes or the bundle does, and the agent's standing is checked again every
+    /// [`STANDING_RECHECK`], so a ban or an eviction ends the call. A shutting-down server
+    /// answers at once.
+    async fn sync_incremental(
+        &self,
+        peer: Option<&VerifiedPeer>,
+        agent: &AgentRecord,
+        req: &pb::ListEntriesRequest,
+    ) -> Result<pb::ListEntriesResponse, NodeError> {
+        let store = self.state.store.as_ref();
+        let id = &agent.spiffe_id;
+        // Subscribed before the first read, so a change between the two still wakes the wait.
+        let mut changes = self.state.entry_watch.subscribe();
+        let mut closing = self.state.entry_watch.closing();
+        // Every page names the tainted CAs, and a held call ends when that set changes, so the
+        // agent re-issues what a newly tainted CA signed within one standing re-check.
+        let tainted = self.state.rotation.tainted();
+        let mut answer = entry_sync::page(store, id, req, self.bundle()).await?;
+        answer.tainted_ca_fingerprints.clone_from(&tainted);
+        let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
+        if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
+            return Ok(answer);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + STANDING_RECHECK,
+            STANDING_RECHECK,
+        );
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return Ok(answer),
+                () = closed(&mut closing) => return Ok(answer),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(answer);
+                    }
+                }
+                _ = recheck.tick() => {
+                    self.authorize_agent(peer, None).await?;
+                }
+            }
+            answer = entry_sync::page(store, id, req, self.bundle()).await?;
+            answer.tainted_ca_fingerprints = self.state.rotation.tainted();
+            if !answer.unchanged
+                || !answer.bundle.is_empty()
+                || answer.tainted_ca_fingerprints != tainted
+            {
+                return Ok(answer);
+            }
+        }
+    }
 }
 
 /// An entry as the store answered for an ID, or why the ID was refused unread.
@@ -316,6 +383,11 @@ enum EntryLookup {
     Read(EntryId, Result<Option<Entry>, StoreError>),
     /// The ID is no entry ID.
     Malformed(Refusal),
+}
+
+/// Resolves once `closing` turns true (or its sender is gone).
+async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
 }
 
 fn peer_of<T>(request: &Request<T>) -> Option<Arc<VerifiedPeer>> {
@@ -331,17 +403,6 @@ fn svid_message(id: &ScopedId, issued: IssuedSvid) -> pb::Svid {
         cert_chain: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
         serial: issued.serial.to_hex(),
         not_after: unix_secs(issued.not_after),
-    }
-}
-
-fn entry_message(entry: Entry) -> pb::Entry {
-    pb::Entry {
-        id: entry.id.to_string(),
-        spiffe_id: entry.spiffe_id.to_string(),
-        selectors: entry.selectors.iter().map(|s| s.to_string()).collect(),
-        scopes: entry.scopes.iter().map(|s| s.to_string()).collect(),
-        ttl_seconds: entry.ttl_secs,
-        dns_names: entry.dns_names,
     }
 }
 
@@ -482,14 +543,18 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         let result: Result<pb::ListEntriesResponse, NodeError> = async {
             let agent = self.authorize_agent(peer.as_deref(), None).await?;
+            if req.incremental {
+                return self.sync_incremental(peer.as_deref(), &agent, &req).await;
+            }
+            // An agent of an earlier version: the whole list in one message, as it expects.
             let revision = self.state.store.entries_revision().await?;
             if revision == req.known_revision {
                 return Ok(pb::ListEntriesResponse {
                     revision,
                     unchanged: true,
-                    entries: Vec::new(),
                     bundle: self.bundle(),
                     tainted_ca_fingerprints: self.state.rotation.tainted(),
+                    ..Default::default()
                 });
             }
             let entries = self
@@ -499,10 +564,10 @@ impl pb::node_server::Node for NodeService {
                 .await?;
             Ok(pb::ListEntriesResponse {
                 revision,
-                unchanged: false,
                 entries: entries.into_iter().map(entry_message).collect(),
                 bundle: self.bundle(),
                 tainted_ca_fingerprints: self.state.rotation.tainted(),
+                ..Default::default()
             })
         }
         .await;

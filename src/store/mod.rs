@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod query;
 pub(crate) mod rows;
 pub mod sqlite;
+pub mod sync;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use crate::svid::Serial;
 
 pub use ca_journal::{CaChange, CaJournalRecord, CaState};
 pub use query::{EntryCursor, EntryQuery, PrefixError, SpiffeIdPrefix};
+pub use sync::{Deletion, Revisions, SyncCursor, SyncQuery, SyncRow};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +207,30 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Database`].
     async fn entries_revision(&self) -> Result<i64, StoreError>;
+    // Entry sync for agents (issue 10): see `sync`.
+    /// The current entry revision and the tombstone prune horizon, read together.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn entry_revisions(&self) -> Result<Revisions, StoreError>;
+    /// One page of the entries under `query.parent` created in `(query.after, query.upto]`,
+    /// in `(revision, id)` order. A row that cannot be read back comes as an error in its
+    /// [`SyncRow`], so the others still sync.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn entry_changes_page(&self, query: &SyncQuery) -> Result<Vec<SyncRow>, StoreError>;
+    /// As [`Store::entry_changes_page`], for the entries deleted (their tombstones).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn entry_deletions_page(&self, query: &SyncQuery) -> Result<Vec<Deletion>, StoreError>;
+    /// Forgets the tombstones of entries deleted before `deleted_before` (Unix seconds) and
+    /// raises the horizon to the newest revision forgotten; returns how many were pruned.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn prune_tombstones(&self, deleted_before: i64) -> Result<u64, StoreError>;
 
     /// Stores a new join token.
     ///

@@ -16,9 +16,10 @@ use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
     entry_columns,
 };
+use super::sync::{self, SyncEntryRow};
 use super::{
-    AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, Entry, EntryId, EntryQuery,
-    JoinTokenRecord, Store, StoreError, paging,
+    AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, Deletion, Entry, EntryId,
+    EntryQuery, JoinTokenRecord, Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
 };
 use crate::audit::{self, AuditEvent, AuditRecord, Decision};
 use crate::id::SpiffeId;
@@ -100,30 +101,47 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// One page of entry-sync rows read by `sql` (see `sync`): every page statement binds the
+    /// same five values in the same order.
+    async fn sync_page<R>(&self, sql: &'static str, query: &SyncQuery) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as::<_, R>(sql)
+            .bind(query.parent.as_str())
+            .bind(query.upto)
+            .bind(query.after.revision)
+            .bind(query.after.id.as_str())
+            .bind(i64::from(query.limit.max(1)))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn create_entry(&self, entry: &Entry) -> Result<(), StoreError> {
         let columns = EntryColumns::new(entry);
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, scopes, ttl_secs, \
-             dns_names, created_at, identity_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(entry.id.as_str())
-        .bind(entry.spiffe_id.as_str())
-        .bind(entry.parent_id.as_str())
-        .bind(&columns.selectors)
-        .bind(&columns.scopes)
-        .bind(columns.ttl_secs)
-        .bind(&columns.dns_names)
-        .bind(entry.created_at)
-        .bind(&columns.identity_key)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| rows::entry_exists(e, entry))?;
-        sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
-            .execute(&mut *tx)
+        // The revision first: its lock orders concurrent writers (see `sync`).
+        let revision: i64 = sqlx::query_scalar(sync::BUMP_REVISION)
+            .fetch_one(&mut *tx)
             .await?;
+        sqlx::query(sync::INSERT_ENTRY)
+            .bind(entry.id.as_str())
+            .bind(entry.spiffe_id.as_str())
+            .bind(entry.parent_id.as_str())
+            .bind(&columns.selectors)
+            .bind(&columns.scopes)
+            .bind(columns.ttl_secs)
+            .bind(&columns.dns_names)
+            .bind(entry.created_at)
+            .bind(&columns.identity_key)
+            .bind(revision)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| rows::entry_exists(e, entry))?;
         tx.commit().await?;
         Ok(())
     }
@@ -206,19 +224,27 @@ impl Store for PostgresStore {
 
     async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query("DELETE FROM entries WHERE id = $1")
+        // The revision first: its lock orders concurrent writers (see `sync`). Nothing
+        // deleted means nothing committed, so the bump is rolled back with the transaction.
+        let revision: i64 = sqlx::query_scalar(sync::BUMP_REVISION)
+            .fetch_one(&mut *tx)
+            .await?;
+        let parent: Option<String> = sqlx::query_scalar(sync::DELETE_ENTRY)
             .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(parent) = parent else {
+            return Ok(false);
+        };
+        sqlx::query(sync::INSERT_TOMBSTONE)
+            .bind(id.as_str())
+            .bind(parent)
+            .bind(revision)
+            .bind(crate::wire::unix_secs(std::time::SystemTime::now()))
             .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            > 0;
-        if deleted {
-            sqlx::query("UPDATE entries_revision SET revision = revision + 1 WHERE id = 1")
-                .execute(&mut *tx)
-                .await?;
-        }
+            .await?;
         tx.commit().await?;
-        Ok(deleted)
+        Ok(true)
     }
 
     async fn entries_revision(&self) -> Result<i64, StoreError> {
@@ -227,6 +253,46 @@ impl Store for PostgresStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn entry_revisions(&self) -> Result<Revisions, StoreError> {
+        let (current, horizon): (i64, i64) = sqlx::query_as(sync::REVISIONS)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Revisions { current, horizon })
+    }
+
+    async fn entry_changes_page(&self, query: &SyncQuery) -> Result<Vec<SyncRow>, StoreError> {
+        let rows = self
+            .sync_page::<SyncEntryRow>(sync::CHANGES_PAGE, query)
+            .await?;
+        Ok(rows.into_iter().map(SyncRow::from).collect())
+    }
+
+    async fn entry_deletions_page(&self, query: &SyncQuery) -> Result<Vec<Deletion>, StoreError> {
+        let rows = self
+            .sync_page::<(i64, String)>(sync::DELETIONS_PAGE, query)
+            .await?;
+        Ok(rows.into_iter().map(sync::deletion).collect())
+    }
+
+    async fn prune_tombstones(&self, deleted_before: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let horizon: i64 = sqlx::query_scalar(sync::PRUNED_HORIZON)
+            .bind(deleted_before)
+            .fetch_one(&mut *tx)
+            .await?;
+        let pruned = sqlx::query(sync::PRUNE)
+            .bind(deleted_before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query(sync::RAISE_HORIZON)
+            .bind(horizon)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(pruned)
     }
 
     async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<(), StoreError> {

@@ -112,6 +112,13 @@ pub(super) struct EntryRow {
     created_at: i64,
 }
 
+impl EntryRow {
+    /// The row's ID as stored (perhaps not a valid entry ID), to name a row that is corrupt.
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 /// The columns [`EntryRow`] reads, as a literal for `concat!`.
 macro_rules! entry_columns {
     () => {

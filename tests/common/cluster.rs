@@ -13,6 +13,17 @@ use tempfile::TempDir;
 /// The `mayfly` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
 
+/// `server run` lifetimes short enough to watch CA rotations within a minute, passing the 6x
+/// rule: a CA lives 36 s, so the next one is prepared at 18 s left and activated at 6 s left.
+pub const FAST_ROTATION: &[&str] = &[
+    "--ca-ttl",
+    "36s",
+    "--agent-ttl",
+    "6s",
+    "--min-entry-ttl",
+    "2s",
+];
+
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
@@ -146,7 +157,13 @@ impl Cluster {
 
     /// Starts the agent with `token` and waits for its socket.
     pub fn start_agent_with_token(&mut self, token: &str) {
-        let socket = self.socket();
+        self.agent = Some(self.spawn_agent("agent", token));
+    }
+
+    /// Starts an agent named `tag` (socket `<tag>.sock`, data dir `<tag>-data`, log
+    /// `<tag>.log`; the cluster's own agent is `agent`) with `token`, and waits for its socket.
+    pub fn spawn_agent(&self, tag: &str, token: &str) -> Proc {
+        let socket = self.path(&format!("{tag}.sock"));
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(BIN)
             .args(["agent", "run", "--server"])
@@ -156,15 +173,15 @@ impl Cluster {
             .arg("--socket")
             .arg(&socket)
             .arg("--data-dir")
-            .arg(self.path("agent-data"))
+            .arg(self.path(&format!("{tag}-data")))
             .current_dir(self.dir.path())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log_file(&self.path("agent.log")))
+            .stderr(log_file(&self.path(&format!("{tag}.log"))))
             .spawn()
             .expect("spawn mayfly agent run");
-        self.agent = Some(Proc(child));
         wait_for_path(&socket, Duration::from_secs(30), "the agent's socket");
+        Proc(child)
     }
 
     /// The agent's log so far.

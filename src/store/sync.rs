@@ -1,0 +1,134 @@
+//! Entry sync for agents (issue 10): per-entry revisions and tombstones, read one page at a
+//! time in `(revision, id)` order, written once for both engines (the statements are the same
+//! text; both engines take `$N` placeholders and row-value comparisons).
+//!
+//! Every entry write first bumps the one `entries_revision` row and uses the new value, in the
+//! same transaction. The row lock (PostgreSQL) or the write lock (SQLite) is held until commit,
+//! so revisions commit in order: a reader that sees revision N has every write up to N, and an
+//! agent that reads `(since, N]` misses nothing, whichever server wrote.
+
+use super::rows::{EntryRow, entry_columns};
+use super::{Entry, StoreError};
+use crate::id::SpiffeId;
+
+/// Bumps the global revision and returns the new value; the first statement of every entry
+/// write, so it takes the lock that orders revisions.
+pub(super) const BUMP_REVISION: &str =
+    "UPDATE entries_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision";
+
+/// Inserts an entry with its revision (`$10`).
+pub(super) const INSERT_ENTRY: &str = "INSERT INTO entries (id, spiffe_id, parent_id, selectors, \
+     scopes, ttl_secs, dns_names, created_at, identity_key, revision) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+/// Deletes an entry and returns its parent, for its tombstone.
+pub(super) const DELETE_ENTRY: &str = "DELETE FROM entries WHERE id = $1 RETURNING parent_id";
+
+/// Records a deletion: `(id, parent_id, revision, deleted_at)`.
+pub(super) const INSERT_TOMBSTONE: &str = "INSERT INTO entry_tombstones \
+     (id, parent_id, revision, deleted_at) VALUES ($1, $2, $3, $4)";
+
+/// The current revision and the prune horizon.
+pub(super) const REVISIONS: &str = "SELECT revision, horizon FROM entries_revision WHERE id = 1";
+
+/// One page of an agent's entries changed in `(since, upto]`, after a cursor:
+/// `$1` parent, `$2` upto, `$3` cursor revision (at least `since`), `$4` cursor ID, `$5` limit.
+pub(super) const CHANGES_PAGE: &str = concat!(
+    "SELECT ",
+    entry_columns!(),
+    ", revision FROM entries WHERE parent_id = $1 AND revision <= $2 \
+     AND (revision, id) > ($3, $4) ORDER BY revision, id LIMIT $5"
+);
+
+/// As [`CHANGES_PAGE`], for tombstones: `(revision, id)`.
+pub(super) const DELETIONS_PAGE: &str = "SELECT revision, id FROM entry_tombstones \
+     WHERE parent_id = $1 AND revision <= $2 AND (revision, id) > ($3, $4) \
+     ORDER BY revision, id LIMIT $5";
+
+/// The newest revision among the tombstones about to be pruned (`deleted_at < $1`).
+pub(super) const PRUNED_HORIZON: &str =
+    "SELECT COALESCE(MAX(revision), 0) FROM entry_tombstones WHERE deleted_at < $1";
+/// Prunes tombstones deleted before `$1`.
+pub(super) const PRUNE: &str = "DELETE FROM entry_tombstones WHERE deleted_at < $1";
+/// Raises the horizon to `$1` (never lowers it).
+pub(super) const RAISE_HORIZON: &str =
+    "UPDATE entries_revision SET horizon = $1 WHERE id = 1 AND horizon < $1";
+
+/// The global entry revision and how far back deletions are remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Revisions {
+    /// Grows by one with every entry created or deleted.
+    pub current: i64,
+    /// The newest revision whose tombstone was pruned: an agent whose known revision is below
+    /// it may have missed a deletion and must sync in full.
+    pub horizon: i64,
+}
+
+/// Where a page of a sync starts: after this `(revision, id)`. IDs are never empty, so
+/// `(r, "")` stands before every row of revision `r`: a sync from known revision `k` starts at
+/// `(k + 1, "")`, a full one at `(0, "")`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncCursor {
+    /// The revision of the last row sent.
+    pub revision: i64,
+    /// The ID of the last row sent (empty before the first).
+    pub id: String,
+}
+
+/// One page of the changes under one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncQuery {
+    /// The agent whose entries are read.
+    pub parent: SpiffeId,
+    /// Only rows with a revision at most this (the revision the sync brings the agent to).
+    pub upto: i64,
+    /// Only rows after this.
+    pub after: SyncCursor,
+    /// At most this many rows (at least one is asked for).
+    pub limit: u32,
+}
+
+/// A changed entry as read, or why it could not be read (it is then skipped by ID, and the
+/// others still sync).
+#[derive(Debug)]
+pub struct SyncRow {
+    /// The row's position, for the next page's cursor.
+    pub cursor: SyncCursor,
+    /// The entry, or [`StoreError::Corrupt`] naming what is wrong with the row.
+    pub entry: Result<Entry, StoreError>,
+}
+
+/// A deleted entry: its tombstone's position (whose ID is the entry's, as stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// The tombstone's position (its ID is the deleted entry's).
+    pub cursor: SyncCursor,
+}
+
+/// An `entries` row with its revision.
+#[derive(sqlx::FromRow)]
+pub(super) struct SyncEntryRow {
+    #[sqlx(flatten)]
+    entry: EntryRow,
+    revision: i64,
+}
+
+impl From<SyncEntryRow> for SyncRow {
+    fn from(row: SyncEntryRow) -> Self {
+        let cursor = SyncCursor {
+            revision: row.revision,
+            id: row.entry.id().to_owned(),
+        };
+        Self {
+            cursor,
+            entry: Entry::try_from(row.entry),
+        }
+    }
+}
+
+/// A tombstone row as read: `(revision, id)`.
+pub(super) fn deletion((revision, id): (i64, String)) -> Deletion {
+    Deletion {
+        cursor: SyncCursor { revision, id },
+    }
+}
