@@ -37,7 +37,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -78,6 +78,9 @@ pub struct IssueBenchOptions {
     /// `postgres://…` to use PostgreSQL (the benchmark writes entries, agents and audit records
     /// into it); `None` for SQLite in the data dir.
     pub database: Option<String>,
+    /// Rotate the server's CA (`ca prepare`, then `ca activate`) this often during the run, to
+    /// measure issuance with rotations under way; `None` for none.
+    pub rotate_every: Option<Duration>,
 }
 
 impl Default for IssueBenchOptions {
@@ -90,6 +93,7 @@ impl Default for IssueBenchOptions {
             reference_duration: Duration::from_secs(3),
             data_dir: None,
             database: None,
+            rotate_every: None,
         }
     }
 }
@@ -180,6 +184,8 @@ pub struct IssueBenchReport {
     pub latency_p99_ms: f64,
     /// Slowest request, in milliseconds.
     pub latency_max_ms: f64,
+    /// CA rotations (prepare and activate) completed during the run.
+    pub ca_rotations: u64,
     /// The process's CPU time during the timed window over what `threads` cores offer (1.0:
     /// all busy); `None` where /proc is not available. A PostgreSQL server's own work is not
     /// in it.
@@ -221,6 +227,13 @@ impl fmt::Display for IssueBenchReport {
             self.database,
             self.threads,
         )?;
+        if self.ca_rotations > 0 {
+            writeln!(
+                f,
+                "with {} CA rotations (prepare + activate) during the run",
+                self.ca_rotations
+            )?;
+        }
         writeln!(
             f,
             "latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -348,10 +361,21 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         admin_socket: running.admin_socket.clone(),
         node_addr: running.node_addr,
     };
+    let rotations = opts
+        .rotate_every
+        .map(|every| tokio::spawn(rotate_cas(running.admin_socket.clone(), every)));
     let load = load_runtime
         .spawn(run_load(target, opts.clone()))
         .await
         .map_err(|e| BenchError::Task(e.to_string()));
+    let ca_rotations = match rotations {
+        Some(task) => {
+            task.abort();
+            task.await
+                .unwrap_or_else(|_| ROTATIONS.swap(0, Ordering::Relaxed))
+        }
+        None => 0,
+    };
     load_runtime.shutdown_background();
     running.shutdown().await;
     let load = load??;
@@ -387,6 +411,7 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         latency_p50_ms: percentile_ms(&latencies, 0.50),
         latency_p99_ms: percentile_ms(&latencies, 0.99),
         latency_max_ms: latencies.last().map_or(0.0, |&us| f64::from(us) / 1000.0),
+        ca_rotations,
         cpu_busy: load
             .cpu
             .map(|cpu| cpu.total / (secs * threads.max(1) as f64)),
@@ -406,6 +431,26 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
             .filter(|&server_us| server_us > 0.0 && single > 0.0)
             .map(|server_us| (1e6 / single) / server_us),
     })
+}
+
+/// Rotations done by [`rotate_cas`], read when its task is aborted.
+static ROTATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Rotates the server's CA every `every` through the admin API until aborted; returns (and
+/// leaves in [`ROTATIONS`]) how many rotations completed.
+async fn rotate_cas(admin_socket: PathBuf, every: Duration) -> u64 {
+    ROTATIONS.store(0, Ordering::Relaxed);
+    let Ok(mut admin) = client::connect_admin(&admin_socket).await else {
+        return 0;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let prepared = admin.prepare_ca(admin_pb::PrepareCaRequest {}).await;
+        let activated = admin.activate_ca(admin_pb::ActivateCaRequest {}).await;
+        if prepared.is_ok() && activated.is_ok() {
+            ROTATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the benchmark's load generator threads are called (at most 15 bytes, the kernel's

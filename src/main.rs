@@ -212,6 +212,9 @@ struct BenchIssueArgs {
     /// A postgres:// URL instead of SQLite.
     #[arg(long)]
     database: Option<String>,
+    /// Rotate the server's CA (prepare, then activate) this often during the run, e.g. 2s.
+    #[arg(long)]
+    rotate_every: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -390,6 +393,11 @@ async fn bench_issue(args: BenchIssueArgs, out: Printer) -> Result<()> {
         in_flight: args.in_flight,
         duration: mayfly::duration::parse(&args.duration)?,
         database: args.database,
+        rotate_every: args
+            .rotate_every
+            .as_deref()
+            .map(mayfly::duration::parse)
+            .transpose()?,
         ..Default::default()
     };
     let report = bench::issue_benchmark(options).await?;

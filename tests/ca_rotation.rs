@@ -327,6 +327,47 @@ async fn line_echo_upstream() -> std::net::SocketAddr {
     addr
 }
 
+/// Registers the proxy's and the client's entries (SVID TTL `ttl`), starts a line echo
+/// upstream and `mayfly proxy` in TCP mode admitting the client; returns the proxy process and
+/// its port once it runs. Its log is `<cluster>/proxy.log`.
+async fn start_proxy(cluster: &Cluster, ttl: &str) -> (common::cluster::Proc, u16) {
+    let dns = ["--dns", "localhost"];
+    let scope = ["--scope", "echo:use:lines"];
+    for (id, extra) in [(PROXY_ID, dns), (CLIENT_ID, scope)] {
+        let mut args = vec!["--selector", "unix:uid:0", "--ttl", ttl];
+        args.extend_from_slice(&extra);
+        cluster.create_entry(id, &args);
+    }
+    let upstream = line_echo_upstream().await;
+    let port = common::cluster::free_port();
+    let proxy_log = cluster.path("proxy.log");
+    let proxy = common::cluster::Proc(
+        Command::new(BIN)
+            .args([
+                "proxy",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+            ])
+            .arg(upstream.to_string())
+            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
+            .args(["--allow-id", CLIENT_ID])
+            .current_dir(cluster.dir.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
+            .spawn()
+            .expect("spawn mayfly proxy"),
+    );
+    wait_for(Duration::from_secs(40), "the proxy to run", || {
+        std::fs::read_to_string(&proxy_log)
+            .unwrap_or_default()
+            .contains("mayfly proxy running")
+    });
+    (proxy, port)
+}
+
 /// One mTLS connection through the proxy with the client's live SVID: a line up, its echo
 /// back.
 async fn one_request(
@@ -418,50 +459,10 @@ async fn rotations_under_traffic_fail_no_mint_and_no_request() {
         "2s",
     ]);
     cluster.start_agent();
-    cluster.create_entry(
-        PROXY_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--dns",
-            "localhost",
-            "--ttl",
-            "10s",
-        ],
-    );
-    cluster.create_entry(
-        CLIENT_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--scope",
-            "echo:use:lines",
-            "--ttl",
-            "10s",
-        ],
-    );
-    let upstream = line_echo_upstream().await;
-    let port = common::cluster::free_port();
+    let (_proxy, port) = start_proxy(&cluster, "10s").await;
     let listen = format!("127.0.0.1:{port}");
     let proxy_log = cluster.path("proxy.log");
-    let _proxy = common::cluster::Proc(
-        Command::new(BIN)
-            .args(["proxy", "--listen", &listen, "--upstream"])
-            .arg(upstream.to_string())
-            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
-            .args(["--allow-id", CLIENT_ID])
-            .current_dir(cluster.dir.path())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
-            .spawn()
-            .expect("spawn mayfly proxy"),
-    );
     let read_proxy_log = || std::fs::read_to_string(&proxy_log).unwrap_or_default();
-    wait_for(Duration::from_secs(40), "the proxy to run", || {
-        read_proxy_log().contains("mayfly proxy running")
-    });
 
     let source = mayfly::mtls::SvidSource::spawn_for(
         cluster.socket(),
@@ -627,55 +628,7 @@ fn echoed_through(port: u16, dir: &std::path::Path, bundle: &std::path::Path) ->
 async fn taint_reissues_within_a_sync_round_and_revoke_is_refused_by_the_proxy() {
     let mut cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
     cluster.start_agent();
-    cluster.create_entry(
-        PROXY_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--dns",
-            "localhost",
-            "--ttl",
-            "5m",
-        ],
-    );
-    cluster.create_entry(
-        CLIENT_ID,
-        &[
-            "--selector",
-            "unix:uid:0",
-            "--scope",
-            "echo:use:lines",
-            "--ttl",
-            "5m",
-        ],
-    );
-    let upstream = line_echo_upstream().await;
-    let port = common::cluster::free_port();
-    let proxy_log = cluster.path("proxy.log");
-    let _proxy = common::cluster::Proc(
-        Command::new(BIN)
-            .args([
-                "proxy",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--upstream",
-            ])
-            .arg(upstream.to_string())
-            .args(["--socket", &cluster.endpoint(), "--spiffe-id", PROXY_ID])
-            .args(["--allow-id", CLIENT_ID])
-            .current_dir(cluster.dir.path())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&proxy_log).expect("proxy log"))
-            .spawn()
-            .expect("spawn mayfly proxy"),
-    );
-    wait_for(Duration::from_secs(40), "the proxy to run", || {
-        std::fs::read_to_string(&proxy_log)
-            .unwrap_or_default()
-            .contains("mayfly proxy running")
-    });
+    let (_proxy, port) = start_proxy(&cluster, "5m").await;
 
     let old_ca = ids_in(&cluster, "active").remove(0);
     let (identity, identity_serial) = write_svid(&cluster, "identity", &["svid", "fetch"]);
@@ -777,4 +730,54 @@ async fn taint_reissues_within_a_sync_round_and_revoke_is_refused_by_the_proxy()
         &fresh,
         &cluster.path("bundle-now.pem")
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several servers, one PostgreSQL.
+
+/// Each server rotates its own CA; the other's stays as it was, and every server serves the
+/// union with the same sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_each_rotate_their_own_ca_and_share_the_bundle() {
+    let Some(ha) =
+        common::ha::HaCluster::start_with(2, &["--ca-ttl", "1h", "--agent-ttl", "5m"]).await
+    else {
+        return;
+    };
+    let list = |i: usize| -> Vec<Value> {
+        serde_json::from_str::<Value>(&ha.ok(i, &["ca", "list", "--output", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let own_active = |i: usize| -> String {
+        list(i)
+            .iter()
+            .find(|c| c["this_server"] == true && c["state"] == "active")
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .expect("an own active CA")
+    };
+    assert_eq!(list(0).len(), 2, "{:?}", list(0));
+    let (a, b) = (own_active(0), own_active(1));
+    assert_ne!(a, b, "each server has a CA of its own");
+
+    ha.ok(0, &["ca", "prepare"]);
+    ha.ok(0, &["ca", "activate"]);
+    assert_ne!(own_active(0), a, "server 0 rotated");
+    assert_eq!(own_active(1), b, "server 1's CA is untouched");
+    // Server 1 serves server 0's new CA after its next re-read of the store (every 5 s).
+    wait_for(Duration::from_secs(30), "server 1 to serve 3 CAs", || {
+        ha.bundle_size(1) == 3
+    });
+    let sequence = |i: usize| -> u64 {
+        serde_json::from_str::<Value>(&ha.ok(i, &["bundle", "show", "--format", "spiffe"])).unwrap()
+            ["spiffe_sequence"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(sequence(0), sequence(1));
+    // Server 1 refuses to activate: it has nothing prepared of its own.
+    let out = ha.mayfly(1, &["ca", "activate"]);
+    assert!(!out.status.success());
 }

@@ -707,3 +707,44 @@ fn the_intermediate_under_an_upstream_root_rotates_and_chains_keep_verifying() {
         &cluster.path("check-after"),
     );
 }
+
+/// Rotation by hand under an upstream root: the next CA is an intermediate signed by the same
+/// root, the bundle keeps holding just that root, and such a CA cannot be revoked alone.
+#[test]
+fn a_rotation_by_hand_under_the_upstream_keeps_the_root_and_refuses_revoking_an_intermediate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = make_root(KeyKind::P256, true, None);
+    let cluster = cluster_under(&root, tmp.path());
+    let bundle = cluster.ok(&["bundle", "show"]);
+    let first = ca_rows(&cluster).remove(0).0;
+    cluster.ok(&["ca", "prepare"]);
+    cluster.ok(&["ca", "activate"]);
+    let rows = ca_rows(&cluster);
+    let (active, _, upstream) = rows.iter().find(|(_, state, _)| state == "active").unwrap();
+    assert!(upstream, "{rows:?}");
+    assert_ne!(*active, first);
+    // The new CA chains to the upstream root.
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(tmp.path().join("corp-root.pem"))
+        .arg(cluster.path(&format!(".mayfly/server/ca/{active}.pem")))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert_eq!(
+        cluster.ok(&["bundle", "show"]),
+        bundle,
+        "still the one root"
+    );
+    // Tainting the old intermediate works; revoking it alone is refused in one sentence.
+    cluster.ok(&["ca", "taint", &first]);
+    let out = cluster.mayfly(&["ca", "revoke", &first]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intermediate under the upstream CA"), "{err}");
+}

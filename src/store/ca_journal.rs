@@ -125,11 +125,11 @@ pub(crate) const RETIRE_ACTIVE: &str = "UPDATE ca_journal SET state = 'old', \
      signed_until = CASE WHEN not_after < $2 THEN not_after ELSE $2 END \
      WHERE instance_id = $1 AND state = 'active'";
 pub(crate) const ACTIVATE: &str = "UPDATE ca_journal SET state = 'active' \
-     WHERE instance_id = $1 AND ca_id = $2 AND state = 'prepared' AND revoked = $3";
+     WHERE instance_id = $1 AND ca_id = $2 AND state = 'prepared' AND NOT revoked";
 pub(crate) const TAINT: &str =
-    "UPDATE ca_journal SET tainted = $2 WHERE ca_id = $1 AND tainted = $3";
-pub(crate) const REVOKE: &str = "UPDATE ca_journal SET revoked = $2, state = 'old' \
-     WHERE ca_id = $1 AND tainted = $2 AND revoked = $3 AND state <> 'active'";
+    "UPDATE ca_journal SET tainted = TRUE WHERE ca_id = $1 AND NOT tainted";
+pub(crate) const REVOKE: &str = "UPDATE ca_journal SET revoked = TRUE, state = 'old' \
+     WHERE ca_id = $1 AND tainted AND NOT revoked AND state <> 'active'";
 pub(crate) const DROP: &str = "DELETE FROM ca_journal WHERE ca_id = $1 AND state <> 'active'";
 pub(crate) const UNPUBLISH: &str = "DELETE FROM ca_certs WHERE fingerprint = $1";
 pub(crate) const BUMP: &str = "UPDATE bundle_sequence SET seq = seq + 1 WHERE id = 1";
@@ -224,47 +224,32 @@ macro_rules! apply_ca_change {
                 let done = sqlx::query(j::ACTIVATE)
                     .bind(instance_id)
                     .bind(ca_id)
-                    .bind(false)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
                 (done == 1, false)
             }
-            j::CaChange::Taint { ca_id } => {
-                let done = sqlx::query(j::TAINT)
-                    .bind(ca_id)
-                    .bind(true)
-                    .bind(false)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                (done == 1, false)
-            }
-            j::CaChange::Revoke { ca_id } => {
-                let done = sqlx::query(j::REVOKE)
-                    .bind(ca_id)
-                    .bind(true)
-                    .bind(false)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                sqlx::query(j::UNPUBLISH)
-                    .bind(ca_id)
-                    .execute(&mut *tx)
-                    .await?;
-                (done == 1, true)
-            }
-            j::CaChange::Drop { ca_id } => {
-                let done = sqlx::query(j::DROP)
+            j::CaChange::Taint { ca_id }
+            | j::CaChange::Revoke { ca_id }
+            | j::CaChange::Drop { ca_id } => {
+                // Taint changes no published certificate; revoke and drop remove the CA's.
+                let (sql, unpublish) = match $change {
+                    j::CaChange::Taint { .. } => (j::TAINT, false),
+                    j::CaChange::Revoke { .. } => (j::REVOKE, true),
+                    _ => (j::DROP, true),
+                };
+                let done = sqlx::query(sql)
                     .bind(ca_id)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
-                sqlx::query(j::UNPUBLISH)
-                    .bind(ca_id)
-                    .execute(&mut *tx)
-                    .await?;
-                (done == 1, true)
+                if done == 1 && unpublish {
+                    sqlx::query(j::UNPUBLISH)
+                        .bind(ca_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                (done == 1, unpublish)
             }
         };
         if applied && published_changed {
