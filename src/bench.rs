@@ -47,6 +47,7 @@ use mayfly::ca::{Authority, CaError};
 use mayfly::client::{self, AttestError, ClientError};
 use mayfly::id::{IdError, ScopedId, SpiffeId, TrustDomain, parse_scopes};
 use mayfly::proto::admin as admin_pb;
+use mayfly::proto::admin::admin_client::AdminClient;
 use mayfly::proto::node as node_pb;
 use mayfly::proto::node::node_client::NodeClient;
 use mayfly::server::{self, ServerConfig, ServerError};
@@ -361,21 +362,20 @@ pub async fn issue_benchmark(opts: IssueBenchOptions) -> Result<IssueBenchReport
         admin_socket: running.admin_socket.clone(),
         node_addr: running.node_addr,
     };
-    let rotations = opts
-        .rotate_every
-        .map(|every| tokio::spawn(rotate_cas(running.admin_socket.clone(), every)));
+    let rotations = match opts.rotate_every {
+        Some(every) => {
+            let admin = client::connect_admin(&running.admin_socket)
+                .await
+                .map_err(|e| BenchError::Task(format!("could not reach the admin API: {e}")))?;
+            Some(tokio::spawn(rotate_cas(admin, every)))
+        }
+        None => None,
+    };
     let load = load_runtime
         .spawn(run_load(target, opts.clone()))
         .await
         .map_err(|e| BenchError::Task(e.to_string()));
-    let ca_rotations = match rotations {
-        Some(task) => {
-            task.abort();
-            task.await
-                .unwrap_or_else(|_| ROTATIONS.swap(0, Ordering::Relaxed))
-        }
-        None => 0,
-    };
+    let ca_rotations = stop_rotations(rotations).await;
     load_runtime.shutdown_background();
     running.shutdown().await;
     let load = load??;
@@ -438,11 +438,8 @@ static ROTATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Rotates the server's CA every `every` through the admin API until aborted; returns (and
 /// leaves in [`ROTATIONS`]) how many rotations completed.
-async fn rotate_cas(admin_socket: PathBuf, every: Duration) -> u64 {
+pub(crate) async fn rotate_cas(mut admin: AdminClient<Channel>, every: Duration) -> u64 {
     ROTATIONS.store(0, Ordering::Relaxed);
-    let Ok(mut admin) = client::connect_admin(&admin_socket).await else {
-        return 0;
-    };
     loop {
         tokio::time::sleep(every).await;
         let prepared = admin.prepare_ca(admin_pb::PrepareCaRequest {}).await;
@@ -450,6 +447,18 @@ async fn rotate_cas(admin_socket: PathBuf, every: Duration) -> u64 {
         if prepared.is_ok() && activated.is_ok() {
             ROTATIONS.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Stops a [`rotate_cas`] task and returns how many rotations it completed.
+pub(crate) async fn stop_rotations(task: Option<tokio::task::JoinHandle<u64>>) -> u64 {
+    match task {
+        Some(task) => {
+            task.abort();
+            task.await
+                .unwrap_or_else(|_| ROTATIONS.swap(0, Ordering::Relaxed))
+        }
+        None => 0,
     }
 }
 

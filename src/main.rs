@@ -179,6 +179,9 @@ struct BenchTaskArgs {
     /// How long to measure each level.
     #[arg(long, default_value = "10s")]
     duration: String,
+    /// Rotate the server's CA (prepare, then activate) this often during the run, e.g. 2s.
+    #[arg(long)]
+    rotate_every: Option<String>,
 }
 
 #[derive(Args)]
@@ -362,6 +365,11 @@ async fn bench_task(args: BenchTaskArgs, out: Printer) -> Result<()> {
     let options = bench::task::TaskBenchOptions {
         in_flight: args.in_flight,
         duration: mayfly::duration::parse(&args.duration)?,
+        rotate_every: args
+            .rotate_every
+            .as_deref()
+            .map(mayfly::duration::parse)
+            .transpose()?,
         ..Default::default()
     };
     let report = bench::task::task_benchmark(options).await?;

@@ -56,6 +56,8 @@ pub struct TaskBenchOptions {
     /// The `mayfly` executable for the server and agent processes; this process's executable
     /// when `None`.
     pub exe: Option<PathBuf>,
+    /// Rotate the server's CA (prepare, then activate) this often while the levels run.
+    pub rotate_every: Option<Duration>,
 }
 
 impl Default for TaskBenchOptions {
@@ -67,6 +69,7 @@ impl Default for TaskBenchOptions {
             reference_duration: Duration::from_secs(3),
             layouts: vec![Layout::Processes, Layout::InProcess],
             exe: None,
+            rotate_every: None,
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct TaskRun {
     pub audit_records: i64,
     /// Whether the audit hash chain verified after the run.
     pub audit_chain_ok: bool,
+    /// CA rotations (prepare + activate) completed while the levels ran.
+    pub ca_rotations: u64,
     /// The goal at 1 in flight: p50 ≤ 750 µs; `None` when 1 was not measured.
     pub goal_p50_met: Option<bool>,
     /// The goal at 1 in flight: p99 ≤ 2.5 ms.
@@ -189,6 +194,13 @@ fn write_run(
             "in one process: server and agent on the workload's runtime ({} threads)",
             run.threads
         )?,
+    }
+    if run.ca_rotations > 0 {
+        writeln!(
+            f,
+            "  with {} CA rotations (prepare + activate) during the run",
+            run.ca_rotations
+        )?;
     }
     for level in &run.levels {
         writeln!(
@@ -290,18 +302,22 @@ async fn run_layout(layout: Layout, opts: &TaskBenchOptions) -> Result<TaskRun, 
     let result = async {
         let agent = deployment.start_agent().await?;
         let pids = (deployment.server_pid(), agent.pid());
+        let rotations = opts
+            .rotate_every
+            .map(|every| tokio::spawn(super::rotate_cas(deployment.admin.clone(), every)));
         let levels = run_levels(&deployment, opts, threads, pids).await;
+        let ca_rotations = super::stop_rotations(rotations).await;
         // A process that died under load explains the errors better than their count.
         let alive = deployment.check_server();
         agent.stop().await;
         alive?;
         let levels = levels?;
         let audit = deployment.verify_audit().await?;
-        Ok::<_, AgentBenchError>((levels, audit))
+        Ok::<_, AgentBenchError>((levels, audit, ca_rotations))
     }
     .await;
     deployment.stop().await;
-    let (levels, (audit_records, audit_chain_ok)) = result?;
+    let (levels, (audit_records, audit_chain_ok), ca_rotations) = result?;
     let one = levels.iter().find(|l| l.in_flight == 1);
     Ok(TaskRun {
         layout,
@@ -311,6 +327,7 @@ async fn run_layout(layout: Layout, opts: &TaskBenchOptions) -> Result<TaskRun, 
         levels,
         audit_records,
         audit_chain_ok,
+        ca_rotations,
     })
 }
 
@@ -527,11 +544,14 @@ mod tests {
                 duration: Duration::from_secs(2),
                 reference_duration: Duration::from_secs(1),
                 layouts: vec![Layout::InProcess],
+                rotate_every: Some(Duration::from_millis(500)),
                 ..TaskBenchOptions::default()
             }))
             .unwrap();
         println!("{task}");
         let run = &task.runs[0];
+        // Rotations under way fail no mint.
+        assert!(run.ca_rotations > 0, "{task}");
         assert!(run.levels.iter().all(|l| l.errors == 0 && l.minted > 0));
         assert!(run.audit_chain_ok);
     }
