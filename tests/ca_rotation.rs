@@ -781,3 +781,46 @@ async fn two_servers_on_one_postgres_each_rotate_their_own_ca_and_share_the_bund
     let out = ha.mayfly(1, &["ca", "activate"]);
     assert!(!out.status.success());
 }
+
+/// The IDs of the CAs in the bundle the agent serves its workloads (`svid fetch --write`).
+fn served_bundle_ids(cluster: &Cluster) -> Vec<String> {
+    let dir = cluster.path("served");
+    let out = cluster.mayfly(&["svid", "fetch", "--write", &dir.display().to_string()]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    mayfly::bundle::from_pem(&std::fs::read(dir.join("bundle.pem")).unwrap_or_default())
+        .unwrap_or_default()
+        .iter()
+        .map(|der| ca_id(der))
+        .collect()
+}
+
+/// A prepared CA reaches the workloads' bundle even when the agent renews its own SVID (whose
+/// answer carries the server's newest bundle too) before its sync sees the change. With a 6 s
+/// agent SVID the agent renews every ~3 s, so over five prepare/activate rounds a renewal comes
+/// first in some of them; each prepared CA must still be served within 15 s.
+#[test]
+fn every_prepared_ca_reaches_the_workloads_even_when_a_renewal_brings_it_first() {
+    let mut cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "6s"]);
+    cluster.start_agent();
+    cluster.create_entry(
+        "spiffe://mayfly.local/rotation/served",
+        &["--selector", "unix:uid:0"],
+    );
+    let first = ids_in(&cluster, "active");
+    wait_for(Duration::from_secs(30), "the first SVID", || {
+        served_bundle_ids(&cluster) == first
+    });
+    for round in 0..5 {
+        cluster.ok(&["ca", "prepare"]);
+        let prepared = ids_in(&cluster, "prepared");
+        assert_eq!(prepared.len(), 1);
+        wait_for(
+            Duration::from_secs(15),
+            &format!("round {round}: the prepared CA in the workloads' bundle"),
+            || served_bundle_ids(&cluster).contains(&prepared[0]),
+        );
+        cluster.ok(&["ca", "activate"]);
+    }
+}

@@ -178,7 +178,10 @@ impl Syncer {
     }
 
     async fn list_entries(&self) -> Result<Pass, SyncError> {
-        let held = crate::wire::bundle_digest(&self.agent.bundle);
+        // The digest of the bundle the workloads are served, not of `self.agent.bundle`: a
+        // renewal brings the server's newest bundle into the latter, and the server would then
+        // never send it to be served.
+        let held = crate::wire::bundle_digest(&self.tx.borrow().bundle);
         entry_pages::fetch(&self.link, self.revision, held, self.hold_for()).await
     }
 
