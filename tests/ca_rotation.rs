@@ -824,3 +824,28 @@ fn every_prepared_ca_reaches_the_workloads_even_when_a_renewal_brings_it_first()
         cluster.ok(&["ca", "activate"]);
     }
 }
+
+/// A prepared CA that was tainted never signs: `ca activate` refuses it in one sentence and
+/// nothing changes; once it is revoked, a fresh CA is prepared and activated (the positive
+/// control on the same server).
+#[test]
+fn a_tainted_prepared_ca_is_never_activated() {
+    let cluster = Cluster::start_with(&["--ca-ttl", "1h", "--agent-ttl", "5m"]);
+    let first = ids_in(&cluster, "active");
+    cluster.ok(&["ca", "prepare"]);
+    let tainted = ids_in(&cluster, "prepared");
+    cluster.ok(&["ca", "taint", &tainted[0]]);
+    let before = journal(&cluster);
+    let err = refused(&cluster, &["ca", "activate"]);
+    assert!(err.contains("is tainted"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    assert_eq!(journal(&cluster), before, "the refusal changed nothing");
+    assert_eq!(ids_in(&cluster, "active"), first);
+
+    cluster.ok(&["ca", "revoke", &tainted[0]]);
+    cluster.ok(&["ca", "prepare"]);
+    let next = ids_in(&cluster, "prepared");
+    assert_ne!(next, tainted);
+    cluster.ok(&["ca", "activate"]);
+    assert_eq!(ids_in(&cluster, "active"), next);
+}

@@ -389,6 +389,11 @@ impl Rotation {
             ));
         };
         let id = next.id();
+        if self.record(&id).await?.tainted {
+            return Err(RotationError::OutOfOrder(format!(
+                "the prepared CA {id} is tainted, so it must never sign; revoke it (`mayfly ca revoke {id}`) and prepare another"
+            )));
+        }
         self.journal.activate_row(&id).await?;
         tracing::info!(ca_id = %id, "activated the prepared CA; the previous one signs nothing more");
         self.cas.set(next, None);

@@ -125,7 +125,8 @@ pub(crate) const RETIRE_ACTIVE: &str = "UPDATE ca_journal SET state = 'old', \
      signed_until = CASE WHEN not_after < $2 THEN not_after ELSE $2 END \
      WHERE instance_id = $1 AND state = 'active'";
 pub(crate) const ACTIVATE: &str = "UPDATE ca_journal SET state = 'active' \
-     WHERE instance_id = $1 AND ca_id = $2 AND state = 'prepared' AND NOT revoked";
+     WHERE instance_id = $1 AND ca_id = $2 AND state = 'prepared' AND NOT revoked \
+     AND NOT tainted";
 pub(crate) const TAINT: &str =
     "UPDATE ca_journal SET tainted = TRUE WHERE ca_id = $1 AND NOT tainted";
 pub(crate) const REVOKE: &str = "UPDATE ca_journal SET revoked = TRUE, state = 'old' \
