@@ -249,6 +249,18 @@ fn the_6x_rule_is_enforced_at_start_and_at_entry_create() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
 
+    // An entry TTL floor above the ceiling (60 s / 6 = 10 s) is refused in one sentence.
+    let out = Command::new(BIN)
+        .args(["server", "run", "--bind", "127.0.0.1:0", "--ca-ttl", "60s"])
+        .args(["--agent-ttl", "10s", "--min-entry-ttl", "11s"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run the server");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no entry could be registered"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+
     // Positive control: the same CA TTL with an agent TTL of a sixth of it starts.
     let mut cluster = Cluster::start_with(&[
         "--ca-ttl",

@@ -124,6 +124,16 @@ pub enum ServerError {
         /// The shortest CA TTL that would do, seconds.
         needed: u64,
     },
+    /// The entry TTL floor is above the ceiling the CA TTL allows, so no entry could be made.
+    #[error(
+        "the shortest entry TTL ({min}s, --min-entry-ttl) is above the longest one the CA TTL allows ({max}s: at most 1h and a sixth of --ca-ttl), so no entry could be registered; give a shorter --min-entry-ttl or a longer --ca-ttl"
+    )]
+    EntryTtlFloorTooHigh {
+        /// The floor, seconds.
+        min: u64,
+        /// The ceiling, seconds.
+        max: u64,
+    },
 }
 
 /// What a server runs with.
@@ -182,10 +192,11 @@ impl ServerConfig {
     }
 
     /// Refuses a CA TTL under 6x the agent TTL ([`CA_TTL_FACTOR`]); entry and server SVID
-    /// TTLs are capped at ca_ttl / 6 instead, so they always fit.
+    /// TTLs are capped at ca_ttl / 6 instead, so they always fit. Refuses an entry TTL floor
+    /// above that cap.
     ///
     /// # Errors
-    /// [`ServerError::CaTtlTooShort`].
+    /// [`ServerError::CaTtlTooShort`], [`ServerError::EntryTtlFloorTooHigh`].
     pub fn check_ttls(&self) -> Result<(), ServerError> {
         let needed = self.agent_ttl * CA_TTL_FACTOR;
         if self.ca_ttl < needed {
@@ -193,6 +204,12 @@ impl ServerConfig {
                 ca_ttl: self.ca_ttl.as_secs(),
                 agent_ttl: self.agent_ttl.as_secs(),
                 needed: needed.as_secs(),
+            });
+        }
+        if self.min_entry_ttl > self.max_entry_ttl() {
+            return Err(ServerError::EntryTtlFloorTooHigh {
+                min: self.min_entry_ttl.as_secs(),
+                max: self.max_entry_ttl().as_secs(),
             });
         }
         Ok(())
