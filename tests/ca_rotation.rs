@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 use common::cluster::{BIN, Cluster};
 use serde_json::Value;
 
-/// Short lifetimes that pass the 6x rule: a CA lives 36 s, so the next one is prepared at
-/// 18 s left and activated at 6 s left.
-const SHORT: &[&str] = &[
-    "--ca-ttl",
-    "36s",
-    "--agent-ttl",
-    "6s",
-    "--min-entry-ttl",
-    "2s",
-];
-
 /// `ca list --output json`.
 fn cas(cluster: &Cluster) -> Vec<Value> {
     let out = cluster.ok(&["ca", "list", "--output", "json"]);
@@ -130,7 +119,7 @@ fn a_restart_keeps_the_same_ca_and_kill_9_between_steps_resumes_the_rotation() {
 
 #[test]
 fn the_schedule_rotates_on_its_own_and_survives_kill_9() {
-    let mut cluster = Cluster::start_with(SHORT);
+    let mut cluster = Cluster::start_with(common::cluster::FAST_ROTATION);
     let first = ids_in(&cluster, "active");
     // Prepared at 1/2 of the life left (18 s of 36 s) and published at once.
     wait_for(Duration::from_secs(60), "a prepared CA", || {
