@@ -171,7 +171,13 @@ async fn failover_client(
             let (config, servers, connected) = (config.clone(), servers.clone(), connected.clone());
             async move {
                 let tls = connect_first(&servers, config).await?;
+                let before = connected.get();
                 connected.set(tls.0);
+                // The channel reconnects on its own after a lost connection; when that lands
+                // on another server, operators see the failover as they do for a retried call.
+                if let Some(from) = before.filter(|from| *from != tls.0) {
+                    tracing::info!(%from, to = %tls.0, "moved to another server");
+                }
                 Ok::<_, io::Error>(TokioIo::new(tls.1))
             }
         })
