@@ -7,7 +7,7 @@
 //! - `mtls` (in every build): [`id`] (SPIFFE IDs and scopes), [`svid`] (the X509-SVID
 //!   parser), [`mtls`] (the verifier stack and the SVID source), [`workload_client`] (the
 //!   Workload and task API clients), [`bundle`] (PEM and SPIFFE bundles), [`proto`] (the
-//!   generated clients), [`text`] (escaping for terminals and logs). A service that only
+//!   generated clients), [`jwt`] (JWT-SVIDs: keys, signing, the validator), [`text`] (escaping for terminals and logs). A service that only
 //!   verifies peers builds `--no-default-features --features mtls`: no sqlx, no hyper server,
 //!   no server or agent.
 //! - `server`: [`ca`] (signing keys), [`store`] (persistence), [`audit`] (the hash-chained
@@ -27,6 +27,8 @@ pub mod bundle;
 mod codec;
 #[cfg(feature = "mtls")]
 pub(crate) mod files;
+#[cfg(feature = "mtls")]
+pub mod jwt;
 #[cfg(feature = "mtls")]
 pub mod mtls;
 #[cfg(feature = "mtls")]
