@@ -1,0 +1,253 @@
+//! JWT-SVIDs through the real `mayfly` binary (issue 11): a server, an agent and this process
+//! as the workload. Task JWTs carry the scoped ID and a `scope` claim, are validated by the
+//! agent and audited with their audience and `jti`; identity JWTs are cached by the agent until
+//! half their life; bad input is refused in one sentence and nothing is issued.
+
+mod common;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A cluster whose agent serves this process (uid) an entry with `db:read` and `db:write`.
+fn serving_cluster() -> Cluster {
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    cluster.create_entry(
+        "spiffe://mayfly.local/agents/reader",
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--scope",
+            "db:read",
+            "--scope",
+            "db:write",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "warm-up"]);
+        if out.status.success() {
+            return cluster;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never served: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mint(cluster: &Cluster, extra: &[&str]) -> Output {
+    let mut args = vec!["svid", "mint", "--jwt", "--task", "t-1"];
+    args.extend_from_slice(extra);
+    cluster.mayfly(&args)
+}
+
+fn records(cluster: &Cluster, action: &str) -> Vec<serde_json::Value> {
+    cluster
+        .ok(&["audit", "list", "--output", "json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == action)
+        .collect()
+}
+
+#[test]
+fn a_task_jwt_carries_its_scopes_validates_for_its_audience_only_and_is_audited() {
+    let cluster = serving_cluster();
+    let out = mint(
+        &cluster,
+        &[
+            "--audience",
+            "stripe-api",
+            "--scope",
+            "db:read",
+            "--ttl",
+            "2m",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out);
+    assert_eq!(token.lines().count(), 1, "one line: {token:?}");
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    let valid = cluster.ok(&[
+        "svid",
+        "validate",
+        "--jwt",
+        token,
+        "--audience",
+        "stripe-api",
+        "--output",
+        "json",
+    ]);
+    let valid: serde_json::Value = serde_json::from_str(&valid).unwrap();
+    let scoped = "spiffe://mayfly.local/agents/reader/scope/db.read";
+    assert_eq!(valid["spiffe_id"], scoped);
+    assert_eq!(valid["claims"]["sub"], scoped);
+    assert_eq!(valid["claims"]["scope"], "db:read");
+    assert_eq!(valid["claims"]["aud"], serde_json::json!(["stripe-api"]));
+    let (iat, exp) = (
+        valid["claims"]["iat"].as_i64().unwrap(),
+        valid["claims"]["exp"].as_i64().unwrap(),
+    );
+    assert_eq!(exp - iat, 120, "the TTL asked for");
+    let jti = valid["claims"]["jti"].as_str().unwrap().to_owned();
+
+    // The same token for another audience is refused, in one sentence, with a non-zero exit.
+    let wrong = cluster.mayfly(&[
+        "svid",
+        "validate",
+        "--jwt",
+        token,
+        "--audience",
+        "github-api",
+    ]);
+    assert!(!wrong.status.success());
+    let err = stderr(&wrong);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("audience"), "{err}");
+    // A token with one character of its payload changed does not verify.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let flipped = if parts[1].ends_with('A') { 'B' } else { 'A' };
+    parts[1].pop();
+    parts[1].push(flipped);
+    let forged = parts.join(".");
+    let bad = cluster.mayfly(&[
+        "svid",
+        "validate",
+        "--jwt",
+        &forged,
+        "--audience",
+        "stripe-api",
+    ]);
+    assert!(!bad.status.success(), "a forged token validated");
+
+    // Audited: the task, the scoped ID, the audience, the jti as the serial.
+    let audited = records(&cluster, "jwt.task");
+    let record = audited
+        .iter()
+        .find(|r| r["decision"] == "allow")
+        .expect("the mint is audited");
+    assert_eq!(record["task_id"], "t-1");
+    assert_eq!(record["spiffe_id"], scoped);
+    assert_eq!(record["serial"], jti.as_str());
+    assert!(
+        record["reason"].as_str().unwrap().contains("stripe-api"),
+        "{record}"
+    );
+}
+
+#[test]
+fn an_identity_jwt_is_reused_until_half_its_life_and_each_audience_has_its_own() {
+    let cluster = serving_cluster();
+    let fetch = |aud: &str| cluster.ok(&["svid", "fetch", "--jwt", "--audience", aud]);
+    let first = fetch("billing");
+    assert_eq!(first, fetch("billing"), "the cached token is served again");
+    let other = fetch("search");
+    assert_ne!(first, other, "another audience gets another token");
+    let valid = cluster.ok(&[
+        "svid",
+        "validate",
+        "--jwt",
+        first.trim(),
+        "--audience",
+        "billing",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        valid.contains("\"spiffe://mayfly.local/agents/reader\""),
+        "{valid}"
+    );
+    assert!(
+        !valid.contains("\"scope\""),
+        "an identity token has no scope claim: {valid}"
+    );
+    // The server signed once per audience (plus the warm-up): the cache spared the rest.
+    let issued = records(&cluster, "jwt.identity")
+        .into_iter()
+        .filter(|r| r["decision"] == "allow")
+        .count();
+    assert_eq!(issued, 3, "warm-up, billing, search");
+}
+
+#[test]
+fn bad_jwt_requests_are_refused_in_one_sentence_and_nothing_is_issued() {
+    let cluster = serving_cluster();
+    // Positive control on the same cluster.
+    assert!(
+        mint(&cluster, &["--audience", "api", "--scope", "db:read"])
+            .status
+            .success()
+    );
+    let before = records(&cluster, "jwt.task")
+        .iter()
+        .filter(|r| r["decision"] == "allow")
+        .count();
+
+    let long = "a".repeat(10 * 1024);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--audience", &long, "--scope", "db:read"], "audience"),
+        (
+            vec!["--audience", "two words", "--scope", "db:read"],
+            "audience",
+        ),
+        (vec!["--audience", "api", "--scope", "db:admin"], "db:admin"),
+        (
+            vec!["--audience", "api", "--scope", "db:read", "--ttl", "2h"],
+            "ceiling",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = mint(&cluster, &args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} was minted");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // Without an audience, the command line itself refuses.
+    let out = cluster.mayfly(&["svid", "mint", "--jwt", "--task", "t", "--scope", "db:read"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--audience"), "{}", stderr(&out));
+
+    let after = records(&cluster, "jwt.task")
+        .iter()
+        .filter(|r| r["decision"] == "allow")
+        .count();
+    assert_eq!(before, after, "nothing more was issued");
+
+    // Malformed tokens: each refused with its reason, the agent keeps serving.
+    let huge = "a".repeat(64 * 1024);
+    for (token, needle) in [
+        ("abc", "compact JWS"),
+        ("a.b", "2 parts"),
+        ("a.b.c.d", "more than 3 parts"),
+        ("!!.!!.!!", "base64url"),
+        (huge.as_str(), "limit"),
+    ] {
+        let out = cluster.mayfly(&["svid", "validate", "--jwt", token, "--audience", "api"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    assert!(
+        mint(&cluster, &["--audience", "api", "--scope", "db:read"])
+            .status
+            .success()
+    );
+}
