@@ -352,3 +352,42 @@ fn jwt_keys_rotate_with_the_ca_published_before_signing_and_kept_for_old_tokens(
         "the old key stays published"
     );
 }
+
+/// FetchJWTBundles is a stream: its first message holds the trust domain's JWKS, and a CA
+/// prepared later pushes a message with the new key (no polling by the workload).
+#[test]
+fn the_jwt_bundle_stream_pushes_a_prepared_key() {
+    let cluster = serving_cluster();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = mayfly::workload_client::connect(&cluster.socket())
+            .await
+            .unwrap();
+        let mut stream = mayfly::workload_client::workload_api(channel)
+            .fetch_jwt_bundles(mayfly::proto::workload::JwtBundlesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let keys = |m: &mayfly::proto::workload::JwtBundlesResponse| {
+            let jwks = &m.bundles["spiffe://mayfly.local"];
+            let td = mayfly::id::TrustDomain::new("mayfly.local").unwrap();
+            mayfly::jwt::JwtBundle::from_jwks_json(td, jwks)
+                .unwrap()
+                .keys()
+                .count()
+        };
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(keys(&first), 1, "{first:?}");
+
+        cluster.ok(&["ca", "prepare"]);
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("no message within 30 s of the CA's preparation")
+            .unwrap()
+            .unwrap();
+        assert_eq!(keys(&next), 2, "{next:?}");
+    });
+}
