@@ -391,3 +391,71 @@ fn the_jwt_bundle_stream_pushes_a_prepared_key() {
         assert_eq!(keys(&next), 2, "{next:?}");
     });
 }
+
+/// A CA journaled before JWT-SVIDs existed (no JWT key in its row, no key file) gets a JWT key
+/// at the server's next start, published at once, and the trust domain mints JWTs without a
+/// CA rotation; a second restart keeps that key (it is not replaced by another).
+#[test]
+fn a_ca_from_before_jwt_svids_gets_its_key_at_the_next_start_and_keeps_it() {
+    let mut cluster = Cluster::start();
+    let before = published_kids(&cluster);
+    assert_eq!(before.len(), 1, "positive control: a new CA has its key");
+    cluster.stop_server();
+
+    // Make the store look as an earlier version left it.
+    let data = cluster.path(".mayfly/server");
+    for file in std::fs::read_dir(data.join("ca")).unwrap() {
+        let path = file.unwrap().path();
+        if path.to_string_lossy().ends_with(".jwt.key") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let db = data.join("mayfly.sqlite");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let changed = sqlx::query("UPDATE ca_journal SET jwt_public = NULL")
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(changed, 1);
+        pool.close().await;
+    });
+
+    cluster.start_server();
+    let attached = published_kids(&cluster);
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    assert_ne!(attached, before, "a new key, since the old one is gone");
+    cluster.stop_server();
+    cluster.start_server();
+    assert_eq!(published_kids(&cluster), attached, "kept across restarts");
+
+    // And it signs: an agent mints a task JWT that validates.
+    cluster.start_agent();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    cluster.create_entry(
+        "spiffe://mayfly.local/agents/reader",
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--scope",
+            "db:read",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let token = loop {
+        let out = mint(&cluster, &["--audience", "api", "--scope", "db:read"]);
+        if out.status.success() {
+            break stdout(&out).trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(vec![kid_of(&token)], attached);
+}
