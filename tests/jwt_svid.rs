@@ -459,3 +459,44 @@ fn a_ca_from_before_jwt_svids_gets_its_key_at_the_next_start_and_keeps_it() {
     };
     assert_eq!(vec![kid_of(&token)], attached);
 }
+
+/// The `spiffe` crate (rust-spiffe), unchanged: fetches the identity JWT-SVID and the JWT
+/// bundles, verifies the token offline with its own verifier (jsonwebtoken on aws-lc-rs), has
+/// the agent validate it, and is refused for another audience.
+#[test]
+fn the_spiffe_crate_fetches_verifies_and_validates_jwt_svids() {
+    let cluster = serving_cluster();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(cluster.endpoint())
+            .await
+            .unwrap();
+        let svid = client.fetch_jwt_svid(["ledger"], None).await.unwrap();
+        assert_eq!(
+            svid.spiffe_id().to_string(),
+            "spiffe://mayfly.local/agents/reader"
+        );
+        let bundles = client.fetch_jwt_bundles().await.unwrap();
+        let verified =
+            spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["ledger"]).unwrap();
+        assert_eq!(verified.spiffe_id(), svid.spiffe_id());
+        assert!(
+            spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other"]).is_err(),
+            "the crate's own check refuses another audience"
+        );
+        let validated = client
+            .validate_jwt_token("ledger", svid.token())
+            .await
+            .unwrap();
+        assert_eq!(validated.spiffe_id(), svid.spiffe_id());
+        assert!(
+            client
+                .validate_jwt_token("other", svid.token())
+                .await
+                .is_err()
+        );
+    });
+}
