@@ -70,6 +70,9 @@ pub enum AuditAction {
     /// An operator deleted an entry (`entry.delete`).
     #[serde(rename = "entry.delete")]
     EntryDelete,
+    /// An operator changed an entry (`entry.update`).
+    #[serde(rename = "entry.update")]
+    EntryUpdate,
     /// An operator generated a join token (`token.create`).
     #[serde(rename = "token.create")]
     TokenCreate,
@@ -95,13 +98,14 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::SvidIdentity,
         Self::SvidTask,
         Self::AgentAttest,
         Self::AgentRenew,
         Self::EntryCreate,
         Self::EntryDelete,
+        Self::EntryUpdate,
         Self::TokenCreate,
         Self::AgentBan,
         Self::AgentEvict,
@@ -120,6 +124,7 @@ impl AuditAction {
             Self::AgentRenew => "agent.renew",
             Self::EntryCreate => "entry.create",
             Self::EntryDelete => "entry.delete",
+            Self::EntryUpdate => "entry.update",
             Self::TokenCreate => "token.create",
             Self::AgentBan => "agent.ban",
             Self::AgentEvict => "agent.evict",

@@ -30,6 +30,15 @@ pub struct AgentEntry {
     pub ttl: Duration,
     /// DNS SANs the server puts in its SVIDs.
     pub dns_names: Vec<String>,
+    /// Tells a workload's identities apart: the Workload API's `X509SVID.hint` (empty: none).
+    pub hint: String,
+    /// The longest lifetime of its JWT-SVIDs; `None` when the entry leaves it to the server's
+    /// default (the server decides at issuance, so the agent never assumes a value).
+    pub jwt_ttl: Option<Duration>,
+    /// When the entry was created, Unix seconds: entries are kept in `(created_at, id)` order,
+    /// so a workload's default identity (its first) is the first created of its entries and
+    /// does not change when another entry is added.
+    pub created_at: i64,
 }
 
 impl AgentEntry {
@@ -38,6 +47,20 @@ impl AgentEntry {
     /// every process on the node.
     pub fn matches(&self, selectors: &[Selector]) -> bool {
         !self.selectors.is_empty() && self.selectors.iter().all(|s| selectors.contains(s))
+    }
+
+    /// The order entries are kept and served in: first created first, the ID breaking ties.
+    pub fn order_key(&self) -> (i64, &str) {
+        (self.created_at, &self.id)
+    }
+
+    /// Whether an identity SVID issued for `self` must be issued again for `updated`: what the
+    /// server puts in it (the SPIFFE ID, the DNS names) or its longest lifetime changed.
+    /// Selectors, scopes, hint and the JWT TTL are not in an identity SVID.
+    pub fn needs_new_svid(&self, updated: &AgentEntry) -> bool {
+        self.spiffe_id != updated.spiffe_id
+            || self.dns_names != updated.dns_names
+            || self.ttl != updated.ttl
     }
 }
 
@@ -92,7 +115,8 @@ pub struct Snapshot {
     pub trust_domain: TrustDomain,
     /// DER CA certificates of the trust domain.
     pub bundle: Vec<Vec<u8>>,
-    /// The entries authorized for this agent, in the server's order.
+    /// The entries authorized for this agent, first created first (see
+    /// [`AgentEntry::order_key`]).
     pub entries: Vec<Arc<AgentEntry>>,
     /// Identity SVIDs by entry ID.
     pub svids: HashMap<String, Arc<CachedSvid>>,
@@ -113,8 +137,9 @@ impl Snapshot {
         }
     }
 
-    /// The entries matching `selectors`, in entry order, each with its SVID if it is valid at
-    /// `now` (an expired SVID is never served).
+    /// The entries matching `selectors`, in entry order (first created first: the first is
+    /// the workload's default identity), each with its SVID if it is valid at `now` (an
+    /// expired SVID is never served).
     pub(crate) fn identities_for(&self, selectors: &[Selector], now: SystemTime) -> Vec<Identity> {
         self.entries
             .iter()
@@ -156,6 +181,9 @@ mod tests {
             scopes: ScopeSet::new(),
             ttl: Duration::from_secs(300),
             dns_names: vec![],
+            hint: String::new(),
+            jwt_ttl: None,
+            created_at: 0,
         })
     }
 

@@ -100,8 +100,15 @@ pub struct Entry {
     pub ttl_secs: u32,
     /// DNS names to put in its SVIDs.
     pub dns_names: Vec<String>,
-    /// When it was created, Unix seconds.
+    /// When it was created, Unix seconds. Never changed by an update: of the entries matching
+    /// one workload, the first created is its default identity (see the agent's state).
     pub created_at: i64,
+    /// A short label telling a workload's identities apart (the Workload API's `hint`); empty
+    /// for none.
+    pub hint: String,
+    /// The longest TTL a JWT-SVID for this entry may have, in seconds; 0 for the server's
+    /// default.
+    pub jwt_ttl_secs: u32,
 }
 
 /// A stored join token: only its hash, never the secret.
@@ -197,12 +204,23 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SpiffeId>,
         limit: u32,
     ) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Replaces what an update may change of the stored entry `entry.id` (selectors, scopes,
+    /// TTLs, DNS names, hint) with `entry`'s, and gives it a new revision so incremental sync
+    /// sends it again. Its SPIFFE ID, parent and creation time stay: the row is only updated
+    /// when the stored SPIFFE ID and parent are `entry`'s. `false` when there is no such entry
+    /// (nothing is written then).
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when another entry has the same SPIFFE ID, parent and
+    /// selectors (nothing is written then); [`StoreError::Database`] otherwise.
+    async fn update_entry(&self, entry: &Entry) -> Result<bool, StoreError>;
     /// Deletes an entry; `false` when there was none.
     ///
     /// # Errors
     /// [`StoreError::Database`].
     async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError>;
-    /// A number that grows whenever an entry is created or deleted, so agents can poll cheaply.
+    /// A number that grows whenever an entry is created, updated or deleted, so agents can
+    /// poll cheaply.
     ///
     /// # Errors
     /// [`StoreError::Database`].
