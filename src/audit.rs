@@ -70,9 +70,6 @@ pub enum AuditAction {
     /// An operator deleted an entry (`entry.delete`).
     #[serde(rename = "entry.delete")]
     EntryDelete,
-    /// An operator changed an entry (`entry.update`).
-    #[serde(rename = "entry.update")]
-    EntryUpdate,
     /// An operator generated a join token (`token.create`).
     #[serde(rename = "token.create")]
     TokenCreate,
@@ -94,6 +91,9 @@ pub enum AuditAction {
     /// An operator revoked a CA (`ca.revoke`).
     #[serde(rename = "ca.revoke")]
     CaRevoke,
+    /// An operator changed an entry (`entry.update`).
+    #[serde(rename = "entry.update")]
+    EntryUpdate,
 }
 
 impl AuditAction {
@@ -105,7 +105,6 @@ impl AuditAction {
         Self::AgentRenew,
         Self::EntryCreate,
         Self::EntryDelete,
-        Self::EntryUpdate,
         Self::TokenCreate,
         Self::AgentBan,
         Self::AgentEvict,
@@ -113,6 +112,7 @@ impl AuditAction {
         Self::CaActivate,
         Self::CaTaint,
         Self::CaRevoke,
+        Self::EntryUpdate,
     ];
 
     /// The stored and wire name, e.g. `svid.task`.

@@ -183,7 +183,10 @@ async fn the_default_identity_is_the_first_created_entry_and_carries_its_hint() 
     assert_eq!(fetch_as_mayfly(&cluster).unwrap(), first_id);
     // The task API's choice without --spiffe-id is the same default.
     let minted = mint_as_mayfly(&cluster, "default-choice", "db:read").unwrap();
-    assert!(minted.starts_with(&format!("{first_id}/scope/")), "{minted}");
+    assert!(
+        minted.starts_with(&format!("{first_id}/scope/")),
+        "{minted}"
+    );
 
     // An update of the hint and the DNS names reaches the stream at the next sync, with a
     // new SVID holding the new name; the order stays.
@@ -191,7 +194,13 @@ async fn the_default_identity_is_the_first_created_entry_and_carries_its_hint() 
     let before = stream.message().await.unwrap().unwrap();
     assert!(leaf_dns_names(&before.svids[0].x509_svid).is_empty());
     cluster.ok(&[
-        "entry", "update", &first, "--hint", "renamed", "--dns", "db.internal",
+        "entry",
+        "update",
+        &first,
+        "--hint",
+        "renamed",
+        "--dns",
+        "db.internal",
     ]);
     let deadline = tokio::time::Instant::now() + SYNC;
     loop {
@@ -222,14 +231,7 @@ async fn an_update_moves_an_identity_between_workloads_and_scopes_between_tasks(
     let bot_id = format!("{TD}/bot");
     let bot = cluster.create_entry(
         &bot_id,
-        &[
-            "--selector",
-            &uid,
-            "--selector",
-            &me,
-            "--scope",
-            "db:read",
-        ],
+        &["--selector", &uid, "--selector", &me, "--scope", "db:read"],
     );
     // This process holds it; the `mayfly` command does not (the control for what follows).
     let m = first_message_where(&socket, |m| !m.svids.is_empty()).await;
@@ -355,7 +357,10 @@ fn bad_updates_are_one_sentence_and_change_nothing() {
 
     let unknown = "0123456789abcdef0123456789abcdef";
     let cases: [(&[&str], &str); 8] = [
-        (&["--hint", "x"], "no entry 0123456789abcdef0123456789abcdef"),
+        (
+            &["--hint", "x"],
+            "no entry 0123456789abcdef0123456789abcdef",
+        ),
         (&["--selector", "unix"], "selector"),
         (&["--hint", "bell\u{7}ring"], "control"),
         (&["--hint", &"h".repeat(65)], "at most 64 characters"),

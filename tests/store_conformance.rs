@@ -1933,7 +1933,12 @@ async fn an_update_replaces_what_may_change_and_syncs_again(db: Db) {
     );
     bot.hint = "primary".into();
     bot.jwt_ttl_secs = 120;
-    let other = entry("spiffe://acme.test/w/other", &agent_a(), &["unix:uid:2"], &[]);
+    let other = entry(
+        "spiffe://acme.test/w/other",
+        &agent_a(),
+        &["unix:uid:2"],
+        &[],
+    );
     s.create_entry(&bot).await.unwrap();
     s.create_entry(&other).await.unwrap();
     // Positive control: hint and JWT TTL are stored as created.
@@ -1942,7 +1947,10 @@ async fn an_update_replaces_what_may_change_and_syncs_again(db: Db) {
 
     let mut changed = bot.clone();
     changed.selectors = vec![Selector::parse("unix:uid:3").unwrap()];
-    changed.scopes = ["db:write"].iter().map(|x| Scope::parse(x).unwrap()).collect();
+    changed.scopes = ["db:write"]
+        .iter()
+        .map(|x| Scope::parse(x).unwrap())
+        .collect();
     changed.ttl_secs = 900;
     changed.jwt_ttl_secs = 0;
     changed.dns_names = vec!["bot.internal".into()];

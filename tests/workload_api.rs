@@ -146,6 +146,9 @@ impl Fixture {
             scopes: parse_scopes(&e.scopes).expect("scopes"),
             ttl: Duration::from_secs(e.ttl_seconds.into()),
             dns_names: e.dns_names,
+            hint: e.hint,
+            jwt_ttl: None,
+            created_at: e.created_at,
         })
     }
 
