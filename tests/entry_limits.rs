@@ -193,12 +193,7 @@ async fn an_entry_at_every_cap_is_stored_synced_and_issued_and_one_over_any_cap_
     .await;
     let mut r = at_caps();
     r.hint.push('a');
-    refused(
-        &server,
-        r,
-        &format!("at most {MAX_HINT_CHARS} characters"),
-    )
-    .await;
+    refused(&server, r, &format!("at most {MAX_HINT_CHARS} characters")).await;
     let mut r = at_caps();
     r.selectors = selectors(MAX_ENTRY_SELECTORS + 1);
     refused(

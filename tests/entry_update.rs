@@ -101,12 +101,18 @@ fn leaf_dns_names(chain: &[u8]) -> Vec<String> {
 
 /// `mayfly svid fetch` as the second workload: its SPIFFE ID, or its error.
 fn fetch_as_mayfly(cluster: &Cluster) -> Result<String, String> {
+    fetch_with_hint(cluster).map(|(id, _)| id)
+}
+
+/// `mayfly svid fetch` as the second workload: its SPIFFE ID and hint, or its error.
+fn fetch_with_hint(cluster: &Cluster) -> Result<(String, String), String> {
     let out = cluster.mayfly(&["svid", "fetch", "--output", "json"]);
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("svid json");
-    Ok(v["spiffe_id"].as_str().expect("spiffe_id").to_owned())
+    let text = |key: &str| v[key].as_str().expect(key).to_owned();
+    Ok((text("spiffe_id"), text("hint")))
 }
 
 /// `mayfly svid mint` as the second workload: the minted SPIFFE ID, or the one-line error.
@@ -165,7 +171,12 @@ async fn the_default_identity_is_the_first_created_entry_and_carries_its_hint() 
     let m = first_message_where(&socket, |m| !m.svids.is_empty()).await;
     assert_eq!(ids(&m), [first_id.as_str()]);
     assert_eq!(m.svids[0].hint, "primary");
-    assert_eq!(fetch_as_mayfly(&cluster).unwrap(), first_id);
+    assert_eq!(
+        fetch_with_hint(&cluster).unwrap(),
+        (first_id.clone(), "primary".to_owned())
+    );
+    let text = cluster.ok(&["svid", "fetch"]);
+    assert!(text.contains("Hint:      primary\n"), "{text}");
 
     // Entries created within one second tie on their creation time and fall back to their IDs:
     // the next one is created in a later second, as an unrelated entry would be.

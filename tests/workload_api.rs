@@ -404,7 +404,6 @@ async fn a_spiffe_client_receives_each_svids_hint() {
     fx.stop().await;
 }
 
-
 #[tokio::test]
 async fn a_spiffe_client_gets_the_svid_of_its_entry_and_the_bundle() {
     let fx = Fixture::start().await;
