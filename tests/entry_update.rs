@@ -433,3 +433,84 @@ fn bad_updates_are_one_sentence_and_change_nothing() {
     cluster.ok(&["entry", "update", &id, "--clear-dns"]);
     assert_eq!(show(&cluster, &id)["dns_names"], serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_updates_of_different_fields_all_hold() {
+    use mayfly::proto::admin::{StringList, UpdateEntryRequest};
+    let cluster = Cluster::start();
+    let id = cluster.create_entry(&format!("{TD}/busy"), &["--selector", "unix:uid:1001"]);
+    let admin = mayfly::client::connect_admin(&cluster.path(".mayfly/server/admin.sock"))
+        .await
+        .expect("admin socket");
+    let update = |change: fn(&mut UpdateEntryRequest)| {
+        let mut request = UpdateEntryRequest {
+            id: id.clone(),
+            ..Default::default()
+        };
+        change(&mut request);
+        request
+    };
+    let list = |v: &[&str]| StringList {
+        values: v.iter().map(|s| s.to_string()).collect(),
+    };
+    // Each round, five operators change five different fields of one entry at once.
+    for round in 0..5u32 {
+        let requests = [
+            update(|r| r.hint = Some("busy".into())),
+            update(|r| r.ttl_seconds = Some(600)),
+            update(|r| r.jwt_ttl_seconds = Some(120)),
+            update(|r| {
+                r.dns_names = Some(StringList {
+                    values: vec!["busy.internal".into()],
+                })
+            }),
+            UpdateEntryRequest {
+                scopes: Some(list(&["db:read"])),
+                ..update(|_| {})
+            },
+        ];
+        let answers = futures::future::join_all(requests.into_iter().map(|r| {
+            let mut admin = admin.clone();
+            async move { admin.update_entry(r).await }
+        }))
+        .await;
+        for a in answers {
+            a.expect("every update is applied");
+        }
+        let e = show(&cluster, &id);
+        assert_eq!(
+            (
+                &e["hint"],
+                &e["ttl_seconds"],
+                &e["jwt_ttl_seconds"],
+                &e["dns_names"],
+                &e["scopes"]
+            ),
+            (
+                &serde_json::json!("busy"),
+                &serde_json::json!(600),
+                &serde_json::json!(120),
+                &serde_json::json!(["busy.internal"]),
+                &serde_json::json!(["db:read"])
+            ),
+            "round {round}: no update undid another"
+        );
+        // Back to the start for the next round (the positive control: one update at a time).
+        cluster.ok(&[
+            "entry",
+            "update",
+            &id,
+            "--hint",
+            "",
+            "--ttl",
+            "5m",
+            "--jwt-ttl",
+            "default",
+            "--clear-dns",
+            "--clear-scopes",
+        ]);
+        let e = show(&cluster, &id);
+        assert_eq!(e["hint"], "");
+        assert_eq!(e["scopes"], serde_json::json!([]));
+    }
+}

@@ -176,7 +176,7 @@ conformance!(
     an_unreadable_row_is_named_and_the_others_still_sync,
     // Entry updates, hint and JWT TTL (issue 11).
     an_update_replaces_what_may_change_and_syncs_again,
-    an_update_that_collides_or_finds_nothing_writes_nothing,
+    an_update_that_collides_is_stale_or_finds_nothing_writes_nothing,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1957,7 +1957,7 @@ async fn an_update_replaces_what_may_change_and_syncs_again(db: Db) {
     changed.hint = "renamed".into();
     // The creation time is the entry's, whatever the caller's copy says.
     changed.created_at = NOW + 99;
-    assert!(s.update_entry(&changed).await.unwrap());
+    assert!(s.update_entry(&bot, &changed).await.unwrap());
     let stored = s.get_entry(&bot.id).await.unwrap().unwrap();
     assert_eq!(stored.created_at, bot.created_at);
     changed.created_at = bot.created_at;
@@ -1981,7 +1981,7 @@ async fn an_update_replaces_what_may_change_and_syncs_again(db: Db) {
     assert!(is_already_exists(s.create_entry(&clash).await));
 }
 
-async fn an_update_that_collides_or_finds_nothing_writes_nothing(db: Db) {
+async fn an_update_that_collides_is_stale_or_finds_nothing_writes_nothing(db: Db) {
     let s = db.store();
     let one = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:1"], &[]);
     let two = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:2"], &[]);
@@ -1993,27 +1993,46 @@ async fn an_update_that_collides_or_finds_nothing_writes_nothing(db: Db) {
     let mut collide = two.clone();
     collide.selectors = one.selectors.clone();
     collide.hint = "half-written?".into();
-    assert!(is_already_exists(s.update_entry(&collide).await));
+    assert!(is_already_exists(s.update_entry(&two, &collide).await));
     assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&two));
     assert_eq!(s.entry_revisions().await.unwrap().current, before);
 
     // An unknown ID, or a copy whose SPIFFE ID or parent is not the stored one: nothing.
     let mut unknown = two.clone();
     unknown.id = EntryId::generate();
-    assert!(!s.update_entry(&unknown).await.unwrap());
+    assert!(!s.update_entry(&unknown, &unknown).await.unwrap());
     let mut moved = two.clone();
     moved.parent_id = agent_b();
-    assert!(!s.update_entry(&moved).await.unwrap());
+    assert!(!s.update_entry(&two, &moved).await.unwrap());
     let mut renamed = two.clone();
     renamed.spiffe_id = sid("spiffe://acme.test/w/elsewhere");
-    assert!(!s.update_entry(&renamed).await.unwrap());
+    assert!(!s.update_entry(&two, &renamed).await.unwrap());
     assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&two));
     assert_eq!(s.entry_revisions().await.unwrap().current, before);
 
     // Positive control on the same fixture: a change that collides with nothing is written.
     let mut fine = two.clone();
     fine.selectors = vec![Selector::parse("unix:uid:4").unwrap()];
-    assert!(s.update_entry(&fine).await.unwrap());
+    assert!(s.update_entry(&two, &fine).await.unwrap());
     assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&fine));
     assert_eq!(s.entry_revisions().await.unwrap().current, before + 1);
+
+    // Compare-and-swap: an update computed from the entry as it was before that change
+    // (another operator's, read earlier) writes nothing, so it cannot undo the change.
+    for stale in [two.clone(), {
+        let mut hinted = fine.clone();
+        hinted.hint = "not what is stored".into();
+        hinted
+    }] {
+        let mut late = stale.clone();
+        late.ttl_secs = 1200;
+        assert!(!s.update_entry(&stale, &late).await.unwrap());
+    }
+    assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&fine));
+    assert_eq!(s.entry_revisions().await.unwrap().current, before + 1);
+    // Re-read and re-applied, it is written.
+    let mut late = fine.clone();
+    late.ttl_secs = 1200;
+    assert!(s.update_entry(&fine, &late).await.unwrap());
+    assert_eq!(s.get_entry(&two.id).await.unwrap().unwrap().ttl_secs, 1200);
 }

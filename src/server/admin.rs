@@ -33,6 +33,9 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Records read per page when listing or verifying the log.
 const PAGE: u32 = 1000;
+/// How often an entry update is re-applied when other updates of the entry keep coming in
+/// between its read and its write.
+const UPDATE_ATTEMPTS: u32 = 8;
 
 /// Why an admin call failed; mapped to a gRPC status in [`AdminError::status`] only.
 #[derive(Debug, thiserror::Error)]
@@ -149,27 +152,30 @@ impl AdminService {
         Ok(self.entry_rules().validate(req)?)
     }
 
-    /// Reads the entry, applies the update under the create rules and writes it back. Two
-    /// operators updating one entry at once: the last write wins whole (each write is the
-    /// entry as one of them saw it plus their change, never a mix of fields).
+    /// Reads the entry, applies the update under the create rules and writes it back if the
+    /// entry is still as read (compare-and-swap); if another update came in between, the
+    /// change is applied again to the newer entry, so concurrent updates of different fields
+    /// all hold.
     async fn update(&self, req: &pb::UpdateEntryRequest) -> Result<Entry, AdminError> {
         let id = Self::parse_entry_id(&req.id)?;
-        let not_found = || {
-            AdminError::NotFound(format!(
-                "no entry {id}; `mayfly entry list` shows the entries"
-            ))
+        let mut attempts = 0;
+        let entry = loop {
+            let Some(stored) = self.state.store.get_entry(&id).await? else {
+                return Err(AdminError::NotFound(format!(
+                    "no entry {id}; `mayfly entry list` shows the entries"
+                )));
+            };
+            let entry = self.entry_rules().apply_update(stored.clone(), req)?;
+            if self.state.store.update_entry(&stored, &entry).await? {
+                break entry;
+            }
+            attempts += 1;
+            if attempts == UPDATE_ATTEMPTS {
+                return Err(AdminError::Unavailable(format!(
+                    "entry {id} changed {UPDATE_ATTEMPTS} times while this update was applied (other updates of it are under way); run the update again"
+                )));
+            }
         };
-        let stored = self
-            .state
-            .store
-            .get_entry(&id)
-            .await?
-            .ok_or_else(not_found)?;
-        let entry = self.entry_rules().apply_update(stored, req)?;
-        // Deleted meanwhile: the same answer as if it had been gone from the start.
-        if !self.state.store.update_entry(&entry).await? {
-            return Err(not_found());
-        }
         // Held agent syncs answer at once (issue 10).
         self.state.entry_watch.refresh().await;
         self.audit_change(AuditAction::EntryUpdate, update_reason(req), |e| {

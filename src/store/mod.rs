@@ -204,16 +204,17 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SpiffeId>,
         limit: u32,
     ) -> Result<Vec<AgentRecord>, StoreError>;
-    /// Replaces what an update may change of the stored entry `entry.id` (selectors, scopes,
-    /// TTLs, DNS names, hint) with `entry`'s, and gives it a new revision so incremental sync
-    /// sends it again. Its SPIFFE ID, parent and creation time stay: the row is only updated
-    /// when the stored SPIFFE ID and parent are `entry`'s. `false` when there is no such entry
-    /// (nothing is written then).
+    /// Compare-and-swap: replaces what an update may change of entry `before.id` (selectors,
+    /// scopes, TTLs, DNS names, hint) with `after`'s, only if the stored entry is still
+    /// `before`, and gives it a new revision so incremental sync sends it again. Its ID, SPIFFE
+    /// ID, parent and creation time never change (`after`'s must be `before`'s). `false` when
+    /// nothing was written: the entry is gone, or changed since `before` was read (read it
+    /// again and re-apply the change, so two concurrent updates never undo each other).
     ///
     /// # Errors
     /// [`StoreError::AlreadyExists`] when another entry has the same SPIFFE ID, parent and
     /// selectors (nothing is written then); [`StoreError::Database`] otherwise.
-    async fn update_entry(&self, entry: &Entry) -> Result<bool, StoreError>;
+    async fn update_entry(&self, before: &Entry, after: &Entry) -> Result<bool, StoreError>;
     /// Deletes an entry; `false` when there was none.
     ///
     /// # Errors

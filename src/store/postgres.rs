@@ -224,8 +224,13 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn update_entry(&self, entry: &Entry) -> Result<bool, StoreError> {
-        let columns = EntryColumns::new(entry);
+    async fn update_entry(&self, before: &Entry, entry: &Entry) -> Result<bool, StoreError> {
+        if (&entry.id, &entry.spiffe_id, &entry.parent_id)
+            != (&before.id, &before.spiffe_id, &before.parent_id)
+        {
+            return Ok(false);
+        }
+        let (columns, was) = (EntryColumns::new(entry), EntryColumns::new(before));
         let mut tx = self.pool.begin().await?;
         // The revision first: its lock orders concurrent writers (see `sync`). Nothing
         // updated (or a clash) means nothing committed, so the bump is rolled back too.
@@ -244,6 +249,12 @@ impl Store for PostgresStore {
             .bind(revision)
             .bind(entry.spiffe_id.as_str())
             .bind(entry.parent_id.as_str())
+            .bind(&was.selectors)
+            .bind(&was.scopes)
+            .bind(was.ttl_secs)
+            .bind(&was.dns_names)
+            .bind(&before.hint)
+            .bind(was.jwt_ttl_secs)
             .execute(&mut *tx)
             .await
             .map_err(|e| rows::entry_exists(e, entry))?
