@@ -212,6 +212,30 @@ mod tests {
     }
 
     #[test]
+    fn only_a_change_of_what_an_identity_svid_holds_or_its_lifetime_needs_a_new_one() {
+        let old = entry("a", &["unix:uid:1"]);
+        let same = |change: fn(&mut AgentEntry)| {
+            let mut e = (*old).clone();
+            change(&mut e);
+            old.needs_new_svid(&e)
+        };
+        assert!(!same(|_| {}), "positive control: unchanged");
+        assert!(!same(|e| e.hint = "label".into()));
+        assert!(!same(
+            |e| e.selectors = vec![Selector::parse("unix:uid:2").unwrap()]
+        ));
+        assert!(!same(
+            |e| e.scopes = crate::id::parse_scopes(&["db:read".to_owned()]).unwrap()
+        ));
+        assert!(!same(|e| e.jwt_ttl = Some(Duration::from_secs(60))));
+        assert!(same(|e| e.dns_names = vec!["a.internal".into()]));
+        assert!(same(|e| e.ttl = Duration::from_secs(600)));
+        assert!(same(|e| {
+            e.spiffe_id = SpiffeId::parse("spiffe://t.test/other").unwrap();
+        }));
+    }
+
+    #[test]
     fn expired_svids_are_never_offered() {
         let now = SystemTime::now();
         let mut snap = Snapshot::empty(TrustDomain::new("t.test").unwrap(), vec![]);
