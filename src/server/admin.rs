@@ -22,6 +22,9 @@ use crate::wire::unix_secs;
 // CA rotation by hand (issue 10).
 #[path = "admin_ca.rs"]
 mod admin_ca;
+// Entry updates (issue 11).
+#[path = "admin_entry_update.rs"]
+mod admin_entry_update;
 use crate::server::rotation::RotationError;
 use admin_ca::CaStep;
 
@@ -33,9 +36,6 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Records read per page when listing or verifying the log.
 const PAGE: u32 = 1000;
-/// How often an entry update is re-applied when other updates of the entry keep coming in
-/// between its read and its write.
-const UPDATE_ATTEMPTS: u32 = 8;
 
 /// Why an admin call failed; mapped to a gRPC status in [`AdminError::status`] only.
 #[derive(Debug, thiserror::Error)]
@@ -152,41 +152,6 @@ impl AdminService {
         Ok(self.entry_rules().validate(req)?)
     }
 
-    /// Reads the entry, applies the update under the create rules and writes it back if the
-    /// entry is still as read (compare-and-swap); if another update came in between, the
-    /// change is applied again to the newer entry, so concurrent updates of different fields
-    /// all hold.
-    async fn update(&self, req: &pb::UpdateEntryRequest) -> Result<Entry, AdminError> {
-        let id = Self::parse_entry_id(&req.id)?;
-        let mut attempts = 0;
-        let entry = loop {
-            let Some(stored) = self.state.store.get_entry(&id).await? else {
-                return Err(AdminError::NotFound(format!(
-                    "no entry {id}; `mayfly entry list` shows the entries"
-                )));
-            };
-            let entry = self.entry_rules().apply_update(stored.clone(), req)?;
-            if self.state.store.update_entry(&stored, &entry).await? {
-                break entry;
-            }
-            attempts += 1;
-            if attempts == UPDATE_ATTEMPTS {
-                return Err(AdminError::Unavailable(format!(
-                    "entry {id} changed {UPDATE_ATTEMPTS} times while this update was applied (other updates of it are under way); run the update again"
-                )));
-            }
-        };
-        // Held agent syncs answer at once (issue 10).
-        self.state.entry_watch.refresh().await;
-        self.audit_change(AuditAction::EntryUpdate, update_reason(req), |e| {
-            e.entry_id = Some(entry.id.to_string());
-            e.spiffe_id = Some(entry.spiffe_id.to_string());
-            e.scopes = entry.scopes.iter().map(|s| s.to_string()).collect();
-        })
-        .await?;
-        Ok(entry)
-    }
-
     fn parse_entry_id(text: &str) -> Result<EntryId, AdminError> {
         EntryId::parse(text).ok_or_else(|| {
             AdminError::Invalid(format!(
@@ -195,23 +160,6 @@ impl AdminService {
             ))
         })
     }
-}
-
-/// The audit reason of an update: which fields it replaced (their new values are in the
-/// entry; the record names the scopes, the one field issuance decisions depend on).
-fn update_reason(req: &pb::UpdateEntryRequest) -> String {
-    let changed: Vec<&str> = [
-        ("selectors", req.selectors.is_some()),
-        ("scopes", req.scopes.is_some()),
-        ("ttl", req.ttl_seconds.is_some()),
-        ("jwt_ttl", req.jwt_ttl_seconds.is_some()),
-        ("dns_names", req.dns_names.is_some()),
-        ("hint", req.hint.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(name, given)| given.then_some(name))
-    .collect();
-    format!("entry updated: {}", changed.join(", "))
 }
 
 fn entry_message(e: Entry) -> pb::Entry {
