@@ -500,3 +500,68 @@ fn the_spiffe_crate_fetches_verifies_and_validates_jwt_svids() {
         );
     });
 }
+
+/// An entry's `--jwt-ttl` sets its identity tokens' lifetime and its `--hint` comes with them.
+#[test]
+fn an_entrys_jwt_ttl_and_hint_shape_its_identity_tokens() {
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    cluster.create_entry(
+        "spiffe://mayfly.local/agents/brief",
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--jwt-ttl",
+            "90s",
+            "--hint",
+            "billing",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let token = loop {
+        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "api"]);
+        if out.status.success() {
+            break stdout(&out).trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let valid: serde_json::Value = serde_json::from_str(&cluster.ok(&[
+        "svid",
+        "validate",
+        "--jwt",
+        &token,
+        "--audience",
+        "api",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let claims = &valid["claims"];
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        90
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async {
+        let channel = mayfly::workload_client::connect(&cluster.socket())
+            .await
+            .unwrap();
+        mayfly::workload_client::workload_api(channel)
+            .fetch_jwtsvid(mayfly::proto::workload::JwtsvidRequest {
+                audience: vec!["api".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(answer.svids.len(), 1);
+    assert_eq!(answer.svids[0].hint, "billing");
+    assert_eq!(answer.svids[0].svid, token, "the cached token");
+}
