@@ -103,12 +103,11 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    /// Every action, in declaration order.
+    /// Every action, oldest first (the order they were released in, which the test of
+    /// records chained in the string era relies on).
     pub const ALL: [Self; 16] = [
         Self::SvidIdentity,
         Self::SvidTask,
-        Self::JwtIdentity,
-        Self::JwtTask,
         Self::AgentAttest,
         Self::AgentRenew,
         Self::EntryCreate,
@@ -121,6 +120,8 @@ impl AuditAction {
         Self::CaTaint,
         Self::CaRevoke,
         Self::EntryUpdate,
+        Self::JwtIdentity,
+        Self::JwtTask,
     ];
 
     /// The stored and wire name, e.g. `svid.task`.

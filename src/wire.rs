@@ -219,6 +219,7 @@ mod tests {
                 "ttl-above-ceiling",
                 "invalid",
                 "token-refused",
+                "rate-limited",
             ]
         );
     }

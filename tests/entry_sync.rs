@@ -403,15 +403,16 @@ async fn the_node_api_pages_sends_changes_only_holds_and_refuses_a_forged_token(
         server.create_entry(entry_request(&parent)).await.unwrap();
     }
     let (_, bundle) = server.bundle_der().await;
-    let digest = mayfly::wire::bundle_digest(&bundle);
 
-    // A full pass, in pages under the client's 64 KiB limit; the bundle on the first only.
+    // A full pass, in pages under the client's 64 KiB limit; the bundle (with the JWT keys,
+    // which the digest covers too) on the first only.
     let mut request = ListEntriesRequest {
         incremental: true,
         ..Default::default()
     };
     let mut ids = BTreeSet::new();
     let mut pages = 0;
+    let mut jwt_keys = Vec::new();
     let revision = loop {
         let page = node
             .list_entries(request.clone())
@@ -421,6 +422,15 @@ async fn the_node_api_pages_sends_changes_only_holds_and_refuses_a_forged_token(
         assert!(page.incremental && page.full && !page.unchanged);
         assert!(page.encoded_len() <= 48 * 1024, "{}", page.encoded_len());
         assert_eq!(page.bundle.is_empty(), pages > 0, "the bundle comes once");
+        assert_eq!(
+            page.jwt_keys.is_empty(),
+            pages > 0,
+            "the JWT keys come with it"
+        );
+        if pages == 0 {
+            assert_eq!(page.bundle, bundle);
+            jwt_keys = page.jwt_keys.clone();
+        }
         pages += 1;
         ids.extend(page.entries.into_iter().map(|e| e.id));
         if page.next_page_token.is_empty() {
@@ -430,6 +440,7 @@ async fn the_node_api_pages_sends_changes_only_holds_and_refuses_a_forged_token(
     };
     assert!(pages > 1);
     assert_eq!(ids.len(), 600);
+    let digest = mayfly::wire::bundle_digest(&bundle, &jwt_keys);
 
     // A token the server did not hand out is refused.
     request.page_token = "garbage".into();

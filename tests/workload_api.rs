@@ -710,38 +710,67 @@ async fn requests_without_the_header_are_invalid_argument_on_both_services() {
     fx.stop().await;
 }
 
+/// The JWT calls are served (issue 11), and a malformed request is InvalidArgument with its
+/// reason: no audience, several audiences, no token, a token that is not one.
 #[tokio::test]
-async fn jwt_calls_are_unimplemented_with_a_reason() {
+async fn jwt_calls_refuse_malformed_requests_with_a_reason() {
     let fx = Fixture::start().await;
     let entry = fx.our_entry().await;
     let svid = fx.issue(&entry).await;
     fx.publish(&[(&entry, Some(&svid))]);
     let mut client = fx.workload_client().await;
-    let results = [
-        client
-            .fetch_jwtsvid(with_header(wl_pb::JwtsvidRequest {
-                audience: vec!["x".into()],
-                spiffe_id: String::new(),
-            }))
-            .await
-            .map(drop),
-        client
-            .fetch_jwt_bundles(with_header(wl_pb::JwtBundlesRequest {}))
-            .await
-            .map(drop),
-        client
-            .validate_jwtsvid(with_header(wl_pb::ValidateJwtsvidRequest::default()))
-            .await
-            .map(drop),
+    let fetch = |audience: Vec<String>| wl_pb::JwtsvidRequest {
+        audience,
+        spiffe_id: String::new(),
+    };
+    let cases = [
+        (
+            client
+                .fetch_jwtsvid(with_header(fetch(vec![])))
+                .await
+                .map(drop),
+            "needs an audience",
+        ),
+        (
+            client
+                .fetch_jwtsvid(with_header(fetch(vec!["a".into(), "b".into()])))
+                .await
+                .map(drop),
+            "2 audiences",
+        ),
+        (
+            client
+                .validate_jwtsvid(with_header(wl_pb::ValidateJwtsvidRequest {
+                    audience: "a".into(),
+                    svid: String::new(),
+                }))
+                .await
+                .map(drop),
+            "no token",
+        ),
+        (
+            client
+                .validate_jwtsvid(with_header(wl_pb::ValidateJwtsvidRequest {
+                    audience: "a".into(),
+                    svid: "not.a.token".into(),
+                }))
+                .await
+                .map(drop),
+            "not valid",
+        ),
     ];
-    for result in results {
-        let status = expect_code(result, Code::Unimplemented);
-        assert!(
-            status.message().contains("JWT-SVIDs are not supported"),
-            "{status:?}"
-        );
+    for (result, reason) in cases {
+        let status = expect_code(result, Code::InvalidArgument);
+        assert!(status.message().contains(reason), "{reason}: {status:?}");
     }
-    // Positive control: X.509 on the same connection.
+    // Positive controls on the same connection: the JWT bundle stream and X.509.
+    let mut bundles = client
+        .fetch_jwt_bundles(with_header(wl_pb::JwtBundlesRequest {}))
+        .await
+        .expect("FetchJWTBundles")
+        .into_inner();
+    let first = bundles.message().await.unwrap().expect("a JWKS");
+    assert_eq!(first.bundles.len(), 1, "{first:?}");
     let mut stream = fetch_svids(&mut client).await.expect("FetchX509SVID");
     next(&mut stream).await.expect("an SVID");
     fx.stop().await;

@@ -168,6 +168,19 @@ pub enum EndpointError {
     ShuttingDown,
 }
 
+impl EndpointError {
+    /// [`EndpointError::NoEntry`] for a workload with `selectors`.
+    pub fn no_entry(selectors: &[Selector]) -> Self {
+        Self::NoEntry {
+            selectors: selectors
+                .iter()
+                .map(Selector::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
 impl From<EndpointError> for Status {
     /// The one place where endpoint errors become gRPC statuses.
     fn from(e: EndpointError) -> Self {

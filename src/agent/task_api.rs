@@ -6,7 +6,7 @@
 //! audit, so they are passed on untouched and the server's refusal comes back unchanged.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -16,13 +16,9 @@ use super::link::ServerLink;
 use super::state::{AgentEntry, Snapshot, SnapshotRx};
 use super::workload_api::wait_ready;
 use crate::attestors::Selector;
-use crate::id::SpiffeId;
 use crate::proto::node as node_pb;
 use crate::proto::task as pb;
 use crate::wire::REFUSAL_METADATA;
-
-/// The longest SPIFFE ID echoed back in an error.
-const ECHO_LIMIT: usize = 200;
 
 /// The `mayfly.task.v1.Task` service.
 pub struct TaskApi {
@@ -43,9 +39,8 @@ impl TaskApi {
     }
 }
 
-/// The caller's entry a task SVID is for: the one with the SPIFFE ID `wanted` (empty: the first
-/// entry matching `selectors`, that is the first created, the same default FetchX509SVID
-/// serves first).
+/// The caller's entry a task credential is for: the one with the SPIFFE ID `wanted` (empty:
+/// the first-created entry matching `selectors`).
 ///
 /// # Errors
 /// [`EndpointError::BadSpiffeId`] for a malformed `wanted`, [`EndpointError::NotCallersEntry`]
@@ -55,33 +50,9 @@ fn choose_entry(
     selectors: &[Selector],
     wanted: &str,
 ) -> Result<Arc<AgentEntry>, EndpointError> {
-    let wanted = if wanted.is_empty() {
-        None
-    } else {
-        Some(
-            SpiffeId::parse(wanted).map_err(|e| EndpointError::BadSpiffeId {
-                id: wanted.chars().take(ECHO_LIMIT).collect(),
-                reason: e.to_string(),
-            })?,
-        )
-    };
-    // A task SVID needs the entry, not its identity SVID, so entries without one count too.
-    let mut entries = snapshot
-        .identities_for(selectors, SystemTime::now())
-        .into_iter()
-        .map(|i| i.entry);
-    match wanted {
-        None => entries.next().ok_or_else(|| EndpointError::NoEntry {
-            selectors: selectors
-                .iter()
-                .map(Selector::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
-        Some(id) => entries
-            .find(|e| e.spiffe_id == id)
-            .ok_or_else(|| EndpointError::NotCallersEntry(id.to_string())),
-    }
+    let mut entries = super::workload_jwt::entries_for(snapshot, selectors, wanted)?;
+    // Never empty: entries_for refuses when nothing matches.
+    Ok(entries.swap_remove(0))
 }
 
 /// The server's refusal as the workload gets it: the same code, message and refusal kind. The

@@ -159,13 +159,7 @@ pub(super) fn served_identities(
 ) -> Result<Vec<Identity>, EndpointError> {
     let identities = snapshot.identities_for(selectors, now);
     if identities.is_empty() {
-        return Err(EndpointError::NoEntry {
-            selectors: selectors
-                .iter()
-                .map(Selector::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        return Err(EndpointError::no_entry(selectors));
     }
     let (served, unserved): (Vec<_>, Vec<_>) =
         identities.into_iter().partition(|i| i.svid.is_some());

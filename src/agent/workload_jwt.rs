@@ -34,43 +34,46 @@ pub(super) fn one_audience(audience: &[String]) -> Result<&str, EndpointError> {
     }
 }
 
-/// The caller's entries a `FetchJWTSVID` answers for: every matching one, in entry order, or
-/// the one with the SPIFFE ID `wanted`.
+/// The longest SPIFFE ID echoed back in an error.
+const ECHO_LIMIT: usize = 200;
+
+/// The caller's entries a request is for: every matching one, in entry order (first created
+/// first), or the one with the SPIFFE ID `wanted` when it is not empty.
 ///
 /// # Errors
 /// [`EndpointError::NoEntry`], [`EndpointError::BadSpiffeId`] or
 /// [`EndpointError::NotCallersEntry`].
-fn entries_for(
+pub(super) fn entries_for(
     snapshot: &Snapshot,
     selectors: &[Selector],
     wanted: &str,
 ) -> Result<Vec<Arc<AgentEntry>>, EndpointError> {
+    let wanted = if wanted.is_empty() {
+        None
+    } else {
+        Some(
+            SpiffeId::parse(wanted).map_err(|e| EndpointError::BadSpiffeId {
+                id: wanted.chars().take(ECHO_LIMIT).collect(),
+                reason: e.to_string(),
+            })?,
+        )
+    };
+    // A JWT or a task credential needs the entry, not its identity SVID, so entries without
+    // one count too.
     let matching: Vec<Arc<AgentEntry>> = snapshot
         .identities_for(selectors, SystemTime::now())
         .into_iter()
         .map(|i| i.entry)
         .collect();
-    if matching.is_empty() {
-        return Err(EndpointError::NoEntry {
-            selectors: selectors
-                .iter()
-                .map(Selector::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+    match wanted {
+        _ if matching.is_empty() => Err(EndpointError::no_entry(selectors)),
+        None => Ok(matching),
+        Some(id) => matching
+            .into_iter()
+            .find(|e| e.spiffe_id == id)
+            .map(|e| vec![e])
+            .ok_or_else(|| EndpointError::NotCallersEntry(id.to_string())),
     }
-    if wanted.is_empty() {
-        return Ok(matching);
-    }
-    let id = SpiffeId::parse(wanted).map_err(|e| EndpointError::BadSpiffeId {
-        id: wanted.chars().take(200).collect(),
-        reason: e.to_string(),
-    })?;
-    matching
-        .into_iter()
-        .find(|e| e.spiffe_id == id)
-        .map(|e| vec![e])
-        .ok_or_else(|| EndpointError::NotCallersEntry(id.to_string()))
 }
 
 /// `FetchJWTSVID`: one identity token per entry asked for, from the cache or the server.

@@ -428,6 +428,20 @@ fn event(action: AuditAction) -> AuditEvent {
     AuditEvent::new(action)
 }
 
+/// The event of a task issuance (X.509 or JWT). Until they are validated, the task ID and
+/// scopes are recorded as the workload sent them, escaped and bounded: a refusal's record
+/// cannot forge lines or hide text.
+fn task_event(action: AuditAction, task_id: &str, scopes: &[String]) -> AuditEvent {
+    let mut event = AuditEvent::new(action);
+    event.task_id = Some(audit::untrusted(task_id));
+    event.scopes = scopes
+        .iter()
+        .take(policy::MAX_SCOPES)
+        .map(|s| audit::untrusted(s))
+        .collect();
+    event
+}
+
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeService {
     async fn attest(
@@ -674,16 +688,7 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event(AuditAction::SvidTask);
-        // Until they are validated, the task ID and scopes are recorded as the workload sent
-        // them, escaped and bounded: a refusal's record cannot forge lines or hide text.
-        event.task_id = Some(audit::untrusted(&req.task_id));
-        event.scopes = req
-            .scopes
-            .iter()
-            .take(policy::MAX_SCOPES)
-            .map(|s| audit::untrusted(s))
-            .collect();
+        let mut event = task_event(AuditAction::SvidTask, &req.task_id, &req.scopes);
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
             let (agent, entry) = self
                 .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)

@@ -8,13 +8,13 @@ use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
 
-use super::{NodeError, NodeService, event, peer_of};
+use super::{NodeError, NodeService, event, peer_of, task_event};
 use crate::audit::{self, AuditAction, AuditEvent, Decision};
 use crate::id::ScopedId;
 use crate::jwt::{Claims, TokenKind};
 use crate::proto::node as pb;
 use crate::server::entry_rules;
-use crate::server::policy::{self, Refusal, check_task_id};
+use crate::server::policy::{Refusal, check_task_id};
 use crate::svid::Serial;
 use crate::wire::unix_secs;
 
@@ -97,15 +97,7 @@ impl NodeService {
     ) -> Result<Response<pb::IssueJwtResponse>, Status> {
         let peer = peer_of(&request);
         let req = request.into_inner();
-        let mut event = event(AuditAction::JwtTask);
-        // As for task X509-SVIDs: recorded escaped and bounded until validated.
-        event.task_id = Some(audit::untrusted(&req.task_id));
-        event.scopes = req
-            .scopes
-            .iter()
-            .take(policy::MAX_SCOPES)
-            .map(|s| audit::untrusted(s))
-            .collect();
+        let mut event = task_event(AuditAction::JwtTask, &req.task_id, &req.scopes);
         let result: Result<Minted, NodeError> = async {
             let (agent, entry) = self
                 .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
