@@ -76,7 +76,7 @@ pub enum OidcConfigError {
     )]
     CertIncomplete,
     /// A certificate or key file could not be read.
-    #[error("could not read {path} ({source}); check the path and its permissions")]
+    #[error("could not read {path} (check the path and its permissions)")]
     Unreadable {
         /// The file.
         path: PathBuf,
@@ -106,7 +106,7 @@ pub enum OidcConfigError {
 pub enum OidcError {
     /// The address could not be bound.
     #[error(
-        "could not listen on {addr} for the OIDC discovery endpoint ({source}); choose another address with --oidc-bind"
+        "could not listen on {addr} for the OIDC discovery endpoint (is another server using it? choose another address with --oidc-bind)"
     )]
     Bind {
         /// The address.
