@@ -1,7 +1,8 @@
 //! The OIDC discovery endpoint (issue 11) through the real `mayfly` binary, read by third-party
 //! clients over real TLS: curl fetches the discovery document and the JWKS trusting only the
 //! trust domain's bundle (or the operator's CA); the JWKS gains a prepared CA's key before it
-//! signs; PyJWT's `PyJWKClient` (tests/py/verify_oidc.py) verifies JWT-SVIDs an agent minted;
+//! signs; PyJWT's `PyJWKClient` (tests/py/verify_oidc.py) verifies JWT-SVIDs an agent minted,
+//! before and after a CA rotation (the serving certificate renewed under the new CA);
 //! bad settings stop the server in one sentence.
 //!
 //! The PyJWT test needs `MAYFLY_PYSPIFFE_PYTHON` (the virtualenv `.ci/run` builds, which holds
@@ -168,8 +169,7 @@ fn pyjwt_verify(python: &Path, issuer: &str, ca: &Path, audience: &str, token: &
 }
 
 #[test]
-fn pyjwt_verifies_agent_minted_tokens_through_discovery_and_refuses_the_wrong_audience_or_a_forgery()
- {
+fn pyjwt_verifies_minted_tokens_through_discovery_across_a_rotation_and_refuses_bad_ones() {
     let Some(python) = python() else { return };
     let (mut cluster, issuer) = discovery_cluster();
     let ca = cluster.path("bundle.pem");
@@ -272,6 +272,70 @@ fn pyjwt_verifies_agent_minted_tokens_through_discovery_and_refuses_the_wrong_au
             || err.starts_with("refused: DecodeError"),
         "{err}"
     );
+    // Rotation: once the prepared CA is active, new tokens carry its key's kid, and PyJWT finds
+    // that key through the same jwks_uri; the old key stays published for the tokens it signed.
+    let kid_of = |out: &Output| {
+        let line = text(&out.stdout);
+        line.trim().rsplit_once("kid=").expect("a kid").1.to_owned()
+    };
+    let old_kid = kid_of(&pyjwt_verify(&python, &issuer, &ca, "stripe-api", task));
+    cluster.ok(&["ca", "prepare"]);
+    // A verifier that trusts the bundle follows it: the prepared CA is in it from now on, and
+    // the endpoint's certificate is renewed under it once it is active.
+    let rotated = cluster.path("bundle-rotated.pem");
+    std::fs::write(&rotated, cluster.ok(&["bundle", "show"])).unwrap();
+    let ca = rotated.as_path();
+    cluster.ok(&["ca", "activate"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let fresh = cluster.ok(&[
+            "svid",
+            "mint",
+            "--jwt",
+            "--audience",
+            "stripe-api",
+            "--task",
+            "t-8",
+            "--scope",
+            "db:read",
+        ]);
+        let out = pyjwt_verify(&python, &issuer, ca, "stripe-api", fresh.trim());
+        assert!(
+            out.status.success(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        if kid_of(&out) != old_kid {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tokens are still signed by {old_kid}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = pyjwt_verify(&python, &issuer, ca, "stripe-api", task);
+    assert!(out.status.success(), "the old token: {}", text(&out.stderr));
+    assert_eq!(kid_of(&out), old_kid);
+    // The old bundle alone no longer does: the certificate now chains to the new CA.
+    let old_bundle = cluster.path("bundle.pem");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = curl(&[
+            "--cacert",
+            old_bundle.to_str().unwrap(),
+            &format!("{issuer}/keys"),
+        ]);
+        if out.status.code() == Some(60) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the certificate was not renewed under the new CA"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Runs `mayfly server run` with `args` in `dir`, expecting it to stop on its own; returns its

@@ -266,6 +266,41 @@ mod tests {
     }
 
     #[test]
+    fn the_discovery_endpoint_is_set_from_the_file_and_its_issuer_needs_its_address() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"oidc_bind = \"127.0.0.1:8443\"\noidc_issuer = \"https://oidc.example.com/\"\n",
+        )
+        .unwrap();
+        let config = ServerSettings::default()
+            .resolve_over(Some(file.path()))
+            .unwrap();
+        let oidc = config.oidc.expect("the endpoint is on");
+        assert_eq!(oidc.bind.port(), 8443);
+        assert_eq!(
+            oidc.issuer.expect("an issuer").as_str(),
+            "https://oidc.example.com"
+        );
+        assert!(oidc.cert.is_none(), "self-issued when no files are given");
+        assert!(ServerSettings::default().resolve().unwrap().oidc.is_none());
+
+        let err = ServerSettings {
+            oidc_issuer: Some("https://oidc.example.com".into()),
+            ..ServerSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Oidc(OidcConfigError::WithoutBind("oidc-issuer"))
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn a_bad_duration_names_its_flag_and_key() {
         let err = ServerSettings {
             ca_ttl: Some("5 minutes".into()),
