@@ -33,10 +33,10 @@ pub fn discovery_document(issuer: &Issuer) -> Vec<u8> {
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
-/// The JWKS of `bundle`'s keys for relying parties outside SPIFFE. Each key is marked `use: sig`, not
-/// `jwt-svid` as in a SPIFFE bundle: generic OIDC clients keep only signing keys (PyJWT's
-/// `PyJWKClient` drops every key whose `use` is neither `sig` nor absent), and SPIRE's
-/// discovery provider does the same.
+/// The JWKS of `bundle`'s keys for relying parties outside SPIFFE. Each key is marked
+/// `use: sig`, not `jwt-svid` as in a SPIFFE bundle: generic OIDC clients keep only signing
+/// keys (PyJWT's `PyJWKClient` drops every key whose `use` is neither `sig` nor absent), and
+/// SPIRE's discovery provider does the same.
 pub fn jwks_document(bundle: &JwtBundle) -> Vec<u8> {
     let keys: Vec<_> = bundle
         .keys()

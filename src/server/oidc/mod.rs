@@ -162,8 +162,8 @@ pub(crate) async fn bind(config: &OidcConfig) -> Result<(TcpListener, Issuer), O
     Ok((listener, issuer))
 }
 
-/// Serves the documents of `td` on `listener` with `cert` until `stop` changes; `max_age` (at most
-/// [`MAX_CACHE`]) is how long clients may cache them.
+/// Serves the documents of `td` on `listener` with `cert` until `stop` changes; `max_age`
+/// (at most [`MAX_CACHE`]) is how long clients may cache them.
 ///
 /// # Errors
 /// [`OidcError::Tls`] when the TLS configuration is refused.
@@ -186,8 +186,14 @@ pub(crate) fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            // A free slot first, so that at the limit new connections wait in the backlog
+            // instead of being accepted and left unserved; the server may stop meanwhile.
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
             };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
