@@ -118,6 +118,14 @@ fn curl_reads_the_discovery_document_and_the_jwks_which_gains_a_prepared_key() {
     assert_eq!(status(&[&format!("{issuer}/keys/x")]), "404");
     assert_eq!(status(&["-X", "POST", "-d", "x=1", &jwks_uri]), "405");
     assert_eq!(status(&[&jwks_uri]), "200", "positive control");
+    assert_eq!(
+        status(&["-I", &jwks_uri]),
+        "200",
+        "HEAD is a GET without the body"
+    );
+    // A request head over the 8 KiB bound is refused before it is read to its end.
+    let big = format!("x-padding: {}", "a".repeat(10 * 1024));
+    assert_eq!(status(&["-H", &big, &jwks_uri]), "431");
 
     // A prepared CA's key is published before that CA signs: the JWKS gains it, and keeps the
     // active one.
