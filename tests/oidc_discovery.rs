@@ -2,8 +2,9 @@
 //! clients over real TLS: curl fetches the discovery document and the JWKS trusting only the
 //! trust domain's bundle (or the operator's CA); the JWKS gains a prepared CA's key before it
 //! signs; PyJWT's `PyJWKClient` (tests/py/verify_oidc.py) verifies JWT-SVIDs an agent minted,
-//! before and after a CA rotation (the serving certificate renewed under the new CA);
-//! bad settings stop the server in one sentence.
+//! before and after a CA rotation (the serving certificate renewed under the new CA); the
+//! self-issued certificate holds the issuer's host name and no other; bad settings stop the
+//! server in one sentence.
 //!
 //! The PyJWT test needs `MAYFLY_PYSPIFFE_PYTHON` (the virtualenv `.ci/run` builds, which holds
 //! PyJWT); without it the test prints a skip notice.
@@ -548,4 +549,30 @@ fn an_operator_certificate_is_served_and_bad_oidc_settings_stop_the_server_in_on
         let out = server_run(d, args);
         assert_refused(&out, needle);
     }
+}
+
+#[test]
+fn a_self_issued_certificate_names_the_issuers_host_and_no_other() {
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let issuer = format!("https://localhost:{port}");
+    let cluster = Cluster::start_with(&["--oidc-bind", &bind, "--oidc-issuer", &issuer]);
+    let ca = cluster.path("bundle.pem");
+    let fetch = |host: &str| {
+        curl(&[
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://{host}:{port}/.well-known/openid-configuration"),
+        ])
+    };
+    let out = fetch("localhost");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["issuer"], issuer.as_str());
+    assert_eq!(doc["jwks_uri"], format!("{issuer}/keys").as_str());
+    // The same server and CA under a name the certificate does not hold: refused.
+    let out = fetch("other.test");
+    assert_eq!(out.status.code(), Some(60), "{}", text(&out.stderr));
 }
