@@ -95,6 +95,9 @@ pub async fn server(args: ServerRunArgs) -> Result<()> {
         admin_socket = %server.admin_socket.display(),
         "mayfly server running; stop with Ctrl-C"
     );
+    if let Some((addr, issuer)) = &server.oidc {
+        tracing::info!(%addr, %issuer, "serving OIDC discovery at {issuer}/.well-known/openid-configuration");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;

@@ -8,6 +8,7 @@ use crate::ca::UpstreamCa;
 use crate::config_file::{ConfigFileError, Layer};
 use crate::duration::{self, DurationError};
 use crate::id::{IdError, TrustDomain};
+use crate::server::oidc::{self, Issuer, OidcConfig, OidcConfigError};
 use crate::server::{ServerConfig, defaults};
 
 /// Why the configuration was refused.
@@ -40,6 +41,9 @@ pub enum ConfigError {
     /// Only one of the upstream CA's two files was given.
     #[error("an upstream CA needs both its certificate and its key file; give both or neither")]
     UpstreamIncomplete,
+    /// A setting of the OIDC discovery endpoint is refused.
+    #[error(transparent)]
+    Oidc(#[from] OidcConfigError),
 }
 
 crate::settings_layer! {
@@ -82,6 +86,21 @@ crate::settings_layer! {
         /// Refused attestations one source address may make in a burst [default: 20].
         #[arg(long, env = "MAYFLY_SERVER_ATTEST_BURST")]
         pub attest_burst: Option<u32>,
+        /// Serve OIDC discovery (/.well-known/openid-configuration and /keys) over HTTPS on
+        /// this address, e.g. 0.0.0.0:8443 [default: off].
+        #[arg(long, env = "MAYFLY_SERVER_OIDC_BIND")]
+        pub oidc_bind: Option<String>,
+        /// The issuer URL the discovery document names, https://HOST[:PORT]
+        /// [default: https://<oidc bind address>].
+        #[arg(long, env = "MAYFLY_SERVER_OIDC_ISSUER")]
+        pub oidc_issuer: Option<String>,
+        /// The discovery endpoint's certificate chain (PEM) [default: one issued by the
+        /// server's CA for the issuer's host].
+        #[arg(long, env = "MAYFLY_SERVER_OIDC_CERT")]
+        pub oidc_cert: Option<PathBuf>,
+        /// The key of --oidc-cert (PEM).
+        #[arg(long, env = "MAYFLY_SERVER_OIDC_KEY")]
+        pub oidc_key: Option<PathBuf>,
     }
 }
 
@@ -139,8 +158,50 @@ impl ServerSettings {
             (None, None) => None,
             _ => return Err(ConfigError::UpstreamIncomplete),
         };
+        config.oidc = resolve_oidc(
+            self.oidc_bind,
+            self.oidc_issuer,
+            self.oidc_cert,
+            self.oidc_key,
+        )?;
         Ok(config)
     }
+}
+
+/// The discovery endpoint's settings, checked: the address, the issuer, and the operator's
+/// certificate read now, so a wrong file stops the server before it starts.
+fn resolve_oidc(
+    bind: Option<String>,
+    issuer: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<OidcConfig>, OidcConfigError> {
+    let Some(bind) = bind else {
+        for (flag, given) in [
+            ("oidc-issuer", issuer.is_some()),
+            ("oidc-cert", cert.is_some()),
+            ("oidc-key", key.is_some()),
+        ] {
+            if given {
+                return Err(OidcConfigError::WithoutBind(flag));
+            }
+        }
+        return Ok(None);
+    };
+    let bind = bind
+        .parse()
+        .map_err(|_| OidcConfigError::Bind(crate::text::escape_bounded(&bind, 120).into_owned()))?;
+    let issuer = match issuer {
+        Some(text) => Some(text.parse::<Issuer>()?),
+        // Checked now rather than once bound: an unspecified address gives no issuer.
+        None => Issuer::of_addr(bind).map(|_| None)?,
+    };
+    let cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some(oidc::tls::load_files(&cert, &key)?),
+        (None, None) => None,
+        _ => return Err(OidcConfigError::CertIncomplete),
+    };
+    Ok(Some(OidcConfig { bind, issuer, cert }))
 }
 
 fn parse_duration(
@@ -202,6 +263,41 @@ mod tests {
             let err = bad.resolve().unwrap_err().to_string();
             assert!(err.contains("must be a positive number"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_discovery_endpoint_is_set_from_the_file_and_its_issuer_needs_its_address() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            b"oidc_bind = \"127.0.0.1:8443\"\noidc_issuer = \"https://oidc.example.com/\"\n",
+        )
+        .unwrap();
+        let config = ServerSettings::default()
+            .resolve_over(Some(file.path()))
+            .unwrap();
+        let oidc = config.oidc.expect("the endpoint is on");
+        assert_eq!(oidc.bind.port(), 8443);
+        assert_eq!(
+            oidc.issuer.expect("an issuer").as_str(),
+            "https://oidc.example.com"
+        );
+        assert!(oidc.cert.is_none(), "self-issued when no files are given");
+        assert!(ServerSettings::default().resolve().unwrap().oidc.is_none());
+
+        let err = ServerSettings {
+            oidc_issuer: Some("https://oidc.example.com".into()),
+            ..ServerSettings::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Oidc(OidcConfigError::WithoutBind("oidc-issuer"))
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

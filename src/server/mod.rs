@@ -15,6 +15,8 @@ pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod jwt_keys;
 pub(crate) mod node;
+// Verifiers outside SPIFFE (issue 11): OIDC discovery of the JWT keys.
+pub mod oidc;
 pub(crate) mod policy;
 // CA rotation (issue 10): the journal, the schedule and the operator's steps.
 pub(crate) mod rotation;
@@ -111,6 +113,9 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] MtlsError),
+    /// The OIDC discovery endpoint could not start.
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
     /// The CA journal could not be resumed.
     #[error(transparent)]
     Rotation(#[from] rotation::RotationError),
@@ -160,6 +165,8 @@ pub struct ServerConfig {
     pub upstream_ca: Option<UpstreamCa>,
     /// Bounds on refused attestations per source address.
     pub attest_limits: attest_gate::AttestLimits,
+    /// Serve OIDC discovery of the JWT keys; `None` to not.
+    pub oidc: Option<oidc::OidcConfig>,
 }
 
 impl ServerConfig {
@@ -178,6 +185,7 @@ impl ServerConfig {
             min_entry_ttl: entry_rules::MIN_TTL,
             upstream_ca: None,
             attest_limits: attest_gate::AttestLimits::default(),
+            oidc: None,
         }
     }
 
@@ -275,6 +283,8 @@ impl ServerState {
 pub struct RunningServer {
     /// Where the node API listens.
     pub node_addr: SocketAddr,
+    /// Where the OIDC discovery endpoint listens, and its issuer; `None` when it is off.
+    pub oidc: Option<(SocketAddr, String)>,
     /// The admin socket.
     pub admin_socket: PathBuf,
     /// The trust domain.
@@ -455,6 +465,45 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, _) = watch::channel(false);
     let mut tasks = Vec::new();
 
+    let mut oidc_renewed = None;
+    let mut oidc_bound = None;
+    if let Some(oidc_config) = &config.oidc {
+        let (listener, issuer) = oidc::bind(oidc_config).await?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| oidc::OidcError::Bind {
+                addr: oidc_config.bind,
+                source,
+            })?;
+        let cert = match &oidc_config.cert {
+            Some(cert) => oidc::tls::ServingCert::new(cert.clone()),
+            None => {
+                let renewed = OidcRenewed {
+                    cert: None,
+                    host: issuer.host().clone(),
+                    bind_ip: addr.ip(),
+                };
+                let (cert, _) = renewed.issue(&cas.current(), &config.trust_domain, server_ttl)?;
+                let cert = oidc::tls::ServingCert::new(cert);
+                oidc_renewed = Some(OidcRenewed {
+                    cert: Some(cert.clone()),
+                    ..renewed
+                });
+                cert
+            }
+        };
+        oidc_bound = Some((addr, issuer.as_str().to_owned()));
+        tasks.push(oidc::serve(
+            config.trust_domain.clone(),
+            listener,
+            issuer,
+            cert,
+            jwt_keys.clone(),
+            state.refresh_hint,
+            shutdown.subscribe(),
+        )?);
+    }
+
     let node = NodeServer::new(node::NodeService::new(state.clone()))
         .max_decoding_message_size(MAX_NODE_MESSAGE);
     // Several servers, one PostgreSQL (issue 10): a refused client certificate may be signed
@@ -521,12 +570,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             jwt_keys,
             rotation,
             server_ttl,
+            oidc: oidc_renewed,
         };
         maintained.run(&mut stop).await;
     }));
 
     Ok(RunningServer {
         node_addr,
+        oidc: oidc_bound,
         admin_socket,
         trust_domain: config.trust_domain,
         shutdown,
@@ -542,6 +593,26 @@ struct Maintained {
     jwt_keys: jwt_keys::PublishedJwtKeys,
     rotation: Arc<rotation::Rotation>,
     server_ttl: Duration,
+    /// The discovery endpoint's self-issued certificate, renewed with the server's SVID.
+    oidc: Option<OidcRenewed>,
+}
+
+/// A discovery endpoint certificate the server issues itself, and what it is issued for.
+struct OidcRenewed {
+    cert: Option<oidc::tls::ServingCert>,
+    host: oidc::IssuerHost,
+    bind_ip: std::net::IpAddr,
+}
+
+impl OidcRenewed {
+    fn issue(
+        &self,
+        ca: &Authority,
+        td: &TrustDomain,
+        ttl: Duration,
+    ) -> Result<(Arc<rustls::sign::CertifiedKey>, SystemTime), oidc::OidcError> {
+        oidc::tls::issue(ca, td, &self.host, self.bind_ip, ttl)
+    }
 }
 
 impl Maintained {
@@ -593,6 +664,18 @@ impl Maintained {
     fn renew(&self, ca: &Authority) -> Result<SystemTime, ServerError> {
         let (chain, key, not_after) = issue_server_svid(ca, &self.td, self.server_ttl)?;
         self.source.set_svid(chain, &key)?;
+        // The discovery endpoint's certificate follows the same schedule and the same CA, so
+        // it never outlives the CA that signed it.
+        if let Some(oidc) = &self.oidc
+            && let Some(cert) = &oidc.cert
+        {
+            match oidc.issue(ca, &self.td, self.server_ttl) {
+                Ok((next, _)) => cert.set(next),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not renew the OIDC discovery endpoint's certificate; the current one is served until it expires");
+                }
+            }
+        }
         let life = not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default();
