@@ -35,6 +35,10 @@ pub struct Claims {
     pub jti: String,
     /// The scopes of a task token.
     pub scopes: Option<ScopeSet>,
+    /// `iss`: the OIDC issuer whose discovery document publishes the keys, when the server
+    /// serves one (cloud IAM federation matches it); absent otherwise, as the SPIFFE profile
+    /// allows.
+    pub iss: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -46,6 +50,8 @@ struct Header<'a> {
 
 #[derive(Serialize)]
 struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
     sub: &'a str,
     aud: [&'a str; 1],
     iat: u64,
@@ -84,6 +90,7 @@ impl Claims {
             exp,
             jti: hex::encode(random),
             scopes,
+            iss: None,
         })
     }
 
@@ -107,6 +114,7 @@ impl Claims {
             typ: "JWT",
         };
         let body = Body {
+            iss: self.iss.as_deref(),
             sub: self.sub.as_str(),
             aud: [&self.aud],
             iat: self.iat,

@@ -257,6 +257,8 @@ pub(crate) struct ServerState {
     pub(crate) jwt_keys: jwt_keys::PublishedJwtKeys,
     /// Refused attestations per source address.
     pub(crate) attest_gate: attest_gate::AttestGate,
+    /// The `iss` of JWT-SVIDs: the OIDC discovery endpoint's issuer, once it is bound.
+    pub(crate) jwt_issuer: std::sync::OnceLock<String>,
 }
 
 impl ServerState {
@@ -447,6 +449,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
         jwt_keys: jwt_keys.clone(),
         attest_gate: attest_gate::AttestGate::new(config.attest_limits),
+        jwt_issuer: std::sync::OnceLock::new(),
     });
 
     let listener = TcpListener::bind(config.bind)
@@ -493,6 +496,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             }
         };
         oidc_bound = Some((addr, issuer.as_str().to_owned()));
+        // Tokens name the issuer whose discovery document publishes their keys.
+        let _ = state.jwt_issuer.set(issuer.as_str().to_owned());
         tasks.push(oidc::serve(
             config.trust_domain.clone(),
             listener,

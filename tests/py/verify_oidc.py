@@ -39,7 +39,9 @@ def main() -> int:
             key.key,
             algorithms=config["id_token_signing_alg_values_supported"],
             audience=audience,
-            options={"require": ["exp", "sub", "aud"]},
+            # The server names its discovery issuer in `iss`, as cloud IAM federation needs.
+            issuer=issuer,
+            options={"require": ["exp", "sub", "aud", "iss"]},
         )
     except jwt.exceptions.PyJWTError as e:
         print(f"refused: {type(e).__name__}: {e}", file=sys.stderr)

@@ -135,7 +135,9 @@ impl NodeService {
         let signer = ca.jwt_signer().ok_or(NodeError::NoJwtKey)?;
         let now = unix_secs(SystemTime::now()).max(0).cast_unsigned();
         let exp = now + ttl.as_secs();
-        let claims = Claims::new(&kind, id.base(), audience, now, exp).map_err(NodeError::Jwt)?;
+        let mut claims =
+            Claims::new(&kind, id.base(), audience, now, exp).map_err(NodeError::Jwt)?;
+        claims.iss = self.state.jwt_issuer.get().cloned();
         let token = claims.sign(signer).map_err(NodeError::Jwt)?;
         event.decision = Some(Decision::Allow);
         event.reason = format!("issued for the audience {}", audit::untrusted(audience));
