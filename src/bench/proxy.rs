@@ -416,6 +416,7 @@ async fn start_ours(pki: &BenchPki, upstream: SocketAddr) -> Result<ServerThread
         mode: ProxyMode::Http(routes),
         policy: PeerPolicy::any_id(),
         own_id: None,
+        accept: mayfly::proxy::Accept::default(),
     };
     ServerThread::start("bench-proxy", move |stop, ready| async move {
         match mayfly::proxy::start(config, source).await {
