@@ -234,3 +234,63 @@ fn address(flag: &'static str, value: Option<String>) -> Result<SocketAddr, Prox
         .and_then(|mut a| a.next())
         .ok_or(ProxyConfigError::Address(flag, value))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(accept: &[&str], audience: Option<&str>, single_use: bool) -> ProxySettings {
+        ProxySettings {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some("127.0.0.1:1".into()),
+            routes: vec!["GET / a:read".into()],
+            accept: accept.iter().map(|s| (*s).to_owned()).collect(),
+            audience: audience.map(str::to_owned),
+            single_use: Some(single_use),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accept_defaults_to_x509_and_takes_jwt_with_an_audience() {
+        let config = settings(&[], None, false).resolve().unwrap();
+        assert_eq!(config.accept, Accept::default());
+        let config = settings(&["x509,jwt"], Some("aud"), true)
+            .resolve()
+            .unwrap();
+        assert!(config.accept.x509);
+        assert_eq!(
+            config.accept.jwt,
+            Some(BearerPolicy {
+                audience: "aud".into(),
+                single_use: true
+            })
+        );
+        let config = settings(&["jwt"], Some("aud"), false).resolve().unwrap();
+        assert!(!config.accept.x509);
+    }
+
+    #[test]
+    fn bearer_settings_without_their_counterpart_are_refused_in_one_sentence() {
+        let e = settings(&["jwt"], None, false).resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::NoAudience), "{e}");
+        assert!(
+            e.to_string().contains("--accept jwt needs --audience"),
+            "{e}"
+        );
+        let e = settings(&["x509"], Some("aud"), false)
+            .resolve()
+            .unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtOnly("audience")), "{e}");
+        let e = settings(&[], None, true).resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtOnly("single-use")), "{e}");
+        let e = settings(&["x509,oidc"], None, false).resolve().unwrap_err();
+        assert!(e.to_string().contains("'oidc' is not a credential"), "{e}");
+        // TCP mode cannot carry a token; its positive control is the same settings with routes.
+        let mut tcp = settings(&["jwt"], Some("aud"), false);
+        tcp.routes.clear();
+        tcp.require_scopes = vec!["a:read".into()];
+        let e = tcp.resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtNeedsHttp), "{e}");
+    }
+}
