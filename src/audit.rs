@@ -58,6 +58,12 @@ pub enum AuditAction {
     /// A task SVID with scopes (`svid.task`).
     #[serde(rename = "svid.task")]
     SvidTask,
+    /// An identity JWT-SVID for an entry and one audience (`jwt.identity`).
+    #[serde(rename = "jwt.identity")]
+    JwtIdentity,
+    /// A task JWT-SVID with scopes and one audience (`jwt.task`).
+    #[serde(rename = "jwt.task")]
+    JwtTask,
     /// A node attested with a join token (`agent.attest`).
     #[serde(rename = "agent.attest")]
     AgentAttest,
@@ -95,9 +101,11 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::SvidIdentity,
         Self::SvidTask,
+        Self::JwtIdentity,
+        Self::JwtTask,
         Self::AgentAttest,
         Self::AgentRenew,
         Self::EntryCreate,
@@ -116,6 +124,8 @@ impl AuditAction {
         match self {
             Self::SvidIdentity => "svid.identity",
             Self::SvidTask => "svid.task",
+            Self::JwtIdentity => "jwt.identity",
+            Self::JwtTask => "jwt.task",
             Self::AgentAttest => "agent.attest",
             Self::AgentRenew => "agent.renew",
             Self::EntryCreate => "entry.create",

@@ -29,6 +29,7 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::files;
 use crate::id::TrustDomain;
+use crate::jwt::JwtSigner;
 use crate::svid::{Bundles, CLOCK_SKEW, Serial};
 
 /// The private key file in a CA directory.
@@ -107,6 +108,8 @@ pub struct Authority {
     not_before_unix: u64,
     /// The CA's name, key identifier and signing key, parsed once for the issuing hot path.
     issuer: Issuer<'static, KeyPair>,
+    /// The JWT-SVID signing key that lives and dies with this CA (see [`Authority::with_jwt`]).
+    jwt: Option<Arc<JwtSigner>>,
 }
 
 impl fmt::Debug for Authority {
@@ -521,6 +524,7 @@ impl Authority {
             not_after_unix,
             not_before_unix,
             issuer,
+            jwt: None,
         }))
     }
 
@@ -608,7 +612,21 @@ impl Authority {
             not_after_unix: not_after,
             not_before_unix: now.saturating_sub(CLOCK_SKEW.as_secs()),
             issuer,
+            jwt: None,
         })
+    }
+
+    /// This CA with `signer` as the JWT-SVID key it signs with while it is active. The server
+    /// pairs each CA of its journal with one JWT key, so JWT keys follow the CA lifecycle.
+    #[must_use]
+    pub fn with_jwt(mut self, signer: JwtSigner) -> Self {
+        self.jwt = Some(Arc::new(signer));
+        self
+    }
+
+    /// The JWT-SVID key paired with this CA, if it has one.
+    pub fn jwt_signer(&self) -> Option<&Arc<JwtSigner>> {
+        self.jwt.as_ref()
     }
 
     /// This CA's certificate.

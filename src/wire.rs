@@ -162,13 +162,22 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// The digest an agent sends of the bundle it holds and the server compares with its own, so
 /// an unchanged bundle is not sent again (entry sync, issue 10): SHA-256 over each DER
-/// certificate's length (8 bytes, big-endian) and bytes, in order.
-pub fn bundle_digest<C: AsRef<[u8]>>(certs: &[C]) -> Vec<u8> {
+/// certificate's length (8 bytes, big-endian) and bytes, in order, then the same over each
+/// JWT key's point after a separator, so a change of either is sent.
+pub fn bundle_digest<C: AsRef<[u8]>, K: AsRef<[u8]>>(certs: &[C], jwt_keys: &[K]) -> Vec<u8> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for cert in certs {
         let der = cert.as_ref();
         ctx.update(&(der.len() as u64).to_be_bytes());
         ctx.update(der);
+    }
+    if !jwt_keys.is_empty() {
+        ctx.update(&u64::MAX.to_be_bytes());
+        for key in jwt_keys {
+            let point = key.as_ref();
+            ctx.update(&(point.len() as u64).to_be_bytes());
+            ctx.update(point);
+        }
     }
     ctx.finish().as_ref().to_vec()
 }

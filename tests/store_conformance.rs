@@ -160,6 +160,7 @@ conformance!(
     // The CA journal (issue 10).
     ca_journal_lifecycle_and_sequence,
     ca_journal_steps_out_of_order_change_nothing,
+    ca_journal_jwt_keys_are_kept_attached_once_and_bump_the_sequence,
     audit_concurrent_appends_form_one_chain,
     audit_appends_given_up_half_way_leave_the_chain_whole,
     audit_round_trip_and_filters,
@@ -831,6 +832,7 @@ fn journal_row(id: &str, instance: &str, state: CaState, not_after: i64) -> CaJo
         not_after,
         der: format!("der of {id}").into_bytes(),
         signed_until: not_after,
+        jwt_public: None,
     }
 }
 
@@ -1012,6 +1014,49 @@ async fn ca_journal_steps_out_of_order_change_nothing(db: Db) {
         fingerprints(&s.list_ca_certs(NOW).await.unwrap()),
         ["aa", "zz"]
     );
+}
+
+/// A CA's JWT key is stored with its row; a row without one (journaled before JWT-SVIDs) gets
+/// one attached exactly once; every key change grows the bundle sequence, even when the CA's
+/// root was published already (several CAs under one upstream root).
+async fn ca_journal_jwt_keys_are_kept_attached_once_and_bump_the_sequence(db: Db) {
+    let s = db.store();
+    let mut with_key = journal_row("aa", "one", CaState::Active, NOW + 100);
+    with_key.jwt_public = Some(vec![4; 65]);
+    insert_ca(s, &with_key).await.unwrap();
+    let without = journal_row("bb", "two", CaState::Active, NOW + 100);
+    insert_ca(s, &without).await.unwrap();
+    let rows = s.list_ca_journal().await.unwrap();
+    assert_eq!(rows[0].jwt_public.as_deref(), Some(&[4u8; 65][..]));
+    assert_eq!(rows[1].jwt_public, None);
+
+    let before = s.bundle_sequence().await.unwrap();
+    let attach = |key: u8| CaChange::AttachJwtKey {
+        ca_id: "bb".into(),
+        jwt_public: vec![key; 65],
+    };
+    assert!(s.apply_ca_change(&attach(5)).await.unwrap());
+    assert_eq!(s.bundle_sequence().await.unwrap(), before + 1);
+    // Once attached, a key is never replaced: the second attach changes nothing.
+    assert!(!s.apply_ca_change(&attach(6)).await.unwrap());
+    assert_eq!(s.bundle_sequence().await.unwrap(), before + 1);
+    let rows = s.list_ca_journal().await.unwrap();
+    assert_eq!(rows[1].jwt_public.as_deref(), Some(&[5u8; 65][..]));
+
+    // A CA under a root already published still changes the bundle through its JWT key.
+    let mut sibling = journal_row("cc", "three", CaState::Active, NOW + 100);
+    sibling.jwt_public = Some(vec![7; 65]);
+    s.apply_ca_change(&CaChange::Insert {
+        record: sibling,
+        roots: vec![CaCertRecord {
+            fingerprint: "aa".into(),
+            der: with_key.der.clone(),
+            not_after: with_key.not_after,
+        }],
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.bundle_sequence().await.unwrap(), before + 2);
 }
 
 // ---------------------------------------------------------------------------------------------

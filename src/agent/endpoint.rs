@@ -149,9 +149,18 @@ pub enum EndpointError {
         "{0} is not an identity of this workload: no registration entry with that SPIFFE ID matches the caller's selectors"
     )]
     NotCallersEntry(String),
-    /// JWT-SVIDs are not issued (yet).
-    #[error("JWT-SVIDs are not supported yet by Mayfly; use X509-SVIDs (FetchX509SVID)")]
-    JwtUnsupported,
+    /// A JWT-SVID request names no audience.
+    #[error("a JWT-SVID needs an audience; name the service that will receive it")]
+    NoAudience,
+    /// A JWT-SVID request names several audiences.
+    #[error("the request names {0} audiences; a Mayfly JWT-SVID is for exactly one, so ask once per audience")]
+    SeveralAudiences(usize),
+    /// A validation request carries no token.
+    #[error("no token to validate; send the JWT-SVID in the `svid` field")]
+    NoToken,
+    /// The token to validate was refused.
+    #[error("the JWT-SVID is not valid: {0}")]
+    InvalidToken(#[source] crate::jwt::JwtError),
     /// The agent is stopping.
     #[error("the agent is shutting down; connect again once it is back")]
     ShuttingDown,
@@ -163,13 +172,17 @@ impl From<EndpointError> for Status {
         use EndpointError as E;
         let message = e.to_string();
         match e {
-            E::MissingHeader | E::BadSpiffeId { .. } => Status::invalid_argument(message),
+            E::MissingHeader
+            | E::BadSpiffeId { .. }
+            | E::NoAudience
+            | E::SeveralAudiences(_)
+            | E::NoToken
+            | E::InvalidToken(_) => Status::invalid_argument(message),
             E::NotAttested(_)
             | E::PeerChanged(_)
             | E::NoEntry { .. }
             | E::NoValidSvid { .. }
             | E::NotCallersEntry(_) => Status::permission_denied(message),
-            E::JwtUnsupported => Status::unimplemented(message),
             E::ShuttingDown => Status::unavailable(message),
             E::SocketDir { .. }
             | E::NotASocket(_)
@@ -259,7 +272,7 @@ pub async fn serve(
     let accept = tokio::spawn(accept_loop(listener, attestor, handoff));
 
     let workload =
-        SpiffeWorkloadApiServer::new(SpiffeWorkloadApi::new(snapshot.clone(), stop.clone()))
+        SpiffeWorkloadApiServer::new(SpiffeWorkloadApi::new(snapshot.clone(), link.clone(), stop.clone()))
             .max_decoding_message_size(MAX_REQUEST);
     let task =
         TaskServer::new(TaskApi::new(snapshot, link, stop)).max_decoding_message_size(MAX_REQUEST);

@@ -40,6 +40,8 @@ pub(super) struct Pass {
     pub skipped: Vec<String>,
     /// The bundle, when it changed (empty otherwise).
     pub bundle: Vec<Vec<u8>>,
+    /// The JWT keys (uncompressed points), sent with the bundle.
+    pub jwt_keys: Vec<Vec<u8>>,
     /// SHA-256 of each CA the server marked tainted (what they signed is re-issued).
     pub tainted: Vec<Vec<u8>>,
     /// Answers received.
@@ -87,6 +89,7 @@ pub(super) async fn fetch(
                 !answer.unchanged
             };
             pass.bundle = answer.bundle;
+            pass.jwt_keys = answer.jwt_keys;
             pass.tainted = answer.tainted_ca_fingerprints;
         } else if answer.revision != pass.revision || answer.full != pass.full {
             return Err(SyncError::Protocol {

@@ -282,6 +282,49 @@ impl ServerLink {
     }
 }
 
+impl ServerLink {
+    /// Asks for an identity JWT-SVID for `entry` and `audience`; retried once on another
+    /// server when the first is lost.
+    ///
+    /// # Errors
+    /// The server's status, passed through.
+    pub async fn issue_identity_jwt(
+        &self,
+        entry: &AgentEntry,
+        audience: &str,
+    ) -> Result<pb::IssueJwtResponse, tonic::Status> {
+        let request = pb::IssueIdentityJwtRequest {
+            entry_id: entry.id.clone(),
+            audience: audience.to_owned(),
+        };
+        self.call_with_failover("an identity JWT-SVID", |mut node| {
+            let request = request.clone();
+            async move { Ok(node.issue_identity_jwt(request).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Asks for a task JWT-SVID for `entry`; the server judges and audits every argument.
+    ///
+    /// # Errors
+    /// The server's status, passed through.
+    pub async fn mint_task_jwt(
+        &self,
+        entry: &AgentEntry,
+        request: pb::IssueTaskJwtRequest,
+    ) -> Result<pb::IssueJwtResponse, tonic::Status> {
+        let request = pb::IssueTaskJwtRequest {
+            entry_id: entry.id.clone(),
+            ..request
+        };
+        self.call_with_failover("a task JWT-SVID", |mut node| {
+            let request = request.clone();
+            async move { Ok(node.issue_task_jwt(request).await?.into_inner()) }
+        })
+        .await
+    }
+}
+
 /// Whether `status` says the server was lost or could not serve, rather than deciding: no
 /// answer at all (the connection failed or broke: `Unavailable`, `Unknown`, `Internal`,
 /// `Cancelled`, `Aborted`, `DeadlineExceeded` from the transport), or the server's own

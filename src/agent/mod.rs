@@ -11,6 +11,7 @@ pub mod endpoint;
 pub(crate) mod entry_pages;
 pub mod identity;
 pub(crate) mod introspection;
+pub mod jwt_cache;
 pub(crate) mod keys;
 pub mod link;
 pub mod state;
@@ -20,6 +21,7 @@ pub mod sync_error;
 pub(crate) mod taint;
 pub(crate) mod task_api;
 pub(crate) mod workload_api;
+pub(crate) mod workload_jwt;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::attestors::Selector;
 use crate::id::{ScopeSet, SpiffeId, TrustDomain};
+use crate::jwt::{JwtBundle, JwtKey};
 use crate::svid::Serial;
 
 /// A registration entry the server says this agent may serve.
@@ -92,6 +93,8 @@ pub struct Snapshot {
     pub trust_domain: TrustDomain,
     /// DER CA certificates of the trust domain.
     pub bundle: Vec<Vec<u8>>,
+    /// The trust domain's JWT-SVID keys.
+    pub jwt_keys: Vec<JwtKey>,
     /// The entries authorized for this agent, in the server's order.
     pub entries: Vec<Arc<AgentEntry>>,
     /// Identity SVIDs by entry ID.
@@ -107,6 +110,7 @@ impl Snapshot {
         Self {
             trust_domain,
             bundle,
+            jwt_keys: Vec::new(),
             entries: Vec::new(),
             svids: HashMap::new(),
             ready: false,
@@ -128,6 +132,16 @@ impl Snapshot {
                     .cloned(),
             })
             .collect()
+    }
+
+    /// The trust domain's JWT bundle.
+    pub fn jwt_bundle(&self) -> JwtBundle {
+        JwtBundle::new(self.trust_domain.clone(), self.jwt_keys.iter().cloned())
+    }
+
+    /// The uncompressed points of the JWT keys, as the bundle digest covers them.
+    pub fn jwt_points(&self) -> Vec<&[u8]> {
+        self.jwt_keys.iter().map(JwtKey::point).collect()
     }
 
     /// The trust domain's bundle as concatenated DER, the Workload API's wire form.

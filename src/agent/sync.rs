@@ -181,7 +181,10 @@ impl Syncer {
         // The digest of the bundle the workloads are served, not of `self.agent.bundle`: a
         // renewal brings the server's newest bundle into the latter, and the server would then
         // never send it to be served.
-        let held = crate::wire::bundle_digest(&self.tx.borrow().bundle);
+        let held = {
+            let served = self.tx.borrow();
+            crate::wire::bundle_digest(&served.bundle, &served.jwt_points())
+        };
         entry_pages::fetch(&self.link, self.revision, held, self.hold_for()).await
     }
 
@@ -195,6 +198,9 @@ impl Syncer {
         if !pass.bundle.is_empty() && pass.bundle != next.bundle {
             self.set_bundle(&pass.bundle)?;
             next.bundle = pass.bundle.clone();
+        }
+        if !pass.bundle.is_empty() {
+            next.jwt_keys = jwt_keys_of(&pass.jwt_keys);
         }
         if !pass.unchanged {
             report(&pass);
@@ -262,6 +268,7 @@ impl Syncer {
         next.ready = true;
         let changed = next.entries != current.entries
             || next.bundle != current.bundle
+            || next.jwt_keys != current.jwt_keys
             || next.svids != current.svids
             || !current.ready;
         if changed {
@@ -336,6 +343,21 @@ impl Syncer {
             .await
             .map_err(|e| SyncError::Identity(e.into()))
     }
+}
+
+/// The JWT keys the server sent; a malformed one is skipped (and logged), so one bad key
+/// cannot stop the others from validating.
+fn jwt_keys_of(points: &[Vec<u8>]) -> Vec<crate::jwt::JwtKey> {
+    points
+        .iter()
+        .filter_map(|p| match crate::jwt::JwtKey::from_point(p) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(error = %e, "the server sent a JWT key that is not a P-256 point; skipped");
+                None
+            }
+        })
+        .collect()
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -17,6 +17,7 @@ use super::state::{AgentEntry, Snapshot, SnapshotRx};
 use super::workload_api::wait_ready;
 use crate::attestors::Selector;
 use crate::id::SpiffeId;
+use crate::proto::node as node_pb;
 use crate::proto::task as pb;
 use crate::wire::REFUSAL_METADATA;
 
@@ -85,7 +86,7 @@ fn choose_entry(
 /// The server's refusal as the workload gets it: the same code, message and refusal kind. The
 /// rest of the status's metadata (the HTTP headers of the server's answer) is left behind, as it
 /// describes that other response, not this one.
-fn relay(status: Status) -> Status {
+pub(super) fn relay(status: Status) -> Status {
     let mut relayed = Status::new(status.code(), status.message());
     if let Some(kind) = status.metadata().get(REFUSAL_METADATA) {
         relayed
@@ -126,6 +127,40 @@ impl pb::task_server::Task for TaskApi {
             bundle: self.snapshot.borrow().bundle_der(),
             serial: minted.serial.to_hex(),
             not_after,
+        }))
+    }
+
+    async fn mint_jwtsvid(
+        &self,
+        request: Request<pb::MintJwtsvidRequest>,
+    ) -> Result<Response<pb::MintJwtsvidResponse>, Status> {
+        let peer = endpoint::caller(&request)?;
+        let ask = request.into_inner();
+        let mut snapshot = self.snapshot.clone();
+        let mut stop = self.stop.clone();
+        let ready = wait_ready(&mut snapshot, &mut stop).await?;
+        let entry = choose_entry(&ready, peer.selectors(), &ask.spiffe_id)?;
+        let minted = self
+            .link
+            .mint_task_jwt(
+                &entry,
+                node_pb::IssueTaskJwtRequest {
+                    entry_id: String::new(),
+                    audience: ask.audience,
+                    task_id: ask.task_id,
+                    scopes: ask.scopes,
+                    ttl_seconds: ask.ttl_seconds,
+                },
+            )
+            .await
+            .map_err(relay)?;
+        // A bearer token is a credential: it goes only to the process that asked, if alive.
+        peer.confirm()?;
+        Ok(Response::new(pb::MintJwtsvidResponse {
+            spiffe_id: minted.spiffe_id,
+            token: minted.token,
+            expires_at: minted.expires_at,
+            jti: minted.jti,
         }))
     }
 }

@@ -17,6 +17,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::endpoint::{self, EndpointError, WorkloadPeer};
+use super::jwt_cache::JwtCache;
+use super::link::ServerLink;
+use super::workload_jwt;
 use super::state::{Identity, Snapshot, SnapshotRx};
 use crate::attestors::Selector;
 use crate::proto::workload as pb;
@@ -26,18 +29,26 @@ pub type UpdateStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>
 
 /// What one stream sends for a snapshot at a moment: the message, and when it must be computed
 /// again even if the snapshot stays the same (the earliest notAfter it relies on).
-type Rendered<M> = Result<(M, Option<SystemTime>), EndpointError>;
+pub(super) type Rendered<M> = Result<(M, Option<SystemTime>), EndpointError>;
 
 /// The `SpiffeWorkloadAPI` service.
 pub struct SpiffeWorkloadApi {
     snapshot: SnapshotRx,
+    link: Arc<ServerLink>,
+    jwt_cache: JwtCache,
     stop: watch::Receiver<bool>,
 }
 
 impl SpiffeWorkloadApi {
-    /// A service answering from `snapshot`; its streams end once `stop` turns true.
-    pub fn new(snapshot: SnapshotRx, stop: watch::Receiver<bool>) -> Self {
-        Self { snapshot, stop }
+    /// A service answering from `snapshot`, asking the server over `link` for JWT-SVIDs; its
+    /// streams end once `stop` turns true.
+    pub fn new(snapshot: SnapshotRx, link: Arc<ServerLink>, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            snapshot,
+            link,
+            jwt_cache: JwtCache::default(),
+            stop,
+        }
     }
 
     /// The caller, and a first rendering once the agent is ready; then the stream of updates.
@@ -141,7 +152,7 @@ async fn sleep_until(at: Option<SystemTime>) {
 }
 
 /// The workload's identities that have a valid SVID at `now`, or why it has none.
-fn served_identities(
+pub(super) fn served_identities(
     snapshot: &Snapshot,
     selectors: &[Selector],
     now: SystemTime,
@@ -246,22 +257,42 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeWorkloadApi {
 
     async fn fetch_jwtsvid(
         &self,
-        _request: Request<pb::JwtsvidRequest>,
+        request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        Err(EndpointError::JwtUnsupported.into())
+        let peer = endpoint::caller(&request)?;
+        let mut snapshot = self.snapshot.clone();
+        let mut stop = self.stop.clone();
+        let ready = wait_ready(&mut snapshot, &mut stop).await?;
+        let answer = workload_jwt::fetch_jwt_svids(
+            &ready,
+            &peer,
+            &self.link,
+            &self.jwt_cache,
+            request.get_ref(),
+        )
+        .await?;
+        Ok(Response::new(answer))
     }
 
     async fn fetch_jwt_bundles(
         &self,
-        _request: Request<pb::JwtBundlesRequest>,
+        request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(EndpointError::JwtUnsupported.into())
+        self.open(&request, workload_jwt::render_jwt_bundles).await
     }
 
     async fn validate_jwtsvid(
         &self,
-        _request: Request<pb::ValidateJwtsvidRequest>,
+        request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        Err(EndpointError::JwtUnsupported.into())
+        // Any attested process may validate a token; it needs no identity of its own.
+        endpoint::caller(&request)?;
+        let mut snapshot = self.snapshot.clone();
+        let mut stop = self.stop.clone();
+        let ready = wait_ready(&mut snapshot, &mut stop).await?;
+        Ok(Response::new(workload_jwt::validate(
+            &ready,
+            request.get_ref(),
+        )?))
     }
 }

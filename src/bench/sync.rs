@@ -159,8 +159,19 @@ async fn run(
         create_entries(deployment, &parent, opts.entries).await?;
     }
 
-    let digest = mayfly::wire::bundle_digest(&deployment.bundle);
     let mut node = reader.node.clone();
+    // The bundle digest covers the JWT keys too: learn them once, as an agent does at its
+    // first sync, so the measured passes are not sent the bundle.
+    let jwt_keys = node
+        .list_entries(node_pb::ListEntriesRequest {
+            incremental: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| AgentBenchError::Stalled(format!("the first list failed: {}", e.message())))?
+        .into_inner()
+        .jwt_keys;
+    let digest = mayfly::wire::bundle_digest(&deployment.bundle, &jwt_keys);
     let (mut pages, mut bytes) = (0, 0);
     let cpu_before = pid_cpu_secs(server_pid);
     let started = Instant::now();

@@ -31,7 +31,7 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at, Unix seconds.
     pub exp: u64,
-    /// A unique token ID (128 random bits, hex).
+    /// A unique token ID (16 bytes, 126 of them random bits, hex; a valid serial number).
     pub jti: String,
     /// The scopes of a task token.
     pub scopes: Option<ScopeSet>,
@@ -70,6 +70,9 @@ impl Claims {
         let mut random = [0u8; 16];
         aws_lc_rs::rand::fill(&mut random)
             .map_err(|_| JwtError::Key("no random token ID could be drawn"))?;
+        // A positive DER integer without a leading zero (126 random bits), so the audit log
+        // can keep the `jti` where it keeps an X509-SVID's serial number.
+        random[0] = (random[0] & 0x3f) | 0x40;
         let (sub, scopes) = match kind {
             TokenKind::Identity => (id.clone(), None),
             TokenKind::Task(scoped) => (scoped.spiffe_id().clone(), Some(scoped.scopes().clone())),

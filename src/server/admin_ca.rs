@@ -80,9 +80,13 @@ impl AdminService {
             Ok(record) => {
                 // The answer's effect shows at once in `bundle show`, not at the next refresh.
                 let state = &self.state;
-                if let Err(e) =
-                    crate::server::refresh_bundle(state.store.as_ref(), &state.td, &state.source)
-                        .await
+                if let Err(e) = crate::server::refresh_bundle(
+                    state.store.as_ref(),
+                    &state.td,
+                    &state.source,
+                    &state.jwt_keys,
+                )
+                .await
                 {
                     tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle after a CA step; the periodic refresh will");
                 }

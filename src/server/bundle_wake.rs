@@ -46,7 +46,7 @@ pub(crate) async fn run(
     wake: BundleWake,
     store: Arc<dyn Store>,
     td: TrustDomain,
-    source: SvidSource,
+    (source, jwt_keys): (SvidSource, super::jwt_keys::PublishedJwtKeys),
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -55,7 +55,7 @@ pub(crate) async fn run(
             () = wake.0.notified() => {}
         }
         tracing::debug!("a client certificate was refused; re-reading the trust bundle");
-        if let Err(e) = super::refresh_bundle(store.as_ref(), &td, &source).await {
+        if let Err(e) = super::refresh_bundle(store.as_ref(), &td, &source, &jwt_keys).await {
             tracing::warn!(error = %crate::wire::error_chain(&e), "could not re-read the trust bundle; keeping the current one");
         }
         tokio::select! {

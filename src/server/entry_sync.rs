@@ -151,7 +151,7 @@ impl Page {
 }
 
 /// One page of the incremental sync of `agent`, whose request is `req` and whose server's
-/// bundle is `bundle`.
+/// bundle is `bundle` (its CA certificates and JWT keys).
 ///
 /// # Errors
 /// [`EntrySyncError::BadPageToken`] for a token this server did not hand out;
@@ -160,7 +160,7 @@ pub(crate) async fn page(
     store: &dyn crate::store::Store,
     agent: &SpiffeId,
     req: &pb::ListEntriesRequest,
-    bundle: Vec<Vec<u8>>,
+    (bundle, jwt_keys): (Vec<Vec<u8>>, Vec<Vec<u8>>),
 ) -> Result<pb::ListEntriesResponse, EntrySyncError> {
     let first = req.page_token.is_empty();
     let mut token = if first {
@@ -188,9 +188,14 @@ pub(crate) async fn page(
         },
         used: PAGE_OVERHEAD,
     };
-    if first && crate::wire::bundle_digest(&bundle) != req.bundle_sha256 {
-        page.used += bundle.iter().map(|c| field_cost(c.len())).sum::<usize>();
+    if first && crate::wire::bundle_digest(&bundle, &jwt_keys) != req.bundle_sha256 {
+        page.used += bundle
+            .iter()
+            .chain(&jwt_keys)
+            .map(|c| field_cost(c.len()))
+            .sum::<usize>();
         page.answer.bundle = bundle;
+        page.answer.jwt_keys = jwt_keys;
     }
     let (parent, upto) = (agent.clone(), token.upto);
     let query = |after: &SyncCursor, limit: u32| SyncQuery {

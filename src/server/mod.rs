@@ -12,6 +12,7 @@ pub mod entry_rules;
 // Entry sync at scale (issue 10): paged, incremental, held `ListEntries`.
 pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
+pub(crate) mod jwt_keys;
 pub(crate) mod node;
 pub(crate) mod policy;
 // CA rotation (issue 10): the journal, the schedule and the operator's steps.
@@ -240,6 +241,8 @@ pub(crate) struct ServerState {
     pub(crate) max_entry_ttl: Duration,
     /// How often verifiers should re-read the bundle: min(ca_ttl / 12, 300 s).
     pub(crate) refresh_hint: Duration,
+    /// The JWT-SVID keys of the trust domain, re-read with the bundle.
+    pub(crate) jwt_keys: jwt_keys::PublishedJwtKeys,
 }
 
 impl ServerState {
@@ -249,6 +252,15 @@ impl ServerState {
             .bundle(&self.td)
             .iter()
             .map(|c| c.to_vec())
+            .collect()
+    }
+
+    /// The trust domain's JWT keys, as uncompressed points (the node API's form).
+    pub(crate) fn jwt_points(&self) -> Vec<Vec<u8>> {
+        self.jwt_keys
+            .get()
+            .iter()
+            .map(|k| k.point().to_vec())
             .collect()
     }
 }
@@ -320,17 +332,19 @@ async fn load_bundle(store: &dyn Store, td: &TrustDomain) -> Result<Bundles, Sto
     Ok(Bundles::from([(td.clone(), certs)]))
 }
 
-/// Re-reads the bundle from the store into `source` (other replicas may have published CAs);
-/// an unchanged bundle is left alone.
+/// Re-reads the bundle from the store into `source`, and the JWT keys into `jwt` (other
+/// replicas may have published CAs); an unchanged bundle is left alone.
 async fn refresh_bundle(
     store: &dyn Store,
     td: &TrustDomain,
     source: &SvidSource,
+    jwt: &jwt_keys::PublishedJwtKeys,
 ) -> Result<(), ServerError> {
     let bundles = load_bundle(store, td).await?;
     if bundles.get(td).map(Vec::as_slice) != Some(source.bundle(td).as_slice()) {
         source.set_bundles(bundles)?;
     }
+    jwt.refresh(store, unix_secs(SystemTime::now())).await?;
     Ok(())
 }
 
@@ -397,6 +411,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (chain, key, _) = issue_server_svid(&cas.current(), &config.trust_domain, server_ttl)?;
     let source = SvidSource::from_parts(chain, &key, bundles)?;
     let tls_config = node_tls_config(&source, agent_policy(&config.trust_domain))?;
+    let jwt_keys = jwt_keys::PublishedJwtKeys::default();
+    jwt_keys
+        .refresh(store.as_ref(), unix_secs(SystemTime::now()))
+        .await?;
 
     let state = Arc::new(ServerState {
         td: config.trust_domain.clone(),
@@ -411,6 +429,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         entry_watch: entry_watch::EntryWatch::new(store.clone()),
         max_entry_ttl: config.max_entry_ttl(),
         refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
+        jwt_keys: jwt_keys.clone(),
     });
 
     let listener = TcpListener::bind(config.bind)
@@ -438,7 +457,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         refused.clone(),
         store.clone(),
         config.trust_domain.clone(),
-        source.clone(),
+        (source.clone(), jwt_keys.clone()),
         shutdown.subscribe(),
     )));
     tasks.push(tokio::spawn(entry_watch::run(
@@ -488,6 +507,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             store,
             td,
             source,
+            jwt_keys,
             rotation,
             server_ttl,
         };
@@ -508,6 +528,7 @@ struct Maintained {
     store: Arc<dyn Store>,
     td: TrustDomain,
     source: SvidSource,
+    jwt_keys: jwt_keys::PublishedJwtKeys,
     rotation: Arc<rotation::Rotation>,
     server_ttl: Duration,
 }
@@ -537,7 +558,7 @@ impl Maintained {
                     ),
                 );
             }
-            if let Err(e) = refresh_bundle(self.store.as_ref(), &self.td, &self.source).await {
+            if let Err(e) = refresh_bundle(self.store.as_ref(), &self.td, &self.source, &self.jwt_keys).await {
                 tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle; keeping the current one");
             }
             let current = cas.current();

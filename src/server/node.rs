@@ -24,6 +24,8 @@ use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
 use crate::wire::unix_secs;
 
+mod jwt;
+
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
 /// The largest CSR a request may carry before it is refused unread.
@@ -51,6 +53,12 @@ enum NodeError {
     /// An incremental entry sync failed.
     #[error(transparent)]
     Sync(#[from] EntrySyncError),
+    /// The signing CA has no JWT key (its key file was lost); the next CA will.
+    #[error("this server cannot sign JWT-SVIDs until its next CA rotation (its JWT key is missing); use another server or run `mayfly ca prepare` and `mayfly ca activate`")]
+    NoJwtKey,
+    /// A JWT-SVID could not be signed.
+    #[error("signing the JWT-SVID failed")]
+    Jwt(#[source] crate::jwt::JwtError),
 }
 
 impl NodeError {
@@ -72,6 +80,8 @@ impl NodeError {
                 Status::invalid_argument(message)
             }
             Self::Sign(_)
+            | Self::NoJwtKey
+            | Self::Jwt(_)
             | Self::Sync(EntrySyncError::Store(_))
             | Self::Store(_)
             | Self::Audit(_) => {
@@ -318,6 +328,11 @@ impl NodeService {
         Ok(entry.clone())
     }
 
+    /// The bundle and the JWT keys, as entry sync sends them.
+    fn published(&self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        (self.bundle(), self.state.jwt_points())
+    }
+
     fn bundle(&self) -> Vec<Vec<u8>> {
         self.state.bundle_der()
     }
@@ -341,7 +356,7 @@ impl NodeService {
         // Every page names the tainted CAs, and a held call ends when that set changes, so the
         // agent re-issues what a newly tainted CA signed within one standing re-check.
         let tainted = self.state.rotation.tainted();
-        let mut answer = entry_sync::page(store, id, req, self.bundle()).await?;
+        let mut answer = entry_sync::page(store, id, req, self.published()).await?;
         answer.tainted_ca_fingerprints.clone_from(&tainted);
         let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
         if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
@@ -365,7 +380,7 @@ impl NodeService {
                     self.authorize_agent(peer, None).await?;
                 }
             }
-            answer = entry_sync::page(store, id, req, self.bundle()).await?;
+            answer = entry_sync::page(store, id, req, self.published()).await?;
             answer.tainted_ca_fingerprints = self.state.rotation.tainted();
             if !answer.unchanged
                 || !answer.bundle.is_empty()
@@ -553,6 +568,7 @@ impl pb::node_server::Node for NodeService {
                     revision,
                     unchanged: true,
                     bundle: self.bundle(),
+                    jwt_keys: self.state.jwt_points(),
                     tainted_ca_fingerprints: self.state.rotation.tainted(),
                     ..Default::default()
                 });
@@ -566,6 +582,7 @@ impl pb::node_server::Node for NodeService {
                 revision,
                 entries: entries.into_iter().map(entry_message).collect(),
                 bundle: self.bundle(),
+                jwt_keys: self.state.jwt_points(),
                 tainted_ca_fingerprints: self.state.rotation.tainted(),
                 ..Default::default()
             })
@@ -602,6 +619,20 @@ impl pb::node_server::Node for NodeService {
         }
         .await;
         self.answer(event, result).await
+    }
+
+    async fn issue_identity_jwt(
+        &self,
+        request: Request<pb::IssueIdentityJwtRequest>,
+    ) -> Result<Response<pb::IssueJwtResponse>, Status> {
+        self.identity_jwt(request).await
+    }
+
+    async fn issue_task_jwt(
+        &self,
+        request: Request<pb::IssueTaskJwtRequest>,
+    ) -> Result<Response<pb::IssueJwtResponse>, Status> {
+        self.task_jwt(request).await
     }
 
     async fn issue_task(

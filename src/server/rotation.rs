@@ -18,11 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject as _;
 use tokio::sync::Notify;
 
 use crate::ca::{Authority, CaError, CaSet, UpstreamCa};
 use crate::files::{self, FileError};
 use crate::id::TrustDomain;
+use crate::jwt::{JwtError, JwtSigner};
 use crate::store::{CaCertRecord, CaChange, CaJournalRecord, CaState, Store, StoreError};
 use crate::wire::unix_secs;
 
@@ -42,6 +45,9 @@ pub enum RotationError {
     /// A CA could not be created or loaded.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// A JWT signing key could not be made.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
     /// A key or instance ID file could not be written.
     #[error(transparent)]
     File(#[from] FileError),
@@ -124,11 +130,11 @@ impl Journal {
                 .find(|r| r.instance_id == self.instance_id && r.state == state && !r.revoked)
         };
         let active = match mine(CaState::Active) {
-            Some(row) => self.load_row(row)?,
+            Some(row) => self.load_row(row).await?,
             None => None,
         };
         let mut next = match mine(CaState::Prepared) {
-            Some(row) => self.load_row(row)?,
+            Some(row) => self.load_row(row).await?,
             None => None,
         };
         // An unusable prepared CA would block the next one: forget it (its key file stays).
@@ -166,22 +172,67 @@ impl Journal {
     }
 
     /// The CA of a journal row, if its key file is there and it can still sign.
-    fn load_row(&self, row: &CaJournalRecord) -> Result<Option<Arc<Authority>>, RotationError> {
+    async fn load_row(
+        &self,
+        row: &CaJournalRecord,
+    ) -> Result<Option<Arc<Authority>>, RotationError> {
         let key_path = self.key_dir.join(format!("{}.key", row.ca_id));
         if !key_path.exists() {
             tracing::warn!(ca_id = %row.ca_id, path = %key_path.display(), "the key of a journaled CA is missing; replacing that CA");
             return Ok(None);
         }
         let loaded = Authority::resume(&self.td, &row.der, &key_path, self.upstream.as_ref())?;
-        if loaded.is_none() {
+        let Some(ca) = loaded else {
             tracing::warn!(ca_id = %row.ca_id, "a journaled CA can no longer sign (expired, or another trust domain or upstream CA); replacing it");
-        }
-        Ok(loaded.map(Arc::new))
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(self.pair_jwt_key(row, ca).await?)))
     }
 
-    /// Writes the key file, then journals `ca` as prepared and publishes its roots.
+    /// `ca` with the JWT key of its journal row. A CA journaled before JWT-SVIDs existed gets
+    /// a new key now, published at once; a CA whose key file is lost signs no JWT-SVIDs (the
+    /// next rotation brings a CA with a key).
+    async fn pair_jwt_key(
+        &self,
+        row: &CaJournalRecord,
+        ca: Authority,
+    ) -> Result<Authority, RotationError> {
+        let file = jwt_key_file(&row.ca_id);
+        let Some(public) = &row.jwt_public else {
+            let (signer, pkcs8) = JwtSigner::generate()?;
+            write_jwt_key(&self.key_dir, &file, &pkcs8)?;
+            self.store
+                .apply_ca_change(&CaChange::AttachJwtKey {
+                    ca_id: row.ca_id.clone(),
+                    jwt_public: signer.public().point().to_vec(),
+                })
+                .await?;
+            tracing::info!(ca_id = %row.ca_id, kid = signer.kid(), "gave a CA journaled before JWT-SVIDs its JWT signing key");
+            return Ok(ca.with_jwt(signer));
+        };
+        let path = self.key_dir.join(&file);
+        let signer = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| PrivatePkcs8KeyDer::from_pem_slice(&pem).ok())
+            .and_then(|der| JwtSigner::from_pkcs8(der.secret_pkcs8_der()).ok())
+            .filter(|s| s.public().point() == public.as_slice());
+        match signer {
+            Some(signer) => Ok(ca.with_jwt(signer)),
+            None => {
+                tracing::warn!(ca_id = %row.ca_id, path = %path.display(), "the JWT key of a journaled CA is missing or does not match its published key; this CA signs no JWT-SVIDs until the next rotation");
+                Ok(ca)
+            }
+        }
+    }
+
+    /// Writes the key files, then journals `ca` as prepared and publishes its roots and the
+    /// public half of its new JWT key.
     async fn install(&self, ca: Authority) -> Result<Arc<Authority>, RotationError> {
         let id = ca.id();
+        let (jwt, pkcs8) = JwtSigner::generate()?;
+        write_jwt_key(&self.key_dir, &jwt_key_file(&id), &pkcs8)?;
+        let jwt_public = Some(jwt.public().point().to_vec());
+        let ca = ca.with_jwt(jwt);
         files::write_atomically(
             &self.key_dir,
             &format!("{id}.key"),
@@ -219,6 +270,7 @@ impl Journal {
             not_after,
             der: ca.certificate().to_vec(),
             signed_until: not_after,
+            jwt_public,
         };
         self.store
             .apply_ca_change(&CaChange::Insert { record, roots })
@@ -245,6 +297,18 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// The file name of the JWT key paired with CA `ca_id`.
+fn jwt_key_file(ca_id: &str) -> String {
+    format!("{ca_id}.jwt.key")
+}
+
+/// Writes a JWT key as PKCS#8 PEM, mode 0600, atomically.
+fn write_jwt_key(dir: &Path, name: &str, pkcs8: &[u8]) -> Result<(), RotationError> {
+    let pem = crate::bundle::pem_block("PRIVATE KEY", pkcs8);
+    files::write_atomically(dir, name, pem.as_bytes(), 0o600)?;
+    Ok(())
 }
 
 /// The fingerprints of the tainted CAs among `rows`.

@@ -71,6 +71,8 @@ pub struct CaJournalRecord {
     /// No SVID it signed lives past this Unix second (an upper bound: its notAfter while it
     /// may sign, then the time it stopped signing plus the longest SVID TTL).
     pub signed_until: i64,
+    /// The public half of its JWT signing key (an uncompressed P-256 point), if it has one.
+    pub jwt_public: Option<Vec<u8>>,
 }
 
 /// One step of the journal, applied atomically with the bundle changes it implies.
@@ -103,6 +105,13 @@ pub enum CaChange {
         /// The CA.
         ca_id: String,
     },
+    /// Gives a CA journaled before JWT-SVIDs existed its JWT key (published at once).
+    AttachJwtKey {
+        /// The CA.
+        ca_id: String,
+        /// The key's uncompressed P-256 point.
+        jwt_public: Vec<u8>,
+    },
     /// Forgets a CA that does not sign (old, or prepared but unusable) and removes it from the
     /// bundle.
     Drop {
@@ -113,10 +122,10 @@ pub enum CaChange {
 
 /// Every column, in [`JournalRow`]'s order.
 pub(crate) const SELECT_ALL: &str = "SELECT ca_id, instance_id, state, tainted, revoked, upstream, \
-     not_before, not_after, der, signed_until FROM ca_journal ORDER BY not_before, ca_id";
+     not_before, not_after, der, signed_until, jwt_public FROM ca_journal ORDER BY not_before, ca_id";
 pub(crate) const INSERT: &str = "INSERT INTO ca_journal (ca_id, instance_id, state, tainted, \
-     revoked, upstream, not_before, not_after, der, signed_until) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+     revoked, upstream, not_before, not_after, der, signed_until, jwt_public) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 /// An upstream root is published once per CA under it: it stays as long as the longest-lived.
 pub(crate) const PUBLISH: &str = "INSERT INTO ca_certs (fingerprint, der, not_after) \
      VALUES ($1, $2, $3) ON CONFLICT (fingerprint) DO UPDATE SET not_after = excluded.not_after \
@@ -131,6 +140,8 @@ pub(crate) const TAINT: &str =
     "UPDATE ca_journal SET tainted = TRUE WHERE ca_id = $1 AND NOT tainted";
 pub(crate) const REVOKE: &str = "UPDATE ca_journal SET revoked = TRUE, state = 'old' \
      WHERE ca_id = $1 AND tainted AND NOT revoked AND state <> 'active'";
+pub(crate) const ATTACH_JWT: &str =
+    "UPDATE ca_journal SET jwt_public = $2 WHERE ca_id = $1 AND jwt_public IS NULL";
 pub(crate) const DROP: &str = "DELETE FROM ca_journal WHERE ca_id = $1 AND state <> 'active'";
 pub(crate) const UNPUBLISH: &str = "DELETE FROM ca_certs WHERE fingerprint = $1";
 pub(crate) const BUMP: &str = "UPDATE bundle_sequence SET seq = seq + 1 WHERE id = 1";
@@ -149,6 +160,7 @@ pub(crate) struct JournalRow {
     not_after: i64,
     der: Vec<u8>,
     signed_until: i64,
+    jwt_public: Option<Vec<u8>>,
 }
 
 impl TryFrom<JournalRow> for CaJournalRecord {
@@ -166,6 +178,7 @@ impl TryFrom<JournalRow> for CaJournalRecord {
             not_after: row.not_after,
             der: row.der,
             signed_until: row.signed_until,
+            jwt_public: row.jwt_public,
         })
     }
 }
@@ -189,6 +202,7 @@ macro_rules! apply_ca_change {
                     .bind(record.not_after)
                     .bind(&record.der)
                     .bind(record.signed_until)
+                    .bind(record.jwt_public.as_deref())
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| {
@@ -210,7 +224,18 @@ macro_rules! apply_ca_change {
                         .await?
                         .rows_affected();
                 }
-                (true, added > 0)
+                // A new JWT key changes the bundle even when the CA's root was published
+                // already (an upstream root shared by several CAs).
+                (true, added > 0 || record.jwt_public.is_some())
+            }
+            j::CaChange::AttachJwtKey { ca_id, jwt_public } => {
+                let done = sqlx::query(j::ATTACH_JWT)
+                    .bind(ca_id)
+                    .bind(jwt_public)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                (done == 1, done == 1)
             }
             j::CaChange::Activate {
                 instance_id,
