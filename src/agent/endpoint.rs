@@ -153,7 +153,9 @@ pub enum EndpointError {
     #[error("a JWT-SVID needs an audience; name the service that will receive it")]
     NoAudience,
     /// A JWT-SVID request names several audiences.
-    #[error("the request names {0} audiences; a Mayfly JWT-SVID is for exactly one, so ask once per audience")]
+    #[error(
+        "the request names {0} audiences; a Mayfly JWT-SVID is for exactly one, so ask once per audience"
+    )]
     SeveralAudiences(usize),
     /// A validation request carries no token.
     #[error("no token to validate; send the JWT-SVID in the `svid` field")]
@@ -271,9 +273,12 @@ pub async fn serve(
     let (handoff, attested) = mpsc::channel(HANDOFF_QUEUE);
     let accept = tokio::spawn(accept_loop(listener, attestor, handoff));
 
-    let workload =
-        SpiffeWorkloadApiServer::new(SpiffeWorkloadApi::new(snapshot.clone(), link.clone(), stop.clone()))
-            .max_decoding_message_size(MAX_REQUEST);
+    let workload = SpiffeWorkloadApiServer::new(SpiffeWorkloadApi::new(
+        snapshot.clone(),
+        link.clone(),
+        stop.clone(),
+    ))
+    .max_decoding_message_size(MAX_REQUEST);
     let task =
         TaskServer::new(TaskApi::new(snapshot, link, stop)).max_decoding_message_size(MAX_REQUEST);
     let result = tonic::transport::Server::builder()

@@ -143,9 +143,22 @@ mod tests {
         let cache = JwtCache::default();
         let t0 = SystemTime::now();
         cache.put("e", "api", jwt("one", t0, 300));
-        assert_eq!(cache.get("e", "api", t0 + Duration::from_secs(149)).unwrap().token, "one");
-        assert!(cache.get("e", "other", t0).is_none(), "another audience is another token");
-        assert!(cache.get("e", "api", t0 + Duration::from_secs(150)).is_none());
+        assert_eq!(
+            cache
+                .get("e", "api", t0 + Duration::from_secs(149))
+                .unwrap()
+                .token,
+            "one"
+        );
+        assert!(
+            cache.get("e", "other", t0).is_none(),
+            "another audience is another token"
+        );
+        assert!(
+            cache
+                .get("e", "api", t0 + Duration::from_secs(150))
+                .is_none()
+        );
         assert!(cache.is_empty(), "a stale token is dropped when found");
     }
 
@@ -155,10 +168,16 @@ mod tests {
         let t0 = SystemTime::now();
         cache.put("a", "x", jwt("a", t0, 300));
         cache.put("b", "x", jwt("b", t0, 300));
-        assert!(cache.get("a", "x", t0).is_some(), "a is now the more recent");
+        assert!(
+            cache.get("a", "x", t0).is_some(),
+            "a is now the more recent"
+        );
         cache.put("c", "x", jwt("c", t0, 300));
         assert_eq!(cache.len(), 2);
-        assert!(cache.get("b", "x", t0).is_none(), "b was the least recently used");
+        assert!(
+            cache.get("b", "x", t0).is_none(),
+            "b was the least recently used"
+        );
         assert!(cache.get("a", "x", t0).is_some());
         assert!(cache.get("c", "x", t0).is_some());
     }

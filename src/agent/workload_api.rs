@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status};
 use super::endpoint::{self, EndpointError, WorkloadPeer};
 use super::jwt_cache::JwtCache;
 use super::link::ServerLink;
-use super::workload_jwt;
 use super::state::{Identity, Snapshot, SnapshotRx};
+use super::workload_jwt;
 use crate::attestors::Selector;
 use crate::proto::workload as pb;
 

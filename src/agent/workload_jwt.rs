@@ -200,7 +200,10 @@ mod tests {
     fn exactly_one_non_empty_audience_is_accepted() {
         assert_eq!(one_audience(&["api".into()]).unwrap(), "api");
         assert!(matches!(one_audience(&[]), Err(EndpointError::NoAudience)));
-        assert!(matches!(one_audience(&[String::new()]), Err(EndpointError::NoAudience)));
+        assert!(matches!(
+            one_audience(&[String::new()]),
+            Err(EndpointError::NoAudience)
+        ));
         assert!(matches!(
             one_audience(&["a".into(), "b".into()]),
             Err(EndpointError::SeveralAudiences(2))
@@ -210,12 +213,19 @@ mod tests {
     #[test]
     fn claims_become_a_protobuf_struct_of_the_same_shape() {
         let claims = serde_json::json!({"sub": "spiffe://t/a", "aud": ["x"], "exp": 5, "n": null});
-        let serde_json::Value::Object(map) = claims else { unreachable!() };
+        let serde_json::Value::Object(map) = claims else {
+            unreachable!()
+        };
         let s = to_struct(map);
         use prost_types::value::Kind;
-        assert_eq!(s.fields["sub"].kind, Some(Kind::StringValue("spiffe://t/a".into())));
+        assert_eq!(
+            s.fields["sub"].kind,
+            Some(Kind::StringValue("spiffe://t/a".into()))
+        );
         assert_eq!(s.fields["exp"].kind, Some(Kind::NumberValue(5.0)));
-        let Some(Kind::ListValue(aud)) = &s.fields["aud"].kind else { panic!() };
+        let Some(Kind::ListValue(aud)) = &s.fields["aud"].kind else {
+            panic!()
+        };
         assert_eq!(aud.values.len(), 1);
     }
 }

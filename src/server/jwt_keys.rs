@@ -17,7 +17,10 @@ pub(crate) struct PublishedJwtKeys(Arc<RwLock<Arc<Vec<JwtKey>>>>);
 impl PublishedJwtKeys {
     /// The keys now, ordered by `kid`.
     pub(crate) fn get(&self) -> Arc<Vec<JwtKey>> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The keys as the JWT bundle of `td`.

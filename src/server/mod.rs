@@ -558,7 +558,9 @@ impl Maintained {
                     ),
                 );
             }
-            if let Err(e) = refresh_bundle(self.store.as_ref(), &self.td, &self.source, &self.jwt_keys).await {
+            if let Err(e) =
+                refresh_bundle(self.store.as_ref(), &self.td, &self.source, &self.jwt_keys).await
+            {
                 tracing::warn!(error = %crate::wire::error_chain(&e), "could not refresh the trust bundle; keeping the current one");
             }
             let current = cas.current();

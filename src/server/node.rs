@@ -54,7 +54,9 @@ enum NodeError {
     #[error(transparent)]
     Sync(#[from] EntrySyncError),
     /// The signing CA has no JWT key (its key file was lost); the next CA will.
-    #[error("this server cannot sign JWT-SVIDs until its next CA rotation (its JWT key is missing); use another server or run `mayfly ca prepare` and `mayfly ca activate`")]
+    #[error(
+        "this server cannot sign JWT-SVIDs until its next CA rotation (its JWT key is missing); use another server or run `mayfly ca prepare` and `mayfly ca activate`"
+    )]
     NoJwtKey,
     /// A JWT-SVID could not be signed.
     #[error("signing the JWT-SVID failed")]

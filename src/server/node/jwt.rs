@@ -44,7 +44,10 @@ pub(crate) fn check_audience(audience: &str) -> Result<(), Refusal> {
             audience.len()
         )));
     }
-    if audience.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if audience
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(Refusal::Invalid(format!(
             "the audience '{}' holds spaces or control characters; use a name or URL without them",
             audit::untrusted(audience)
