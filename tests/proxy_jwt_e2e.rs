@@ -430,3 +430,74 @@ fn bearer_settings_that_cannot_work_are_refused_in_one_sentence() {
     );
     ok.kill();
 }
+
+/// The `kid` in a token's header.
+fn kid_of(token: &str) -> String {
+    use base64::Engine as _;
+    let header = token.split('.').next().unwrap();
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_proxy_accepts_tokens_of_the_next_ca_key_after_a_rotation() {
+    // 36 s CAs: the next one (with its JWT key) is published at 18 s and signs from 30 s.
+    let mut cluster = Cluster::start_with(common::cluster::FAST_ROTATION);
+    cluster.start_agent();
+    cluster.create_entry(
+        PROXY_ID,
+        &[
+            "--selector",
+            "unix:uid:0",
+            "--dns",
+            "localhost",
+            "--ttl",
+            "6s",
+        ],
+    );
+    cluster.create_entry(
+        BOT_ID,
+        &["--selector", "unix:uid:0", "--scope", READ, "--ttl", "6s"],
+    );
+    let upstream = echo_upstream().await;
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy-rotation",
+        upstream,
+        &["--accept", "jwt", "--audience", AUDIENCE],
+    );
+    let (first, _) = mint_jwt(&cluster, &[READ], AUDIENCE, 0).await;
+    let ok = curl(&cluster, proxy.port, "/customers", &["-H", &bearer(&first)]);
+    assert_eq!(ok.status, "200", "{ok:?}\n{}", proxy.log());
+    let old_kid = kid_of(&first);
+    let deadline = Instant::now() + Duration::from_secs(75);
+    let next = loop {
+        let (token, _) = mint_jwt(&cluster, &[READ], AUDIENCE, 0).await;
+        if kid_of(&token) != old_kid {
+            break token;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token signed by a new key within 75 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The proxy, started before the rotation, holds the new key already: it was published
+    // with the prepared CA, before that CA signed anything.
+    let rotated = curl(&cluster, proxy.port, "/customers", &["-H", &bearer(&next)]);
+    assert_eq!(rotated.status, "200", "{rotated:?}\n{}", proxy.log());
+    // A token signed by nobody the bundle names is still refused by the same proxy.
+    let mut forged = next.clone();
+    forged.truncate(forged.rfind('.').unwrap());
+    forged.push_str(".AAAA");
+    let refused = curl(
+        &cluster,
+        proxy.port,
+        "/customers",
+        &["-H", &bearer(&forged)],
+    );
+    assert_eq!(refused.status, "401", "{refused:?}");
+}
