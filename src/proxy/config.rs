@@ -293,4 +293,27 @@ mod tests {
         let e = tcp.resolve().unwrap_err();
         assert!(matches!(e, ProxyConfigError::JwtNeedsHttp), "{e}");
     }
+
+    #[test]
+    fn the_toml_keys_accept_audience_and_single_use_are_read() {
+        let file: ProxySettings = toml::from_str(
+            r#"listen = "127.0.0.1:0"
+upstream = "127.0.0.1:1"
+routes = ["GET / a:read"]
+accept = ["x509", "jwt"]
+audience = "aud"
+single_use = true
+"#,
+        )
+        .unwrap();
+        let config = file.resolve().unwrap();
+        assert!(config.accept.x509);
+        assert_eq!(
+            config.accept.jwt,
+            Some(BearerPolicy {
+                audience: "aud".into(),
+                single_use: true
+            })
+        );
+    }
 }
