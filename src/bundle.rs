@@ -135,7 +135,8 @@ pub fn pem_block(label: &str, der: &[u8]) -> String {
 
 #[derive(Serialize)]
 struct SpiffeBundle {
-    keys: Vec<jwk::Jwk>,
+    /// X.509 authorities (`use: x509-svid`), then JWT authorities (`use: jwt-svid`).
+    keys: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     spiffe_sequence: Option<u64>,
     spiffe_refresh_hint: u64,
@@ -181,10 +182,27 @@ pub fn to_spiffe_json_with(
     certs: &[Vec<u8>],
     info: SpiffeBundleInfo,
 ) -> Result<String, BundleError> {
-    let keys = certs
-        .iter()
-        .map(|der| jwk::Jwk::of_certificate(der))
-        .collect::<Result<Vec<_>, _>>()?;
+    to_spiffe_json_with_jwt(certs, &[], info)
+}
+
+/// The whole SPIFFE bundle document: the certificates as in [`to_spiffe_json_with`], then
+/// each JWT-SVID key with its `kid` and `use: jwt-svid`.
+///
+/// # Errors
+/// [`BundleError`] when a certificate does not parse or holds a key a JWK cannot carry.
+pub fn to_spiffe_json_with_jwt(
+    certs: &[Vec<u8>],
+    jwt_keys: &[crate::jwt::JwtKey],
+    info: SpiffeBundleInfo,
+) -> Result<String, BundleError> {
+    let encode = |e: serde_json::Error| BundleError::Encode(crate::svid::Cause::new(e));
+    let mut keys = Vec::with_capacity(certs.len() + jwt_keys.len());
+    for der in certs {
+        keys.push(serde_json::to_value(jwk::Jwk::of_certificate(der)?).map_err(encode)?);
+    }
+    for key in jwt_keys {
+        keys.push(serde_json::to_value(key.to_jwk()).map_err(encode)?);
+    }
     let doc = SpiffeBundle {
         keys,
         spiffe_sequence: info.sequence,

@@ -182,6 +182,9 @@ struct BenchTaskArgs {
     /// Rotate the server's CA (prepare, then activate) this often during the run, e.g. 2s.
     #[arg(long)]
     rotate_every: Option<String>,
+    /// Also measure task JWT-SVIDs (MintJWTSVID), each level right after its X.509 twin.
+    #[arg(long)]
+    jwt: bool,
 }
 
 #[derive(Args)]
@@ -370,6 +373,11 @@ async fn bench_task(args: BenchTaskArgs, out: Printer) -> Result<()> {
             .as_deref()
             .map(mayfly::duration::parse)
             .transpose()?,
+        kinds: if args.jwt {
+            vec![bench::task::MintKind::X509, bench::task::MintKind::Jwt]
+        } else {
+            vec![bench::task::MintKind::X509]
+        },
         ..Default::default()
     };
     let report = bench::task::task_benchmark(options).await?;

@@ -13,7 +13,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_mayfly");
 #[ignore = "a benchmark: run it in release mode on purpose"]
 fn bench_task_runs_server_and_agent_as_processes() {
     let out = Command::new(BIN)
-        .args(["--output", "json", "bench", "task", "--duration", "2s"])
+        .args([
+            "--output",
+            "json",
+            "bench",
+            "task",
+            "--duration",
+            "2s",
+            "--jwt",
+        ])
         .output()
         .expect("run mayfly bench task");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -29,6 +37,17 @@ fn bench_task_runs_server_and_agent_as_processes() {
             assert_eq!(level["errors"], 0, "{level}");
             assert!(level["minted"].as_u64().unwrap() > 0, "{level}");
         }
+    }
+    // Task JWTs are measured beside their X.509 twins, and their ratio is reported.
+    for run in runs {
+        let kinds: Vec<&str> = run["levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["x509", "jwt", "x509", "jwt"], "{run}");
+        assert!(run["jwt_to_x509_p50"].as_f64().unwrap() > 0.0, "{run}");
     }
     // Each process's CPU is reported in the process layout, and only there.
     let split = &runs[0]["levels"][0]["by_process"];

@@ -82,3 +82,68 @@ fn py_spiffe_fetches_its_x509_svid_and_bundles() {
     );
     assert!(stdout.contains(&format!("x509-source {ID}\n")), "{stdout}");
 }
+
+/// The JWT half through py-spiffe: FetchJWTSVID, FetchJWTBundles (parsed by py-spiffe's JWKS
+/// reader and used to verify the token locally on PyJWT), ValidateJWTSVID (the wrong audience
+/// refused), a JwtSource, and a task JWT minted by `mayfly svid mint --jwt` verified locally
+/// (tests/py/fetch_jwt.py).
+#[test]
+fn py_spiffe_fetches_and_validates_jwt_svids_and_bundles() {
+    let Some(python) = python() else { return };
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    cluster.create_entry(
+        ID,
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--scope",
+            "db:read",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let task_token = loop {
+        let out = cluster.mayfly(&[
+            "svid",
+            "mint",
+            "--jwt",
+            "--audience",
+            "db-api",
+            "--task",
+            "py-1",
+            "--scope",
+            "db:read",
+        ]);
+        if out.status.success() {
+            break text(&out.stdout).trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never minted: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/fetch_jwt.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args([ID, TRUST_DOMAIN, &task_token, "db-api"])
+        .env("SPIFFE_ENDPOINT_SOCKET", cluster.endpoint())
+        .output()
+        .expect("run python");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for line in [
+        format!("jwt-svid {ID}\n"),
+        format!("jwt-bundle {TRUST_DOMAIN} 1\n"),
+        format!("jwt-verified-locally {ID}\n"),
+        format!("jwt-validated-by-agent {ID}\n"),
+        "jwt-wrong-audience-refused ".to_owned(),
+        format!("task-jwt {ID}/scope/db.read scope=db:read\n"),
+        format!("jwt-source {TRUST_DOMAIN}\n"),
+    ] {
+        assert!(stdout.contains(&line), "{line:?} missing from:\n{stdout}");
+    }
+}

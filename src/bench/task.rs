@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mayfly::ca::Authority;
 use mayfly::id::{ScopedId, TrustDomain, parse_scopes};
-use mayfly::proto::task::MintX509svidRequest;
+use mayfly::proto::task::{MintJwtsvidRequest, MintX509svidRequest};
 use mayfly::server;
 use mayfly::svid::{self, KeyAndCsr, LeafSpec, SvidError};
 use mayfly::workload_client as wc;
@@ -58,7 +58,24 @@ pub struct TaskBenchOptions {
     pub exe: Option<PathBuf>,
     /// Rotate the server's CA (prepare, then activate) this often while the levels run.
     pub rotate_every: Option<Duration>,
+    /// What each level mints, one measurement per kind in this order (default: X.509 only).
+    /// With both, each level measures them back to back on the same deployment, so their
+    /// ratio is taken on the same machine in the same minute.
+    pub kinds: Vec<MintKind>,
 }
+
+/// What a level mints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MintKind {
+    /// `MintX509SVID`: an agent key and CSR, a certificate signed by the server.
+    X509,
+    /// `MintJWTSVID`: no key and no CSR; a token signed by the server.
+    Jwt,
+}
+
+/// The audience of the benchmark's task JWTs.
+const JWT_AUDIENCE: &str = "bench-api";
 
 impl Default for TaskBenchOptions {
     fn default() -> Self {
@@ -70,6 +87,7 @@ impl Default for TaskBenchOptions {
             layouts: vec![Layout::Processes, Layout::InProcess],
             exe: None,
             rotate_every: None,
+            kinds: vec![MintKind::X509],
         }
     }
 }
@@ -88,6 +106,8 @@ pub struct CpuPerProcess {
 /// One in-flight level of the task benchmark.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskLevel {
+    /// What was minted.
+    pub kind: MintKind,
     /// Requests in flight on the one connection.
     pub in_flight: usize,
     /// Task SVIDs answered OK within the timed window.
@@ -126,6 +146,9 @@ pub struct TaskRun {
     pub audit_chain_ok: bool,
     /// CA rotations (prepare + activate) completed while the levels ran.
     pub ca_rotations: u64,
+    /// Task JWT p50 over task X509-SVID p50 at 1 in flight, when both were measured (the
+    /// issue's goal: at most 0.6).
+    pub jwt_to_x509_p50: Option<f64>,
     /// The goal at 1 in flight: p50 ≤ 750 µs; `None` when 1 was not measured.
     pub goal_p50_met: Option<bool>,
     /// The goal at 1 in flight: p99 ≤ 2.5 ms.
@@ -203,9 +226,13 @@ fn write_run(
         )?;
     }
     for level in &run.levels {
+        let kind = match level.kind {
+            MintKind::X509 => "x509",
+            MintKind::Jwt => "jwt ",
+        };
         writeln!(
             f,
-            "  {:>3} in flight: {:.0} SVIDs/s ({} in {secs:.1}s); {}",
+            "  {kind} {:>3} in flight: {:.0} SVIDs/s ({} in {secs:.1}s); {}",
             level.in_flight, level.per_sec, level.minted, level.latency
         )?;
         if let (Some(cpu), Some(busy)) = (level.cpu_us_per_svid, level.cpu_busy) {
@@ -231,7 +258,17 @@ fn write_run(
             Some(e) => writeln!(f, "                  errors: {} (first: {e})", level.errors)?,
         }
     }
-    if let Some(one) = run.levels.iter().find(|l| l.in_flight == 1)
+    if let Some(ratio) = run.jwt_to_x509_p50 {
+        writeln!(
+            f,
+            "  task JWT p50 / task X509-SVID p50 at 1 in flight: {ratio:.2} (goal <= 0.60: {})",
+            met(ratio <= 0.6)
+        )?;
+    }
+    if let Some(one) = run
+        .levels
+        .iter()
+        .find(|l| l.in_flight == 1 && l.kind == MintKind::X509)
         && reference_us > 0.0
     {
         writeln!(
@@ -281,6 +318,11 @@ pub async fn task_benchmark(opts: TaskBenchOptions) -> Result<TaskBenchReport, A
     if opts.layouts.is_empty() {
         return Err(invalid("at least one layout must be measured"));
     }
+    if opts.kinds.is_empty() {
+        return Err(invalid(
+            "at least one kind of task credential must be measured",
+        ));
+    }
     let mut runs = Vec::with_capacity(opts.layouts.len());
     for &layout in &opts.layouts {
         runs.push(run_layout(layout, &opts).await?);
@@ -318,10 +360,23 @@ async fn run_layout(layout: Layout, opts: &TaskBenchOptions) -> Result<TaskRun, 
     .await;
     deployment.stop().await;
     let (levels, (audit_records, audit_chain_ok), ca_rotations) = result?;
-    let one = levels.iter().find(|l| l.in_flight == 1);
+    let p50_at_one = |kind| {
+        levels
+            .iter()
+            .find(|l| l.in_flight == 1 && l.kind == kind)
+            .map(|l| l.latency.p50_us)
+    };
+    let jwt_to_x509_p50 = p50_at_one(MintKind::Jwt)
+        .zip(p50_at_one(MintKind::X509))
+        .filter(|(_, x)| *x > 0.0)
+        .map(|(j, x)| j / x);
+    let one = levels
+        .iter()
+        .find(|l| l.in_flight == 1 && l.kind == opts.kinds[0]);
     Ok(TaskRun {
         layout,
         threads,
+        jwt_to_x509_p50,
         goal_p50_met: one.map(|l| l.latency.p50_us <= TASK_GOAL_P50_US),
         goal_p99_met: one.map(|l| l.latency.p99_us <= TASK_GOAL_P99_US),
         levels,
@@ -360,8 +415,12 @@ async fn run_levels(
     let api = wc::task_api(channel);
     let expected =
         ScopedId::new(deployment.entry_spiffe_id.clone(), parse_scopes(&[SCOPE])?)?.to_string();
-    let mut levels = Vec::with_capacity(opts.in_flight.len());
-    for (index, &in_flight) in opts.in_flight.iter().enumerate() {
+    let mut levels = Vec::with_capacity(opts.in_flight.len() * opts.kinds.len());
+    let runs = opts
+        .in_flight
+        .iter()
+        .flat_map(|&n| opts.kinds.iter().map(move |&k| (n, k)));
+    for (index, (in_flight, kind)) in runs.enumerate() {
         let start = Instant::now();
         let window = (start + opts.warmup, start + opts.warmup + opts.duration);
         let stop = Arc::new(AtomicBool::new(false));
@@ -369,6 +428,7 @@ async fn run_levels(
         for worker in 0..in_flight {
             tasks.spawn(mint_loop(
                 api.clone(),
+                kind,
                 format!("bench-{index}-{worker}"),
                 expected.clone(),
                 window,
@@ -378,7 +438,7 @@ async fn run_levels(
         let (tally, from, until) =
             timed(window, &stop, &mut tasks, || CpuSample::take(pids)).await?;
         levels.push(level(
-            in_flight,
+            (kind, in_flight),
             tally,
             (from, until),
             opts.duration,
@@ -390,7 +450,7 @@ async fn run_levels(
 
 /// One level's figures from what its load counted and the CPU samples around its window.
 fn level(
-    in_flight: usize,
+    (kind, in_flight): (MintKind, usize),
     tally: Tally,
     (from, until): (CpuSample, CpuSample),
     duration: Duration,
@@ -417,6 +477,7 @@ fn level(
         _ => None,
     };
     TaskLevel {
+        kind,
         in_flight,
         minted: tally.ok,
         per_sec: tally.ok as f64 / secs,
@@ -429,9 +490,10 @@ fn level(
     }
 }
 
-/// Keeps one MintX509SVID in flight until `stop`.
+/// Keeps one MintX509SVID (or MintJWTSVID) in flight until `stop`.
 async fn mint_loop(
     mut api: wc::TaskApi,
+    kind: MintKind,
     task_prefix: String,
     expected_id: String,
     window: (Instant, Instant),
@@ -441,13 +503,33 @@ async fn mint_loop(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
+        let task_id = format!("{task_prefix}-{n}");
+        let sent = Instant::now();
+        if kind == MintKind::Jwt {
+            let answer = api.mint_jwtsvid(jwt_request(task_id)).await;
+            let done = Instant::now();
+            let problem = match answer {
+                Ok(response) => {
+                    let jwt = response.into_inner();
+                    (jwt.spiffe_id != expected_id || jwt.token.is_empty()).then(|| {
+                        format!(
+                            "the agent answered {} ({} token bytes); expected {expected_id}",
+                            jwt.spiffe_id,
+                            jwt.token.len()
+                        )
+                    })
+                }
+                Err(status) => Some(status_text(&status)),
+            };
+            tally.record(problem, done, done.duration_since(sent), window);
+            continue;
+        }
         let request = MintX509svidRequest {
-            task_id: format!("{task_prefix}-{n}"),
+            task_id,
             scopes: vec![SCOPE.to_owned()],
             ttl_seconds: TTL_SECS,
             spiffe_id: String::new(),
         };
-        let sent = Instant::now();
         let answer = api.mint_x509svid(request).await;
         let done = Instant::now();
         let problem = match answer {
@@ -472,6 +554,16 @@ async fn mint_loop(
         tally.record(problem, done, done.duration_since(sent), window);
     }
     tally
+}
+
+fn jwt_request(task_id: String) -> MintJwtsvidRequest {
+    MintJwtsvidRequest {
+        task_id,
+        scopes: vec![SCOPE.to_owned()],
+        ttl_seconds: TTL_SECS,
+        spiffe_id: String::new(),
+        audience: JWT_AUDIENCE.to_owned(),
+    }
 }
 
 /// The reference: an agent's key and CSR ([`KeyAndCsr::generate`]), then the server's CSR

@@ -112,8 +112,10 @@ pub enum AgentAdminCommand {
 pub enum BundleFormat {
     /// PEM certificates.
     Pem,
-    /// A SPIFFE bundle (JWKS).
+    /// A SPIFFE bundle (JWKS of the X.509 and JWT authorities).
     Spiffe,
+    /// The JWT-SVID keys alone, as a JWKS (for verifiers outside SPIFFE).
+    Jwks,
 }
 
 /// `mayfly bundle`.
@@ -317,6 +319,12 @@ pub async fn bundle(admin: &mut Admin, cmd: BundleCommand, out: Printer) -> Resu
         .await
         .map_err(refused)?
         .into_inner();
+    let jwt_keys = bundle
+        .jwt_keys
+        .iter()
+        .map(|point| mayfly::jwt::JwtKey::from_point(point))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("the server sent an unusable JWT key: {e}"))?;
     match format {
         BundleFormat::Pem => out.raw(&mayfly::bundle::to_pem(&bundle.certificates)),
         BundleFormat::Spiffe => {
@@ -324,10 +332,17 @@ pub async fn bundle(admin: &mut Admin, cmd: BundleCommand, out: Printer) -> Resu
                 sequence: Some(bundle.sequence),
                 refresh_hint_secs: u64::from(bundle.refresh_hint_seconds),
             };
-            out.line(mayfly::bundle::to_spiffe_json_with(
+            out.line(mayfly::bundle::to_spiffe_json_with_jwt(
                 &bundle.certificates,
+                &jwt_keys,
                 info,
             )?)
+        }
+        BundleFormat::Jwks => {
+            let td = mayfly::id::TrustDomain::new(&bundle.trust_domain)
+                .map_err(|e| anyhow!("the server named an unusable trust domain: {e}"))?;
+            let jwks = mayfly::jwt::JwtBundle::new(td, jwt_keys).to_jwks_json();
+            out.line(String::from_utf8_lossy(&jwks))
         }
     }
 }

@@ -8,3 +8,4 @@ pub mod run;
 pub mod table;
 pub mod time;
 pub mod workload;
+pub mod workload_jwt;

@@ -24,13 +24,48 @@ pub struct WorkloadArgs {
     write: Option<PathBuf>,
 }
 
+/// `--jwt --audience A`: a JWT-SVID instead of an X509-SVID.
+#[derive(Args)]
+pub struct JwtArgs {
+    /// A JWT-SVID (printed alone on one line) instead of an X509-SVID.
+    #[arg(long, requires = "audience")]
+    jwt: bool,
+    /// The one audience of the JWT-SVID (the service that will receive it).
+    #[arg(long, requires = "jwt")]
+    audience: Option<String>,
+}
+
 /// `mayfly svid`.
 #[derive(Subcommand)]
 pub enum SvidCommand {
-    /// This workload's identity SVID, from the SPIFFE Workload API.
-    Fetch(WorkloadArgs),
-    /// A task SVID with exactly the given scopes, from the task API.
+    /// This workload's identity SVID, from the SPIFFE Workload API (with --jwt: its identity
+    /// JWT-SVID for --audience).
+    Fetch {
+        #[command(flatten)]
+        jwt: JwtArgs,
+        /// Which of this workload's identities (JWT only) [default: the first that matches].
+        #[arg(long, requires = "jwt")]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    },
+    /// Asks the agent whether a JWT-SVID is valid for an audience, and prints its claims.
+    Validate {
+        /// The token, or - to read it from stdin (keeps it out of the process list).
+        #[arg(long = "jwt", value_name = "TOKEN")]
+        token: String,
+        /// The audience it must be for.
+        #[arg(long)]
+        audience: String,
+        /// The agent's socket, unix:///path [default: SPIFFE_ENDPOINT_SOCKET, else .mayfly/agent.sock].
+        #[arg(long)]
+        socket: Option<String>,
+    },
+    /// A task SVID with exactly the given scopes, from the task API (with --jwt: a task
+    /// JWT-SVID for --audience, printed alone on one line).
     Mint {
+        #[command(flatten)]
+        jwt: JwtArgs,
         /// The task this SVID is for (1-128 of A-Z a-z 0-9 . _ : -), recorded in the audit log.
         #[arg(long)]
         task: String,
@@ -58,16 +93,33 @@ struct SvidView<'a> {
     written_to: Option<&'a Path>,
 }
 
-/// `svid fetch|mint`.
+/// `svid fetch|mint|validate`.
 pub async fn svid(cmd: SvidCommand, out: Printer) -> Result<()> {
     let default_socket = PathBuf::from(mayfly::agent::defaults::SOCKET);
     let (workload, svid) = match cmd {
-        SvidCommand::Fetch(workload) => {
+        SvidCommand::Fetch {
+            jwt,
+            spiffe_id,
+            workload,
+        } => {
             let path = wc::socket_path(workload.socket.as_deref(), &default_socket)?;
+            if let Some(audience) = jwt.audience.filter(|_| jwt.jwt) {
+                no_write_for_jwt(&workload)?;
+                return super::workload_jwt::fetch(&path, audience, spiffe_id, out).await;
+            }
             let svid = wc::fetch_x509(wc::connect(&path).await?).await?;
             (workload, svid)
         }
+        SvidCommand::Validate {
+            token,
+            audience,
+            socket,
+        } => {
+            let path = wc::socket_path(socket.as_deref(), &default_socket)?;
+            return super::workload_jwt::validate(&path, token, audience, out).await;
+        }
         SvidCommand::Mint {
+            jwt,
             task,
             scopes,
             ttl,
@@ -81,6 +133,17 @@ pub async fn svid(cmd: SvidCommand, out: Printer) -> Result<()> {
                 None => 0,
             };
             let path = wc::socket_path(workload.socket.as_deref(), &default_socket)?;
+            if let Some(audience) = jwt.audience.filter(|_| jwt.jwt) {
+                no_write_for_jwt(&workload)?;
+                let request = mayfly::proto::task::MintJwtsvidRequest {
+                    task_id: task,
+                    scopes,
+                    ttl_seconds,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    audience,
+                };
+                return super::workload_jwt::mint(&path, request, out).await;
+            }
             let request = mayfly::proto::task::MintX509svidRequest {
                 task_id: task,
                 scopes,
@@ -119,4 +182,14 @@ pub async fn svid(cmd: SvidCommand, out: Printer) -> Result<()> {
         }
         None => out.raw(&mayfly::bundle::to_pem(&svid.chain)),
     }
+}
+
+/// `--write` saves certificate files; a JWT-SVID is printed instead.
+fn no_write_for_jwt(workload: &WorkloadArgs) -> Result<()> {
+    if workload.write.is_some() {
+        anyhow::bail!(
+            "--write saves X509-SVID files; a JWT-SVID is printed on stdout, so redirect it instead"
+        );
+    }
+    Ok(())
 }

@@ -424,6 +424,7 @@ impl pb::admin_server::Admin for AdminService {
                 sequence: u64::try_from(sequence).unwrap_or(0),
                 refresh_hint_seconds: u32::try_from(self.state.refresh_hint.as_secs())
                     .unwrap_or(u32::MAX),
+                jwt_keys: self.state.jwt_points(),
             })
         }
         .await;
