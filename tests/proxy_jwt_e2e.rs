@@ -221,7 +221,7 @@ fn bearer(token: &str) -> String {
 /// The echo upstream's body for a forwarded request from the bot (`credential`: the
 /// `x-mayfly-jti` or `x-mayfly-serial` line).
 fn echoed(method_path: &str, scopes: &str, credential: &str) -> String {
-    let mut lines = vec![
+    let mut lines = [
         credential.to_owned(),
         format!("x-mayfly-scopes: {scopes}"),
         format!("x-mayfly-spiffe-id: {BOT_ID}"),
