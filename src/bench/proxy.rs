@@ -1,5 +1,8 @@
 //! The proxy benchmark behind `mayfly bench proxy`: `mayfly proxy` against nginx, side by
-//! side, enforcing mTLS in front of the same upstream.
+//! side, enforcing mTLS in front of the same upstream; and, in the same run, our proxy with
+//! `--accept jwt` (target `ours-jwt`: the load generator presents no certificate and sends
+//! `Authorization: Bearer <task JWT-SVID>` on every request) against `--accept x509`, plus the
+//! per-core rate of `jwt::validate` against raw ES256 verification ([`super::jwt`]).
 //!
 //! Setup, all on this machine, generated at run time:
 //!
