@@ -598,3 +598,25 @@ async fn curl_sends_a_bearer_token_over_tls_without_a_certificate() {
         assert!(refused.contains("no bearer token"), "{refused}");
     }
 }
+
+#[tokio::test]
+async fn a_remembered_token_is_refused_on_its_connection_once_it_expires() {
+    let f = fixture(false, false).await;
+    let t = now();
+    let short = token(&f.signer, "a.read", AUDIENCE, t - 5, t + 2);
+    let mut c = Client::connect(&f, None).await.unwrap();
+    // Accepted, then remembered by the connection: the second use skips the signature check.
+    assert_eq!(c.bearer("GET", "/read", &short).await.status, 200);
+    assert_eq!(c.bearer("GET", "/read", &short).await.status, 200);
+    while now() < t + 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_401(&c.bearer("GET", "/read", &short).await, "expired");
+    // The connection itself is fine: a live token passes.
+    assert_eq!(
+        c.bearer("GET", "/read", &valid(&f.signer, "a.read"))
+            .await
+            .status,
+        200
+    );
+}

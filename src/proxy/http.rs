@@ -75,7 +75,7 @@ impl Principal {
         let serial = peer.serial.to_hex();
         Self::new(
             peer.id.clone(),
-            ("x-mayfly-serial", serial.clone()),
+            Some(("x-mayfly-serial", serial.clone())),
             serial,
             None,
         )
@@ -85,10 +85,11 @@ impl Principal {
     /// of the serial (a token has no serial; the `jti` is what names it in the agent's and the
     /// server's logs).
     pub(crate) fn from_token(token: &crate::jwt::Validated) -> Self {
-        let jti = token.jti.clone().unwrap_or_default();
+        // A token without a `jti` gets no `x-mayfly-jti` rather than an empty one.
+        let jti = token.jti.clone().map(|jti| ("x-mayfly-jti", jti));
         Self::new(
             token.subject.clone(),
-            ("x-mayfly-jti", jti),
+            jti,
             "-".to_owned(),
             token.jti.clone(),
         )
@@ -96,7 +97,7 @@ impl Principal {
 
     fn new(
         id: ScopedId,
-        credential: (&'static str, String),
+        credential: Option<(&'static str, String)>,
         serial: String,
         jti: Option<String>,
     ) -> Self {
@@ -109,9 +110,13 @@ impl Principal {
         let values = [
             ("x-mayfly-spiffe-id", id.base().as_str()),
             ("x-mayfly-scopes", scopes.as_str()),
-            (credential.0, credential.1.as_str()),
         ]
         .into_iter()
+        .chain(
+            credential
+                .as_ref()
+                .map(|(name, value)| (*name, value.as_str())),
+        )
         .filter_map(|(name, value)| {
             let value = HeaderValue::from_str(value).ok()?;
             Some((HeaderName::from_static(name), value))
