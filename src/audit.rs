@@ -97,11 +97,14 @@ pub enum AuditAction {
     /// An operator revoked a CA (`ca.revoke`).
     #[serde(rename = "ca.revoke")]
     CaRevoke,
+    /// An operator changed an entry (`entry.update`).
+    #[serde(rename = "entry.update")]
+    EntryUpdate,
 }
 
 impl AuditAction {
     /// Every action, in declaration order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::SvidIdentity,
         Self::SvidTask,
         Self::JwtIdentity,
@@ -117,6 +120,7 @@ impl AuditAction {
         Self::CaActivate,
         Self::CaTaint,
         Self::CaRevoke,
+        Self::EntryUpdate,
     ];
 
     /// The stored and wire name, e.g. `svid.task`.
@@ -130,6 +134,7 @@ impl AuditAction {
             Self::AgentRenew => "agent.renew",
             Self::EntryCreate => "entry.create",
             Self::EntryDelete => "entry.delete",
+            Self::EntryUpdate => "entry.update",
             Self::TokenCreate => "token.create",
             Self::AgentBan => "agent.ban",
             Self::AgentEvict => "agent.evict",

@@ -649,6 +649,7 @@ async fn register_worker(
             scopes: vec![SCOPE.into()],
             ttl_seconds: TTL_SECS,
             dns_names: Vec::new(),
+            ..Default::default()
         })
         .await
         .map_err(admin_err("create an entry"))?

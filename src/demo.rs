@@ -161,6 +161,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
                 scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                 ttl_seconds: 300,
                 dns_names: dns.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
             })
             .await
             .map_err(admin_err("register an entry"))?;

@@ -13,8 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use cli::admin::{AgentAdminCommand, AuditCommand, BundleCommand, EntryCommand, TokenCommand};
+use cli::admin::{AgentAdminCommand, AuditCommand, BundleCommand, TokenCommand};
 use cli::ca::CaCommand;
+use cli::entry::EntryCommand;
 use cli::output::{Format, Printer, is_closed};
 use cli::run::{AgentRunArgs, ProxyArgs, ServerRunArgs};
 use cli::workload::SvidCommand;
@@ -280,7 +281,7 @@ async fn run(cli: Cli) -> Result<()> {
             cli::admin::token(&mut admin(&cli.admin_socket).await?, cmd, out).await
         }
         Command::Entry(cmd) => {
-            cli::admin::entry(&mut admin(&cli.admin_socket).await?, cmd, out).await
+            cli::entry::entry(&mut admin(&cli.admin_socket).await?, cmd, out).await
         }
         Command::Agent(AgentCommand::Admin(cmd)) => {
             cli::admin::agent(&mut admin(&cli.admin_socket).await?, cmd, out).await

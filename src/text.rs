@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 /// Whether `c` must not reach a terminal as it is: C0 and C1 controls, DEL, and the Unicode
 /// format characters that reorder or hide text (bidirectional overrides and isolates, zero-width
 /// characters, the byte-order mark), which can make a line read other than it is.
-fn needs_escape(c: char) -> bool {
+pub(crate) fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

@@ -54,11 +54,13 @@ pub enum RefusalKind {
     Invalid,
     /// The join token is unknown, spent or expired.
     TokenRefused,
+    /// Too many refused attempts from this source (or, later, mints past a limit): wait.
+    RateLimited,
 }
 
 impl RefusalKind {
     /// Every kind, in declaration order (for tests and documentation).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::NotAuthenticated,
         Self::NotAnAgent,
         Self::UnknownAgent,
@@ -70,6 +72,7 @@ impl RefusalKind {
         Self::TtlAboveCeiling,
         Self::Invalid,
         Self::TokenRefused,
+        Self::RateLimited,
     ];
 
     /// The name sent on the wire as the value of [`REFUSAL_METADATA`].
@@ -86,6 +89,7 @@ impl RefusalKind {
             Self::TtlAboveCeiling => "ttl-above-ceiling",
             Self::Invalid => "invalid",
             Self::TokenRefused => "token-refused",
+            Self::RateLimited => "rate-limited",
         }
     }
 

@@ -164,6 +164,9 @@ pub struct WorkloadSvid {
     pub key_pkcs8: Vec<u8>,
     /// DER CA certificates.
     pub bundle: Vec<Vec<u8>>,
+    /// The entry's hint, telling the workload's identities apart (empty: none, and always
+    /// empty for a task SVID).
+    pub hint: String,
 }
 
 impl WorkloadSvid {
@@ -202,6 +205,7 @@ pub async fn fetch_x509(channel: Channel) -> Result<WorkloadSvid, WorkloadClient
         chain: split_der(&svid.x509_svid),
         key_pkcs8: svid.x509_svid_key,
         bundle: split_der(&svid.bundle),
+        hint: svid.hint,
     })
 }
 
@@ -223,6 +227,7 @@ pub async fn mint_x509(
         chain: split_der(&answer.x509_svid),
         key_pkcs8: answer.x509_svid_key,
         bundle: split_der(&answer.bundle),
+        hint: String::new(),
     })
 }
 

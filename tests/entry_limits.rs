@@ -14,7 +14,8 @@ use mayfly::id::MAX_SPIFFE_ID_LEN;
 use mayfly::proto::admin as admin_pb;
 use mayfly::proto::node as node_pb;
 use mayfly::server::entry_rules::{
-    LEAF_BYTES_WITHOUT_DNS, MAX_ENTRY_DNS_NAMES, MAX_ENTRY_SCOPES, MAX_ENTRY_SELECTORS, MIN_TTL,
+    LEAF_BYTES_WITHOUT_DNS, MAX_ENTRY_DNS_NAMES, MAX_ENTRY_SCOPES, MAX_ENTRY_SELECTORS,
+    MAX_HINT_CHARS, MIN_TTL,
 };
 use mayfly::svid::MAX_LEAF_LEN;
 use mayfly::wire::MAX_NODE_MESSAGE;
@@ -168,6 +169,9 @@ async fn an_entry_at_every_cap_is_stored_synced_and_issued_and_one_over_any_cap_
         r.scopes = all_scopes.clone();
         r.dns_names = dns_names(MAX_ENTRY_DNS_NAMES);
         r.selectors = selectors(MAX_ENTRY_SELECTORS);
+        // The longest hint in bytes: every character 4 bytes of UTF-8.
+        r.hint = "\u{1d11e}".repeat(MAX_HINT_CHARS);
+        r.jwt_ttl_seconds = 3600;
         r
     };
 
@@ -187,6 +191,9 @@ async fn an_entry_at_every_cap_is_stored_synced_and_issued_and_one_over_any_cap_
         &format!("at most {MAX_ENTRY_DNS_NAMES} DNS names"),
     )
     .await;
+    let mut r = at_caps();
+    r.hint.push('a');
+    refused(&server, r, &format!("at most {MAX_HINT_CHARS} characters")).await;
     let mut r = at_caps();
     r.selectors = selectors(MAX_ENTRY_SELECTORS + 1);
     refused(
@@ -212,6 +219,7 @@ async fn an_entry_at_every_cap_is_stored_synced_and_issued_and_one_over_any_cap_
     assert_eq!(entry.scopes.len(), MAX_ENTRY_SCOPES);
     assert_eq!(entry.dns_names.len(), MAX_ENTRY_DNS_NAMES);
     assert_eq!(entry.selectors.len(), MAX_ENTRY_SELECTORS);
+    assert_eq!(entry.hint.chars().count(), MAX_HINT_CHARS);
 
     // ...synced to its agent (the agent's client decodes at most MAX_NODE_MESSAGE), taking at
     // most half the message, so it syncs beside the bundle and other entries...

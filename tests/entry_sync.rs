@@ -60,6 +60,7 @@ async fn create_many(cluster: &Cluster, parent: &str, prefix: &str, n: usize) ->
                 ],
                 ttl_seconds: TTL_SECS,
                 dns_names: Vec::new(),
+                ..Default::default()
             };
             async move { admin.create_entry(request).await }
         })

@@ -459,3 +459,109 @@ fn a_ca_from_before_jwt_svids_gets_its_key_at_the_next_start_and_keeps_it() {
     };
     assert_eq!(vec![kid_of(&token)], attached);
 }
+
+/// The `spiffe` crate (rust-spiffe), unchanged: fetches the identity JWT-SVID and the JWT
+/// bundles, verifies the token offline with its own verifier (jsonwebtoken on aws-lc-rs), has
+/// the agent validate it, and is refused for another audience.
+#[test]
+fn the_spiffe_crate_fetches_verifies_and_validates_jwt_svids() {
+    let cluster = serving_cluster();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(cluster.endpoint())
+            .await
+            .unwrap();
+        let svid = client.fetch_jwt_svid(["ledger"], None).await.unwrap();
+        assert_eq!(
+            svid.spiffe_id().to_string(),
+            "spiffe://mayfly.local/agents/reader"
+        );
+        let bundles = client.fetch_jwt_bundles().await.unwrap();
+        let verified =
+            spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["ledger"]).unwrap();
+        assert_eq!(verified.spiffe_id(), svid.spiffe_id());
+        assert!(
+            spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other"]).is_err(),
+            "the crate's own check refuses another audience"
+        );
+        let validated = client
+            .validate_jwt_token("ledger", svid.token())
+            .await
+            .unwrap();
+        assert_eq!(validated.spiffe_id(), svid.spiffe_id());
+        assert!(
+            client
+                .validate_jwt_token("other", svid.token())
+                .await
+                .is_err()
+        );
+    });
+}
+
+/// An entry's `--jwt-ttl` sets its identity tokens' lifetime and its `--hint` comes with them.
+#[test]
+fn an_entrys_jwt_ttl_and_hint_shape_its_identity_tokens() {
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    cluster.create_entry(
+        "spiffe://mayfly.local/agents/brief",
+        &[
+            "--selector",
+            &format!("unix:uid:{uid}"),
+            "--jwt-ttl",
+            "90s",
+            "--hint",
+            "billing",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let token = loop {
+        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "api"]);
+        if out.status.success() {
+            break stdout(&out).trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let valid: serde_json::Value = serde_json::from_str(&cluster.ok(&[
+        "svid",
+        "validate",
+        "--jwt",
+        &token,
+        "--audience",
+        "api",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let claims = &valid["claims"];
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        90
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async {
+        let channel = mayfly::workload_client::connect(&cluster.socket())
+            .await
+            .unwrap();
+        mayfly::workload_client::workload_api(channel)
+            .fetch_jwtsvid(mayfly::proto::workload::JwtsvidRequest {
+                audience: vec!["api".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(answer.svids.len(), 1);
+    assert_eq!(answer.svids[0].hint, "billing");
+    assert_eq!(answer.svids[0].svid, token, "the cached token");
+}

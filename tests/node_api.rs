@@ -981,7 +981,16 @@ async fn reused_join_token_is_refused() {
 }
 
 async fn concurrent_attestations_with_one_token(engine: Engine) {
-    let Some(server) = TestServer::on(engine).await else {
+    // 50 attempts from one address: above the default bound on refused attestations per
+    // source, which this test is not about (a_flood_of_bad_attestations_... is).
+    let generous = |c: &mut mayfly::server::ServerConfig| {
+        c.attest_limits = mayfly::server::attest_gate::AttestLimits {
+            burst: 100,
+            audited_each: 100,
+            ..Default::default()
+        };
+    };
+    let Some(server) = TestServer::start_with(engine, generous).await else {
         return;
     };
     let token = server.join_token().await;
@@ -1583,6 +1592,98 @@ async fn admin_refuses_bad_entries_and_stores_nothing() {
         records.iter().any(|r| r.action == "entry.create"
             && r.decision == "allow"
             && r.entry_id == created.id)
+    );
+    server.stop().await;
+}
+
+/// A flood of bad attestations from one source (issue 12): past the source's burst, attempts
+/// are answered ResourceExhausted without reading their evidence, and the audit log gets the
+/// first few refusals one by one and then one summary per interval, not a row per attempt.
+#[tokio::test]
+async fn a_flood_of_bad_attestations_from_one_source_is_throttled_and_summarised() {
+    // One refill a second, so that a slow (debug, loaded) run of the flood is still mostly
+    // throttled; the default is 5 a second.
+    let server = TestServer::start_with(Engine::Sqlite, |c| {
+        c.attest_limits.interval = Duration::from_secs(2);
+        c.attest_limits.rate_per_sec = 1.0;
+    })
+    .await
+    .expect("sqlite");
+    let mark = server.audit_mark().await;
+    let mut node = server.node_client(None).await;
+    let mut csr = KeyAndCsr::generate().unwrap().csr;
+    let (mut refused, mut throttled) = (0, 0);
+    for i in 0..1000u32 {
+        let token = format!("{:064x}", u64::from(i) + 0xdead_0000);
+        let answer = node
+            .attest(node_pb::AttestRequest {
+                attestor: "join_token".into(),
+                evidence: token.into_bytes(),
+                csr: std::mem::take(&mut csr),
+            })
+            .await;
+        csr = KeyAndCsr::generate().unwrap().csr;
+        match answer {
+            Ok(_) => panic!("a made-up token attested"),
+            // The positive control: the first attempts are judged (the token is unknown).
+            Err(s) if s.code() == Code::PermissionDenied => refused += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert_eq!(RefusalKind::of(&s), Some(RefusalKind::RateLimited), "{s:?}");
+                assert!(
+                    s.message().contains("too many refused attestations"),
+                    "{s:?}"
+                );
+                throttled += 1;
+            }
+            Err(s) => panic!("unexpected status {s:?}"),
+        }
+    }
+    assert!(refused >= 20, "the burst is judged: {refused}");
+    assert!(
+        throttled >= 950,
+        "at least 95% throttled: {throttled} of 1000"
+    );
+
+    // Every attempt is accounted for in the audit log, in few rows: per interval, the first
+    // ten refusals one by one and one summary of the rest (the count of each summary is read
+    // back from its reason).
+    let summed = |records: &[admin_pb::AuditRecord]| -> (usize, u64, u64) {
+        let mut individual = 0;
+        let (mut more, mut throttled_sum) = (0u64, 0u64);
+        for r in records {
+            if let Some(rest) = r
+                .reason
+                .split_once(" more attestations from 127.0.0.1 refused and ")
+            {
+                more += rest.0.parse::<u64>().unwrap();
+                throttled_sum += rest.1.split(' ').next().unwrap().parse::<u64>().unwrap();
+            } else {
+                assert!(r.reason.contains("join token is unknown"), "{r:#?}");
+                individual += 1;
+            }
+        }
+        (individual, more, throttled_sum)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let records = loop {
+        let records = server.audit_after(mark).await;
+        let (individual, more, throttled_sum) = summed(&records);
+        if individual as u64 + more + throttled_sum == 1000 {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all attempts accounted for: {records:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (individual, _, throttled_sum) = summed(&records);
+    let summaries = records.len() - individual;
+    assert_eq!(throttled_sum, throttled as u64);
+    assert!(individual <= 10 * summaries, "{records:#?}");
+    println!(
+        "1000 bad attestations: {refused} judged, {throttled} throttled; {} audit rows ({individual} one by one, {summaries} summaries)",
+        records.len()
     );
     server.stop().await;
 }

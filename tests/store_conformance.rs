@@ -175,6 +175,9 @@ conformance!(
     deletions_leave_tombstones_until_pruned,
     entry_revisions_commit_in_order_under_concurrent_writers,
     an_unreadable_row_is_named_and_the_others_still_sync,
+    // Entry updates, hint and JWT TTL (issue 11).
+    an_update_replaces_what_may_change_and_syncs_again,
+    an_update_that_collides_is_stale_or_finds_nothing_writes_nothing,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -210,6 +213,8 @@ fn entry(spiffe_id: &str, parent: &SpiffeId, selectors: &[&str], scopes: &[&str]
         ttl_secs: 300,
         dns_names: Vec::new(),
         created_at: NOW,
+        hint: String::new(),
+        jwt_ttl_secs: 0,
     }
 }
 
@@ -1958,4 +1963,121 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     i64::try_from(since.as_secs()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry updates (issue 11)
+
+async fn an_update_replaces_what_may_change_and_syncs_again(db: Db) {
+    let s = db.store();
+    let mut bot = entry(
+        "spiffe://acme.test/w/bot",
+        &agent_a(),
+        &["unix:uid:1"],
+        &["db:read"],
+    );
+    bot.hint = "primary".into();
+    bot.jwt_ttl_secs = 120;
+    let other = entry(
+        "spiffe://acme.test/w/other",
+        &agent_a(),
+        &["unix:uid:2"],
+        &[],
+    );
+    s.create_entry(&bot).await.unwrap();
+    s.create_entry(&other).await.unwrap();
+    // Positive control: hint and JWT TTL are stored as created.
+    assert_eq!(s.get_entry(&bot.id).await.unwrap().as_ref(), Some(&bot));
+    let before = s.entry_revisions().await.unwrap().current;
+
+    let mut changed = bot.clone();
+    changed.selectors = vec![Selector::parse("unix:uid:3").unwrap()];
+    changed.scopes = ["db:write"]
+        .iter()
+        .map(|x| Scope::parse(x).unwrap())
+        .collect();
+    changed.ttl_secs = 900;
+    changed.jwt_ttl_secs = 0;
+    changed.dns_names = vec!["bot.internal".into()];
+    changed.hint = "renamed".into();
+    // The creation time is the entry's, whatever the caller's copy says.
+    changed.created_at = NOW + 99;
+    assert!(s.update_entry(&bot, &changed).await.unwrap());
+    let stored = s.get_entry(&bot.id).await.unwrap().unwrap();
+    assert_eq!(stored.created_at, bot.created_at);
+    changed.created_at = bot.created_at;
+    assert_eq!(stored, changed);
+
+    // One new revision, and the entry is sent again as a change after the known revision;
+    // the untouched entry is not.
+    let after = s.entry_revisions().await.unwrap().current;
+    assert_eq!(after, before + 1);
+    assert_eq!(
+        changes(s, sync_query(&agent_a(), after, (before + 1, ""), 10)).await,
+        vec![(bot.id.to_string(), after)]
+    );
+    let listed = s.list_entries().await.unwrap();
+    assert_eq!(listed.len(), 2);
+
+    // The new selectors are the uniqueness key now: the old ones are free again.
+    let reuse = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:1"], &[]);
+    s.create_entry(&reuse).await.unwrap();
+    let clash = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:3"], &[]);
+    assert!(is_already_exists(s.create_entry(&clash).await));
+}
+
+async fn an_update_that_collides_is_stale_or_finds_nothing_writes_nothing(db: Db) {
+    let s = db.store();
+    let one = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:1"], &[]);
+    let two = entry("spiffe://acme.test/w/bot", &agent_a(), &["unix:uid:2"], &[]);
+    s.create_entry(&one).await.unwrap();
+    s.create_entry(&two).await.unwrap();
+    let before = s.entry_revisions().await.unwrap().current;
+
+    // Giving `two` the selectors of `one` would make two identical entries: refused whole.
+    let mut collide = two.clone();
+    collide.selectors = one.selectors.clone();
+    collide.hint = "half-written?".into();
+    assert!(is_already_exists(s.update_entry(&two, &collide).await));
+    assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&two));
+    assert_eq!(s.entry_revisions().await.unwrap().current, before);
+
+    // An unknown ID, or a copy whose SPIFFE ID or parent is not the stored one: nothing.
+    let mut unknown = two.clone();
+    unknown.id = EntryId::generate();
+    assert!(!s.update_entry(&unknown, &unknown).await.unwrap());
+    let mut moved = two.clone();
+    moved.parent_id = agent_b();
+    assert!(!s.update_entry(&two, &moved).await.unwrap());
+    let mut renamed = two.clone();
+    renamed.spiffe_id = sid("spiffe://acme.test/w/elsewhere");
+    assert!(!s.update_entry(&two, &renamed).await.unwrap());
+    assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&two));
+    assert_eq!(s.entry_revisions().await.unwrap().current, before);
+
+    // Positive control on the same fixture: a change that collides with nothing is written.
+    let mut fine = two.clone();
+    fine.selectors = vec![Selector::parse("unix:uid:4").unwrap()];
+    assert!(s.update_entry(&two, &fine).await.unwrap());
+    assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&fine));
+    assert_eq!(s.entry_revisions().await.unwrap().current, before + 1);
+
+    // Compare-and-swap: an update computed from the entry as it was before that change
+    // (another operator's, read earlier) writes nothing, so it cannot undo the change.
+    for stale in [two.clone(), {
+        let mut hinted = fine.clone();
+        hinted.hint = "not what is stored".into();
+        hinted
+    }] {
+        let mut late = stale.clone();
+        late.ttl_secs = 1200;
+        assert!(!s.update_entry(&stale, &late).await.unwrap());
+    }
+    assert_eq!(s.get_entry(&two.id).await.unwrap().as_ref(), Some(&fine));
+    assert_eq!(s.entry_revisions().await.unwrap().current, before + 1);
+    // Re-read and re-applied, it is written.
+    let mut late = fine.clone();
+    late.ttl_secs = 1200;
+    assert!(s.update_entry(&fine, &late).await.unwrap());
+    assert_eq!(s.get_entry(&two.id).await.unwrap().unwrap().ttl_secs, 1200);
 }

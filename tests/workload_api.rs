@@ -146,6 +146,9 @@ impl Fixture {
             scopes: parse_scopes(&e.scopes).expect("scopes"),
             ttl: Duration::from_secs(e.ttl_seconds.into()),
             dns_names: e.dns_names,
+            hint: e.hint,
+            jwt_ttl: None,
+            created_at: e.created_at,
         })
     }
 
@@ -367,6 +370,39 @@ async fn shutdown_ends_open_streams_and_removes_the_socket() {
 }
 
 // ---- FetchX509SVID and FetchX509Bundles -----------------------------------------------------
+
+/// The hint an operator gave an entry (`entry create --hint`) reaches an independent SPIFFE
+/// client with each SVID; an entry without one has none.
+#[tokio::test]
+async fn a_spiffe_client_receives_each_svids_hint() {
+    let fx = Fixture::start().await;
+    let primary = fx.our_entry().await;
+    let primary = Arc::new(AgentEntry {
+        hint: "primary".into(),
+        ..(*primary).clone()
+    });
+    let plain = fx.entry(&[&our_selector()], &[READ], 600).await;
+    let (primary_svid, plain_svid) = (fx.issue(&primary).await, fx.issue(&plain).await);
+    fx.publish(&[(&primary, Some(&primary_svid)), (&plain, Some(&plain_svid))]);
+
+    let client = fx.spiffe_client().await;
+    let all = client.fetch_all_x509_svids().await.expect("all SVIDs");
+    let hints: Vec<(String, Option<&str>)> = all
+        .iter()
+        .map(|s| (s.spiffe_id().to_string(), s.hint()))
+        .collect();
+    assert_eq!(
+        hints,
+        [
+            (primary.spiffe_id.to_string(), Some("primary")),
+            (plain.spiffe_id.to_string(), None),
+        ]
+    );
+    // The default SVID is the first, with its hint.
+    let default = client.fetch_x509_svid().await.expect("FetchX509SVID");
+    assert_eq!(default.hint(), Some("primary"));
+    fx.stop().await;
+}
 
 #[tokio::test]
 async fn a_spiffe_client_gets_the_svid_of_its_entry_and_the_bundle() {

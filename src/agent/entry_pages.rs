@@ -159,7 +159,9 @@ pub(super) fn merge(current: &[Arc<AgentEntry>], pass: Pass) -> Vec<Arc<AgentEnt
         }
     }
     let mut entries: Vec<Arc<AgentEntry>> = by_id.into_values().collect();
-    entries.sort_by(|a, b| (a.spiffe_id.as_str(), &a.id).cmp(&(b.spiffe_id.as_str(), &b.id)));
+    // First created first: a workload's default identity is its oldest entry, whatever IDs
+    // later entries get (see `AgentEntry::order_key`).
+    entries.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     entries
 }
 
@@ -178,6 +180,9 @@ fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
         scopes,
         ttl: Duration::from_secs(u64::from(e.ttl_seconds)),
         dns_names: e.dns_names,
+        hint: e.hint,
+        jwt_ttl: (e.jwt_ttl_seconds > 0).then(|| Duration::from_secs(u64::from(e.jwt_ttl_seconds))),
+        created_at: e.created_at,
     })
 }
 
@@ -185,15 +190,21 @@ fn to_entry(e: pb::Entry) -> Result<AgentEntry, String> {
 mod tests {
     use super::*;
 
-    fn entry(id: &str, path: &str) -> pb::Entry {
+    /// An entry created at `created_at`.
+    fn entry_at(id: &str, path: &str, created_at: i64) -> pb::Entry {
         pb::Entry {
             id: id.into(),
             spiffe_id: format!("spiffe://t.test/{path}"),
             selectors: vec!["unix:uid:1".into()],
-            scopes: vec![],
             ttl_seconds: 60,
-            dns_names: vec![],
+            created_at,
+            ..pb::Entry::default()
         }
+    }
+
+    /// An entry whose creation time follows its ID (so ID order is creation order).
+    fn entry(id: &str, path: &str) -> pb::Entry {
+        entry_at(id, path, i64::from(id.as_bytes()[0]))
     }
 
     fn ids(entries: &[Arc<AgentEntry>]) -> Vec<&str> {
@@ -208,7 +219,7 @@ mod tests {
             ..Pass::default()
         };
         let set = merge(&[], full);
-        assert_eq!(ids(&set), ["a", "b"], "ordered by SPIFFE ID");
+        assert_eq!(ids(&set), ["a", "b"], "ordered by creation");
         let delta = Pass {
             entries: vec![entry("c", "w/0"), entry("bad", "not a spiffe id")],
             deleted: vec!["a".into(), "unknown".into()],
@@ -224,5 +235,42 @@ mod tests {
             ..Pass::default()
         };
         assert_eq!(ids(&merge(&set, again)), ["b"]);
+    }
+
+    #[test]
+    fn entries_are_kept_first_created_first_whatever_their_ids_or_spiffe_ids() {
+        let full = Pass {
+            full: true,
+            entries: vec![entry_at("b", "w/a", 10), entry_at("c", "w/b", 20)],
+            ..Pass::default()
+        };
+        let set = merge(&[], full);
+        assert_eq!(ids(&set), ["b", "c"], "positive control: creation order");
+        // A later entry whose ID and SPIFFE ID both sort first still comes last.
+        let added = Pass {
+            entries: vec![entry_at("a", "w/0", 30)],
+            ..Pass::default()
+        };
+        let set = merge(&set, added);
+        assert_eq!(ids(&set), ["b", "c", "a"]);
+        // An update (same ID, same creation time, new content) keeps its place.
+        let mut updated = entry_at("b", "w/a", 10);
+        updated.hint = "renamed".into();
+        let set = merge(
+            &set,
+            Pass {
+                entries: vec![updated],
+                ..Pass::default()
+            },
+        );
+        assert_eq!(ids(&set), ["b", "c", "a"]);
+        assert_eq!(set[0].hint, "renamed");
+        // Ties in creation time fall back to the ID.
+        let tied = Pass {
+            full: true,
+            entries: vec![entry_at("y", "w/1", 5), entry_at("x", "w/2", 5)],
+            ..Pass::default()
+        };
+        assert_eq!(ids(&merge(&[], tied)), ["x", "y"]);
     }
 }

@@ -31,6 +31,15 @@ pub struct AgentEntry {
     pub ttl: Duration,
     /// DNS SANs the server puts in its SVIDs.
     pub dns_names: Vec<String>,
+    /// Tells a workload's identities apart: the Workload API's `X509SVID.hint` (empty: none).
+    pub hint: String,
+    /// The longest lifetime of its JWT-SVIDs; `None` when the entry leaves it to the server's
+    /// default (the server decides at issuance, so the agent never assumes a value).
+    pub jwt_ttl: Option<Duration>,
+    /// When the entry was created, Unix seconds: entries are kept in `(created_at, id)` order,
+    /// so a workload's default identity (its first) is the first created of its entries and
+    /// does not change when another entry is added.
+    pub created_at: i64,
 }
 
 impl AgentEntry {
@@ -39,6 +48,20 @@ impl AgentEntry {
     /// every process on the node.
     pub fn matches(&self, selectors: &[Selector]) -> bool {
         !self.selectors.is_empty() && self.selectors.iter().all(|s| selectors.contains(s))
+    }
+
+    /// The order entries are kept and served in: first created first, the ID breaking ties.
+    pub fn order_key(&self) -> (i64, &str) {
+        (self.created_at, &self.id)
+    }
+
+    /// Whether an identity SVID issued for `self` must be issued again for `updated`: what the
+    /// server puts in it (the SPIFFE ID, the DNS names) or its longest lifetime changed.
+    /// Selectors, scopes, hint and the JWT TTL are not in an identity SVID.
+    pub fn needs_new_svid(&self, updated: &AgentEntry) -> bool {
+        self.spiffe_id != updated.spiffe_id
+            || self.dns_names != updated.dns_names
+            || self.ttl != updated.ttl
     }
 }
 
@@ -95,7 +118,8 @@ pub struct Snapshot {
     pub bundle: Vec<Vec<u8>>,
     /// The trust domain's JWT-SVID keys.
     pub jwt_keys: Vec<JwtKey>,
-    /// The entries authorized for this agent, in the server's order.
+    /// The entries authorized for this agent, first created first (see
+    /// [`AgentEntry::order_key`]).
     pub entries: Vec<Arc<AgentEntry>>,
     /// Identity SVIDs by entry ID.
     pub svids: HashMap<String, Arc<CachedSvid>>,
@@ -117,8 +141,9 @@ impl Snapshot {
         }
     }
 
-    /// The entries matching `selectors`, in entry order, each with its SVID if it is valid at
-    /// `now` (an expired SVID is never served).
+    /// The entries matching `selectors`, in entry order (first created first: the first is
+    /// the workload's default identity), each with its SVID if it is valid at `now` (an
+    /// expired SVID is never served).
     pub(crate) fn identities_for(&self, selectors: &[Selector], now: SystemTime) -> Vec<Identity> {
         self.entries
             .iter()
@@ -170,6 +195,9 @@ mod tests {
             scopes: ScopeSet::new(),
             ttl: Duration::from_secs(300),
             dns_names: vec![],
+            hint: String::new(),
+            jwt_ttl: None,
+            created_at: 0,
         })
     }
 
@@ -195,6 +223,30 @@ mod tests {
         assert!(e.matches(&both));
         assert!(!e.matches(&both[..1]));
         assert!(!entry("none", &[]).matches(&both));
+    }
+
+    #[test]
+    fn only_a_change_of_what_an_identity_svid_holds_or_its_lifetime_needs_a_new_one() {
+        let old = entry("a", &["unix:uid:1"]);
+        let same = |change: fn(&mut AgentEntry)| {
+            let mut e = (*old).clone();
+            change(&mut e);
+            old.needs_new_svid(&e)
+        };
+        assert!(!same(|_| {}), "positive control: unchanged");
+        assert!(!same(|e| e.hint = "label".into()));
+        assert!(!same(
+            |e| e.selectors = vec![Selector::parse("unix:uid:2").unwrap()]
+        ));
+        assert!(!same(
+            |e| e.scopes = crate::id::parse_scopes(&["db:read".to_owned()]).unwrap()
+        ));
+        assert!(!same(|e| e.jwt_ttl = Some(Duration::from_secs(60))));
+        assert!(same(|e| e.dns_names = vec!["a.internal".into()]));
+        assert!(same(|e| e.ttl = Duration::from_secs(600)));
+        assert!(same(|e| {
+            e.spiffe_id = SpiffeId::parse("spiffe://t.test/other").unwrap();
+        }));
     }
 
     #[test]

@@ -208,12 +208,20 @@ impl Syncer {
         }
         self.revision = revision;
         // Drop the SVIDs of entries that are gone or changed, then issue what is missing or due.
+        // An entry updated by an operator (`entry update`) arrives with its ID unchanged: its
+        // SVID is issued again when what the SVID holds (DNS names) or its lifetime changed,
+        // compared with the entry as it was when the SVID was held.
         let by_id: HashMap<&str, &Arc<AgentEntry>> =
             next.entries.iter().map(|e| (e.id.as_str(), e)).collect();
+        let before: HashMap<&str, &Arc<AgentEntry>> =
+            current.entries.iter().map(|e| (e.id.as_str(), e)).collect();
         next.svids.retain(|id, svid| {
-            by_id
-                .get(id.as_str())
-                .is_some_and(|e| e.spiffe_id == svid.spiffe_id)
+            by_id.get(id.as_str()).is_some_and(|e| {
+                e.spiffe_id == svid.spiffe_id
+                    && before
+                        .get(id.as_str())
+                        .is_none_or(|old| !old.needs_new_svid(e))
+            })
         });
         self.rotate_at.retain(|id, _| next.svids.contains_key(id));
         let agent_tainted = super::taint::mark_due(

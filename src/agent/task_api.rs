@@ -44,7 +44,8 @@ impl TaskApi {
 }
 
 /// The caller's entry a task SVID is for: the one with the SPIFFE ID `wanted` (empty: the first
-/// entry matching `selectors`).
+/// entry matching `selectors`, that is the first created, the same default FetchX509SVID
+/// serves first).
 ///
 /// # Errors
 /// [`EndpointError::BadSpiffeId`] for a malformed `wanted`, [`EndpointError::NotCallersEntry`]

@@ -190,7 +190,8 @@ fn earliest_expiry(identities: &[Identity]) -> Option<SystemTime> {
 }
 
 /// `FetchX509SVID`'s message: one X509SVID per matching entry with a valid SVID, in entry
-/// order (the first is the default SVID of SPIFFE clients).
+/// order (first created first, so the first, the default SVID of SPIFFE clients, is the
+/// workload's oldest entry and stays so when entries are added), each with its entry's hint.
 fn render_svids(
     snapshot: &Snapshot,
     selectors: &[Selector],
@@ -200,13 +201,13 @@ fn render_svids(
     let bundle = snapshot.bundle_der();
     let svids = identities
         .iter()
-        .filter_map(|i| i.svid.as_ref())
-        .map(|svid| pb::X509svid {
+        .filter_map(|i| i.svid.as_ref().map(|svid| (svid, &i.entry.hint)))
+        .map(|(svid, hint)| pb::X509svid {
             spiffe_id: svid.spiffe_id.as_str().to_owned(),
             x509_svid: svid.chain.concat(),
             x509_svid_key: svid.key_pkcs8.clone(),
             bundle: bundle.clone(),
-            hint: String::new(),
+            hint: hint.clone(),
         })
         .collect();
     let response = pb::X509svidResponse {

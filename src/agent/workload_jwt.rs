@@ -110,7 +110,7 @@ pub(super) async fn fetch_jwt_svids(
         svids.push(pb::Jwtsvid {
             spiffe_id: jwt.spiffe_id,
             svid: jwt.token,
-            hint: String::new(),
+            hint: entry.hint.clone(),
         });
     }
     // A token is a credential: it goes only to the process that asked, if still alive.

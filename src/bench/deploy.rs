@@ -459,6 +459,7 @@ pub(super) async fn create_entry(
             scopes: vec![SCOPE.into()],
             ttl_seconds: TTL_SECS,
             dns_names: Vec::new(),
+            ..Default::default()
         })
         .await
         .map_err(admin_err("create an entry"))?

@@ -228,6 +228,7 @@ pub async fn list_benchmark(opts: ListBenchOptions) -> Result<ListBenchReport, A
                 scopes: vec![SCOPE.into()],
                 ttl_seconds: TTL_SECS,
                 dns_names: Vec::new(),
+                ..Default::default()
             };
             async move { admin.create_entry(request).await }
         })

@@ -227,6 +227,7 @@ async fn create_entries(
                 ],
                 ttl_seconds: TTL_SECS,
                 dns_names: Vec::new(),
+                ..Default::default()
             };
             async move { admin.create_entry(request).await }
         })

@@ -1,11 +1,11 @@
-//! Operator commands on the server's admin socket: join tokens, entries, agents, the bundle and
-//! the audit log. Each asks the admin API, then prints what came back: JSON by the admin types'
-//! derived `Serialize`, text as aligned tables and escaped fields.
+//! Operator commands on the server's admin socket: join tokens, agents, the bundle and the
+//! audit log (entries have `cli::entry`). Each asks the admin API, then prints what came back:
+//! JSON by the admin types' derived `Serialize`, text as aligned tables and escaped fields.
 
 use std::time::SystemTime;
 
 use anyhow::{Result, anyhow};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use mayfly::proto::admin as pb;
 use mayfly::text::escape;
@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use super::output::Printer;
 use super::paged::PagedPrinter;
 use super::table::Table;
-use super::time::{compact, when, when_ms};
+use super::time::{when, when_ms};
 
 /// A client of the admin API.
 pub type Admin = pb::admin_client::AdminClient<Channel>;
@@ -29,65 +29,6 @@ pub enum TokenCommand {
         #[arg(long, default_value = "10m")]
         ttl: String,
     },
-}
-
-/// `mayfly entry`.
-#[derive(Subcommand)]
-pub enum EntryCommand {
-    /// Register a workload; prints the entry ID.
-    Create(EntryCreateArgs),
-    /// List the entries, a page at a time, optionally filtered.
-    List(EntryListArgs),
-    /// Show one entry.
-    Show {
-        /// The entry ID.
-        id: String,
-    },
-    /// Delete an entry: its workloads get nothing more.
-    Delete {
-        /// The entry ID.
-        id: String,
-    },
-}
-
-/// `mayfly entry create`.
-#[derive(Args)]
-pub struct EntryCreateArgs {
-    /// The workload's identity, e.g. spiffe://mayfly.local/agents/billing-bot.
-    #[arg(long)]
-    spiffe_id: String,
-    /// The agent allowed to ask for it (see `mayfly agent list` or `mayfly token generate`).
-    #[arg(long)]
-    parent_id: String,
-    /// TYPE:KIND:VALUE the workload must have, e.g. unix:uid:1001 (repeat for more; all must match).
-    #[arg(long = "selector", required = true)]
-    selectors: Vec<String>,
-    /// A scope task SVIDs may carry, e.g. stripe:read:customers (repeat for more).
-    #[arg(long = "scope")]
-    scopes: Vec<String>,
-    /// The longest SVID lifetime for this entry, e.g. 5m or 1h (at most 1h).
-    #[arg(long, default_value = "5m")]
-    ttl: String,
-    /// A DNS name to put in its SVIDs (repeat for more).
-    #[arg(long = "dns")]
-    dns_names: Vec<String>,
-}
-
-/// `mayfly entry list`: filters (all must hold) and the page size.
-#[derive(Args)]
-pub struct EntryListArgs {
-    /// Only entries whose parent is this agent (a SPIFFE ID).
-    #[arg(long)]
-    parent_id: Option<String>,
-    /// Only entries whose SPIFFE ID begins with this text, e.g. spiffe://acme.test/agents/.
-    #[arg(long)]
-    spiffe_id_prefix: Option<String>,
-    /// Only entries having this selector, TYPE:KIND:VALUE (repeat: entries having all of them).
-    #[arg(long = "selector")]
-    selectors: Vec<String>,
-    /// Entries fetched per request (the server caps it at 1000).
-    #[arg(long, default_value_t = 500)]
-    page_size: u32,
 }
 
 /// `mayfly agent list|ban|evict`.
@@ -175,85 +116,6 @@ pub async fn token(admin: &mut Admin, cmd: TokenCommand, out: Printer) -> Result
         "Expires:  {} (single use)",
         when(token.expires_at, SystemTime::now())
     ))
-}
-
-/// `entry create|list|show|delete`.
-pub async fn entry(admin: &mut Admin, cmd: EntryCommand, out: Printer) -> Result<()> {
-    match cmd {
-        EntryCommand::Create(args) => {
-            // The TTL is parsed here only to carry it in seconds; whether it is allowed (the
-            // ceiling, the floor) is the server's decision.
-            let ttl_seconds = mayfly::duration::parse_whole_seconds(&args.ttl)
-                .map_err(|e| anyhow!("--ttl: {e}"))?;
-            let entry = admin
-                .create_entry(pb::CreateEntryRequest {
-                    spiffe_id: args.spiffe_id,
-                    parent_id: args.parent_id,
-                    selectors: args.selectors,
-                    scopes: args.scopes,
-                    ttl_seconds,
-                    dns_names: args.dns_names,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            if out.json_wanted() {
-                out.json(&entry)
-            } else {
-                out.line(escape(&entry.id))
-            }
-        }
-        EntryCommand::List(args) => {
-            let mut printer = PagedPrinter::new(out, "no entries", entry_table);
-            let mut request = pb::ListEntriesRequest {
-                page_size: args.page_size,
-                page_token: String::new(),
-                parent_id: args.parent_id.unwrap_or_default(),
-                spiffe_id_prefix: args.spiffe_id_prefix.unwrap_or_default(),
-                selectors: args.selectors,
-            };
-            loop {
-                let page = admin
-                    .list_entries(request.clone())
-                    .await
-                    .map_err(refused)?
-                    .into_inner();
-                printer.page(&page.entries)?;
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                request.page_token = page.next_page_token;
-            }
-            printer.finish()
-        }
-        EntryCommand::Show { id } => {
-            let entry = admin
-                .get_entry(pb::EntryIdRequest { id })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            if out.json_wanted() {
-                out.json(&entry)
-            } else {
-                out.raw(&entry_details(&entry, SystemTime::now()))
-            }
-        }
-        EntryCommand::Delete { id } => {
-            admin
-                .delete_entry(pb::EntryIdRequest { id: id.clone() })
-                .await
-                .map_err(refused)?;
-            #[derive(Serialize)]
-            struct Deleted {
-                deleted: String,
-            }
-            if out.json_wanted() {
-                out.json(&Deleted { deleted: id })
-            } else {
-                out.line(format_args!("deleted entry {}", escape(&id)))
-            }
-        }
-    }
 }
 
 /// `agent list|ban|evict`.
@@ -424,63 +286,6 @@ pub async fn audit(admin: &mut Admin, cmd: AuditCommand, out: Printer) -> Result
     }
 }
 
-fn list_or_none(values: &[String]) -> String {
-    if values.is_empty() {
-        "-".to_owned()
-    } else {
-        values.join(", ")
-    }
-}
-
-fn ttl(seconds: u32) -> String {
-    compact(std::time::Duration::from_secs(u64::from(seconds)))
-}
-
-/// The entry list as a table (its cells escaped by the table).
-pub fn entry_table(entries: &[pb::Entry], now: SystemTime) -> Table {
-    let mut table = Table::new(&[
-        "ID",
-        "SPIFFE ID",
-        "PARENT",
-        "SELECTORS",
-        "SCOPES",
-        "TTL",
-        "DNS",
-        "CREATED",
-    ]);
-    for e in entries {
-        table.push(vec![
-            e.id.clone(),
-            e.spiffe_id.clone(),
-            e.parent_id.clone(),
-            list_or_none(&e.selectors),
-            list_or_none(&e.scopes),
-            ttl(e.ttl_seconds),
-            list_or_none(&e.dns_names),
-            when(e.created_at, now),
-        ]);
-    }
-    table
-}
-
-/// One entry as labelled lines, each value escaped.
-pub fn entry_details(e: &pb::Entry, now: SystemTime) -> String {
-    let fields = [
-        ("ID", e.id.clone()),
-        ("SPIFFE ID", e.spiffe_id.clone()),
-        ("Parent", e.parent_id.clone()),
-        ("Selectors", list_or_none(&e.selectors)),
-        ("Scopes", list_or_none(&e.scopes)),
-        ("TTL", ttl(e.ttl_seconds)),
-        ("DNS", list_or_none(&e.dns_names)),
-        ("Created", when(e.created_at, now)),
-    ];
-    fields
-        .iter()
-        .map(|(label, value)| format!("{:<11}{}\n", format!("{label}:"), escape(value)))
-        .collect()
-}
-
 /// The agent list as a table.
 pub fn agent_table(agents: &[pb::Agent], now: SystemTime) -> Table {
     let mut table = Table::new(&[
@@ -599,24 +404,5 @@ mod tests {
         let back: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(back["task_id"], forged_record().task_id);
         assert!(!json.contains('\n') && !json.contains('\u{1b}'));
-    }
-
-    #[test]
-    fn an_entry_shows_as_labelled_lines_with_times_in_rfc3339() {
-        let entry = pb::Entry {
-            id: "e1".into(),
-            spiffe_id: "spiffe://mayfly.local/bot".into(),
-            ttl_seconds: 300,
-            created_at: 1_796_096_052,
-            ..pb::Entry::default()
-        };
-        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_096_232);
-        let text = entry_details(&entry, now);
-        assert!(text.contains("TTL:       5m\n"), "{text}");
-        assert!(
-            text.contains("Created:   2026-12-01T03:34:12Z, 3m ago\n"),
-            "{text}"
-        );
-        assert!(!text.contains("1796096052"), "{text}");
     }
 }

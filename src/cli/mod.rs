@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod entry;
 pub mod output;
 pub mod paged;
 pub mod run;

@@ -90,6 +90,8 @@ struct SvidView<'a> {
     serial: &'a str,
     /// Unix seconds.
     not_after: i64,
+    /// The entry's hint (empty: none; task SVIDs have none).
+    hint: &'a str,
     written_to: Option<&'a Path>,
 }
 
@@ -163,10 +165,14 @@ pub async fn svid(cmd: SvidCommand, out: Printer) -> Result<()> {
             spiffe_id: &svid.spiffe_id,
             serial: &serial,
             not_after,
+            hint: &svid.hint,
             written_to: workload.write.as_deref(),
         });
     }
     out.line(format_args!("SPIFFE ID: {}", escape(&svid.spiffe_id)))?;
+    if !svid.hint.is_empty() {
+        out.line(format_args!("Hint:      {}", escape(&svid.hint)))?;
+    }
     out.line(format_args!("Serial:    {}", escape(&serial)))?;
     out.line(format_args!(
         "Expires:   {}",

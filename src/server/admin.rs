@@ -22,6 +22,9 @@ use crate::wire::unix_secs;
 // CA rotation by hand (issue 10).
 #[path = "admin_ca.rs"]
 mod admin_ca;
+// Entry updates (issue 11).
+#[path = "admin_entry_update.rs"]
+mod admin_entry_update;
 use crate::server::rotation::RotationError;
 use admin_ca::CaStep;
 
@@ -136,14 +139,17 @@ impl AdminService {
         Ok(())
     }
 
-    fn validate_entry(&self, req: &pb::CreateEntryRequest) -> Result<Entry, AdminError> {
-        let rules = EntryRules {
+    fn entry_rules(&self) -> EntryRules<'_> {
+        EntryRules {
             trust_domain: &self.state.td,
             policy: &self.state.policy,
             min_ttl: self.state.min_entry_ttl,
             max_ttl: self.state.max_entry_ttl,
-        };
-        Ok(rules.validate(req)?)
+        }
+    }
+
+    fn validate_entry(&self, req: &pb::CreateEntryRequest) -> Result<Entry, AdminError> {
+        Ok(self.entry_rules().validate(req)?)
     }
 
     fn parse_entry_id(text: &str) -> Result<EntryId, AdminError> {
@@ -166,6 +172,8 @@ fn entry_message(e: Entry) -> pb::Entry {
         ttl_seconds: e.ttl_secs,
         dns_names: e.dns_names,
         created_at: e.created_at,
+        hint: e.hint,
+        jwt_ttl_seconds: e.jwt_ttl_secs,
     }
 }
 
@@ -260,6 +268,16 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         result
+            .map(|e| Response::new(entry_message(e)))
+            .map_err(|e| e.status())
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        self.update(request.get_ref())
+            .await
             .map(|e| Response::new(entry_message(e)))
             .map_err(|e| e.status())
     }

@@ -32,6 +32,11 @@ pub enum ConfigError {
         /// What is wrong with the value.
         source: DurationError,
     },
+    /// A bound on refused attestations is not a positive number.
+    #[error(
+        "--{0} must be a positive number (refused attestations per source address); the defaults are 5 per second and a burst of 20"
+    )]
+    AttestLimit(&'static str),
     /// Only one of the upstream CA's two files was given.
     #[error("an upstream CA needs both its certificate and its key file; give both or neither")]
     UpstreamIncomplete,
@@ -70,6 +75,13 @@ crate::settings_layer! {
         /// The upstream CA's key (PEM PKCS#8).
         #[arg(long, env = "MAYFLY_SERVER_UPSTREAM_CA_KEY")]
         pub upstream_ca_key: Option<PathBuf>,
+        /// Refused attestations one source address may make per second, sustained, before it
+        /// is answered ResourceExhausted [default: 5].
+        #[arg(long, env = "MAYFLY_SERVER_ATTEST_RATE")]
+        pub attest_rate: Option<f64>,
+        /// Refused attestations one source address may make in a burst [default: 20].
+        #[arg(long, env = "MAYFLY_SERVER_ATTEST_BURST")]
+        pub attest_burst: Option<u32>,
     }
 }
 
@@ -106,6 +118,18 @@ impl ServerSettings {
         }
         if let Some(ttl) = self.min_entry_ttl {
             config.min_entry_ttl = parse_duration("min-entry-ttl", "min_entry_ttl", &ttl)?;
+        }
+        if let Some(rate) = self.attest_rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::AttestLimit("attest-rate"));
+            }
+            config.attest_limits.rate_per_sec = rate;
+        }
+        if let Some(burst) = self.attest_burst {
+            if burst == 0 {
+                return Err(ConfigError::AttestLimit("attest-burst"));
+            }
+            config.attest_limits.burst = burst;
         }
         config.upstream_ca = match (self.upstream_ca_cert, self.upstream_ca_key) {
             (Some(cert_path), Some(key_path)) => Some(UpstreamCa {
@@ -148,6 +172,36 @@ mod tests {
         assert_eq!(config.bind.port(), 7);
         assert_eq!(config.agent_ttl.as_secs(), 5400);
         assert_eq!(config.ca_ttl, defaults::CA_TTL);
+    }
+
+    #[test]
+    fn attestation_bounds_are_positive_numbers() {
+        let ok = ServerSettings {
+            attest_rate: Some(0.5),
+            attest_burst: Some(3),
+            ..ServerSettings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(ok.attest_limits.rate_per_sec, 0.5);
+        assert_eq!(ok.attest_limits.burst, 3);
+        for bad in [
+            ServerSettings {
+                attest_rate: Some(0.0),
+                ..ServerSettings::default()
+            },
+            ServerSettings {
+                attest_rate: Some(f64::NAN),
+                ..ServerSettings::default()
+            },
+            ServerSettings {
+                attest_burst: Some(0),
+                ..ServerSettings::default()
+            },
+        ] {
+            let err = bad.resolve().unwrap_err().to_string();
+            assert!(err.contains("must be a positive number"), "{err}");
+        }
     }
 
     #[test]

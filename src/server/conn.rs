@@ -27,6 +27,8 @@ pub struct PeerInfo {
     /// The client the handshake verified ([`mtls::peer_of`]); `None` when it presented no
     /// certificate, which the node API's config allows so that agents can attest.
     pub peer: Option<Arc<VerifiedPeer>>,
+    /// The client's address, which failed attestations are counted against.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// One accepted, handshaken TLS connection.
@@ -117,6 +119,7 @@ pub fn incoming(
                     Ok(Ok(inner)) => {
                         let peer = PeerInfo {
                             peer: mtls::peer_of(inner.get_ref().1).map(Arc::new),
+                            remote: Some(addr),
                         };
                         let _ = tx.send(Ok(TlsConn { inner, peer })).await;
                     }

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use mayfly_attestors::{Selector, SelectorError};
 
 use crate::dns_name::{self, DnsNameError, MAX_DNS_NAME_LEN};
-use crate::id::{IdError, MAX_SPIFFE_ID_LEN, ScopedId, SpiffeId, TrustDomain, parse_scopes};
+use crate::id::{
+    IdError, MAX_SPIFFE_ID_LEN, ScopeSet, ScopedId, SpiffeId, TrustDomain, parse_scopes,
+};
 use crate::proto::admin as pb;
 use crate::server::policy::{DEFAULT_TTL, IssuancePolicy, MAX_SCOPES, MAX_TTL};
 use crate::store::{Entry, EntryId};
@@ -55,6 +57,14 @@ const _: () = assert!(
 /// API's message limit, so the agent can always sync it beside the bundle and its other
 /// entries (the tests check the sum).
 pub const MAX_ENTRY_SELECTORS: usize = 16;
+
+/// The longest hint, in characters: a label telling a workload's identities apart (such as
+/// `billing` or `read-replica`), not a description.
+pub const MAX_HINT_CHARS: usize = 64;
+
+/// How long a JWT-SVID for an entry lives at most when the entry says nothing (its stored
+/// `jwt_ttl_secs` is 0).
+pub const DEFAULT_JWT_TTL: Duration = DEFAULT_TTL;
 
 /// How much of a refused value an error repeats, escaped.
 const SHOWN_CHARS: usize = 200;
@@ -111,9 +121,11 @@ pub enum EntryError {
     DnsName(#[from] DnsNameError),
     /// The TTL is below the floor.
     #[error(
-        "a TTL of {asked}s is below the floor of {floor}s: the agent renews an SVID at half its lifetime, so a shorter TTL would make it re-issue this identity continuously; give a TTL of at least {floor}s"
+        "a {what} of {asked}s is below the floor of {floor}s: the agent renews an SVID at half its lifetime, so a shorter TTL would make it re-issue this identity continuously; give a {what} of at least {floor}s"
     )]
     TtlBelowFloor {
+        /// Which TTL: `TTL` or `JWT TTL`.
+        what: &'static str,
         /// Seconds asked for.
         asked: u64,
         /// The floor, in seconds.
@@ -121,14 +133,33 @@ pub enum EntryError {
     },
     /// The TTL is above the ceiling: 1 h, or 1/6 of the CA TTL when that is shorter.
     #[error(
-        "a TTL of {asked}s is above the ceiling of {ceiling}s (at most 1h, and at most 1/6 of the CA TTL so that the CA is rotated before what it signed expires); give a shorter --ttl"
+        "a {what} of {asked}s is above the ceiling of {ceiling}s (at most 1h, and at most 1/6 of the CA TTL so that the CA is rotated before what it signed expires); give a shorter {flag}"
     )]
     TtlAboveCeiling {
+        /// Which TTL: `TTL` or `JWT TTL`.
+        what: &'static str,
+        /// The command-line flag that sets it.
+        flag: &'static str,
         /// Seconds asked for.
         asked: u64,
         /// The ceiling, in seconds.
         ceiling: u64,
     },
+    /// The hint is longer than [`MAX_HINT_CHARS`].
+    #[error(
+        "a hint may have at most {MAX_HINT_CHARS} characters and this one has {0}; give a short label such as --hint billing"
+    )]
+    HintTooLong(usize),
+    /// The hint holds a control or invisible formatting character.
+    #[error(
+        "the hint '{0}' holds a control or invisible formatting character, which would garble what workloads and operators are shown; give printable text only"
+    )]
+    HintUnprintable(String),
+    /// An update that changes nothing.
+    #[error(
+        "the update names nothing to change; give at least one of --selector, --scope, --clear-scopes, --ttl, --jwt-ttl, --dns, --clear-dns, --hint"
+    )]
+    NothingToUpdate,
 }
 
 /// The rules an entry is checked against.
@@ -162,17 +193,11 @@ impl EntryRules<'_> {
             });
         }
         let selectors = check_selectors(&req.selectors)?;
-        if req.scopes.len() > MAX_ENTRY_SCOPES {
-            return Err(EntryError::TooManyScopes(req.scopes.len()));
-        }
-        let scopes = parse_scopes(&req.scopes).map_err(EntryError::Scope)?;
-        match ScopedId::new(spiffe_id.clone(), scopes.clone()) {
-            Ok(_) => {}
-            Err(IdError::TooLong(len)) => return Err(EntryError::ScopesTooLong(len)),
-            Err(e) => return Err(e.into()),
-        }
+        let scopes = check_scopes(&spiffe_id, &req.scopes)?;
         let ttl_secs = self.check_ttl(req.ttl_seconds)?;
+        let jwt_ttl_secs = self.check_jwt_ttl(req.jwt_ttl_seconds)?;
         let dns_names = check_dns_names(&req.dns_names)?;
+        let hint = check_hint(&req.hint)?;
         Ok(Entry {
             id: EntryId::generate(),
             spiffe_id,
@@ -182,23 +207,132 @@ impl EntryRules<'_> {
             ttl_secs,
             dns_names,
             created_at: unix_secs(SystemTime::now()),
+            hint,
+            jwt_ttl_secs,
         })
+    }
+
+    /// Checks an update request against the same rules as a create and returns `entry` with
+    /// the changes applied. A list given replaces the entry's whole list; a field not given
+    /// stays as it is. The ID, SPIFFE ID, parent and creation time never change.
+    ///
+    /// # Errors
+    /// The [`EntryError`] for the first rule the request breaks;
+    /// [`EntryError::NothingToUpdate`] when it names no change at all.
+    pub(crate) fn apply_update(
+        &self,
+        mut entry: Entry,
+        req: &pb::UpdateEntryRequest,
+    ) -> Result<Entry, EntryError> {
+        if req.selectors.is_none()
+            && req.scopes.is_none()
+            && req.ttl_seconds.is_none()
+            && req.jwt_ttl_seconds.is_none()
+            && req.dns_names.is_none()
+            && req.hint.is_none()
+        {
+            return Err(EntryError::NothingToUpdate);
+        }
+        if let Some(list) = &req.selectors {
+            entry.selectors = check_selectors(&list.values)?;
+        }
+        if let Some(list) = &req.scopes {
+            entry.scopes = check_scopes(&entry.spiffe_id, &list.values)?;
+        }
+        if let Some(ttl) = req.ttl_seconds {
+            entry.ttl_secs = self.check_ttl(ttl)?;
+        }
+        if let Some(ttl) = req.jwt_ttl_seconds {
+            entry.jwt_ttl_secs = self.check_jwt_ttl(ttl)?;
+        }
+        if let Some(list) = &req.dns_names {
+            entry.dns_names = check_dns_names(&list.values)?;
+        }
+        if let Some(hint) = &req.hint {
+            entry.hint = check_hint(hint)?;
+        }
+        Ok(entry)
     }
 
     /// The TTL to store for `asked` seconds (0: the default).
     fn check_ttl(&self, asked: u32) -> Result<u32, EntryError> {
-        let floor = self.min_ttl.as_secs();
-        let ceiling = self.max_ttl.min(MAX_TTL).as_secs();
-        let asked = u64::from(asked);
-        let ttl = match asked {
-            0 => DEFAULT_TTL.as_secs().max(floor).min(ceiling),
-            t if t > ceiling => return Err(EntryError::TtlAboveCeiling { asked: t, ceiling }),
-            t if t < floor => return Err(EntryError::TtlBelowFloor { asked: t, floor }),
-            t => t,
-        };
-        // At most MAX_TTL (3600 s), so it fits.
-        Ok(u32::try_from(ttl).unwrap_or(u32::MAX))
+        if asked == 0 {
+            let (floor, ceiling) = self.ttl_bounds();
+            let ttl = DEFAULT_TTL.as_secs().max(floor).min(ceiling);
+            // At most MAX_TTL (3600 s), so it fits.
+            return Ok(u32::try_from(ttl).unwrap_or(u32::MAX));
+        }
+        self.check_bounds(asked, "TTL", "--ttl")
     }
+
+    /// The JWT TTL to store for `asked` seconds: 0 stays 0 (the server's default at issuance,
+    /// [`DEFAULT_JWT_TTL`]), anything else is held to the same floor and ceiling as the TTL,
+    /// since a JWT-SVID is signed by the same CA journal's keys and renewed the same way.
+    fn check_jwt_ttl(&self, asked: u32) -> Result<u32, EntryError> {
+        if asked == 0 {
+            return Ok(0);
+        }
+        self.check_bounds(asked, "JWT TTL", "--jwt-ttl")
+    }
+
+    /// The lowest and highest TTL an entry may have, in seconds.
+    fn ttl_bounds(&self) -> (u64, u64) {
+        (self.min_ttl.as_secs(), self.max_ttl.min(MAX_TTL).as_secs())
+    }
+
+    /// `asked` (not 0) when it is within [`Self::ttl_bounds`].
+    fn check_bounds(
+        &self,
+        asked: u32,
+        what: &'static str,
+        flag: &'static str,
+    ) -> Result<u32, EntryError> {
+        let (floor, ceiling) = self.ttl_bounds();
+        match u64::from(asked) {
+            t if t > ceiling => Err(EntryError::TtlAboveCeiling {
+                what,
+                flag,
+                asked: t,
+                ceiling,
+            }),
+            t if t < floor => Err(EntryError::TtlBelowFloor {
+                what,
+                asked: t,
+                floor,
+            }),
+            _ => Ok(asked),
+        }
+    }
+}
+
+/// The scopes an entry with `spiffe_id` may grant: at most [`MAX_ENTRY_SCOPES`], each valid,
+/// and all of them together still within the SPIFFE ID length limit.
+fn check_scopes(spiffe_id: &SpiffeId, texts: &[String]) -> Result<ScopeSet, EntryError> {
+    if texts.len() > MAX_ENTRY_SCOPES {
+        return Err(EntryError::TooManyScopes(texts.len()));
+    }
+    let scopes = parse_scopes(texts).map_err(EntryError::Scope)?;
+    match ScopedId::new(spiffe_id.clone(), scopes.clone()) {
+        Ok(_) => Ok(scopes),
+        Err(IdError::TooLong(len)) => Err(EntryError::ScopesTooLong(len)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A hint as stored: at most [`MAX_HINT_CHARS`] characters, none that a terminal would act on
+/// or that hides text (the same characters [`crate::text::escape`] escapes). Workloads show it
+/// to people choosing an identity, so it is refused rather than escaped.
+fn check_hint(hint: &str) -> Result<String, EntryError> {
+    let chars = hint.chars().count();
+    if chars > MAX_HINT_CHARS {
+        return Err(EntryError::HintTooLong(chars));
+    }
+    if hint.chars().any(crate::text::needs_escape) {
+        return Err(EntryError::HintUnprintable(
+            escape_bounded(hint, SHOWN_CHARS).into_owned(),
+        ));
+    }
+    Ok(hint.to_owned())
 }
 
 fn check_selectors(texts: &[String]) -> Result<Vec<Selector>, EntryError> {
@@ -251,7 +385,8 @@ mod tests {
             r.check_ttl(29),
             Err(EntryError::TtlBelowFloor {
                 asked: 29,
-                floor: 30
+                floor: 30,
+                ..
             })
         ));
         assert!(matches!(
@@ -262,7 +397,8 @@ mod tests {
             r.check_ttl(3601),
             Err(EntryError::TtlAboveCeiling {
                 asked: 3601,
-                ceiling: 3600
+                ceiling: 3600,
+                ..
             })
         ));
         // A floor configured above the default TTL raises the default with it.
@@ -271,5 +407,34 @@ mod tests {
             ..r
         };
         assert_eq!(high.check_ttl(0).unwrap(), 600);
+        // The JWT TTL keeps 0 (the server's default) and is held to the same bounds.
+        assert_eq!(r.check_jwt_ttl(0).unwrap(), 0);
+        assert_eq!(r.check_jwt_ttl(60).unwrap(), 60);
+        let above = r.check_jwt_ttl(3601).unwrap_err().to_string();
+        assert!(
+            above.contains("JWT TTL of 3601s") && above.contains("--jwt-ttl"),
+            "{above}"
+        );
+        assert!(r.check_jwt_ttl(29).is_err());
+    }
+
+    #[test]
+    fn a_hint_is_a_short_printable_label() {
+        assert_eq!(check_hint("").unwrap(), "");
+        assert_eq!(
+            check_hint("read-replica (eu)").unwrap(),
+            "read-replica (eu)"
+        );
+        assert_eq!(check_hint(&"é".repeat(64)).unwrap().chars().count(), 64);
+        assert!(matches!(
+            check_hint(&"a".repeat(65)),
+            Err(EntryError::HintTooLong(65))
+        ));
+        for bad in ["a\nb", "bell\u{7}", "rtl\u{202e}x", "zero\u{200b}width"] {
+            assert!(
+                matches!(check_hint(bad), Err(EntryError::HintUnprintable(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -114,6 +114,9 @@ pub(crate) fn entry_message(entry: Entry) -> pb::Entry {
         scopes: entry.scopes.iter().map(|s| s.to_string()).collect(),
         ttl_seconds: entry.ttl_secs,
         dns_names: entry.dns_names,
+        hint: entry.hint,
+        jwt_ttl_seconds: entry.jwt_ttl_secs,
+        created_at: entry.created_at,
     }
 }
 

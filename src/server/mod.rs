@@ -3,6 +3,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod admin_lists;
+pub mod attest_gate;
 pub(crate) mod audit_log;
 // Several servers, one PostgreSQL (issue 10): re-read the bundle when a client is refused.
 pub(crate) mod bundle_wake;
@@ -157,6 +158,8 @@ pub struct ServerConfig {
     pub min_entry_ttl: Duration,
     /// Sign the CA with this upstream CA instead of self-signing.
     pub upstream_ca: Option<UpstreamCa>,
+    /// Bounds on refused attestations per source address.
+    pub attest_limits: attest_gate::AttestLimits,
 }
 
 impl ServerConfig {
@@ -174,6 +177,7 @@ impl ServerConfig {
             agent_ttl: defaults::AGENT_TTL,
             min_entry_ttl: entry_rules::MIN_TTL,
             upstream_ca: None,
+            attest_limits: attest_gate::AttestLimits::default(),
         }
     }
 
@@ -243,6 +247,8 @@ pub(crate) struct ServerState {
     pub(crate) refresh_hint: Duration,
     /// The JWT-SVID keys of the trust domain, re-read with the bundle.
     pub(crate) jwt_keys: jwt_keys::PublishedJwtKeys,
+    /// Refused attestations per source address.
+    pub(crate) attest_gate: attest_gate::AttestGate,
 }
 
 impl ServerState {
@@ -430,6 +436,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         max_entry_ttl: config.max_entry_ttl(),
         refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
         jwt_keys: jwt_keys.clone(),
+        attest_gate: attest_gate::AttestGate::new(config.attest_limits),
     });
 
     let listener = TcpListener::bind(config.bind)
@@ -458,6 +465,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         store.clone(),
         config.trust_domain.clone(),
         (source.clone(), jwt_keys.clone()),
+        shutdown.subscribe(),
+    )));
+    tasks.push(tokio::spawn(attest_gate::summarise(
+        state.clone(),
         shutdown.subscribe(),
     )));
     tasks.push(tokio::spawn(entry_watch::run(

@@ -6,7 +6,7 @@
 //! after its audit record is durable.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
 use tonic::{Request, Response, Status};
@@ -16,13 +16,14 @@ use crate::id::{ScopedId, SpiffeId};
 use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
+use crate::server::attest_gate::Record;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::entry_sync::{self, EntrySyncError, entry_message};
 use crate::server::policy::{self, Refusal, Standing, check_task_id};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
-use crate::wire::unix_secs;
+use crate::wire::{RefusalKind, unix_secs};
 
 mod jwt;
 
@@ -433,6 +434,22 @@ impl pb::node_server::Node for NodeService {
         &self,
         request: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
+        // The one call an anonymous client can make: a source that keeps failing is answered
+        // without reading its evidence (see attest_gate).
+        let source = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote)
+            .map(|a| a.ip());
+        if let Some(ip) = source
+            && !self.state.attest_gate.admit(ip, Instant::now())
+        {
+            let mut status = Status::resource_exhausted(format!(
+                "too many refused attestations from {ip}; wait a few seconds before trying again, and check the agent's join token"
+            ));
+            RefusalKind::RateLimited.attach(&mut status);
+            return Err(status);
+        }
         let req = request.into_inner();
         let mut event = event(AuditAction::AgentAttest);
         // The attestor name is the caller's, unauthenticated: recorded escaped and bounded.
@@ -498,7 +515,21 @@ impl pb::node_server::Node for NodeService {
                 svid: Some(svid_message(&id, issued)),
                 bundle: self.bundle(),
             })),
-            Err(e) => Err(self.refuse(event, e).await),
+            Err(e) => {
+                let counted = e.is_decision()
+                    && source.is_some_and(|ip| {
+                        self.state
+                            .attest_gate
+                            .refused(ip, &e.text(), Instant::now())
+                            == Record::Counted
+                    });
+                if counted {
+                    // Summarised with the source's other refusals (attest_gate::summarise).
+                    Err(e.status())
+                } else {
+                    Err(self.refuse(event, e).await)
+                }
+            }
         }
     }
 

@@ -15,8 +15,6 @@ use crate::wire::RefusalKind;
 /// The default SVID lifetime: minutes, so a stolen credential is soon worthless.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// No entry may allow SVIDs longer-lived than this.
-/// The lifetime of an identity JWT-SVID unless the entry's TTL is lower (SPIRE's default).
-pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 /// The ceiling of any SVID's lifetime.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// The longest task ID.

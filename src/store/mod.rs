@@ -100,8 +100,15 @@ pub struct Entry {
     pub ttl_secs: u32,
     /// DNS names to put in its SVIDs.
     pub dns_names: Vec<String>,
-    /// When it was created, Unix seconds.
+    /// When it was created, Unix seconds. Never changed by an update: of the entries matching
+    /// one workload, the first created is its default identity (see the agent's state).
     pub created_at: i64,
+    /// A short label telling a workload's identities apart (the Workload API's `hint`); empty
+    /// for none.
+    pub hint: String,
+    /// The longest TTL a JWT-SVID for this entry may have, in seconds; 0 for the server's
+    /// default.
+    pub jwt_ttl_secs: u32,
 }
 
 /// A stored join token: only its hash, never the secret.
@@ -197,12 +204,24 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&SpiffeId>,
         limit: u32,
     ) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Compare-and-swap: replaces what an update may change of entry `before.id` (selectors,
+    /// scopes, TTLs, DNS names, hint) with `after`'s, only if the stored entry is still
+    /// `before`, and gives it a new revision so incremental sync sends it again. Its ID, SPIFFE
+    /// ID, parent and creation time never change (`after`'s must be `before`'s). `false` when
+    /// nothing was written: the entry is gone, or changed since `before` was read (read it
+    /// again and re-apply the change, so two concurrent updates never undo each other).
+    ///
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when another entry has the same SPIFFE ID, parent and
+    /// selectors (nothing is written then); [`StoreError::Database`] otherwise.
+    async fn update_entry(&self, before: &Entry, after: &Entry) -> Result<bool, StoreError>;
     /// Deletes an entry; `false` when there was none.
     ///
     /// # Errors
     /// [`StoreError::Database`].
     async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError>;
-    /// A number that grows whenever an entry is created or deleted, so agents can poll cheaply.
+    /// A number that grows whenever an entry is created, updated or deleted, so agents can
+    /// poll cheaply.
     ///
     /// # Errors
     /// [`StoreError::Database`].

@@ -139,6 +139,8 @@ impl Store for PostgresStore {
             .bind(entry.created_at)
             .bind(&columns.identity_key)
             .bind(revision)
+            .bind(&entry.hint)
+            .bind(columns.jwt_ttl_secs)
             .execute(&mut *tx)
             .await
             .map_err(|e| rows::entry_exists(e, entry))?;
@@ -220,6 +222,48 @@ impl Store for PostgresStore {
             .into_iter()
             .map(AgentRecord::try_from)
             .collect()
+    }
+
+    async fn update_entry(&self, before: &Entry, entry: &Entry) -> Result<bool, StoreError> {
+        if (&entry.id, &entry.spiffe_id, &entry.parent_id)
+            != (&before.id, &before.spiffe_id, &before.parent_id)
+        {
+            return Ok(false);
+        }
+        let (columns, was) = (EntryColumns::new(entry), EntryColumns::new(before));
+        let mut tx = self.pool.begin().await?;
+        // The revision first: its lock orders concurrent writers (see `sync`). Nothing
+        // updated (or a clash) means nothing committed, so the bump is rolled back too.
+        let revision: i64 = sqlx::query_scalar(sync::BUMP_REVISION)
+            .fetch_one(&mut *tx)
+            .await?;
+        let updated = sqlx::query(sync::UPDATE_ENTRY)
+            .bind(entry.id.as_str())
+            .bind(&columns.selectors)
+            .bind(&columns.scopes)
+            .bind(columns.ttl_secs)
+            .bind(&columns.dns_names)
+            .bind(&entry.hint)
+            .bind(columns.jwt_ttl_secs)
+            .bind(&columns.identity_key)
+            .bind(revision)
+            .bind(entry.spiffe_id.as_str())
+            .bind(entry.parent_id.as_str())
+            .bind(&was.selectors)
+            .bind(&was.scopes)
+            .bind(was.ttl_secs)
+            .bind(&was.dns_names)
+            .bind(&before.hint)
+            .bind(was.jwt_ttl_secs)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| rows::entry_exists(e, entry))?
+            .rows_affected();
+        if updated == 0 {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {

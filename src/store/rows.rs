@@ -71,6 +71,8 @@ pub(super) struct EntryColumns {
     pub dns_names: String,
     /// The longest TTL.
     pub ttl_secs: i64,
+    /// The longest JWT-SVID TTL (0: the server's default).
+    pub jwt_ttl_secs: i64,
     /// SHA-256 over SPIFFE ID, parent and selectors: the uniqueness key.
     pub identity_key: Vec<u8>,
 }
@@ -93,6 +95,7 @@ impl EntryColumns {
             scopes: encode_list(entry.scopes.iter().map(Scope::as_str)),
             dns_names: encode_list(entry.dns_names.iter().map(String::as_str)),
             ttl_secs: i64::from(entry.ttl_secs),
+            jwt_ttl_secs: i64::from(entry.jwt_ttl_secs),
             identity_key: ctx.finish().as_ref().to_vec(),
             selectors,
         }
@@ -110,6 +113,8 @@ pub(super) struct EntryRow {
     ttl_secs: i64,
     dns_names: String,
     created_at: i64,
+    hint: String,
+    jwt_ttl_secs: i64,
 }
 
 impl EntryRow {
@@ -122,7 +127,8 @@ impl EntryRow {
 /// The columns [`EntryRow`] reads, as a literal for `concat!`.
 macro_rules! entry_columns {
     () => {
-        "id, spiffe_id, parent_id, selectors, scopes, ttl_secs, dns_names, created_at"
+        "id, spiffe_id, parent_id, selectors, scopes, ttl_secs, dns_names, created_at, hint, \
+         jwt_ttl_secs"
     };
 }
 pub(super) use entry_columns;
@@ -152,6 +158,8 @@ impl TryFrom<EntryRow> for Entry {
             .map_err(|e| corrupt("scopes", &e))?;
         let ttl_secs = u32::try_from(row.ttl_secs).map_err(|e| corrupt("ttl_secs", &e))?;
         let dns_names = decode_list(&row.dns_names, "dns_names")?;
+        let jwt_ttl_secs =
+            u32::try_from(row.jwt_ttl_secs).map_err(|e| corrupt("jwt_ttl_secs", &e))?;
         Ok(Self {
             id,
             spiffe_id,
@@ -161,6 +169,8 @@ impl TryFrom<EntryRow> for Entry {
             ttl_secs,
             dns_names,
             created_at: row.created_at,
+            hint: row.hint,
+            jwt_ttl_secs,
         })
     }
 }

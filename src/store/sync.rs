@@ -18,8 +18,19 @@ pub(super) const BUMP_REVISION: &str =
 
 /// Inserts an entry with its revision (`$10`).
 pub(super) const INSERT_ENTRY: &str = "INSERT INTO entries (id, spiffe_id, parent_id, selectors, \
-     scopes, ttl_secs, dns_names, created_at, identity_key, revision) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+     scopes, ttl_secs, dns_names, created_at, identity_key, revision, hint, jwt_ttl_secs) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// Updates what `entry update` may change, with the new revision (`$9`): `$1` ID, `$2`
+/// selectors, `$3` scopes, `$4` TTL, `$5` DNS names, `$6` hint, `$7` JWT TTL, `$8` identity
+/// key; only while the stored row is still the entry the update was computed from: its SPIFFE
+/// ID and parent `$10` and `$11` (the identity key was computed from them), and `$12`-`$17`
+/// its selectors, scopes, TTL, DNS names, hint and JWT TTL as they were read.
+pub(super) const UPDATE_ENTRY: &str = "UPDATE entries SET selectors = $2, scopes = $3, \
+     ttl_secs = $4, dns_names = $5, hint = $6, jwt_ttl_secs = $7, identity_key = $8, \
+     revision = $9 WHERE id = $1 AND spiffe_id = $10 AND parent_id = $11 AND selectors = $12 \
+     AND scopes = $13 AND ttl_secs = $14 AND dns_names = $15 AND hint = $16 \
+     AND jwt_ttl_secs = $17";
 
 /// Deletes an entry and returns its parent, for its tombstone.
 pub(super) const DELETE_ENTRY: &str = "DELETE FROM entries WHERE id = $1 RETURNING parent_id";

@@ -513,6 +513,7 @@ pub fn entry_request(parent: &str) -> admin_pb::CreateEntryRequest {
         ],
         ttl_seconds: 300,
         dns_names: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -13,6 +13,7 @@ use crate::audit::{self, AuditAction, AuditEvent, Decision};
 use crate::id::ScopedId;
 use crate::jwt::{Claims, TokenKind};
 use crate::proto::node as pb;
+use crate::server::entry_rules;
 use crate::server::policy::{self, Refusal, check_task_id};
 use crate::svid::Serial;
 use crate::wire::unix_secs;
@@ -74,8 +75,14 @@ impl NodeService {
                 .await?;
             check_audience(&req.audience)?;
             let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
-            let (id, ttl) = self.state.policy.identity_grant(&entry)?;
-            let ttl = ttl.min(policy::DEFAULT_JWT_TTL);
+            let (id, _) = self.state.policy.identity_grant(&entry)?;
+            // The entry's JWT TTL (0: the default), never past what the CA lifecycle keeps a
+            // JWT key published for.
+            let ttl = match entry.jwt_ttl_secs {
+                0 => entry_rules::DEFAULT_JWT_TTL,
+                secs => std::time::Duration::from_secs(secs.into()),
+            }
+            .min(self.state.max_entry_ttl);
             self.sign_jwt(TokenKind::Identity, id, &req.audience, ttl, event.clone())
                 .await
         }
