@@ -28,6 +28,7 @@
 pub mod agent;
 pub mod deploy;
 pub mod handshake;
+pub mod jwt;
 pub mod list;
 pub mod proxy;
 pub mod sync;

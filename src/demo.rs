@@ -194,6 +194,7 @@ async fn story(dir: &Path, say: &mut (dyn FnMut(&str) + Send)) -> Result<(), Dem
             mode: ProxyMode::Http(routes),
             policy: PeerPolicy::any_id(),
             own_id: SpiffeId::parse(API).ok(),
+            accept: proxy::Accept::default(),
         },
         proxy_source,
     )

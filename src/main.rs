@@ -108,7 +108,8 @@ enum BenchCommand {
     Streams(BenchStreamsArgs),
     /// Server CPU of an mTLS handshake: our SPIFFE+scope verifier against plain webpki.
     Handshake(BenchHandshakeArgs),
-    /// mayfly proxy against nginx: mTLS requests/s and new-connection handshakes/s.
+    /// mayfly proxy against nginx (mTLS requests/s and new-connection handshakes/s), and with
+    /// --accept jwt against --accept x509, plus jwt::validate against raw ES256 verify.
     Proxy(BenchProxyArgs),
     /// Server memory with many entries, while creating them and while `entry list` pages them.
     List(BenchListArgs),

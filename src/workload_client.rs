@@ -17,6 +17,9 @@ use crate::files::{self, FileError};
 use crate::proto::task::task_client::TaskClient;
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
+pub mod jwt_bundles;
+pub use jwt_bundles::JwtBundleSource;
+
 /// The environment variable SPIFFE clients read the socket address from.
 pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// The header every Workload API call carries; the agent refuses a call without it.
@@ -52,6 +55,16 @@ pub enum WorkloadClientError {
     /// Writing the files failed.
     #[error(transparent)]
     File(#[from] FileError),
+    /// No JWT bundles arrived from `FetchJWTBundles` in time.
+    #[error(
+        "no JWT bundles from the Workload API after {waited:?} (last problem: {last_error}); is the agent running and does it serve FetchJWTBundles?"
+    )]
+    NoJwtBundles {
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// The last failure seen.
+        last_error: String,
+    },
 }
 
 /// Adds the Workload API header to every call.

@@ -1,5 +1,8 @@
 //! The proxy benchmark behind `mayfly bench proxy`: `mayfly proxy` against nginx, side by
-//! side, enforcing mTLS in front of the same upstream.
+//! side, enforcing mTLS in front of the same upstream; and, in the same run, our proxy with
+//! `--accept jwt` (target `ours-jwt`: the load generator presents no certificate and sends
+//! `Authorization: Bearer <task JWT-SVID>` on every request) against `--accept x509`, plus the
+//! per-core rate of `jwt::validate` against raw ES256 verification ([`super::jwt`]).
 //!
 //! Setup, all on this machine, generated at run time:
 //!
@@ -60,10 +63,12 @@ use tokio_rustls::TlsConnector;
 
 use super::TempDir;
 use super::handshake::{BenchPki, MtlsBenchError, SCOPE, SERVER_DNS, io_err, median};
+use super::jwt::{BenchJwt, JWT_PROXY_GOAL_RATIO, JwtLoadSummary, JwtVerifyFigures};
 use mayfly::bundle::pem_block;
 use mayfly::mtls::PeerPolicy;
 use mayfly::proxy::routes::Routes;
-use mayfly::proxy::{ProxyConfig, ProxyMode};
+use mayfly::proxy::{Accept, ProxyConfig, ProxyMode};
+use mayfly::workload_client::JwtBundleSource;
 
 /// The upstream's answer.
 const BODY: &[u8] = b"ok\n";
@@ -87,6 +92,9 @@ pub struct ProxyBenchOptions {
     pub rounds: usize,
     /// The nginx executable (default `/usr/sbin/nginx`).
     pub nginx: PathBuf,
+    /// Calls of `jwt::validate` (and raw verifications) per round of the per-core JWT
+    /// validation figure (default 5000).
+    pub jwt_verify_iterations: usize,
 }
 
 impl Default for ProxyBenchOptions {
@@ -97,6 +105,7 @@ impl Default for ProxyBenchOptions {
             connections: 32,
             rounds: 3,
             nginx: PathBuf::from("/usr/sbin/nginx"),
+            jwt_verify_iterations: 5000,
         }
     }
 }
@@ -192,6 +201,14 @@ pub struct ProxyBenchReport {
     pub keep_alive: LoadSummary,
     /// New-connection handshakes/s.
     pub new_connections: LoadSummary,
+    /// Keep-alive requests/s, `--accept jwt` (a bearer token on every request) against
+    /// `--accept x509`, both ours.
+    pub jwt_keep_alive: JwtLoadSummary,
+    /// New connections (a handshake without a client certificate and one request with a
+    /// token), against `--accept x509`.
+    pub jwt_new_connections: JwtLoadSummary,
+    /// `jwt::validate` against the raw ES256 verify rate, per core.
+    pub jwt_verify: JwtVerifyFigures,
 }
 
 fn met(ok: bool) -> &'static str {
@@ -274,6 +291,26 @@ impl fmt::Display for ProxyBenchReport {
                 _ => writeln!(f, "; server CPU per op {} µs", opt(s.ours_cpu_us_per_op, 1))?,
             }
         }
+        for s in [&self.jwt_keep_alive, &self.jwt_new_connections] {
+            let rounds: Vec<String> = s.round_ratios.iter().map(|r| format!("{r:.2}")).collect();
+            write!(
+                f,
+                "--accept jwt vs --accept x509 ({}): jwt {:.0}/s, x509 {:.0}/s: {} (rounds: {}); server CPU per op: jwt {} µs, x509 {} µs",
+                s.load,
+                s.jwt_per_sec,
+                s.x509_per_sec,
+                s.ratio
+                    .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+                rounds.join(", "),
+                opt(s.jwt_cpu_us_per_op, 1),
+                opt(s.x509_cpu_us_per_op, 1),
+            )?;
+            match s.goal_met {
+                Some(ok) => writeln!(f, "; goal >= {JWT_PROXY_GOAL_RATIO:.1}x {}", met(ok))?,
+                None => writeln!(f)?,
+            }
+        }
+        writeln!(f, "{}", self.jwt_verify)?;
         write!(
             f,
             "(a shared machine, and server, upstream and load generator compete for its cores: compare within a round, and rerun to see the spread)"
@@ -405,8 +442,13 @@ async fn start_upstream() -> Result<ServerThread, MtlsBenchError> {
     .await
 }
 
-/// Our proxy, on its own thread.
-async fn start_ours(pki: &BenchPki, upstream: SocketAddr) -> Result<ServerThread, MtlsBenchError> {
+/// Our proxy, on its own thread: accepting `accept`, with `jwt` bundles for bearer tokens.
+async fn start_ours(
+    pki: &BenchPki,
+    upstream: SocketAddr,
+    accept: Accept,
+    jwt: Option<JwtBundleSource>,
+) -> Result<ServerThread, MtlsBenchError> {
     let source = pki.source(&pki.server)?;
     let routes = Routes::parse(&[format!("GET / {SCOPE}")])
         .map_err(|e| MtlsBenchError::InvalidOption(e.to_string()))?;
@@ -416,9 +458,14 @@ async fn start_ours(pki: &BenchPki, upstream: SocketAddr) -> Result<ServerThread
         mode: ProxyMode::Http(routes),
         policy: PeerPolicy::any_id(),
         own_id: None,
+        accept,
     };
     ServerThread::start("bench-proxy", move |stop, ready| async move {
-        match mayfly::proxy::start(config, source).await {
+        let started = match jwt {
+            Some(jwt) => mayfly::proxy::start_with_jwt(config, source, jwt).await,
+            None => mayfly::proxy::start(config, source).await,
+        };
+        match started {
             Ok(running) => {
                 let _ = ready.send(Ok(running.local_addr));
                 let _ = stop.await;
@@ -656,6 +703,22 @@ fn client_config(pki: &BenchPki) -> Result<Arc<ClientConfig>, MtlsBenchError> {
     Ok(Arc::new(config))
 }
 
+/// [`client_config`] without a client certificate: the bearer-token client.
+fn token_client_config(pki: &BenchPki) -> Result<Arc<ClientConfig>, MtlsBenchError> {
+    let base = mayfly::mtls::provider();
+    let provider = CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..(*base).clone()
+    };
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(pki.root_store()?)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// One connection of the load generator. Dropped, it closes in the background as a client
 /// does (hyper shuts the connection down once its request side is gone: TLS close_notify,
 /// then FIN).
@@ -698,16 +761,24 @@ async fn connect(addr: SocketAddr, tls: &TlsConnector) -> Result<(Connection, St
     Ok((Connection { sender, task }, negotiated))
 }
 
-async fn request(connection: &mut Connection) -> Result<(), String> {
+async fn request(
+    connection: &mut Connection,
+    bearer: Option<&http::HeaderValue>,
+) -> Result<(), String> {
     connection
         .sender
         .ready()
         .await
         .map_err(|e| format!("connection: {e}"))?;
-    let request = hyper::Request::get("/")
+    let mut request = hyper::Request::get("/")
         .header(http::header::HOST, SERVER_DNS)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    if let Some(bearer) = bearer {
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, bearer.clone());
+    }
     let response = connection
         .sender
         .send_request(request)
@@ -769,9 +840,11 @@ async fn load_task(
     load: Load,
     addr: SocketAddr,
     tls: TlsConnector,
+    bearer: Option<http::HeaderValue>,
     window: (Instant, Instant),
     stop: Arc<AtomicBool>,
 ) -> Tally {
+    let bearer = bearer.as_ref();
     let mut tally = Tally::default();
     let mut kept: Option<Connection> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -783,14 +856,14 @@ async fn load_task(
                         kept = Some(connect(addr, &tls).await?.0);
                     }
                     let connection = kept.as_mut().ok_or("no connection")?;
-                    request(connection).await
+                    request(connection, bearer).await
                 })
                 .await
             }
             Load::NewConnections => {
                 timed(async {
                     let (mut connection, _) = connect(addr, &tls).await?;
-                    request(&mut connection).await?;
+                    request(&mut connection, bearer).await?;
                     connection.close().await;
                     Ok(())
                 })
@@ -813,6 +886,10 @@ struct Target<'a> {
     name: &'static str,
     addr: SocketAddr,
     cpu_ns: Box<dyn Fn() -> Option<u64> + 'a>,
+    /// The client's TLS config (with or without its certificate).
+    tls: TlsConnector,
+    /// `Bearer <token>` on every request, for the JWT proxy.
+    bearer: Option<http::HeaderValue>,
 }
 
 async fn measure(
@@ -820,7 +897,6 @@ async fn measure(
     load: Load,
     round: usize,
     opts: &ProxyBenchOptions,
-    tls: &TlsConnector,
 ) -> Result<ProxyRun, MtlsBenchError> {
     let start = Instant::now();
     let window = (start + opts.warmup, start + opts.warmup + opts.duration);
@@ -830,7 +906,8 @@ async fn measure(
         tasks.spawn(load_task(
             load,
             target.addr,
-            tls.clone(),
+            target.tls.clone(),
+            target.bearer.clone(),
             window,
             stop.clone(),
         ));
@@ -918,6 +995,39 @@ fn summarize(runs: &[ProxyRun], load: Load, with_nginx: bool) -> LoadSummary {
     }
 }
 
+/// `--accept jwt` (target `ours-jwt`) against `--accept x509` (target `ours`) for `load`.
+fn summarize_jwt(runs: &[ProxyRun], load: Load) -> JwtLoadSummary {
+    let of = |target: &str| -> Vec<&ProxyRun> {
+        runs.iter()
+            .filter(|r| r.load == load.name() && r.target == target)
+            .collect()
+    };
+    let (x509, jwt) = (of("ours"), of("ours-jwt"));
+    let med = |v: &[&ProxyRun], f: fn(&ProxyRun) -> Option<f64>| -> Option<f64> {
+        let mut values: Vec<f64> = v.iter().filter_map(|r| f(r)).collect();
+        (!values.is_empty()).then(|| median(&mut values))
+    };
+    let x509_per_sec = med(&x509, |r| Some(r.per_sec)).unwrap_or(0.0);
+    let jwt_per_sec = med(&jwt, |r| Some(r.per_sec)).unwrap_or(0.0);
+    let ratio = (x509_per_sec > 0.0).then(|| jwt_per_sec / x509_per_sec);
+    JwtLoadSummary {
+        load: load.name().to_owned(),
+        x509_per_sec,
+        jwt_per_sec,
+        ratio,
+        round_ratios: jwt
+            .iter()
+            .zip(&x509)
+            .filter(|(_, x)| x.per_sec > 0.0)
+            .map(|(j, x)| j.per_sec / x.per_sec)
+            .collect(),
+        x509_cpu_us_per_op: med(&x509, |r| r.server_cpu_us_per_op),
+        jwt_cpu_us_per_op: med(&jwt, |r| r.server_cpu_us_per_op),
+        goal_met: (load == Load::KeepAlive)
+            .then(|| ratio.is_some_and(|r| r >= JWT_PROXY_GOAL_RATIO)),
+    }
+}
+
 /// Runs `mayfly bench proxy`.
 ///
 /// Call it on a multi-threaded runtime: the load generator runs on it; the upstream and our
@@ -933,8 +1043,19 @@ pub async fn proxy_benchmark(opts: ProxyBenchOptions) -> Result<ProxyBenchReport
     }
     let pki = BenchPki::generate()?;
     let tls = TlsConnector::from(client_config(&pki)?);
+    let token_tls = TlsConnector::from(token_client_config(&pki)?);
+    let bench_jwt = BenchJwt::generate(&pki.client)?;
+    let bearer = http::HeaderValue::try_from(format!("Bearer {}", bench_jwt.token))
+        .map_err(|e| MtlsBenchError::Handshake(e.to_string()))?;
     let upstream = start_upstream().await?;
-    let ours = start_ours(&pki, upstream.addr).await?;
+    let ours = start_ours(&pki, upstream.addr, Accept::default(), None).await?;
+    let ours_jwt = start_ours(
+        &pki,
+        upstream.addr,
+        BenchJwt::accept(),
+        Some(bench_jwt.source()),
+    )
+    .await?;
 
     let (nginx_version, nginx_missing) = match nginx_version(&opts.nginx) {
         Ok(v) => (Some(v), None),
@@ -946,25 +1067,38 @@ pub async fn proxy_benchmark(opts: ProxyBenchOptions) -> Result<ProxyBenchReport
         None => None,
     };
 
-    let mut targets = vec![Target {
-        name: "ours",
-        addr: ours.addr,
-        cpu_ns: Box::new(|| ours.cpu_ns()),
-    }];
+    let mut targets = vec![
+        Target {
+            name: "ours",
+            addr: ours.addr,
+            cpu_ns: Box::new(|| ours.cpu_ns()),
+            tls: tls.clone(),
+            bearer: None,
+        },
+        Target {
+            name: "ours-jwt",
+            addr: ours_jwt.addr,
+            cpu_ns: Box::new(|| ours_jwt.cpu_ns()),
+            tls: token_tls.clone(),
+            bearer: Some(bearer),
+        },
+    ];
     if let Some(nginx) = &nginx {
         targets.push(Target {
             name: "nginx",
             addr: nginx.addr,
             cpu_ns: Box::new(|| nginx.cpu_ns()),
+            tls: tls.clone(),
+            bearer: None,
         });
     }
 
     let mut negotiated = Vec::new();
     for target in &targets {
-        let (mut connection, what) = timed(connect(target.addr, &tls))
+        let (mut connection, what) = timed(connect(target.addr, &target.tls))
             .await
             .map_err(|e| MtlsBenchError::Handshake(format!("{}: {e}", target.name)))?;
-        timed(request(&mut connection))
+        timed(request(&mut connection, target.bearer.as_ref()))
             .await
             .map_err(|e| MtlsBenchError::Handshake(format!("{}: {e}", target.name)))?;
         negotiated.push(format!("{}: {what}", target.name));
@@ -974,15 +1108,25 @@ pub async fn proxy_benchmark(opts: ProxyBenchOptions) -> Result<ProxyBenchReport
     for round in 1..=opts.rounds {
         for load in [Load::KeepAlive, Load::NewConnections] {
             for target in &targets {
-                runs.push(measure(target, load, round, &opts, &tls).await?);
+                runs.push(measure(target, load, round, &opts).await?);
             }
         }
     }
     drop(targets);
     drop(nginx);
     drop(ours);
+    drop(ours_jwt);
     drop(upstream);
     drop(temp);
+
+    // With every server stopped, on a thread of its own: the per-core validation figure.
+    let iterations = opts.jwt_verify_iterations.max(1);
+    let rounds = opts.rounds.max(3);
+    let jwt_verify = tokio::task::spawn_blocking(move || {
+        super::jwt::verify_rate(&bench_jwt, iterations, rounds)
+    })
+    .await
+    .map_err(|e| MtlsBenchError::Task(e.to_string()))??;
 
     let with_nginx = nginx_version.is_some();
     Ok(ProxyBenchReport {
@@ -995,6 +1139,9 @@ pub async fn proxy_benchmark(opts: ProxyBenchOptions) -> Result<ProxyBenchReport
         negotiated,
         keep_alive: summarize(&runs, Load::KeepAlive, with_nginx),
         new_connections: summarize(&runs, Load::NewConnections, with_nginx),
+        jwt_keep_alive: summarize_jwt(&runs, Load::KeepAlive),
+        jwt_new_connections: summarize_jwt(&runs, Load::NewConnections),
+        jwt_verify,
         runs,
     })
 }
@@ -1012,6 +1159,7 @@ mod tests {
             connections: 2,
             rounds: 1,
             nginx: PathBuf::from("/nonexistent/nginx"),
+            jwt_verify_iterations: 20,
         })
         .await
         .unwrap();
@@ -1022,12 +1170,16 @@ mod tests {
                 .unwrap()
                 .contains("apt-get install")
         );
-        assert_eq!(report.runs.len(), 2);
+        // Both loads on ours with --accept x509 and with --accept jwt.
+        assert_eq!(report.runs.len(), 4);
         for run in &report.runs {
             assert_eq!(run.errors, 0, "{:?}", run.first_error);
             assert!(run.completed > 0, "{run:?}");
         }
         assert!(report.keep_alive.ratio.is_none());
+        assert!(report.jwt_keep_alive.ratio.is_some());
+        assert!(report.jwt_keep_alive.goal_met.is_some());
+        assert!(report.jwt_verify.validate_per_sec > 0.0);
         assert!(!report.to_string().is_empty());
     }
 }

@@ -136,10 +136,32 @@ pub async fn proxy(args: ProxyArgs) -> Result<()> {
                 setup.socket.display()
             )
         })?;
-    let proxy = mayfly::proxy::start(config.clone(), source).await?;
+    let proxy = if config.accept.jwt.is_some() {
+        // Bearer tokens are checked against the JWT bundles the agent serves, followed like the
+        // X.509 ones: the proxy starts once it holds a first set.
+        let bundles = mayfly::workload_client::JwtBundleSource::spawn(&setup.socket);
+        bundles
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .with_context(|| {
+                format!(
+                    "the proxy got no JWT bundles from the agent at {}",
+                    setup.socket.display()
+                )
+            })?;
+        mayfly::proxy::start_with_jwt(config.clone(), source, bundles).await?
+    } else {
+        mayfly::proxy::start(config.clone(), source).await?
+    };
+    let accepts = match (config.accept.x509, &config.accept.jwt) {
+        (true, None) => "x509",
+        (true, Some(_)) => "x509,jwt",
+        (false, _) => "jwt",
+    };
     tracing::info!(
         listen = %proxy.local_addr,
         upstream = %config.upstream,
+        accept = accepts,
         mode = if matches!(config.mode, mayfly::proxy::ProxyMode::Http(_)) { "http" } else { "tcp" },
         "mayfly proxy running; stop with Ctrl-C"
     );

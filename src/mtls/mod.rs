@@ -162,6 +162,26 @@ pub fn server_config_optional_client(
     server_config_with(source, policy, ClientAuth::Optional)
 }
 
+/// The server config of a TLS listener whose clients authenticate otherwise (a proxy taking
+/// only bearer JWT-SVIDs): presents the source's SVID and asks for no client certificate, so
+/// [`peer_of`] always answers `None`. TLS 1.3 only, no session storage and no tickets, as
+/// [`server_config`].
+///
+/// # Errors
+/// [`MtlsError::Tls`] when rustls refuses the configuration.
+pub fn server_config_no_client_auth(
+    source: &SvidSource,
+) -> Result<rustls::ServerConfig, MtlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(source.provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(source::SvidResolver(source.clone())));
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
 fn server_config_with(
     source: &SvidSource,
     policy: PeerPolicy,

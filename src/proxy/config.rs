@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use super::routes::{RouteError, Routes};
-use super::{ProxyConfig, ProxyMode};
+use super::{Accept, BearerPolicy, ProxyConfig, ProxyMode};
 use crate::config_file::{ConfigFileError, Layer};
 use crate::id::{IdError, Scope, SpiffeId};
 use crate::mtls::{PeerPolicy, PolicyError};
@@ -37,6 +37,22 @@ pub enum ProxyConfigError {
     /// The proxy's own SPIFFE ID is malformed.
     #[error("--spiffe-id: {0}")]
     OwnId(IdError),
+    /// `--accept` names something other than x509 and jwt.
+    #[error("--accept '{0}' is not a credential: write x509, jwt or x509,jwt")]
+    Accept(String),
+    /// Bearer tokens were asked for without an audience.
+    #[error(
+        "--accept jwt needs --audience: the audience tokens must name to be accepted here, such as --audience https://refunds.internal"
+    )]
+    NoAudience,
+    /// `--audience` or `--single-use` without bearer tokens.
+    #[error("--{0} applies to bearer tokens only: add --accept jwt (or x509,jwt) or remove it")]
+    JwtOnly(&'static str),
+    /// Bearer tokens in TCP mode.
+    #[error(
+        "--accept jwt needs HTTP mode: a bearer token travels in an HTTP header, so give --route rules (TCP mode can only check certificates)"
+    )]
+    JwtNeedsHttp,
     /// Neither mode was chosen.
     #[error(
         "say what to enforce: --route 'METHOD /prefix scope' rules (HTTP mode) or --require-scope / --allow-id (TCP mode)"
@@ -75,6 +91,23 @@ crate::settings_layer! {
         /// Which of the proxy's identities to present, when its process matches several entries.
         #[arg(long, env = "MAYFLY_PROXY_SPIFFE_ID")]
         pub spiffe_id: Option<String>,
+        /// Which client credentials authenticate: x509 (client certificates, the default), jwt
+        /// (Authorization: Bearer JWT-SVIDs, HTTP mode) or x509,jwt (a certificate if the client
+        /// presents one, else a bearer token).
+        #[arg(long, value_delimiter = ',')]
+        #[serde(default)]
+        pub accept: Vec<String>,
+        /// The audience a bearer token must name (required with --accept jwt).
+        #[arg(long, env = "MAYFLY_PROXY_AUDIENCE")]
+        pub audience: Option<String>,
+        /// Accept each bearer token once: a jti seen before is refused until the token's exp.
+        #[arg(
+            long,
+            num_args = 0..=1,
+            default_missing_value = "true",
+            value_name = "BOOL"
+        )]
+        pub single_use: Option<bool>,
     }
 }
 
@@ -137,14 +170,60 @@ impl ProxySettings {
             .map(|id| SpiffeId::parse(&id))
             .transpose()
             .map_err(ProxyConfigError::OwnId)?;
+        let accept = accept(
+            &self.accept,
+            self.audience,
+            self.single_use.unwrap_or(false),
+        )?;
+        if accept.jwt.is_some() && matches!(mode, ProxyMode::Tcp) {
+            return Err(ProxyConfigError::JwtNeedsHttp);
+        }
         Ok(ProxyConfig {
             listen,
             upstream,
             mode,
             policy,
             own_id,
+            accept,
         })
     }
+}
+
+/// `--accept` with `--audience` and `--single-use`, checked together.
+fn accept(
+    names: &[String],
+    audience: Option<String>,
+    single_use: bool,
+) -> Result<Accept, ProxyConfigError> {
+    let mut accept = Accept {
+        x509: names.is_empty(),
+        jwt: None,
+    };
+    let mut jwt = false;
+    for name in names.iter().flat_map(|n| n.split(',')).map(str::trim) {
+        match name {
+            "x509" => accept.x509 = true,
+            "jwt" => jwt = true,
+            other => {
+                return Err(ProxyConfigError::Accept(
+                    crate::text::escape_bounded(other, 40).into_owned(),
+                ));
+            }
+        }
+    }
+    match (jwt, audience) {
+        (true, Some(audience)) if !audience.trim().is_empty() => {
+            accept.jwt = Some(BearerPolicy {
+                audience,
+                single_use,
+            });
+        }
+        (true, _) => return Err(ProxyConfigError::NoAudience),
+        (false, Some(_)) => return Err(ProxyConfigError::JwtOnly("audience")),
+        (false, None) if single_use => return Err(ProxyConfigError::JwtOnly("single-use")),
+        (false, None) => {}
+    }
+    Ok(accept)
 }
 
 fn address(flag: &'static str, value: Option<String>) -> Result<SocketAddr, ProxyConfigError> {
@@ -154,4 +233,87 @@ fn address(flag: &'static str, value: Option<String>) -> Result<SocketAddr, Prox
         .ok()
         .and_then(|mut a| a.next())
         .ok_or(ProxyConfigError::Address(flag, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(accept: &[&str], audience: Option<&str>, single_use: bool) -> ProxySettings {
+        ProxySettings {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some("127.0.0.1:1".into()),
+            routes: vec!["GET / a:read".into()],
+            accept: accept.iter().map(|s| (*s).to_owned()).collect(),
+            audience: audience.map(str::to_owned),
+            single_use: Some(single_use),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accept_defaults_to_x509_and_takes_jwt_with_an_audience() {
+        let config = settings(&[], None, false).resolve().unwrap();
+        assert_eq!(config.accept, Accept::default());
+        let config = settings(&["x509,jwt"], Some("aud"), true)
+            .resolve()
+            .unwrap();
+        assert!(config.accept.x509);
+        assert_eq!(
+            config.accept.jwt,
+            Some(BearerPolicy {
+                audience: "aud".into(),
+                single_use: true
+            })
+        );
+        let config = settings(&["jwt"], Some("aud"), false).resolve().unwrap();
+        assert!(!config.accept.x509);
+    }
+
+    #[test]
+    fn bearer_settings_without_their_counterpart_are_refused_in_one_sentence() {
+        let e = settings(&["jwt"], None, false).resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::NoAudience), "{e}");
+        assert!(
+            e.to_string().contains("--accept jwt needs --audience"),
+            "{e}"
+        );
+        let e = settings(&["x509"], Some("aud"), false)
+            .resolve()
+            .unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtOnly("audience")), "{e}");
+        let e = settings(&[], None, true).resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtOnly("single-use")), "{e}");
+        let e = settings(&["x509,oidc"], None, false).resolve().unwrap_err();
+        assert!(e.to_string().contains("'oidc' is not a credential"), "{e}");
+        // TCP mode cannot carry a token; its positive control is the same settings with routes.
+        let mut tcp = settings(&["jwt"], Some("aud"), false);
+        tcp.routes.clear();
+        tcp.require_scopes = vec!["a:read".into()];
+        let e = tcp.resolve().unwrap_err();
+        assert!(matches!(e, ProxyConfigError::JwtNeedsHttp), "{e}");
+    }
+
+    #[test]
+    fn the_toml_keys_accept_audience_and_single_use_are_read() {
+        let file: ProxySettings = toml::from_str(
+            r#"listen = "127.0.0.1:0"
+upstream = "127.0.0.1:1"
+routes = ["GET / a:read"]
+accept = ["x509", "jwt"]
+audience = "aud"
+single_use = true
+"#,
+        )
+        .unwrap();
+        let config = file.resolve().unwrap();
+        assert!(config.accept.x509);
+        assert_eq!(
+            config.accept.jwt,
+            Some(BearerPolicy {
+                audience: "aud".into(),
+                single_use: true
+            })
+        );
+    }
 }

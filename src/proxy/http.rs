@@ -17,11 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::PeerInfo;
+use super::bearer::{Bearer, ConnectionTokens, Refusal};
 use super::routes::{Decision, Routes};
-
-/// The headers the proxy sets; copies arriving from the client are removed first, so the
-/// upstream can trust them.
-pub const PEER_HEADERS: [&str; 3] = ["x-mayfly-spiffe-id", "x-mayfly-scopes", "x-mayfly-serial"];
+use crate::id::ScopedId;
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1). Names, not
 /// strings: removing by a string parses and hashes it first, on every request.
@@ -50,34 +48,99 @@ pub struct HttpProxy {
     /// socket address cannot cause; the URI is then formatted per request).
     authority: Option<http::uri::Authority>,
     client: Client<HttpConnector, Incoming>,
+    /// With `--accept jwt`: how a client without a certificate authenticates.
+    bearer: Option<Bearer>,
 }
 
-/// The headers naming one connection's verified peer, built once for all its requests.
-struct PeerHeaders {
+/// Who made a request, as the routes, the upstream and the access log see it: a verified
+/// client certificate (one per connection) or a validated bearer token (per request, remembered
+/// per connection). Its headers are built once: `x-mayfly-spiffe-id`, `x-mayfly-scopes`, and
+/// `x-mayfly-serial` for a certificate or `x-mayfly-jti` for a token. Every `x-mayfly-*`
+/// header arriving from the client is removed first, so the upstream can trust them.
+pub(crate) struct Principal {
+    /// Identity and scopes.
+    pub(crate) id: ScopedId,
     values: Vec<(HeaderName, HeaderValue)>,
     /// The scopes, comma-separated, for the access log.
     scopes: String,
+    /// The certificate's serial (hex), for the access log; `-` for a token.
+    serial: String,
+    /// The token's `jti`; `None` for a certificate or a token without one.
+    jti: Option<String>,
 }
 
-impl PeerHeaders {
-    fn new(peer: &PeerInfo) -> Self {
-        let scopes = peer.scopes_header();
+impl Principal {
+    /// A certificate's peer: `x-mayfly-spiffe-id`, `x-mayfly-scopes`, `x-mayfly-serial`.
+    pub(crate) fn from_peer(peer: &PeerInfo) -> Self {
         let serial = peer.serial.to_hex();
-        let values = PEER_HEADERS
-            .into_iter()
-            .zip([peer.id.base().as_str(), &scopes, &serial])
-            .filter_map(|(name, value)| {
-                let value = HeaderValue::from_str(value).ok()?;
-                Some((HeaderName::from_static(name), value))
-            })
-            .collect();
-        Self { values, scopes }
+        Self::new(
+            peer.id.clone(),
+            Some(("x-mayfly-serial", serial.clone())),
+            serial,
+            None,
+        )
+    }
+
+    /// A token's subject: `x-mayfly-spiffe-id`, `x-mayfly-scopes`, and `x-mayfly-jti` in place
+    /// of the serial (a token has no serial; the `jti` is what names it in the agent's and the
+    /// server's logs).
+    pub(crate) fn from_token(token: &crate::jwt::Validated) -> Self {
+        // A token without a `jti` gets no `x-mayfly-jti` rather than an empty one.
+        let jti = token.jti.clone().map(|jti| ("x-mayfly-jti", jti));
+        Self::new(
+            token.subject.clone(),
+            jti,
+            "-".to_owned(),
+            token.jti.clone(),
+        )
+    }
+
+    fn new(
+        id: ScopedId,
+        credential: Option<(&'static str, String)>,
+        serial: String,
+        jti: Option<String>,
+    ) -> Self {
+        let scopes = id
+            .scopes()
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let values = [
+            ("x-mayfly-spiffe-id", id.base().as_str()),
+            ("x-mayfly-scopes", scopes.as_str()),
+        ]
+        .into_iter()
+        .chain(
+            credential
+                .as_ref()
+                .map(|(name, value)| (*name, value.as_str())),
+        )
+        .filter_map(|(name, value)| {
+            let value = HeaderValue::from_str(value).ok()?;
+            Some((HeaderName::from_static(name), value))
+        })
+        .collect();
+        Self {
+            id,
+            values,
+            scopes,
+            serial,
+            jti,
+        }
+    }
+
+    /// The token's `jti`, if it is a token with one.
+    pub(crate) fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
     }
 }
 
 impl HttpProxy {
-    /// A proxy to `upstream` deciding with `routes`.
-    pub fn new(routes: Routes, upstream: SocketAddr) -> Self {
+    /// A proxy to `upstream` deciding with `routes`; with `bearer`, a connection without a
+    /// client certificate authenticates each request with a bearer token.
+    pub(crate) fn new(routes: Routes, upstream: SocketAddr, bearer: Option<Bearer>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
@@ -86,20 +149,23 @@ impl HttpProxy {
             upstream,
             authority: http::uri::Authority::try_from(upstream.to_string()).ok(),
             client,
+            bearer,
         }
     }
 
-    /// Serves one verified connection until the client closes it.
-    pub async fn serve_connection<S>(self: Arc<Self>, peer: Arc<PeerInfo>, io: S)
+    /// Serves one connection until the client closes it: `peer` is its verified client
+    /// certificate, `None` when it presented none (each request then needs a bearer token).
+    pub(crate) async fn serve_connection<S>(self: Arc<Self>, peer: Option<PeerInfo>, io: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let headers = Arc::new(PeerHeaders::new(&peer));
+        let principal = peer.map(|p| Arc::new(Principal::from_peer(&p)));
+        let tokens = Arc::new(ConnectionTokens::default());
         let service = hyper::service::service_fn(move |request| {
             let proxy = self.clone();
-            let peer = peer.clone();
-            let headers = headers.clone();
-            async move { Ok::<_, Infallible>(proxy.handle_with(&peer, &headers, request).await) }
+            let principal = principal.clone();
+            let tokens = tokens.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_with(principal, &tokens, request).await) }
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
@@ -107,16 +173,34 @@ impl HttpProxy {
         }
     }
 
-    /// Decides and, if allowed, forwards one request.
+    /// Authenticates (by the connection's certificate, else the request's token), decides and,
+    /// if allowed, forwards one request.
     async fn handle_with(
         &self,
-        peer: &PeerInfo,
-        headers: &PeerHeaders,
+        principal: Option<Arc<Principal>>,
+        tokens: &ConnectionTokens,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let principal = match (principal, &self.bearer) {
+            (Some(principal), _) => principal,
+            (None, Some(bearer)) => {
+                match bearer.authenticate(request.headers(), tokens, now_secs()) {
+                    Ok(principal) => principal,
+                    Err(refusal) => return refuse_token(refusal, request).await,
+                }
+            }
+            (None, None) => {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "the connection presented no client certificate",
+                    request,
+                )
+                .await;
+            }
+        };
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let (response, decision) = match self.routes.decide(&peer.id, &method, &path) {
+        let (response, decision) = match self.routes.decide(&principal.id, &method, &path) {
             Decision::BadPath(e) => (
                 refuse(StatusCode::BAD_REQUEST, &e.to_string(), request).await,
                 "bad-path",
@@ -125,7 +209,7 @@ impl HttpProxy {
                 refuse(StatusCode::FORBIDDEN, &reason, request).await,
                 "deny",
             ),
-            Decision::Allow { .. } => match self.forward(headers, request).await {
+            Decision::Allow { .. } => match self.forward(&principal, request).await {
                 Ok(response) => (response, "allow"),
                 Err(e) => {
                     tracing::warn!(error = %crate::wire::error_chain(&e), upstream = %self.upstream, "the upstream failed");
@@ -141,9 +225,10 @@ impl HttpProxy {
         };
         tracing::info!(
             target: "mayfly::access",
-            peer = %peer.id.base(),
-            scopes = %headers.scopes,
-            serial = %peer.serial,
+            peer = %principal.id.base(),
+            scopes = %principal.scopes,
+            serial = %principal.serial,
+            jti = %principal.jti().map_or_else(|| "-".into(), |j| crate::text::escape_bounded(j, 80)),
             method = %method,
             path = %path,
             decision,
@@ -154,7 +239,7 @@ impl HttpProxy {
 
     async fn forward(
         &self,
-        headers: &PeerHeaders,
+        principal: &Principal,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
         let (mut parts, body) = request.into_parts();
@@ -162,7 +247,12 @@ impl HttpProxy {
         // cannot steer the request elsewhere.
         parts.uri = self.upstream_uri(parts.uri.path_and_query());
         parts.version = http::Version::HTTP_11;
-        strip_and_set(&mut parts.headers, headers);
+        strip_and_set(&mut parts.headers, principal);
+        // A bearer token is the client's credential for this proxy, not for the upstream: were
+        // it passed on, the upstream (or anyone it logs to) could replay it here.
+        if self.bearer.is_some() {
+            parts.headers.remove(http::header::AUTHORIZATION);
+        }
         let upstream = self
             .client
             .request(Request::from_parts(parts, body))
@@ -193,7 +283,7 @@ impl HttpProxy {
 }
 
 /// Removes hop-by-hop headers and any client-sent peer headers, then names the verified peer.
-fn strip_and_set(headers: &mut http::HeaderMap, peer: &PeerHeaders) {
+fn strip_and_set(headers: &mut http::HeaderMap, peer: &Principal) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -248,6 +338,43 @@ async fn refuse(
     })
 }
 
+/// The 401, 403 or 503 of a refused token, with the access log line.
+async fn refuse_token(refusal: Refusal, request: Request<Incoming>) -> Response<ProxyBody> {
+    let method = request.method().clone();
+    let path = crate::text::escape_bounded(request.uri().path(), 200).into_owned();
+    let (status, reason, challenge) = match refusal {
+        Refusal::Unauthorized { reason, missing } => {
+            let challenge = super::bearer::challenge(&reason, missing);
+            (StatusCode::UNAUTHORIZED, reason, Some(challenge))
+        }
+        Refusal::Forbidden(reason) => (StatusCode::FORBIDDEN, reason, None),
+        Refusal::Unavailable(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason, None),
+    };
+    tracing::info!(
+        target: "mayfly::access",
+        peer = "-",
+        method = %method,
+        path = %path,
+        decision = "deny",
+        reason = %reason,
+        status = status.as_u16(),
+    );
+    let mut response = refuse(status, &reason, request).await;
+    if let Some(challenge) = challenge {
+        response
+            .headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
+/// Now, in Unix seconds (0 for a clock set before 1970).
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A one-line plain-text answer.
 fn plain(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let mut response = Response::new(
@@ -285,7 +412,7 @@ mod tests {
         headers.insert("X-Mayfly-Other", HeaderValue::from_static("x"));
         headers.insert("connection", HeaderValue::from_static("close"));
         headers.insert("accept", HeaderValue::from_static("*/*"));
-        strip_and_set(&mut headers, &PeerHeaders::new(&peer));
+        strip_and_set(&mut headers, &Principal::from_peer(&peer));
         assert_eq!(headers["x-mayfly-spiffe-id"], "spiffe://t.test/bot");
         assert_eq!(headers["x-mayfly-scopes"], "a:read,b:write");
         assert_eq!(headers["x-mayfly-serial"], "0a");

@@ -1,8 +1,12 @@
 //! `mayfly proxy`: an mTLS front for any service. Peers are verified in the handshake (chain,
 //! X509-SVID rules, allowed IDs, required scopes); in HTTP mode each request is then decided
-//! by route rules, in TCP mode bytes are piped once the handshake passed.
+//! by route rules, in TCP mode bytes are piped once the handshake passed. In HTTP mode a client
+//! without a certificate may authenticate each request with a bearer JWT-SVID instead
+//! (`--accept jwt`, [`bearer`]), decided by the same routes.
 
+pub mod bearer;
 pub(crate) mod http;
+pub mod replay;
 pub mod routes;
 
 use crate::id::ScopedId;
@@ -44,4 +48,5 @@ impl From<crate::mtls::VerifiedPeer> for PeerInfo {
 pub mod config;
 mod run;
 
-pub use run::{ProxyConfig, ProxyError, ProxyMode, RunningProxy, start};
+pub use bearer::BearerPolicy;
+pub use run::{Accept, ProxyConfig, ProxyError, ProxyMode, RunningProxy, start, start_with_jwt};

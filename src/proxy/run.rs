@@ -12,9 +12,11 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::PeerInfo;
+use super::bearer::{Bearer, BearerPolicy};
 use super::http::HttpProxy;
 use super::routes::Routes;
 use crate::mtls::{self, MtlsError, PeerPolicy, SvidSource};
+use crate::workload_client::JwtBundleSource;
 
 /// How long a client may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +45,29 @@ pub struct ProxyConfig {
     pub policy: PeerPolicy,
     /// Which of the proxy's own SVIDs to present; the first when `None`.
     pub own_id: Option<crate::id::SpiffeId>,
+    /// Which client credentials authenticate.
+    pub accept: Accept,
+}
+
+/// Which client credentials the proxy accepts (`--accept`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accept {
+    /// A client certificate (X509-SVID), verified in the handshake. With `jwt` too, the
+    /// certificate is optional: a client that presents one is verified and identified by it;
+    /// one that does not needs a bearer token on every request.
+    pub x509: bool,
+    /// Bearer JWT-SVIDs, in HTTP mode only.
+    pub jwt: Option<BearerPolicy>,
+}
+
+impl Default for Accept {
+    /// Client certificates only, as before bearer tokens existed.
+    fn default() -> Self {
+        Self {
+            x509: true,
+            jwt: None,
+        }
+    }
 }
 
 /// Why the proxy could not start.
@@ -59,6 +84,9 @@ pub enum ProxyError {
     /// TLS could not be configured.
     #[error(transparent)]
     Mtls(#[from] MtlsError),
+    /// Bearer tokens were asked for where they cannot be carried or checked.
+    #[error("{0}")]
+    Accept(&'static str),
 }
 
 /// A running proxy.
@@ -77,12 +105,60 @@ impl RunningProxy {
     }
 }
 
-/// Starts the proxy with its SVID and bundles from `source`.
+/// Starts the proxy with its SVID and bundles from `source`, accepting client certificates
+/// only (`config.accept` must not ask for bearer tokens; see [`start_with_jwt`]).
 ///
 /// # Errors
 /// [`ProxyError`] when the address cannot be bound or TLS cannot be configured.
 pub async fn start(config: ProxyConfig, source: SvidSource) -> Result<RunningProxy, ProxyError> {
-    let mut tls = mtls::server_config(&source, config.policy.clone())?;
+    start_inner(config, source, None).await
+}
+
+/// [`start`], validating the bearer tokens `config.accept` asks for against the JWT bundles
+/// of `jwt_bundles`.
+///
+/// # Errors
+/// [`ProxyError`] when the address cannot be bound, TLS cannot be configured, or the
+/// configuration accepts neither credential or bearer tokens in TCP mode.
+pub async fn start_with_jwt(
+    config: ProxyConfig,
+    source: SvidSource,
+    jwt_bundles: JwtBundleSource,
+) -> Result<RunningProxy, ProxyError> {
+    start_inner(config, source, Some(jwt_bundles)).await
+}
+
+async fn start_inner(
+    config: ProxyConfig,
+    source: SvidSource,
+    jwt_bundles: Option<JwtBundleSource>,
+) -> Result<RunningProxy, ProxyError> {
+    let bearer = match (&config.accept.jwt, jwt_bundles, &config.mode) {
+        (None, _, _) => None,
+        (Some(_), _, ProxyMode::Tcp) => {
+            return Err(ProxyError::Accept(
+                "bearer tokens travel in HTTP headers, so --accept jwt needs HTTP mode: give --route rules",
+            ));
+        }
+        (Some(_), None, _) => {
+            return Err(ProxyError::Accept(
+                "--accept jwt needs JWT bundles to validate tokens against; start the proxy with a JWT bundle source",
+            ));
+        }
+        (Some(policy), Some(bundles), ProxyMode::Http(_)) => {
+            Some(Bearer::new(policy.clone(), config.policy.clone(), bundles))
+        }
+    };
+    let mut tls = match (config.accept.x509, bearer.is_some()) {
+        (true, false) => mtls::server_config(&source, config.policy.clone())?,
+        (true, true) => mtls::server_config_optional_client(&source, config.policy.clone())?,
+        (false, true) => mtls::server_config_no_client_auth(&source)?,
+        (false, false) => {
+            return Err(ProxyError::Accept(
+                "the proxy accepts no credential: give --accept x509, jwt or x509,jwt",
+            ));
+        }
+    };
     if matches!(config.mode, ProxyMode::Http(_)) {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
@@ -98,7 +174,11 @@ pub async fn start(config: ProxyConfig, source: SvidSource) -> Result<RunningPro
         source,
     })?;
     let http = match &config.mode {
-        ProxyMode::Http(routes) => Some(Arc::new(HttpProxy::new(routes.clone(), config.upstream))),
+        ProxyMode::Http(routes) => Some(Arc::new(HttpProxy::new(
+            routes.clone(),
+            config.upstream,
+            bearer,
+        ))),
         ProxyMode::Tcp => None,
     };
     let (shutdown, mut stop) = watch::channel(false);
@@ -151,12 +231,13 @@ async fn handle(
             return;
         }
     };
-    let Some(peer) = mtls::peer_of(tls.get_ref().1).map(PeerInfo::from) else {
-        return;
-    };
-    match http {
-        Some(proxy) => proxy.serve_connection(Arc::new(peer), tls).await,
-        None => pipe(tls, peer, upstream).await,
+    // With --accept x509,jwt a client may present no certificate (then `peer` is `None` and
+    // each request needs a bearer token); with jwt alone none is asked for.
+    let peer = mtls::peer_of(tls.get_ref().1).map(PeerInfo::from);
+    match (http, peer) {
+        (Some(proxy), peer) => proxy.serve_connection(peer, tls).await,
+        (None, Some(peer)) => pipe(tls, peer, upstream).await,
+        (None, None) => {}
     }
 }
 
