@@ -52,6 +52,14 @@ pub enum WorkloadClientError {
     /// The agent answered without an SVID.
     #[error("the agent's answer held no SVID")]
     Empty,
+    /// The agent serves this workload other identities than the one asked for.
+    #[error("this workload has no SVID for {wanted}; the agent serves it: {served}")]
+    NotServed {
+        /// The SPIFFE ID asked for, escaped.
+        wanted: String,
+        /// The SPIFFE IDs served, comma-separated.
+        served: String,
+    },
     /// Writing the files failed.
     #[error(transparent)]
     File(#[from] FileError),
@@ -179,11 +187,24 @@ impl WorkloadSvid {
     }
 }
 
-/// The first SVID of the first FetchX509SVID message.
+/// The first SVID of the first FetchX509SVID message (the workload's default identity).
 ///
 /// # Errors
 /// [`WorkloadClientError`] when the agent refuses or sends nothing usable.
 pub async fn fetch_x509(channel: Channel) -> Result<WorkloadSvid, WorkloadClientError> {
+    fetch_x509_as(channel, None).await
+}
+
+/// The SVID with the SPIFFE ID `wanted` from the first FetchX509SVID message, or the first
+/// one when `None`.
+///
+/// # Errors
+/// [`WorkloadClientError`] when the agent refuses, sends nothing usable, or holds no SVID
+/// with that ID for this workload ([`WorkloadClientError::NotServed`]).
+pub async fn fetch_x509_as(
+    channel: Channel,
+    wanted: Option<&str>,
+) -> Result<WorkloadSvid, WorkloadClientError> {
     use crate::proto::workload::X509svidRequest;
     let mut stream = workload_api(channel)
         .fetch_x509svid(X509svidRequest {})
@@ -195,11 +216,21 @@ pub async fn fetch_x509(channel: Channel) -> Result<WorkloadSvid, WorkloadClient
         .await
         .map_err(WorkloadClientError::Refused)?
         .ok_or(WorkloadClientError::Empty)?;
-    let svid = message
-        .svids
-        .into_iter()
-        .next()
-        .ok_or(WorkloadClientError::Empty)?;
+    let served: Vec<String> = message.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    let svid = match wanted {
+        None => message.svids.into_iter().next(),
+        Some(id) => message.svids.into_iter().find(|s| s.spiffe_id == id),
+    };
+    let svid = match (svid, wanted) {
+        (Some(svid), _) => svid,
+        (None, None) => return Err(WorkloadClientError::Empty),
+        (None, Some(id)) => {
+            return Err(WorkloadClientError::NotServed {
+                wanted: crate::text::escape_bounded(id, 200).into_owned(),
+                served: served.join(", "),
+            });
+        }
+    };
     Ok(WorkloadSvid {
         spiffe_id: svid.spiffe_id,
         chain: split_der(&svid.x509_svid),

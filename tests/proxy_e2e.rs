@@ -321,11 +321,15 @@ fn mint(cluster: &Cluster, name: &str, id: &str, scopes: &[&str], ttl: Option<&s
     }
 }
 
-/// `mayfly svid fetch --write <cluster>/<name>`: the first identity SVID of this process.
-fn fetch(cluster: &Cluster, name: &str) -> Creds {
+/// `mayfly svid fetch --write <cluster>/<name> [--spiffe-id ID]`: an identity SVID of this
+/// process (its default one when `id` is `None`).
+fn fetch_as(cluster: &Cluster, name: &str, id: Option<&str>) -> Creds {
     let dir = cluster.path(name);
     let dir_text = dir.display().to_string();
-    let args = ["svid", "fetch", "--write", &dir_text, "--output", "json"];
+    let mut args = vec!["svid", "fetch", "--write", &dir_text, "--output", "json"];
+    if let Some(id) = id {
+        args.extend(["--spiffe-id", id]);
+    }
     let out = cluster.mayfly(&args);
     assert!(out.status.success(), "fetch failed: {}", stderr_of(&out));
     Creds::from_output(dir, &out)
@@ -584,7 +588,9 @@ async fn http_routes_let_each_scope_do_exactly_its_route_over_http1_and_http2() 
     curl(&proxy, &write, &[], "/customers").ok("403");
 
     // The identity SVID (no scopes) of the same entry can use no scoped route.
-    let identity = fetch(&cluster, "identity");
+    // This process matches the proxy's entry too, created first (so its default identity):
+    // the bot's is asked for by name.
+    let identity = fetch_as(&cluster, "identity", Some(BOT_ID));
     assert_eq!(identity.spiffe_id, BOT_ID);
     let before = upstream.count();
     let r = curl(&proxy, &identity, &[], "/customers");

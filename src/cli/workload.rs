@@ -43,8 +43,9 @@ pub enum SvidCommand {
     Fetch {
         #[command(flatten)]
         jwt: JwtArgs,
-        /// Which of this workload's identities (JWT only) [default: the first that matches].
-        #[arg(long, requires = "jwt")]
+        /// Which of this workload's identities [default: the first-created entry that
+        /// matches].
+        #[arg(long)]
         spiffe_id: Option<String>,
         #[command(flatten)]
         workload: WorkloadArgs,
@@ -109,7 +110,7 @@ pub async fn svid(cmd: SvidCommand, out: Printer) -> Result<()> {
                 no_write_for_jwt(&workload)?;
                 return super::workload_jwt::fetch(&path, audience, spiffe_id, out).await;
             }
-            let svid = wc::fetch_x509(wc::connect(&path).await?).await?;
+            let svid = wc::fetch_x509_as(wc::connect(&path).await?, spiffe_id.as_deref()).await?;
             (workload, svid)
         }
         SvidCommand::Validate {
