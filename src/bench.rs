@@ -26,6 +26,7 @@
 //! its settings).
 
 pub mod agent;
+pub mod attest;
 pub mod deploy;
 pub mod handshake;
 pub mod jwt;

@@ -116,6 +116,19 @@ enum BenchCommand {
     /// Entry sync: server time per entry of an agent's full list, and how fast a new or
     /// deleted entry reaches many workload streams.
     Sync(BenchSyncArgs),
+    /// Task mint latency and server CPU, quiet and during a flood of bad attestations from
+    /// one address.
+    AttestFlood(BenchAttestFloodArgs),
+}
+
+#[derive(Args)]
+struct BenchAttestFloodArgs {
+    /// Each window's measured part (quiet, then flood).
+    #[arg(long, default_value = "5s")]
+    duration: String,
+    /// Concurrent flooding connections.
+    #[arg(long, default_value_t = 4)]
+    flooders: usize,
 }
 
 #[derive(Args)]
@@ -304,6 +317,7 @@ async fn bench_command(cmd: BenchCommand, out: Printer) -> Result<()> {
     match cmd {
         BenchCommand::Issue(args) => bench_issue(args, out).await,
         BenchCommand::Task(args) => bench_task(args, out).await,
+        BenchCommand::AttestFlood(args) => bench_attest_flood(args, out).await,
         BenchCommand::Fetch(args) => bench_fetch(args, out).await,
         BenchCommand::Streams(args) => bench_streams(args, out).await,
         BenchCommand::Handshake(args) => bench_handshake(args, out).await,
@@ -364,6 +378,16 @@ fn print_report(report: &(impl serde::Serialize + std::fmt::Display), out: Print
     } else {
         out.line(report)
     }
+}
+
+async fn bench_attest_flood(args: BenchAttestFloodArgs, out: Printer) -> Result<()> {
+    let options = bench::attest::AttestFloodOptions {
+        duration: mayfly::duration::parse(&args.duration)?,
+        flooders: args.flooders,
+        ..Default::default()
+    };
+    let report = bench::attest::attest_flood_benchmark(options).await?;
+    print_report(&report, out)
 }
 
 async fn bench_task(args: BenchTaskArgs, out: Printer) -> Result<()> {

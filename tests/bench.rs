@@ -86,3 +86,29 @@ fn bench_sync_smoke() {
         assert!(report[phase]["p99_us"].as_f64().unwrap() > 0.0, "{report}");
     }
 }
+
+/// `mayfly bench attest-flood` with tiny numbers: mints go on during a flood of bad
+/// attestations, which is mostly throttled.
+#[test]
+fn bench_attest_flood_smoke() {
+    let out = Command::new(BIN)
+        .args(["--output", "json", "bench", "attest-flood"])
+        .args(["--duration", "1s", "--flooders", "2"])
+        .output()
+        .expect("run mayfly bench attest-flood");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench attest-flood failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    for window in ["quiet", "flood"] {
+        assert!(report[window]["minted"].as_u64().unwrap() > 0, "{report:#}");
+        assert_eq!(report[window]["errors"], 0, "{report:#}");
+    }
+    let attempts = report["attempts"].as_u64().unwrap();
+    let throttled = report["throttled"].as_u64().unwrap();
+    assert!(attempts > 0, "{report:#}");
+    assert!(
+        throttled * 2 > attempts,
+        "most of the flood is throttled: {report:#}"
+    );
+    assert!(report["p99_ratio"].as_f64().unwrap() > 0.0);
+}

@@ -491,7 +491,7 @@ fn level(
 }
 
 /// Keeps one MintX509SVID (or MintJWTSVID) in flight until `stop`.
-async fn mint_loop(
+pub(super) async fn mint_loop(
     mut api: wc::TaskApi,
     kind: MintKind,
     task_prefix: String,
