@@ -101,3 +101,34 @@ fn svid_mint_with_stdout_closed_is_a_quiet_exit() {
     // The mint itself happened: it is in the audit log.
     assert_eq!(cluster.audit_of_task("piped").len(), 1);
 }
+
+/// `svid fetch --spiffe-id` picks one of the workload's identities, and names the ones it has
+/// when asked for another.
+#[test]
+fn svid_fetch_picks_an_identity_by_its_spiffe_id() {
+    let cluster = cluster_serving_this_process();
+    let ok = cluster.mayfly(&[
+        "svid",
+        "fetch",
+        "--spiffe-id",
+        "spiffe://mayfly.local/agents/reader",
+        "--output",
+        "json",
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("spiffe://mayfly.local/agents/reader"));
+    let other = cluster.mayfly(&[
+        "svid",
+        "fetch",
+        "--spiffe-id",
+        "spiffe://mayfly.local/other",
+    ]);
+    assert!(!other.status.success());
+    let err = stderr(&other);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no SVID for spiffe://mayfly.local/other")
+            && err.contains("spiffe://mayfly.local/agents/reader"),
+        "{err}"
+    );
+}
