@@ -18,6 +18,7 @@ pub mod node;
 pub mod selector;
 pub mod unix;
 pub mod workload;
+pub mod x509pop;
 
 pub use node::{AttestError, NodeAttestor, NodeClaim};
 pub use selector::{Selector, SelectorError};
