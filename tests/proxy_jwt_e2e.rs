@@ -10,19 +10,15 @@
 //! tests/proxy_jwt_http.rs.
 
 mod common;
+#[path = "common/echo.rs"]
+mod echo;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::cluster::{BIN, Cluster, Proc, free_port};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use mayfly::proto::task::MintJwtsvidRequest;
-use tokio::net::TcpListener;
 
 const PROXY_ID: &str = "spiffe://mayfly.local/services/proxy";
 const BOT_ID: &str = "spiffe://mayfly.local/agents/billing-bot";
@@ -31,46 +27,6 @@ const WRITE: &str = "stripe:write:refunds";
 const ROUTE_READ: &str = "GET /customers stripe:read:customers";
 const ROUTE_WRITE: &str = "POST /refunds stripe:write:refunds";
 const AUDIENCE: &str = "https://refunds.internal";
-
-/// An HTTP/1.1 upstream answering `METHOD PATH`, then each `x-mayfly-*` header it got and
-/// `authorization: passed on` if that header reached it, sorted, one per line.
-async fn echo_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(|req: http::Request<Incoming>| async move {
-                        let mut lines: Vec<String> = req
-                            .headers()
-                            .iter()
-                            .filter(|(n, _)| n.as_str().starts_with("x-mayfly-"))
-                            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
-                            .collect();
-                        if req.headers().contains_key(http::header::AUTHORIZATION) {
-                            lines.push("authorization: passed on".into());
-                        }
-                        lines.sort();
-                        let body = format!(
-                            "{} {}\n{}\n",
-                            req.method(),
-                            req.uri().path(),
-                            lines.join("\n")
-                        );
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// A server and an agent; the proxy's entry (`--dns localhost`, for curl) and the bot's, with
 /// both scopes, all for uid 0.
@@ -233,7 +189,7 @@ fn echoed(method_path: &str, scopes: &str, credential: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_minted_task_jwts_are_decided_by_the_routes_and_refused_with_reasons() {
     let cluster = cluster();
-    let upstream = echo_upstream().await;
+    let upstream = echo::echo_upstream().await;
     let proxy = Proxy::start(
         &cluster,
         "proxy",
@@ -354,7 +310,7 @@ async fn agent_minted_task_jwts_are_decided_by_the_routes_and_refused_with_reaso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_use_refuses_a_replayed_agent_token_until_it_expires() {
     let cluster = cluster();
-    let upstream = echo_upstream().await;
+    let upstream = echo::echo_upstream().await;
     let proxy = Proxy::start(
         &cluster,
         "proxy-once",
@@ -462,7 +418,7 @@ async fn a_running_proxy_accepts_tokens_of_the_next_ca_key_after_a_rotation() {
         BOT_ID,
         &["--selector", "unix:uid:0", "--scope", READ, "--ttl", "6s"],
     );
-    let upstream = echo_upstream().await;
+    let upstream = echo::echo_upstream().await;
     let proxy = Proxy::start(
         &cluster,
         "proxy-rotation",

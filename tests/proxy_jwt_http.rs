@@ -5,7 +5,9 @@
 //! be provoked with a token made for it; the end-to-end test with the agent's tokens is in
 //! tests/proxy_jwt_e2e.rs. Every refusal has its positive control on the same proxy.
 
-use std::convert::Infallible;
+#[path = "common/echo.rs"]
+mod echo;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,8 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mayfly::id::{ScopedId, SpiffeId, TrustDomain};
 use mayfly::jwt::{Claims, JwtBundle, JwtBundles, JwtSigner, TokenKind};
@@ -29,7 +30,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 const TD: &str = "t.test";
@@ -142,46 +143,6 @@ fn forged(header: &str, claims: &str, signature: &[u8]) -> String {
     )
 }
 
-/// An HTTP/1.1 upstream that answers `METHOD PATH`, each `x-mayfly-*` header it got, and
-/// `authorization: passed on` if the Authorization header reached it.
-async fn echo_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(|req: http::Request<Incoming>| async move {
-                        let mut lines: Vec<String> = req
-                            .headers()
-                            .iter()
-                            .filter(|(n, _)| n.as_str().starts_with("x-mayfly-"))
-                            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
-                            .collect();
-                        if req.headers().contains_key(http::header::AUTHORIZATION) {
-                            lines.push("authorization: passed on".into());
-                        }
-                        lines.sort();
-                        let body = format!(
-                            "{} {}\n{}\n",
-                            req.method(),
-                            req.uri().path(),
-                            lines.join("\n")
-                        );
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 struct Fixture {
     ca: Ca,
     signer: JwtSigner,
@@ -199,7 +160,7 @@ async fn fixture(x509: bool, single_use: bool) -> Fixture {
     let jwt = JwtBundleSource::fixed(bundles_of(&[&signer]));
     let config = ProxyConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        upstream: echo_upstream().await,
+        upstream: echo::echo_upstream().await,
         mode: ProxyMode::Http(Routes::parse(&ROUTES).unwrap()),
         policy: PeerPolicy::any_id(),
         own_id: None,
