@@ -22,31 +22,12 @@ fn stdout(o: &Output) -> String {
 fn serving_cluster() -> Cluster {
     let mut cluster = Cluster::start();
     cluster.start_agent();
-    let uid = nix::unistd::getuid().as_raw().to_string();
-    cluster.create_entry(
+    cluster.create_entry_for_this_process(
         "spiffe://mayfly.local/agents/reader",
-        &[
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--scope",
-            "db:read",
-            "--scope",
-            "db:write",
-        ],
+        &["--scope", "db:read", "--scope", "db:write"],
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "warm-up"]);
-        if out.status.success() {
-            return cluster;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never served: {}",
-            stderr(&out)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.ok_eventually(&["svid", "fetch", "--jwt", "--audience", "warm-up"]);
+    cluster
 }
 
 fn mint(cluster: &Cluster, extra: &[&str]) -> Output {
@@ -438,26 +419,23 @@ fn a_ca_from_before_jwt_svids_gets_its_key_at_the_next_start_and_keeps_it() {
 
     // And it signs: an agent mints a task JWT that validates.
     cluster.start_agent();
-    let uid = nix::unistd::getuid().as_raw().to_string();
-    cluster.create_entry(
+    cluster.create_entry_for_this_process(
         "spiffe://mayfly.local/agents/reader",
-        &[
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--scope",
-            "db:read",
-        ],
+        &["--scope", "db:read"],
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let token = loop {
-        let out = mint(&cluster, &["--audience", "api", "--scope", "db:read"]);
-        if out.status.success() {
-            break stdout(&out).trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "{}", stderr(&out));
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(vec![kid_of(&token)], attached);
+    let token = cluster.ok_eventually(&[
+        "svid",
+        "mint",
+        "--jwt",
+        "--task",
+        "t-1",
+        "--audience",
+        "api",
+        "--scope",
+        "db:read",
+    ]);
+    let token = token.trim();
+    assert_eq!(vec![kid_of(token)], attached);
 }
 
 /// The `spiffe` crate (rust-spiffe), unchanged: fetches the identity JWT-SVID and the JWT
@@ -506,27 +484,14 @@ fn the_spiffe_crate_fetches_verifies_and_validates_jwt_svids() {
 fn an_entrys_jwt_ttl_and_hint_shape_its_identity_tokens() {
     let mut cluster = Cluster::start();
     cluster.start_agent();
-    let uid = nix::unistd::getuid().as_raw().to_string();
-    cluster.create_entry(
+    cluster.create_entry_for_this_process(
         "spiffe://mayfly.local/agents/brief",
-        &[
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--jwt-ttl",
-            "90s",
-            "--hint",
-            "billing",
-        ],
+        &["--jwt-ttl", "90s", "--hint", "billing"],
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let token = loop {
-        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "api"]);
-        if out.status.success() {
-            break stdout(&out).trim().to_owned();
-        }
-        assert!(Instant::now() < deadline, "{}", stderr(&out));
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let token = cluster
+        .ok_eventually(&["svid", "fetch", "--jwt", "--audience", "api"])
+        .trim()
+        .to_owned();
     let valid: serde_json::Value = serde_json::from_str(&cluster.ok(&[
         "svid",
         "validate",

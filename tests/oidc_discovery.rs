@@ -183,29 +183,14 @@ fn pyjwt_verifies_minted_tokens_through_discovery_across_a_rotation_and_refuses_
     let (mut cluster, issuer) = discovery_cluster();
     let ca = cluster.path("bundle.pem");
     cluster.start_agent();
-    let uid = nix::unistd::getuid().as_raw().to_string();
-    cluster.create_entry(
+    cluster.create_entry_for_this_process(
         "spiffe://mayfly.local/agents/reader",
-        &[
-            "--selector",
-            &format!("unix:uid:{uid}"),
-            "--scope",
-            "db:read",
-        ],
+        &["--scope", "db:read"],
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let identity = loop {
-        let out = cluster.mayfly(&["svid", "fetch", "--jwt", "--audience", "vault"]);
-        if out.status.success() {
-            break text(&out.stdout).trim().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never served: {}",
-            text(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let identity = cluster
+        .ok_eventually(&["svid", "fetch", "--jwt", "--audience", "vault"])
+        .trim()
+        .to_owned();
     let task = cluster.ok(&[
         "svid",
         "mint",

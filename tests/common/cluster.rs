@@ -227,6 +227,33 @@ impl Cluster {
         v["id"].as_str().expect("entry id").to_owned()
     }
 
+    /// Registers an entry under the agent for this test process (its uid), with `extra` flags,
+    /// and returns its ID.
+    pub fn create_entry_for_this_process(&self, spiffe_id: &str, extra: &[&str]) -> String {
+        let uid = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+        let mut args = vec!["--selector", &uid];
+        args.extend_from_slice(extra);
+        self.create_entry(spiffe_id, &args)
+    }
+
+    /// Runs `mayfly` with `args` until it succeeds (the agent may not serve a new entry yet)
+    /// and returns its stdout; fails the test with the last error after 15 s.
+    pub fn ok_eventually(&self, args: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = self.mayfly(args);
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mayfly {args:?} never succeeded: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The audit records of `task`, as JSON values.
     pub fn audit_of_task(&self, task: &str) -> Vec<serde_json::Value> {
         let out = self.ok(&["audit", "list", "--task", task, "--output", "json"]);
