@@ -11,7 +11,7 @@ use std::time::UNIX_EPOCH;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::endpoint::{self, EndpointError};
+use super::endpoint::{self, EndpointError, WorkloadPeer};
 use super::link::ServerLink;
 use super::state::{AgentEntry, Snapshot, SnapshotRx};
 use super::workload_api::wait_ready;
@@ -36,6 +36,23 @@ impl TaskApi {
             link,
             stop,
         }
+    }
+}
+
+impl TaskApi {
+    /// The caller, and its entry named `wanted` (see [`choose_entry`]), once the agent is
+    /// ready: what every mint starts with.
+    async fn caller_and_entry<T>(
+        &self,
+        request: &Request<T>,
+        wanted: &str,
+    ) -> Result<(WorkloadPeer, Arc<AgentEntry>), EndpointError> {
+        let peer = endpoint::caller(request)?;
+        let mut snapshot = self.snapshot.clone();
+        let mut stop = self.stop.clone();
+        let ready = wait_ready(&mut snapshot, &mut stop).await?;
+        let entry = choose_entry(&ready, peer.selectors(), wanted)?;
+        Ok((peer, entry))
     }
 }
 
@@ -74,12 +91,10 @@ impl pb::task_server::Task for TaskApi {
         &self,
         request: Request<pb::MintX509svidRequest>,
     ) -> Result<Response<pb::MintX509svidResponse>, Status> {
-        let peer = endpoint::caller(&request)?;
+        let (peer, entry) = self
+            .caller_and_entry(&request, &request.get_ref().spiffe_id)
+            .await?;
         let ask = request.into_inner();
-        let mut snapshot = self.snapshot.clone();
-        let mut stop = self.stop.clone();
-        let ready = wait_ready(&mut snapshot, &mut stop).await?;
-        let entry = choose_entry(&ready, peer.selectors(), &ask.spiffe_id)?;
         let minted = self
             .link
             .mint_task(&entry, &ask.task_id, &ask.scopes, ask.ttl_seconds)
@@ -106,12 +121,10 @@ impl pb::task_server::Task for TaskApi {
         &self,
         request: Request<pb::MintJwtsvidRequest>,
     ) -> Result<Response<pb::MintJwtsvidResponse>, Status> {
-        let peer = endpoint::caller(&request)?;
+        let (peer, entry) = self
+            .caller_and_entry(&request, &request.get_ref().spiffe_id)
+            .await?;
         let ask = request.into_inner();
-        let mut snapshot = self.snapshot.clone();
-        let mut stop = self.stop.clone();
-        let ready = wait_ready(&mut snapshot, &mut stop).await?;
-        let entry = choose_entry(&ready, peer.selectors(), &ask.spiffe_id)?;
         let minted = self
             .link
             .mint_task_jwt(

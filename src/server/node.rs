@@ -213,6 +213,22 @@ impl NodeService {
         tokio::join!(self.lookup_agent(peer), entry)
     }
 
+    /// The calling agent's entry `entry_id`, for an issuance: the agent's standing first, then
+    /// `request_checks` (the request's own fields), then the entry, so refusals come in that
+    /// order whatever is issued. `event` learns the agent and the entry.
+    async fn issuance_entry(
+        &self,
+        peer: Option<&VerifiedPeer>,
+        entry_id: &str,
+        event: &mut AuditEvent,
+        request_checks: impl FnOnce() -> Result<(), Refusal>,
+    ) -> Result<Entry, NodeError> {
+        let (agent, entry) = self.lookup_agent_and_entry(peer, entry_id).await;
+        let agent = self.check_agent(peer, agent, Some(event)).await?;
+        request_checks()?;
+        self.entry_for(entry_id, entry, &agent.spiffe_id, event)
+    }
+
     /// Signs an SVID for `id` with the current CA; of the CSR only the public key is used.
     fn sign(
         &self,
@@ -650,14 +666,11 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         let mut event = event(AuditAction::SvidIdentity);
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
-            let (agent, entry) = self
-                .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
-                .await;
-            let agent = self
-                .check_agent(peer.as_deref(), agent, Some(&mut event))
+            let entry = self
+                .issuance_entry(peer.as_deref(), &req.entry_id, &mut event, || {
+                    Self::check_csr_size(&req.csr)
+                })
                 .await?;
-            Self::check_csr_size(&req.csr)?;
-            let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
             let (id, ttl) = self.state.policy.identity_grant(&entry)?;
             let issued = self
                 .issue_audited(&id, &req.csr, ttl, &entry.dns_names, event.clone())
@@ -690,15 +703,12 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         let mut event = task_event(AuditAction::SvidTask, &req.task_id, &req.scopes);
         let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
-            let (agent, entry) = self
-                .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
-                .await;
-            let agent = self
-                .check_agent(peer.as_deref(), agent, Some(&mut event))
+            let entry = self
+                .issuance_entry(peer.as_deref(), &req.entry_id, &mut event, || {
+                    check_task_id(&req.task_id)?;
+                    Self::check_csr_size(&req.csr)
+                })
                 .await?;
-            check_task_id(&req.task_id)?;
-            Self::check_csr_size(&req.csr)?;
-            let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
             let (id, ttl) = self
                 .state
                 .policy

@@ -67,14 +67,11 @@ impl NodeService {
         let req = request.into_inner();
         let mut event = event(AuditAction::JwtIdentity);
         let result: Result<Minted, NodeError> = async {
-            let (agent, entry) = self
-                .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
-                .await;
-            let agent = self
-                .check_agent(peer.as_deref(), agent, Some(&mut event))
+            let entry = self
+                .issuance_entry(peer.as_deref(), &req.entry_id, &mut event, || {
+                    check_audience(&req.audience)
+                })
                 .await?;
-            check_audience(&req.audience)?;
-            let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
             let (id, _) = self.state.policy.identity_grant(&entry)?;
             // The entry's JWT TTL (0: the default), never past what the CA lifecycle keeps a
             // JWT key published for.
@@ -99,15 +96,12 @@ impl NodeService {
         let req = request.into_inner();
         let mut event = task_event(AuditAction::JwtTask, &req.task_id, &req.scopes);
         let result: Result<Minted, NodeError> = async {
-            let (agent, entry) = self
-                .lookup_agent_and_entry(peer.as_deref(), &req.entry_id)
-                .await;
-            let agent = self
-                .check_agent(peer.as_deref(), agent, Some(&mut event))
+            let entry = self
+                .issuance_entry(peer.as_deref(), &req.entry_id, &mut event, || {
+                    check_task_id(&req.task_id)?;
+                    check_audience(&req.audience)
+                })
                 .await?;
-            check_task_id(&req.task_id)?;
-            check_audience(&req.audience)?;
-            let entry = self.entry_for(&req.entry_id, entry, &agent.spiffe_id, &mut event)?;
             let (id, ttl) = self
                 .state
                 .policy
