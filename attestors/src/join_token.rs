@@ -5,7 +5,9 @@
 //! SHA-256; the node ID is the first 32 hex digits of that hash, so `mayfly token generate`
 //! can print the agent's SPIFFE ID up front and nobody can work back from the ID to the token.
 
-use crate::node::{AttestError, NodeAttestor, NodeClaim};
+use std::time::SystemTime;
+
+use crate::node::{AttestError, Begun, NodeAttestor, NodeClaim, NodeEvidence};
 
 /// The attestor's name.
 pub const NAME: &str = "join_token";
@@ -64,10 +66,21 @@ impl NodeAttestor for JoinTokenAttestor {
         NAME
     }
 
-    fn verify(&self, evidence: &[u8]) -> Result<NodeClaim, AttestError> {
-        let malformed = |reason| AttestError::Malformed {
+    fn begin(&self, evidence: &[u8], _now: SystemTime) -> Result<Begun, AttestError> {
+        self.verify(evidence).map(Begun::Claim)
+    }
+}
+
+impl JoinTokenAttestor {
+    /// Checks the token's form and derives the claim it makes: the secret's hash, for the
+    /// server to consume, and the node ID.
+    ///
+    /// # Errors
+    /// [`AttestError::Malformed`] when the evidence is not a join token.
+    pub fn verify(&self, evidence: &[u8]) -> Result<NodeClaim, AttestError> {
+        let malformed = |reason: &str| AttestError::Malformed {
             attestor: NAME,
-            reason,
+            reason: reason.to_owned(),
         };
         if evidence.len() != TOKEN_BYTES * 2 {
             return Err(malformed("a join token is 64 hexadecimal digits"));
@@ -85,6 +98,40 @@ impl NodeAttestor for JoinTokenAttestor {
             secret_hash,
             node_id,
         })
+    }
+}
+
+/// The agent side: the token the operator handed over.
+#[derive(Clone)]
+pub struct JoinTokenEvidence {
+    token: String,
+}
+
+impl JoinTokenEvidence {
+    /// Evidence carrying `token`.
+    pub fn new(token: String) -> Self {
+        Self { token }
+    }
+}
+
+impl std::fmt::Debug for JoinTokenEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret stays out of logs and debug output.
+        f.write_str("JoinTokenEvidence")
+    }
+}
+
+impl NodeEvidence for JoinTokenEvidence {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn evidence(&self) -> Result<Vec<u8>, AttestError> {
+        Ok(self.token.as_bytes().to_vec())
+    }
+
+    fn can_reattest(&self) -> bool {
+        false
     }
 }
 

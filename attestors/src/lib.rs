@@ -20,8 +20,11 @@ pub mod unix;
 pub mod workload;
 pub mod x509pop;
 
-pub use node::{AttestError, NodeAttestor, NodeClaim};
-pub use selector::{Selector, SelectorError};
+pub use node::{
+    AttestError, Begun, Challenge, MAX_EVIDENCE, NodeAttestor, NodeClaim, NodeEvidence, ProvenNode,
+    SingleUse,
+};
+pub use selector::{Selector, SelectorClass, SelectorError};
 pub use unix::peer::{PeerError, PeerProcess};
 pub use unix::{UnixAttestor, UnixAttestorConfig};
 pub use workload::{PeerCredentials, WorkloadAttestError, WorkloadAttestor};

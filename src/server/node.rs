@@ -504,7 +504,12 @@ impl pb::node_server::Node for NodeService {
             let NodeClaim::SingleUseSecret {
                 secret_hash,
                 node_id,
-            } = claim;
+            } = claim
+            else {
+                return Err(
+                    Refusal::Invalid("a join token proves a single-use secret".into()).into(),
+                );
+            };
             let agent_id = self
                 .state
                 .policy
