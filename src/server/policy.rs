@@ -206,7 +206,10 @@ impl IssuancePolicy {
         }
     }
 
-    /// Checks that `entry` exists and belongs to `agent`.
+    /// Checks that `entry` exists and belongs to `agent`: its parent is the agent, or a node
+    /// group the agent is in. `groups` are the node entries whose SPIFFE ID is the entry's
+    /// parent (none are needed when the parent is the agent); the agent is in the group when
+    /// one of them is a node entry of this server whose selectors the agent all has.
     ///
     /// # Errors
     /// [`Refusal::EntryNotAuthorized`].
@@ -214,10 +217,17 @@ impl IssuancePolicy {
         &self,
         entry_id: &str,
         entry: Option<&'e Entry>,
-        agent: &SpiffeId,
+        agent: &AgentRecord,
+        groups: &[Entry],
     ) -> Result<&'e Entry, Refusal> {
+        let server = crate::wire::server_id(&self.trust_domain);
+        let member = |e: &Entry| {
+            groups.iter().any(|g| {
+                g.spiffe_id == e.parent_id && g.parent_id == server && agent.is_member_of(g)
+            })
+        };
         match entry {
-            Some(e) if &e.parent_id == agent => Ok(e),
+            Some(e) if e.parent_id == agent.spiffe_id || member(e) => Ok(e),
             _ => Err(Refusal::EntryNotAuthorized(entry_id.to_owned())),
         }
     }
