@@ -375,3 +375,168 @@ async fn get_agent_shows_node_selectors_and_groups() {
     expect_code(missing, Code::NotFound);
     store.close().await;
 }
+
+/// As an operator and a workload see it, with real processes: `mayfly server run`, `mayfly
+/// agent run` (joined by a join token; its node selectors then given through the store as a
+/// re-attestation would, see the top of this file), the `mayfly` CLI, and this test process as
+/// the workload minting on the agent's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_groups_nodes_and_a_real_agent_serves_the_group_entry() {
+    use common::cluster::Cluster;
+    use std::time::{Duration, Instant};
+
+    let mut cluster = Cluster::start();
+    cluster.start_agent();
+    let store = SqliteStore::open(&cluster.path(".mayfly/server/mayfly.sqlite"))
+        .await
+        .unwrap();
+    let agent_id = mayfly::id::SpiffeId::parse(&cluster.agent_id).unwrap();
+    let mut record = store.get_agent(&agent_id).await.unwrap().expect("attested");
+    record.node_selectors = vec![Selector::parse(CN_WEB1).unwrap()];
+    assert!(store.reattest_agent(&record).await.unwrap());
+
+    let json = |out: String| -> serde_json::Value { serde_json::from_str(&out).expect("json") };
+    let node = json(cluster.ok(&[
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        GROUP,
+        "--selector",
+        CN_WEB1,
+        "--output",
+        "json",
+    ]));
+    assert_eq!(node["node"], true);
+    assert_eq!(node["parent_id"], "spiffe://mayfly.local/mayfly/server");
+    let uid = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+    let shop = json(cluster.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://mayfly.local/workloads/shop",
+        "--parent-id",
+        GROUP,
+        "--selector",
+        &uid,
+        "--scope",
+        "orders:read",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(shop["node"], false);
+
+    // The agent serves the group's entry: this process mints a task SVID from it.
+    let mint = || cluster.mayfly(&["svid", "mint", "--task", "t-1", "--scope", "orders:read"]);
+    let minted = cluster.ok_eventually(&[
+        "svid",
+        "mint",
+        "--task",
+        "t-1",
+        "--scope",
+        "orders:read",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        minted.contains("spiffe://mayfly.local/workloads/shop/scope/orders.read"),
+        "{minted}"
+    );
+
+    // The operator sees the agent's selectors and groups, and which entries are node entries.
+    let shown = json(cluster.ok(&["agent", "show", &cluster.agent_id, "--output", "json"]));
+    assert_eq!(
+        shown["agent"]["node_selectors"],
+        serde_json::json!([CN_WEB1])
+    );
+    assert_eq!(shown["node_groups"][0]["spiffe_id"], GROUP);
+    let text = cluster.ok(&["agent", "show", &cluster.agent_id]);
+    assert!(
+        text.contains(&format!("Node groups:\n  {GROUP} (node entry ")),
+        "{text}"
+    );
+    let list = cluster.ok(&["entry", "list"]);
+    let node_row = list
+        .lines()
+        .find(|l| l.contains(GROUP) && !l.contains("/workloads/"));
+    assert!(node_row.is_some_and(|l| l.contains(" node ")), "{list}");
+
+    // Bad input at the operator's door: one sentence each, nothing stored.
+    let before = cluster.ok(&["entry", "list", "--output", "json"]);
+    for (args, needle) in [
+        (
+            vec![
+                "--node",
+                "--spiffe-id",
+                "spiffe://mayfly.local/nodes/db",
+                "--selector",
+                "unix:uid:0",
+            ],
+            "a node entry takes only node selectors",
+        ),
+        (
+            vec![
+                "--node",
+                "--spiffe-id",
+                "spiffe://mayfly.local/nodes/db",
+                "--selector",
+                CN_WEB1,
+                "--scope",
+                "a:b",
+            ],
+            "takes no --scope",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://mayfly.local/w/x",
+                "--parent-id",
+                &cluster.agent_id,
+                "--selector",
+                CN_WEB1,
+            ],
+            "only a node entry may name",
+        ),
+    ] {
+        let mut full = vec!["entry", "create"];
+        full.extend(args);
+        let out = cluster.mayfly(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{full:?}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(cluster.ok(&["entry", "list", "--output", "json"]), before);
+
+    // Deleting the node entry takes the group's entry from the agent within a sync round:
+    // minting is refused from then on (the same mint succeeds just before: the control).
+    let control = mint();
+    assert!(
+        control.status.success(),
+        "{}",
+        String::from_utf8_lossy(&control.stderr)
+    );
+    cluster.ok(&["entry", "delete", node["id"].as_str().unwrap()]);
+    let deleted = Instant::now();
+    loop {
+        let out = mint();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("no registration entry matches"), "{err}");
+            println!("refused: {}", err.trim());
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "the agent still serves the group's entry"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "group entry withdrawn from the agent {} ms after its node entry was deleted",
+        deleted.elapsed().as_millis()
+    );
+    let shown = json(cluster.ok(&["agent", "show", &cluster.agent_id, "--output", "json"]));
+    assert_eq!(shown["node_groups"], serde_json::json!([]));
+    store.close().await;
+}

@@ -180,6 +180,12 @@ pub(crate) async fn parents_of(
 /// request is `req` and whose server's bundle is `bundle` (its CA certificates and JWT keys).
 /// The agent gets the entries under its own ID and under its node groups'.
 ///
+/// The agent's record is read again after the revisions, not taken from `record` (read when
+/// the call began, or long before for a held call): a re-attestation that changed its node
+/// selectors is then either seen here, or committed after this pass's revision, so its resync
+/// revision is above what this pass gives the agent and the next pass is full. Either way the
+/// agent cannot keep entries of a group it left, nor miss those of one it joined.
+///
 /// # Errors
 /// [`EntrySyncError::BadPageToken`] for a token this server did not hand out;
 /// [`EntrySyncError::Store`] when the store fails.
@@ -191,8 +197,16 @@ pub(crate) async fn page(
 ) -> Result<pb::ListEntriesResponse, EntrySyncError> {
     let agent = &record.spiffe_id;
     let first = req.page_token.is_empty();
-    let mut token = if first {
-        let revisions = store.entry_revisions().await?;
+    let revisions = if first {
+        Some(store.entry_revisions().await?)
+    } else {
+        None
+    };
+    // Evicted meanwhile: the record the call began with still names its own entries, and the
+    // agent's next call is refused anyway.
+    let fresh = store.get_agent(agent).await?;
+    let record = fresh.as_ref().unwrap_or(record);
+    let mut token = if let Some(revisions) = revisions {
         let known = req.known_revision;
         // A new agent, one behind the prune horizon (it may have missed deletions), one ahead
         // of the store (a database restored from backup), or one whose node groups may have
