@@ -22,6 +22,10 @@ enum Mode {
     Silent,
     /// A chunked body.
     Chunked,
+    /// Bodies without a Content-Length, ended by closing the connection.
+    NoLength,
+    /// A session token that would add a header line to the next request.
+    InjectingToken,
 }
 
 struct FakeImds {
@@ -98,6 +102,9 @@ fn serve(
     };
     let reply = match (method, path) {
         ("PUT", "/latest/api/token") => match ttl.as_deref().map(str::parse::<u32>) {
+            Some(Ok(1..=21600)) if mode == Mode::InjectingToken => {
+                answer("200 OK", &format!("{TOKEN}\r\nX-Injected: 1"))
+            }
             Some(Ok(1..=21600)) => answer("200 OK", TOKEN),
             _ => answer("400 Bad Request", ""),
         },
@@ -114,6 +121,9 @@ fn serve(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{document}\r\n0\r\n\r\n",
             document.len()
         ),
+        ("GET", "/latest/dynamic/instance-identity/document") if mode == Mode::NoLength => {
+            format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{document}")
+        }
         ("GET", "/latest/dynamic/instance-identity/document") => answer("200 OK", document),
         ("GET", "/latest/dynamic/instance-identity/signature") => answer("200 OK", signature),
         _ => answer("404 Not Found", ""),
@@ -271,4 +281,27 @@ fn base_urls_are_http_host_and_port_only() {
             "{bad:?}"
         );
     }
+}
+
+#[test]
+fn a_body_ended_by_the_connections_close_is_read_whole() {
+    let (imds, attestor, now) = fixture();
+    let agent = AwsIidEvidence::imds(&imds.url).unwrap();
+    let with_length = agent.evidence().unwrap();
+    imds.set(Mode::NoLength);
+    let at_close = agent.evidence().unwrap();
+    assert_eq!(at_close, with_length);
+    assert_eq!(attestor.verify(&at_close, now).unwrap().node_id, NODE_ID);
+}
+
+#[test]
+fn a_session_token_that_would_inject_a_header_is_refused() {
+    let (imds, _, _) = fixture();
+    let agent = AwsIidEvidence::imds(&imds.url).unwrap();
+    assert!(agent.evidence().is_ok());
+    imds.set(Mode::InjectingToken);
+    assert!(unavailable(&agent).contains("not one line of printable text"));
+    // The token was refused before any read was sent with it.
+    let seen = imds.seen.lock().unwrap();
+    assert_eq!(seen.last().map(|(m, _, _)| m.as_str()), Some("PUT"));
 }
