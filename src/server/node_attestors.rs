@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mayfly_attestors::NodeAttestor;
+use mayfly_attestors::aws_iid::{self, AwsIidAttestor, AwsIidConfigError};
 use mayfly_attestors::join_token::JoinTokenAttestor;
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
 use rustls_pki_types::CertificateDer;
@@ -36,6 +37,12 @@ pub enum NodeAttestorsError {
         /// Why it was refused.
         source: x509pop::X509PopError,
     },
+    /// The aws_iid certificates or maximum age are not usable.
+    #[error("node_attestors.aws_iid: {0}")]
+    AwsIid(#[source] AwsIidConfigError),
+    /// The aws_iid maximum document age is not a duration.
+    #[error("node_attestors.aws_iid.max_document_age: {0}")]
+    AwsIidAge(#[source] crate::duration::DurationError),
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -44,6 +51,9 @@ pub enum NodeAttestorsError {
 pub struct NodeAttestorsSettings {
     /// `[node_attestors.x509pop]`.
     pub x509pop: Option<X509PopSettings>,
+    /// `[node_attestors.aws_iid]` (boxed: the server's settings are held in the CLI's command
+    /// enum, which clippy keeps small).
+    pub aws_iid: Option<Box<AwsIidSettings>>,
 }
 
 /// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
@@ -52,6 +62,19 @@ pub struct NodeAttestorsSettings {
 pub struct X509PopSettings {
     /// The PEM CA certificates node certificates must chain to.
     pub ca_bundle: PathBuf,
+}
+
+/// `[node_attestors.aws_iid]`: EC2 instances prove their instance identity document, signed
+/// by AWS.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsIidSettings {
+    /// PEM files of AWS's RSA certificates (the ones for the base64 `signature`), one per
+    /// region the instances run in, or several in one file.
+    pub certificates: Vec<PathBuf>,
+    /// The oldest `pendingTime` accepted, e.g. `"5m"`: instances attest within this time of
+    /// their launch (or start).
+    pub max_document_age: String,
 }
 
 /// The node attestors a server accepts, by name.
@@ -90,6 +113,17 @@ impl NodeAttestors {
                     source,
                 })?;
             attestors.add(Arc::new(verifier));
+        }
+        if let Some(aws) = &settings.aws_iid {
+            let mut certificates = Vec::new();
+            for path in &aws.certificates {
+                certificates.extend(read_certs(aws_iid::NAME, path)?);
+            }
+            let age = crate::duration::parse(&aws.max_document_age)
+                .map_err(NodeAttestorsError::AwsIidAge)?;
+            let attestor =
+                AwsIidAttestor::new(certificates, age).map_err(NodeAttestorsError::AwsIid)?;
+            attestors.add(Arc::new(attestor));
         }
         Ok(attestors)
     }

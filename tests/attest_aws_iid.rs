@@ -1,0 +1,293 @@
+//! The `aws_iid` node attestor end to end, with real processes: `mayfly server run` trusting an
+//! AWS-style certificate from its TOML file (`[node_attestors.aws_iid]`), `mayfly agent run
+//! --attestor aws_iid` with an instance identity document and its signature in files, the
+//! `mayfly` CLI as the operator, and this test process as the workload. The certificate and
+//! the signatures are made by `openssl` here, as AWS's documentation verifies them
+//! (`openssl dgst -sha256`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::cluster::{BIN, Cluster, Proc, wait_for_path};
+use tempfile::TempDir;
+
+const INSTANCE: &str = "i-0aa11bb22cc33dd44";
+const AGENT_ID: &str =
+    "spiffe://mayfly.local/mayfly/agent/aws_iid/123456789012/us-east-1/i-0aa11bb22cc33dd44";
+const GROUP: &str = "spiffe://mayfly.local/nodes/aws-prod";
+
+/// A stand-in for AWS: a self-signed RSA certificate (PEM, for the server) and its key.
+struct Aws {
+    dir: TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+impl Aws {
+    fn new() -> Self {
+        let dir = TempDir::new().unwrap();
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test AWS",
+                "-newkey",
+                "rsa:2048",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+            ],
+        );
+        Self { dir }
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    /// Writes `document` and this AWS's base64 signature of it as `<name>.json` and
+    /// `<name>.sig`, and returns their paths.
+    fn sign(&self, name: &str, document: &str) -> (PathBuf, PathBuf) {
+        let doc = self.dir.path().join(format!("{name}.json"));
+        std::fs::write(&doc, document).unwrap();
+        let bin = format!("{name}.bin");
+        openssl(
+            self.dir.path(),
+            &[
+                "dgst",
+                "-sha256",
+                "-sign",
+                "key.pem",
+                "-out",
+                &bin,
+                doc.to_str().unwrap(),
+            ],
+        );
+        let signature = openssl(self.dir.path(), &["base64", "-in", &bin]);
+        let sig = self.dir.path().join(format!("{name}.sig"));
+        std::fs::write(&sig, signature).unwrap();
+        (doc, sig)
+    }
+}
+
+/// An instance identity document as the metadata service serves it, launched `age` ago.
+fn document(instance_id: &str, age: Duration) -> String {
+    let pending = humantime::format_rfc3339_seconds(SystemTime::now() - age);
+    format!(
+        r#"{{
+  "accountId" : "123456789012",
+  "architecture" : "x86_64",
+  "availabilityZone" : "us-east-1a",
+  "imageId" : "ami-0abcdef1234567890",
+  "instanceId" : "{instance_id}",
+  "instanceType" : "t3.micro",
+  "pendingTime" : "{pending}",
+  "privateIp" : "10.0.1.17",
+  "region" : "us-east-1",
+  "version" : "2017-09-30"
+}}"#
+    )
+}
+
+/// A server whose TOML file accepts aws_iid with `aws`'s certificate and a 5-minute age.
+fn cluster(aws: &Aws) -> Cluster {
+    let config = aws.dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node_attestors.aws_iid]\ncertificates = [{:?}]\nmax_document_age = \"5m\"\n",
+            aws.cert().display().to_string()
+        ),
+    )
+    .unwrap();
+    Cluster::start_with(&["--config", config.to_str().unwrap()])
+}
+
+fn agent_command(cluster: &Cluster, tag: &str, document: &Path, signature: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["agent", "run", "--server"])
+        .arg(format!("127.0.0.1:{}", cluster.port))
+        .args(["--attestor", "aws_iid", "--aws-iid-document"])
+        .arg(document)
+        .arg("--aws-iid-signature")
+        .arg(signature)
+        .arg("--trust-bundle")
+        .arg(cluster.path("bundle.pem"))
+        .arg("--socket")
+        .arg(cluster.path(&format!("{tag}.sock")))
+        .arg("--data-dir")
+        .arg(cluster.path(&format!("{tag}-data")))
+        .current_dir(cluster.dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(cluster.path(&format!("{tag}.log"))).expect("agent log file"),
+        );
+    command
+}
+
+/// Starts the cluster's own agent (`agent`) with `document` and `signature`, and waits for
+/// its socket: it attested.
+fn start_agent(cluster: &mut Cluster, document: &Path, signature: &Path) {
+    let child = agent_command(cluster, "agent", document, signature)
+        .spawn()
+        .expect("spawn mayfly agent run");
+    cluster.agent = Some(Proc(child));
+    wait_for_path(
+        &cluster.socket(),
+        Duration::from_secs(30),
+        "the aws_iid agent's socket",
+    );
+    cluster.agent_id = AGENT_ID.to_owned();
+}
+
+/// Runs an agent (`tag`) expected to be refused: it must exit with an error, without a
+/// socket; returns its log.
+fn refused_agent(cluster: &Cluster, tag: &str, document: &Path, signature: &Path) -> String {
+    let mut child = Proc(
+        agent_command(cluster, tag, document, signature)
+            .spawn()
+            .expect("spawn mayfly agent run"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {tag} agent still runs after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(cluster.path(&format!("{tag}.log"))).unwrap_or_default();
+    assert!(!status.success(), "the {tag} agent attested: {log}");
+    assert!(!cluster.path(&format!("{tag}.sock")).exists());
+    log
+}
+
+#[test]
+fn an_instance_attests_with_its_document_and_serves_its_node_groups_entry() {
+    let aws = Aws::new();
+    let mut cluster = cluster(&aws);
+    let (doc, sig) = aws.sign("good", &document(INSTANCE, Duration::from_secs(60)));
+    start_agent(&mut cluster, &doc, &sig);
+
+    let json = |out: String| -> serde_json::Value { serde_json::from_str(&out).expect("json") };
+    let shown = json(cluster.ok(&["agent", "show", AGENT_ID, "--output", "json"]));
+    assert_eq!(
+        shown["agent"]["node_selectors"],
+        serde_json::json!([
+            "aws_iid:account_id:123456789012",
+            "aws_iid:az:us-east-1a",
+            "aws_iid:image:id:ami-0abcdef1234567890",
+            "aws_iid:instance:id:i-0aa11bb22cc33dd44",
+            "aws_iid:region:us-east-1",
+        ])
+    );
+
+    // A node group of the account's instances in the region, and a workload entry under it.
+    cluster.ok(&[
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        GROUP,
+        "--selector",
+        "aws_iid:account_id:123456789012",
+        "--selector",
+        "aws_iid:region:us-east-1",
+    ]);
+    let uid = format!("unix:uid:{}", nix::unistd::getuid().as_raw());
+    cluster.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://mayfly.local/workloads/billing",
+        "--parent-id",
+        GROUP,
+        "--selector",
+        &uid,
+        "--scope",
+        "invoices:read",
+    ]);
+    let minted = cluster.ok_eventually(&[
+        "svid",
+        "mint",
+        "--task",
+        "t-1",
+        "--scope",
+        "invoices:read",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        minted.contains("spiffe://mayfly.local/workloads/billing/scope/invoices.read"),
+        "{minted}"
+    );
+    let shown = json(cluster.ok(&["agent", "show", AGENT_ID, "--output", "json"]));
+    assert_eq!(shown["node_groups"][0]["spiffe_id"], GROUP);
+}
+
+#[test]
+fn forged_stale_and_oversized_documents_are_refused_after_a_good_one_attests() {
+    let aws = Aws::new();
+    let mut cluster = cluster(&aws);
+    let (doc, sig) = aws.sign("good", &document(INSTANCE, Duration::from_secs(60)));
+    start_agent(&mut cluster, &doc, &sig);
+    assert!(cluster.ok(&["agent", "list"]).contains(AGENT_ID));
+
+    // Signed by another certificate's key than the server trusts.
+    let other = Aws::new();
+    let (doc, sig) = other.sign("other", &document("i-0bb", Duration::from_secs(60)));
+    let log = refused_agent(&cluster, "other", &doc, &sig);
+    assert!(
+        log.contains("does not verify with any configured AWS certificate"),
+        "{log}"
+    );
+
+    // Evidence for instance X with the signature of instance Y's document.
+    let (_, good_sig) = aws.sign("y", &document("i-0cc", Duration::from_secs(60)));
+    let (forged, _) = aws.sign("x", &document("i-0dd", Duration::from_secs(60)));
+    let log = refused_agent(&cluster, "forged", &forged, &good_sig);
+    assert!(log.contains("does not verify"), "{log}");
+
+    // Signed by AWS, but launched longer ago than max_document_age.
+    let (doc, sig) = aws.sign("stale", &document("i-0ee", Duration::from_secs(600)));
+    let log = refused_agent(&cluster, "stale", &doc, &sig);
+    assert!(log.contains("the document is stale"), "{log}");
+
+    // 1 MiB of evidence: the agent refuses to send it.
+    let huge = aws.dir.path().join("huge.json");
+    std::fs::write(&huge, vec![b' '; 1024 * 1024]).unwrap();
+    let log = refused_agent(&cluster, "huge", &huge, &sig);
+    assert!(log.contains("over 64 KiB"), "{log}");
+
+    // None of them became an agent.
+    let agents = cluster.ok(&["agent", "list"]);
+    for refused in ["i-0bb", "i-0dd", "i-0ee"] {
+        assert!(!agents.contains(refused), "{agents}");
+    }
+}
