@@ -174,4 +174,39 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn aws_iid_takes_both_files_or_the_metadata_service() {
+        let files = EvidenceSettings {
+            aws_iid_document: Some("doc".into()),
+            aws_iid_signature: Some("sig".into()),
+            ..Default::default()
+        };
+        let evidence = files.clone().resolve().unwrap().unwrap();
+        assert_eq!(evidence.name(), "aws_iid");
+        assert!(evidence.can_reattest());
+        let no_signature = EvidenceSettings {
+            aws_iid_signature: None,
+            ..files
+        };
+        assert!(matches!(
+            no_signature.resolve(),
+            Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--aws-iid-signature")
+        ));
+        let imds = EvidenceSettings {
+            attestor: Some("aws_iid".into()),
+            ..Default::default()
+        };
+        assert_eq!(imds.resolve().unwrap().unwrap().name(), "aws_iid");
+        let bad_url = EvidenceSettings {
+            attestor: Some("aws_iid".into()),
+            aws_iid_imds_url: Some("https://169.254.169.254".into()),
+            ..Default::default()
+        };
+        let err = bad_url.resolve().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--aws-iid-imds-url: ") && err.contains("http://HOST[:PORT]"),
+            "{err}"
+        );
+    }
 }

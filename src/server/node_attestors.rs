@@ -159,3 +159,80 @@ fn read_certs(attestor: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, NodeA
     }
     Ok(certs.into_iter().map(|c| c.to_vec()).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RSA certificate made by `openssl req`, as PEM in `dir`.
+    fn rsa_cert(dir: &Path) -> PathBuf {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test AWS",
+            ])
+            .args([
+                "-newkey", "rsa:2048", "-keyout", "key.pem", "-out", "cert.pem",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("cert.pem")
+    }
+
+    fn aws(certificates: Vec<PathBuf>, age: &str) -> NodeAttestorsSettings {
+        NodeAttestorsSettings {
+            aws_iid: Some(Box::new(AwsIidSettings {
+                certificates,
+                max_document_age: age.into(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aws_iid_settings_are_read_at_start_and_refused_in_one_sentence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rsa_cert(dir.path());
+        let accepted = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5m")).unwrap();
+        assert!(accepted.get("aws_iid").is_some());
+        assert_eq!(accepted.names(), "aws_iid, join_token");
+        assert!(NodeAttestors::default().get("aws_iid").is_none());
+
+        let age = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5 minutes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            age.starts_with(
+                "node_attestors.aws_iid.max_document_age: '5 minutes' is not a duration"
+            ),
+            "{age}"
+        );
+        let none = NodeAttestors::from_settings(&aws(vec![], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("has no AWS certificate"), "{none}");
+        let missing = NodeAttestors::from_settings(&aws(vec![dir.path().join("nope.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("node_attestors.aws_iid: cannot read")
+                && missing.contains("nope.pem"),
+            "{missing}"
+        );
+        let key_only = NodeAttestors::from_settings(&aws(vec![dir.path().join("key.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(key_only.contains("no PEM certificate"), "{key_only}");
+    }
+}
