@@ -7,8 +7,12 @@
 
 mod common;
 
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::cluster::{BIN, Cluster, Proc, wait_for_path};
@@ -125,14 +129,22 @@ fn cluster(aws: &Aws) -> Cluster {
 }
 
 fn agent_command(cluster: &Cluster, tag: &str, document: &Path, signature: &Path) -> Command {
+    let mut command = agent_base(cluster, tag);
+    command
+        .arg("--aws-iid-document")
+        .arg(document)
+        .arg("--aws-iid-signature")
+        .arg(signature);
+    command
+}
+
+/// `mayfly agent run --attestor aws_iid` for agent `tag`, without its evidence flags.
+fn agent_base(cluster: &Cluster, tag: &str) -> Command {
     let mut command = Command::new(BIN);
     command
         .args(["agent", "run", "--server"])
         .arg(format!("127.0.0.1:{}", cluster.port))
-        .args(["--attestor", "aws_iid", "--aws-iid-document"])
-        .arg(document)
-        .arg("--aws-iid-signature")
-        .arg(signature)
+        .args(["--attestor", "aws_iid"])
         .arg("--trust-bundle")
         .arg(cluster.path("bundle.pem"))
         .arg("--socket")
@@ -290,4 +302,123 @@ fn forged_stale_and_oversized_documents_are_refused_after_a_good_one_attests() {
     for refused in ["i-0bb", "i-0dd", "i-0ee"] {
         assert!(!agents.contains(refused), "{agents}");
     }
+}
+
+/// A metadata service on 127.0.0.1 speaking IMDSv2 as EC2's does (a session token from
+/// `PUT /latest/api/token`, reads without it refused with 401), serving `document` and
+/// `signature`. Returns its URL and how many session tokens it handed out.
+fn fake_imds(document: String, signature: String) -> (String, Arc<AtomicUsize>) {
+    const TOKEN: &str = "AQAEAFake-session-token==";
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let handed = tokens.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let mut headers = Vec::new();
+            reader.read_line(&mut request).unwrap_or_default();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or_default() == 0 || line == "\r\n" {
+                    break;
+                }
+                headers.push(line.to_ascii_lowercase());
+            }
+            let has = |h: &str| headers.iter().any(|l| l.starts_with(h));
+            let token = headers.iter().any(|l| {
+                *l == format!(
+                    "x-aws-ec2-metadata-token: {}\r\n",
+                    TOKEN.to_ascii_lowercase()
+                )
+            });
+            let (status, body) = match request.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                ["PUT", "/latest/api/token"] if has("x-aws-ec2-metadata-token-ttl-seconds:") => {
+                    handed.fetch_add(1, Ordering::SeqCst);
+                    ("200 OK", TOKEN.to_owned())
+                }
+                ["GET", _] if !token => ("401 Unauthorized", String::new()),
+                ["GET", "/latest/dynamic/instance-identity/document"] => {
+                    ("200 OK", document.clone())
+                }
+                ["GET", "/latest/dynamic/instance-identity/signature"] => {
+                    ("200 OK", signature.clone())
+                }
+                _ => ("404 Not Found", String::new()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, tokens)
+}
+
+#[test]
+fn an_evicted_instance_attests_again_through_imdsv2_by_itself_and_a_banned_one_stays_out() {
+    let aws = Aws::new();
+    let mut cluster = cluster(&aws);
+    let (doc, sig) = aws.sign("imds", &document(INSTANCE, Duration::from_secs(60)));
+    let (url, tokens) = fake_imds(
+        std::fs::read_to_string(doc).unwrap(),
+        std::fs::read_to_string(sig).unwrap(),
+    );
+    let child = agent_base(&cluster, "agent")
+        .args(["--aws-iid-imds-url", &url])
+        .spawn()
+        .expect("spawn mayfly agent run");
+    cluster.agent = Some(Proc(child));
+    wait_for_path(
+        &cluster.socket(),
+        Duration::from_secs(30),
+        "the agent's socket",
+    );
+    cluster.agent_id = AGENT_ID.to_owned();
+    assert_eq!(
+        tokens.load(Ordering::SeqCst),
+        1,
+        "one IMDSv2 session for the attestation"
+    );
+    cluster.create_entry_for_this_process(
+        "spiffe://mayfly.local/workloads/billing",
+        &["--scope", "invoices:read"],
+    );
+    let mint =
+        |task: &str| cluster.mayfly(&["svid", "mint", "--task", task, "--scope", "invoices:read"]);
+    cluster.ok_eventually(&["svid", "mint", "--task", "t-1", "--scope", "invoices:read"]);
+
+    // Evicted, the agent reads its document through IMDSv2 again and comes back by itself.
+    cluster.ok(&["agent", "evict", AGENT_ID]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokens.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not attest again:\n{}",
+            cluster.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.ok_eventually(&["svid", "mint", "--task", "t-2", "--scope", "invoices:read"]);
+    assert!(cluster.ok(&["agent", "list"]).contains(AGENT_ID));
+
+    // Banned, the same document brings it nothing.
+    cluster.ok(&["agent", "ban", AGENT_ID]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.agent_log().contains("banned") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not log its ban:\n{}",
+            cluster.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let out = mint("t-3");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("banned"), "{stderr}");
 }
