@@ -216,6 +216,7 @@ async fn server_trusting(ca: &CertFiles) -> TestServer {
     TestServer::start_with(Engine::Sqlite, move |config| {
         let settings = mayfly::server::node_attestors::NodeAttestorsSettings {
             x509pop: Some(mayfly::server::node_attestors::X509PopSettings { ca_bundle }),
+            ..Default::default()
         };
         config.node_attestors =
             mayfly::server::node_attestors::NodeAttestors::from_settings(&settings).unwrap();
