@@ -105,8 +105,7 @@ impl PostgresStore {
 
 impl PostgresStore {
     /// One page of entry-sync rows read by `one` or `many` (see `sync::page_statement`): every
-    /// page statement binds the
-    /// same five values in the same order.
+    /// page statement binds the same five values in the same order.
     async fn sync_page<R>(
         &self,
         (one, many): (&'static str, &'static str),
