@@ -104,14 +104,19 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
-    /// One page of entry-sync rows read by `sql` (see `sync`): every page statement binds the
-    /// same five values in the same order.
-    async fn sync_page<R>(&self, sql: &'static str, query: &SyncQuery) -> Result<Vec<R>, StoreError>
+    /// One page of entry-sync rows read by `one` or `many` (see `sync::page_statement`): every
+    /// page statement binds the same five values in the same order.
+    async fn sync_page<R>(
+        &self,
+        (one, many): (&'static str, &'static str),
+        query: &SyncQuery,
+    ) -> Result<Vec<R>, StoreError>
     where
         R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
+        let (sql, parents) = sync::page_statement(query, one, many);
         Ok(sqlx::query_as::<_, R>(sql)
-            .bind(sync::parents_json(query))
+            .bind(parents)
             .bind(query.upto)
             .bind(query.after.revision)
             .bind(query.after.id.as_str())
@@ -332,14 +337,17 @@ impl Store for PostgresStore {
 
     async fn entry_changes_page(&self, query: &SyncQuery) -> Result<Vec<SyncRow>, StoreError> {
         let rows = self
-            .sync_page::<SyncEntryRow>(sync::CHANGES_PAGE_POSTGRES, query)
+            .sync_page::<SyncEntryRow>((sync::CHANGES_PAGE_ONE, sync::CHANGES_PAGE_POSTGRES), query)
             .await?;
         Ok(rows.into_iter().map(SyncRow::from).collect())
     }
 
     async fn entry_deletions_page(&self, query: &SyncQuery) -> Result<Vec<Deletion>, StoreError> {
         let rows = self
-            .sync_page::<(i64, String)>(sync::DELETIONS_PAGE_POSTGRES, query)
+            .sync_page::<(i64, String)>(
+                (sync::DELETIONS_PAGE_ONE, sync::DELETIONS_PAGE_POSTGRES),
+                query,
+            )
             .await?;
         Ok(rows.into_iter().map(sync::deletion).collect())
     }

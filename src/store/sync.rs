@@ -84,9 +84,29 @@ pub(super) const CHANGES_PAGE_POSTGRES: &str =
 pub(super) const DELETIONS_PAGE_POSTGRES: &str =
     deletions_page!("SELECT json_array_elements_text($1::json)");
 
-/// A sync query's parents as bound: a JSON array.
-pub(super) fn parents_json(query: &SyncQuery) -> String {
-    super::rows::encode_list(query.parents.iter().map(SpiffeId::as_str))
+/// [`changes_page`] for one parent (`$1` its ID), for both engines.
+pub(super) const CHANGES_PAGE_ONE: &str = changes_page!("$1");
+/// [`deletions_page`] for one parent (`$1` its ID), for both engines.
+pub(super) const DELETIONS_PAGE_ONE: &str = deletions_page!("$1");
+
+/// The statement for `query` and the value of its `$1`. With one parent (an agent in no node
+/// group, the common case) it is `one`, which reads that parent's index range in order and
+/// stops at the limit. With several it is `many`, given the parents as a JSON array: rows of
+/// several index ranges must be merged and sorted before the limit applies, so each page costs
+/// as many rows as the parents have after the cursor (measured with 5,000 entries under one
+/// parent, the merged form took the server's CPU per synced entry from 9 to 26 µs).
+pub(super) fn page_statement(
+    query: &SyncQuery,
+    one: &'static str,
+    many: &'static str,
+) -> (&'static str, String) {
+    match query.parents.as_slice() {
+        [parent] => (one, parent.as_str().to_owned()),
+        parents => (
+            many,
+            super::rows::encode_list(parents.iter().map(SpiffeId::as_str)),
+        ),
+    }
 }
 
 /// The newest revision among the tombstones about to be pruned (`deleted_at < $1`).
