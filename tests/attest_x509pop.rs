@@ -139,7 +139,10 @@ fn a_node_proves_its_certificate_joins_its_group_and_attests_again_by_itself() {
     cluster.ok(&["agent", "evict", &agent_id]);
     wait_log(&cluster, "agent", |log| log.contains("attested again"));
     let detail = agent_detail(&cluster, &agent_id);
-    assert!(!detail["agent"]["banned"].as_bool().unwrap_or(false), "{detail}");
+    assert!(
+        !detail["agent"]["banned"].as_bool().unwrap_or(false),
+        "{detail}"
+    );
     let out = cluster.ok_eventually(&["svid", "fetch", "--output", "json"]);
     assert!(out.contains(&format!("{TD}/billing")), "{out}");
 
@@ -153,6 +156,15 @@ fn a_node_proves_its_certificate_joins_its_group_and_attests_again_by_itself() {
     assert!(log.contains("banned"), "{log}");
     let detail = agent_detail(&cluster, &agent_id);
     assert_eq!(detail["agent"]["banned"], true, "{detail}");
+    // Nor can an eviction (which worked above, unbanned) wipe the ban and let it back in.
+    let out = cluster.mayfly(&["agent", "evict", &agent_id]);
+    assert!(!out.status.success(), "a banned agent was evicted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is banned") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(agent_detail(&cluster, &agent_id)["agent"]["banned"], true);
 }
 
 #[test]

@@ -59,6 +59,9 @@ enum AdminError {
     Ca(RotationError),
     #[error("{0}")]
     Unavailable(String),
+    /// The request is out of order with the state it acts on.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl From<StoreError> for AdminError {
@@ -96,6 +99,7 @@ impl AdminError {
             Self::Ca(RotationError::OutOfOrder(m)) => Status::failed_precondition(m.clone()),
             Self::Ca(e @ RotationError::NotFound(_)) => Status::not_found(e.to_string()),
             Self::Unavailable(m) => Status::unavailable(m.clone()),
+            Self::Precondition(m) => Status::failed_precondition(m.clone()),
             Self::Store(_) | Self::Audit(_) | Self::Ca(_) => {
                 Status::unavailable(crate::wire::error_chain(self))
             }
@@ -419,6 +423,19 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
         let result: Result<(), AdminError> = async {
             let id = SpiffeId::parse(&request.get_ref().spiffe_id)?;
+            // Evicting forgets the agent, ban included, and a node proven by x509pop, sshpop,
+            // k8s_psat or aws_iid attests again by itself: a banned agent stays on record.
+            if self
+                .state
+                .store
+                .get_agent(&id)
+                .await?
+                .is_some_and(|a| a.banned)
+            {
+                return Err(AdminError::Precondition(format!(
+                    "agent {id} is banned; evicting it would let its node attest again, so a banned agent stays on record (its SVIDs are refused already)"
+                )));
+            }
             if !self.state.store.delete_agent(&id).await? {
                 return Err(AdminError::NotFound(format!(
                     "no agent {id}; `mayfly agent list` shows the agents"
