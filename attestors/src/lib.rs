@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod join_token;
+pub mod k8s_psat;
 pub mod node;
 pub mod selector;
 pub mod unix;
