@@ -11,19 +11,24 @@
 //! bound to a pod and a node, and its service account is allowed. The node ID is
 //! `<cluster>/<node uid>`; a token attests once, until it expires ([`SingleUse`]).
 
+mod agent;
+mod error;
 mod jwks;
 mod token;
 
-use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use agent::K8sPsatEvidence;
+pub use error::K8sPsatError;
 pub use jwks::{Alg, KeySet, MAX_JWKS};
 
+use error::shown;
+
 use crate::node::{
-    AttestError, Begun, MAX_EVIDENCE, NodeAttestor, NodeClaim, NodeEvidence, ProvenNode, SingleUse,
+    AttestError, Begun, MAX_EVIDENCE, NodeAttestor, NodeClaim, ProvenNode, SingleUse,
     is_valid_node_id,
 };
 use crate::selector::Selector;
@@ -32,121 +37,6 @@ use crate::selector::Selector;
 pub const NAME: &str = "k8s_psat";
 /// How far `nbf` and `iat` may be ahead of the server's clock.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
-
-/// Why a token, a JWKS or a cluster configuration was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum K8sPsatError {
-    /// A cluster's configuration cannot be used.
-    #[error("the k8s_psat cluster configuration is invalid: {0}")]
-    BadCluster(String),
-    /// A JWKS document cannot be used; the keys held before stay.
-    #[error("the JWKS document is unusable: {0}; the keys held before are kept")]
-    BadJwks(String),
-    /// The evidence names a cluster the server does not trust.
-    #[error("the cluster {0} is not one this server trusts; use a configured cluster name")]
-    UnknownCluster(String),
-    /// The evidence or token is not of the expected form.
-    #[error("{0}")]
-    Malformed(String),
-    /// The token's algorithm is not RS256 or ES256 (`none` and HMAC included).
-    #[error("the token's algorithm {0} is refused; only RS256 and ES256 are accepted")]
-    Alg(String),
-    /// The token's header names no key.
-    #[error("the token's header names no key (kid)")]
-    MissingKid,
-    /// The cluster's JWKS holds no key of that ID.
-    #[error("the token's key {kid} is not in the JWKS of cluster {cluster}")]
-    UnknownKid {
-        /// The key ID, escaped.
-        kid: String,
-        /// The cluster.
-        cluster: String,
-    },
-    /// The token's algorithm does not fit the type of the key it names.
-    #[error("the token says {alg} but its key {kid} is not a key for {alg}")]
-    AlgMismatch {
-        /// The token's algorithm.
-        alg: &'static str,
-        /// The key ID, escaped.
-        kid: String,
-    },
-    /// The signature does not verify with the key named.
-    #[error("the token's signature does not verify with its key")]
-    BadSignature,
-    /// `iss` is not the cluster's issuer.
-    #[error("the token's issuer {got} is not the issuer of cluster {cluster}")]
-    WrongIssuer {
-        /// The token's issuer, escaped.
-        got: String,
-        /// The cluster.
-        cluster: String,
-    },
-    /// `aud` does not hold the configured audience.
-    #[error("the token is not for the audience {0}; project a token with that audience")]
-    WrongAudience(String),
-    /// `exp` is missing or has passed.
-    #[error("the token expired {0}s ago")]
-    Expired(u64),
-    /// `nbf` or `iat` is further ahead than the allowed skew.
-    #[error("the token's {claim} is {ahead}s ahead of the server's clock")]
-    NotYetValid {
-        /// `nbf` or `iat`.
-        claim: &'static str,
-        /// By how much, in seconds.
-        ahead: u64,
-    },
-    /// A required claim is missing.
-    #[error("the token has no {0} claim; attestation needs a token bound to a pod and a node")]
-    MissingClaim(&'static str),
-    /// The token's service account is not on the cluster's allow-list.
-    #[error("the service account {0} is not allowed to attest in cluster {1}")]
-    NotAllowed(String, String),
-    /// A claim's value cannot become a node ID or selector.
-    #[error("the token's {claim} {value} cannot be used in a node ID or selector")]
-    BadValue {
-        /// Which claim.
-        claim: &'static str,
-        /// Its value, escaped.
-        value: String,
-    },
-    /// The agent could not read its token.
-    #[error("the service account token {path} could not be read: {reason}")]
-    Unreadable {
-        /// The token file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl K8sPsatError {
-    fn into_attest(self) -> AttestError {
-        let reason = self.to_string();
-        match self {
-            Self::Malformed(_) => AttestError::Malformed {
-                attestor: NAME,
-                reason,
-            },
-            Self::Unreadable { .. } => AttestError::Unavailable {
-                attestor: NAME,
-                reason,
-            },
-            _ => AttestError::Refused {
-                attestor: NAME,
-                reason,
-            },
-        }
-    }
-}
-
-/// Untrusted text in errors: printable and short.
-fn shown(text: &str) -> String {
-    let mut out: String = text.chars().take(80).flat_map(char::escape_debug).collect();
-    if text.chars().count() > 80 {
-        out.push('…');
-    }
-    out
-}
 
 /// A cluster the server trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,9 +121,11 @@ impl std::fmt::Debug for K8sPsatAttestor {
 /// The evidence an agent sends.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Evidence {
-    cluster: String,
-    token: String,
+pub(crate) struct Evidence {
+    /// The cluster's name.
+    pub(crate) cluster: String,
+    /// The projected token.
+    pub(crate) token: String,
 }
 
 impl K8sPsatAttestor {
@@ -497,64 +389,6 @@ impl NodeAttestor for K8sPsatAttestor {
         self.verify(evidence, now)
             .map(|node| Begun::Claim(NodeClaim::Proven(node)))
             .map_err(K8sPsatError::into_attest)
-    }
-}
-
-/// The agent side: the cluster's name and the pod's projected token file, which the kubelet
-/// rotates, so it is read afresh for each attestation.
-#[derive(Debug, Clone)]
-pub struct K8sPsatEvidence {
-    cluster: String,
-    token_path: PathBuf,
-}
-
-impl K8sPsatEvidence {
-    /// Evidence for `cluster` from the token at `token_path`.
-    pub fn new(cluster: String, token_path: PathBuf) -> Self {
-        Self {
-            cluster,
-            token_path,
-        }
-    }
-
-    fn read_token(&self) -> Result<String, K8sPsatError> {
-        use std::io::Read as _;
-        let unreadable = |reason: String| K8sPsatError::Unreadable {
-            path: self.token_path.display().to_string(),
-            reason,
-        };
-        let file = std::fs::File::open(&self.token_path).map_err(|e| unreadable(e.to_string()))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_EVIDENCE as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| unreadable(e.to_string()))?;
-        if bytes.len() > MAX_EVIDENCE {
-            return Err(unreadable("it is over 64 KiB, so it is no token".into()));
-        }
-        let text = String::from_utf8(bytes).map_err(|_| unreadable("it is not text".into()))?;
-        let token = text.trim();
-        if token.is_empty() {
-            return Err(unreadable("it is empty".into()));
-        }
-        Ok(token.to_owned())
-    }
-}
-
-impl NodeEvidence for K8sPsatEvidence {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn evidence(&self) -> Result<Vec<u8>, AttestError> {
-        let token = self.read_token().map_err(K8sPsatError::into_attest)?;
-        serde_json::to_vec(&Evidence {
-            cluster: self.cluster.clone(),
-            token,
-        })
-        .map_err(|e| AttestError::Unavailable {
-            attestor: NAME,
-            reason: format!("the evidence could not be encoded: {e}"),
-        })
     }
 }
 

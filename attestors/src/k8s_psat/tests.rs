@@ -13,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::node::NodeEvidence as _;
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const NODE_UID: &str = "5f2c0a9e-7d1b-4c3e-9a55-0e6f1d2c3b4a";
