@@ -181,6 +181,17 @@ impl K8sPsatAttestor {
         Ok(count)
     }
 
+    /// Whether `cluster` currently holds a key named `kid` (for the refresher's logs and
+    /// tests).
+    pub fn has_key(&self, cluster: &str, kid: &str) -> bool {
+        self.cluster(cluster).is_ok_and(|c| {
+            c.keys
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(kid)
+        })
+    }
+
     /// Sets the function told of tokens naming a key their cluster's JWKS lacks.
     pub fn on_unknown_kid(&self, hook: UnknownKidHook) {
         *self

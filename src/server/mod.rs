@@ -14,6 +14,8 @@ pub mod entry_rules;
 pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod jwt_keys;
+// The keys of the clusters the k8s_psat node attestor trusts (issue 12).
+pub mod k8s_jwks;
 pub(crate) mod node;
 // Verifiers outside SPIFFE (issue 11): OIDC discovery of the JWT keys.
 pub mod oidc;

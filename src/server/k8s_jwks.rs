@@ -1,0 +1,476 @@
+//! The keys of the Kubernetes clusters the `k8s_psat` node attestor trusts: each cluster's
+//! JWKS is a file or an `https://` URL (the API server's `/openid/v1/jwks`, or a copy an
+//! operator publishes).
+//!
+//! Files and URLs are read at start; URLs again every five minutes, and at once when a token
+//! names a key its cluster does not hold (the cluster may have rotated its signing key), at
+//! most once per 30 s per cluster so that tokens naming made-up keys cannot make the server
+//! fetch in a loop. A fetch goes over rustls, with the system's CA bundle or the cluster's
+//! configured CA file, reads at most 1 MiB and gives up after 10 s. A failed read is logged
+//! in one sentence and the keys held before are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use mayfly_attestors::k8s_psat::{K8sPsatAttestor, MAX_JWKS};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How often URL (and file) JWKS are read again.
+pub const REFRESH_PERIOD: Duration = Duration::from_secs(5 * 60);
+/// The shortest time between two reads of one cluster's JWKS prompted by an unknown `kid`.
+pub const UNKNOWN_KID_GAP: Duration = Duration::from_secs(30);
+/// How long one fetch may take, connection and body included.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where Linux distributions keep the system's CA bundle; the first that exists is used
+/// (`SSL_CERT_FILE` first, as OpenSSL reads it).
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+/// The largest CA file read.
+const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
+
+/// Why a cluster's JWKS could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// The `jwks` setting is a URL, but not an `https://` one with a host.
+    #[error("the JWKS URL {0} is not an https:// URL with a host; use https:// or a file path")]
+    BadUrl(String),
+    /// No CA bundle could be read for an `https://` JWKS.
+    #[error("no CA certificate could be read from {path}: {reason}; set the cluster's ca_file")]
+    NoRoots {
+        /// The file tried, or the list of system locations.
+        path: String,
+        /// Why it gave nothing.
+        reason: String,
+    },
+    /// rustls refused the client configuration.
+    #[error("the TLS client for JWKS fetches could not be built: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A JWKS file could not be read.
+    #[error("the JWKS file {path} could not be read: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A fetch failed on the way: connection, TLS, HTTP.
+    #[error("fetching {url} failed: {reason}")]
+    Fetch {
+        /// The URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The server answered with another status than 200.
+    #[error("fetching {url} answered HTTP {status}, not 200")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// The document is over 1 MiB.
+    #[error("the JWKS at {0} is over the 1 MiB limit")]
+    TooLarge(String),
+    /// The fetch took longer than its timeout.
+    #[error("fetching {url} took over {secs}s and was abandoned")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The timeout, seconds.
+        secs: u64,
+    },
+    /// The document was read but the attestor refused it.
+    #[error(transparent)]
+    Refused(#[from] mayfly_attestors::k8s_psat::K8sPsatError),
+}
+
+/// An `https://` URL, checked.
+#[derive(Debug, Clone)]
+pub struct HttpsUrl {
+    text: String,
+    host: String,
+    port: u16,
+    authority: String,
+    path: String,
+}
+
+impl HttpsUrl {
+    /// Parses `text`.
+    ///
+    /// # Errors
+    /// [`JwksError::BadUrl`] unless it is `https://HOST[:PORT]/PATH`.
+    pub fn parse(text: &str) -> Result<Self, JwksError> {
+        let bad = || JwksError::BadUrl(crate::text::escape_bounded(text, 200).into_owned());
+        let uri: Uri = text.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad());
+        }
+        let authority = uri.authority().ok_or_else(bad)?;
+        if authority.as_str().contains('@') {
+            return Err(bad());
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            host: host.to_owned(),
+            port: authority.port_u16().unwrap_or(443),
+            authority: authority.as_str().to_owned(),
+            path: uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        })
+    }
+
+    /// The URL as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Where one cluster's keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksLocation {
+    /// A file on the server.
+    File(PathBuf),
+    /// An `https://` URL, with the TLS client that trusts its server.
+    Url {
+        /// The URL.
+        url: HttpsUrl,
+        /// rustls with the system roots or the cluster's CA file.
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+/// One cluster's JWKS setting.
+#[derive(Debug, Clone)]
+pub struct ClusterJwks {
+    /// The cluster's name, as the attestor knows it.
+    pub cluster: String,
+    /// Where its keys are.
+    pub location: JwksLocation,
+}
+
+impl ClusterJwks {
+    /// The setting `jwks` (a file path, or an `https://` URL whose server is trusted through
+    /// `ca_file`, or else the system's CA bundle) for `cluster`.
+    ///
+    /// # Errors
+    /// [`JwksError::BadUrl`] for a URL that is not `https://`; [`JwksError::NoRoots`] when
+    /// no CA certificate can be read; [`JwksError::Tls`].
+    pub fn new(cluster: &str, jwks: &str, ca_file: Option<&Path>) -> Result<Self, JwksError> {
+        let location = if jwks.contains("://") {
+            let url = HttpsUrl::parse(jwks)?;
+            JwksLocation::Url {
+                url,
+                tls: Arc::new(client_config(ca_file)?),
+            }
+        } else {
+            JwksLocation::File(PathBuf::from(jwks))
+        };
+        Ok(Self {
+            cluster: cluster.to_owned(),
+            location,
+        })
+    }
+
+    /// Reads the document once.
+    ///
+    /// # Errors
+    /// The [`JwksError`] of the read or fetch.
+    pub async fn read(&self, timeout: Duration) -> Result<Vec<u8>, JwksError> {
+        match &self.location {
+            JwksLocation::File(path) => read_file(path).await,
+            JwksLocation::Url { url, tls } => fetch(url, Arc::clone(tls), timeout).await,
+        }
+    }
+
+    /// Reads the document and gives it to `attestor`; returns how many keys it holds.
+    ///
+    /// # Errors
+    /// As [`Self::read`], and [`JwksError::Refused`] when the attestor refuses it (its keys
+    /// held before stay).
+    pub async fn load_into(
+        &self,
+        attestor: &K8sPsatAttestor,
+        timeout: Duration,
+    ) -> Result<usize, JwksError> {
+        let document = self.read(timeout).await?;
+        Ok(attestor.set_jwks(&self.cluster, &document)?)
+    }
+
+    fn describe(&self) -> String {
+        match &self.location {
+            JwksLocation::File(path) => path.display().to_string(),
+            JwksLocation::Url { url, .. } => url.as_str().to_owned(),
+        }
+    }
+}
+
+async fn read_file(path: &Path) -> Result<Vec<u8>, JwksError> {
+    use tokio::io::AsyncReadExt as _;
+    let err = |reason: String| JwksError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JWKS as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() > MAX_JWKS {
+        return Err(err("it is over the 1 MiB limit".into()));
+    }
+    Ok(bytes)
+}
+
+/// A TLS client trusting `ca_file`, or the system's CA bundle.
+fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, JwksError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = read_ca(path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| JwksError::NoRoots {
+                    path: path.display().to_string(),
+                    reason: "it is not a PEM certificate bundle".into(),
+                })?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| JwksError::NoRoots {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+            let candidates = env
+                .into_iter()
+                .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from));
+            if let Some(pem) = candidates.filter_map(|p| read_ca(&p).ok()).next() {
+                // A system bundle may hold certificates webpki cannot use; the rest still do.
+                roots.add_parsable_certificates(
+                    CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok),
+                );
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(JwksError::NoRoots {
+            path: ca_file.map_or_else(
+                || format!("SSL_CERT_FILE or {}", SYSTEM_BUNDLES.join(", ")),
+                |p| p.display().to_string(),
+            ),
+            reason: "no usable certificate was found".into(),
+        });
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::mtls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn read_ca(path: &Path) -> Result<Vec<u8>, JwksError> {
+    use std::io::Read as _;
+    let err = |reason: String| JwksError::NoRoots {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CA_FILE).read_to_end(&mut bytes))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// One GET of `url`, within `timeout`.
+async fn fetch(
+    url: &HttpsUrl,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Vec<u8>, JwksError> {
+    match tokio::time::timeout(timeout, fetch_unbounded(url, tls)).await {
+        Ok(result) => result,
+        Err(_) => Err(JwksError::Timeout {
+            url: url.text.clone(),
+            secs: timeout.as_secs(),
+        }),
+    }
+}
+
+async fn fetch_unbounded(
+    url: &HttpsUrl,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Vec<u8>, JwksError> {
+    let failed = |reason: String| JwksError::Fetch {
+        url: url.text.clone(),
+        reason,
+    };
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| failed(format!("could not connect: {e}")))?;
+    let name = ServerName::try_from(url.host.clone())
+        .map_err(|_| failed("the host is not a DNS name or IP address".into()))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| failed(format!("the TLS handshake failed: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(format!("HTTP/1.1 failed: {e}")))?;
+    // The connection is driven beside the request; it ends when `sender` is dropped.
+    let conn = tokio::spawn(conn);
+    let request = Request::get(url.path.as_str())
+        .header(header::HOST, url.authority.as_str())
+        .header(header::ACCEPT, "application/json, application/jwk-set+json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| failed(e.to_string()))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| failed(format!("the request failed: {e}")))?;
+        if response.status() != StatusCode::OK {
+            return Err(JwksError::Status {
+                url: url.text.clone(),
+                status: response.status().as_u16(),
+            });
+        }
+        let body = Limited::new(response.into_body(), MAX_JWKS)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    JwksError::TooLarge(url.text.clone())
+                } else {
+                    failed(format!("the body could not be read: {e}"))
+                }
+            })?;
+        Ok(body.to_bytes().to_vec())
+    }
+    .await;
+    drop(sender);
+    conn.abort();
+    result
+}
+
+/// When the refresher reads again; the defaults are [`REFRESH_PERIOD`], [`UNKNOWN_KID_GAP`]
+/// and [`FETCH_TIMEOUT`] (tests shorten them).
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshTimes {
+    /// Between two periodic reads.
+    pub period: Duration,
+    /// The least time between two reads of a cluster prompted by unknown keys.
+    pub unknown_kid_gap: Duration,
+    /// The most one fetch may take.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for RefreshTimes {
+    fn default() -> Self {
+        Self {
+            period: REFRESH_PERIOD,
+            unknown_kid_gap: UNKNOWN_KID_GAP,
+            fetch_timeout: FETCH_TIMEOUT,
+        }
+    }
+}
+
+/// Loads every cluster's JWKS into `attestor` and starts the task that keeps them fresh; the
+/// task ends when the attestor is dropped.
+///
+/// A URL that cannot be fetched at start is logged and retried by the task (the cluster's API
+/// server may be down while Mayfly starts); a file that cannot be read is an error, since it
+/// is the operator's configuration.
+///
+/// # Errors
+/// The [`JwksError`] of the first JWKS file that cannot be read or holds no usable key.
+pub async fn start(
+    attestor: &Arc<K8sPsatAttestor>,
+    clusters: Vec<ClusterJwks>,
+    times: RefreshTimes,
+) -> Result<JoinHandle<()>, JwksError> {
+    for cluster in &clusters {
+        let result = cluster.load_into(attestor, times.fetch_timeout).await;
+        match (result, &cluster.location) {
+            (Ok(count), _) => log_loaded(cluster, count),
+            (Err(e), JwksLocation::File(_)) => return Err(e),
+            (Err(e), JwksLocation::Url { .. }) => log_failed(cluster, &e),
+        }
+    }
+    // A full queue means a read is already due; the cluster's name is dropped, not waited on.
+    let (wake, mut woken) = mpsc::channel::<String>(16);
+    attestor.on_unknown_kid(Arc::new(move |cluster: &str| {
+        let _ = wake.try_send(cluster.to_owned());
+    }));
+    let weak: Weak<K8sPsatAttestor> = Arc::downgrade(attestor);
+    // Only the reads unknown keys prompt are spaced out; the periodic ones are fixed anyway.
+    let mut last_prompted: HashMap<String, Instant> = HashMap::new();
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(times.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let due: Vec<&ClusterJwks> = tokio::select! {
+                _ = tick.tick() => clusters.iter().collect(),
+                woken = woken.recv() => {
+                    let Some(name) = woken else { return };
+                    let recent = last_prompted
+                        .get(&name)
+                        .is_some_and(|at| at.elapsed() < times.unknown_kid_gap);
+                    if recent {
+                        continue;
+                    }
+                    last_prompted.insert(name.clone(), Instant::now());
+                    clusters.iter().filter(|c| c.cluster == name).collect()
+                }
+            };
+            let Some(attestor) = weak.upgrade() else {
+                return;
+            };
+            for cluster in due {
+                match cluster.load_into(&attestor, times.fetch_timeout).await {
+                    Ok(count) => log_loaded(cluster, count),
+                    Err(e) => log_failed(cluster, &e),
+                }
+            }
+        }
+    }))
+}
+
+fn log_loaded(cluster: &ClusterJwks, count: usize) {
+    tracing::debug!(cluster = %cluster.cluster, from = %cluster.describe(), keys = count, "read the JWKS of a k8s_psat cluster");
+}
+
+fn log_failed(cluster: &ClusterJwks, error: &JwksError) {
+    tracing::warn!(cluster = %cluster.cluster, error = %error, "could not read the JWKS of a k8s_psat cluster; its keys held before are kept");
+}
+
+#[cfg(test)]
+mod tests;
