@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use mayfly_attestors::k8s_psat::{K8sPsatAttestor, MAX_JWKS};
+use mayfly_attestors::k8s_psat::{K8sPsatAttestor, MAX_JWKS, PsatCluster};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -94,9 +94,9 @@ pub enum JwksError {
         /// The timeout, seconds.
         secs: u64,
     },
-    /// The document was read but the attestor refused it.
+    /// The attestor refused a cluster's configuration, or a JWKS document that was read.
     #[error(transparent)]
-    Refused(#[from] mayfly_attestors::k8s_psat::K8sPsatError),
+    Attestor(#[from] mayfly_attestors::k8s_psat::K8sPsatError),
 }
 
 /// An `https://` URL, checked.
@@ -208,7 +208,7 @@ impl ClusterJwks {
     /// Reads the document and gives it to `attestor`; returns how many keys it holds.
     ///
     /// # Errors
-    /// As [`Self::read`], and [`JwksError::Refused`] when the attestor refuses it (its keys
+    /// As [`Self::read`], and [`JwksError::Attestor`] when the attestor refuses it (its keys
     /// held before stay).
     pub async fn load_into(
         &self,
@@ -378,6 +378,72 @@ async fn fetch_unbounded(
     drop(sender);
     conn.abort();
     result
+}
+
+/// The server's `[node_attestors.k8s_psat]` section: the clusters it trusts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatSettings {
+    /// `[[node_attestors.k8s_psat.clusters]]`.
+    pub clusters: Vec<K8sPsatClusterSettings>,
+}
+
+/// One `[[node_attestors.k8s_psat.clusters]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatClusterSettings {
+    /// The cluster's name, which agents give with `--k8s-cluster`.
+    pub name: String,
+    /// The `iss` of its service account tokens.
+    pub issuer: String,
+    /// Its JWKS: a file, or an `https://` URL.
+    pub jwks: String,
+    /// The audience the agent's projected token is for.
+    pub audience: String,
+    /// `namespace:serviceaccount` allowed to attest.
+    pub allowed_service_accounts: Vec<String>,
+    /// The CA that signs the JWKS server's certificate (PEM), instead of the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl K8sPsatSettings {
+    /// The attestor and the JWKS sources these settings describe (no key read yet).
+    ///
+    /// # Errors
+    /// [`JwksError::Attestor`] for a bad cluster; [`JwksError::BadUrl`] or
+    /// [`JwksError::NoRoots`] for a bad `jwks` or `ca_file`.
+    pub fn build(&self) -> Result<(Arc<K8sPsatAttestor>, Vec<ClusterJwks>), JwksError> {
+        let attestor = K8sPsatAttestor::new(
+            self.clusters
+                .iter()
+                .map(|c| PsatCluster {
+                    name: c.name.clone(),
+                    issuer: c.issuer.clone(),
+                    audience: c.audience.clone(),
+                    allowed_service_accounts: c.allowed_service_accounts.clone(),
+                })
+                .collect(),
+        )?;
+        let sources = self
+            .clusters
+            .iter()
+            .map(|c| ClusterJwks::new(&c.name, &c.jwks, c.ca_file.as_deref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((Arc::new(attestor), sources))
+    }
+
+    /// Builds the attestor, reads every cluster's JWKS and starts the refresher ([`start`]).
+    ///
+    /// # Errors
+    /// As [`Self::build`] and [`start`].
+    pub async fn start(
+        &self,
+        times: RefreshTimes,
+    ) -> Result<(Arc<K8sPsatAttestor>, JoinHandle<()>), JwksError> {
+        let (attestor, sources) = self.build()?;
+        let task = start(&attestor, sources, times).await?;
+        Ok((attestor, task))
+    }
 }
 
 /// When the refresher reads again; the defaults are [`REFRESH_PERIOD`], [`UNKNOWN_KID_GAP`]

@@ -359,7 +359,7 @@ async fn file_jwks_are_read_at_start_and_a_bad_one_stops_it() {
     let garbage = ClusterJwks::new("prod", path.to_str().unwrap(), None).unwrap();
     assert!(matches!(
         start(&attestor, vec![garbage], RefreshTimes::default()).await,
-        Err(JwksError::Refused(K8sPsatError::BadJwks(_)))
+        Err(JwksError::Attestor(K8sPsatError::BadJwks(_)))
     ));
     assert!(attestor.has_key("prod", "file-key"));
 }
@@ -399,4 +399,38 @@ fn jwks_urls_must_be_https_with_a_host() {
         ClusterJwks::new("prod", "https://kube.example/jwks", Some(&not_pem)),
         Err(JwksError::NoRoots { .. })
     ));
+}
+
+#[tokio::test]
+async fn settings_read_as_the_issue_writes_them() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("prod-jwks.json");
+    std::fs::write(&path, jwks(&["file-key"])).unwrap();
+    let toml = format!(
+        r#"
+        [[clusters]]
+        name = "prod"
+        issuer = "https://kubernetes.default.svc"
+        jwks = "{}"
+        audience = "mayfly"
+        allowed_service_accounts = ["mayfly-system:mayfly-agent"]
+        "#,
+        path.display()
+    );
+    let settings: K8sPsatSettings = toml::from_str(&toml).unwrap();
+    let (attestor, task) = settings.start(RefreshTimes::default()).await.unwrap();
+    assert!(attestor.has_key("prod", "file-key"));
+    task.abort();
+
+    let typo = toml.replace("audience", "audiences");
+    assert!(toml::from_str::<K8sPsatSettings>(&typo).is_err());
+    let mut bad = settings.clone();
+    bad.clusters[0].allowed_service_accounts = vec!["no-colon".into()];
+    assert!(matches!(
+        bad.build(),
+        Err(JwksError::Attestor(K8sPsatError::BadCluster(_)))
+    ));
+    let mut plain_http = settings;
+    plain_http.clusters[0].jwks = "http://kube.example/openid/v1/jwks".into();
+    assert!(matches!(plain_http.build(), Err(JwksError::BadUrl(_))));
 }
