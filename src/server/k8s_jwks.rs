@@ -2,7 +2,8 @@
 //! JWKS is a file or an `https://` URL (the API server's `/openid/v1/jwks`, or a copy an
 //! operator publishes).
 //!
-//! Files and URLs are read at start; URLs again every five minutes, and at once when a token
+//! Files and URLs are read at start and again every five minutes (a file a deployment tool
+//! rewrites is picked up too), and at once when a token
 //! names a key its cluster does not hold (the cluster may have rotated its signing key), at
 //! most once per 30 s per cluster so that tokens naming made-up keys cannot make the server
 //! fetch in a loop. A fetch goes over rustls, with the system's CA bundle or the cluster's
