@@ -366,3 +366,28 @@ fn the_agent_reads_its_token_afresh_each_time() {
         Err(AttestError::Unavailable { .. })
     ));
 }
+
+#[test]
+fn mutated_evidence_never_panics_nor_attests_another_node() {
+    let fx = fixture();
+    let good = evidence("prod", &fx.rs256(&fx.claims()));
+    let node = fx.attestor.verify(&good, fx.now).unwrap();
+    let mut random = [0u8; 4096];
+    aws_lc_rs::rand::fill(&mut random).unwrap();
+    let (mut refused, mut same) = (0, 0);
+    for pair in random.chunks(2) {
+        let mut bad = good.clone();
+        let at = usize::from(u16::from_be_bytes([pair[0], pair[1]])) % bad.len();
+        bad[at] ^= 1 << (pair[0] % 8);
+        match fx.attestor.verify(&bad, fx.now) {
+            Err(_) => refused += 1,
+            // A flip JSON reads the same way (none is expected, but it would be harmless).
+            Ok(other) => {
+                assert_eq!(other, node, "flip at {at}");
+                same += 1;
+            }
+        }
+    }
+    assert_eq!(refused + same, 2048);
+    assert!(refused > 2000, "{refused} refused, {same} read the same");
+}
