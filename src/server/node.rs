@@ -6,9 +6,8 @@
 //! after its audit record is durable.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditAction, AuditEvent, Decision};
@@ -16,23 +15,21 @@ use crate::id::{ScopedId, SpiffeId};
 use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
-use crate::server::attest_gate::Record;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::entry_sync::{self, EntrySyncError, entry_message};
 use crate::server::policy::{self, Refusal, Standing, check_task_id};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
-use crate::wire::{RefusalKind, unix_secs};
+use crate::wire::unix_secs;
 
+mod attest;
 mod jwt;
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
 /// The largest CSR a request may carry before it is refused unread.
 const MAX_CSR_LEN: usize = 4096;
-/// The largest attestation evidence.
-const MAX_EVIDENCE_LEN: usize = 4096;
 /// The longest a `ListEntries` call is held waiting for a change (the agent may ask less).
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(25);
 /// How often the standing of an agent whose call is held is checked again.
@@ -107,6 +104,7 @@ impl NodeError {
 }
 
 /// The node API service.
+#[derive(Clone)]
 pub struct NodeService {
     state: Arc<ServerState>,
 }
@@ -464,108 +462,16 @@ impl pb::node_server::Node for NodeService {
         &self,
         request: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
-        // The one call an anonymous client can make: a source that keeps failing is answered
-        // without reading its evidence (see attest_gate).
-        let source = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.remote)
-            .map(|a| a.ip());
-        if let Some(ip) = source
-            && !self.state.attest_gate.admit(ip, Instant::now())
-        {
-            let mut status = Status::resource_exhausted(format!(
-                "too many refused attestations from {ip}; wait a few seconds before trying again, and check the agent's join token"
-            ));
-            RefusalKind::RateLimited.attach(&mut status);
-            return Err(status);
-        }
-        let req = request.into_inner();
-        let mut event = event(AuditAction::AgentAttest);
-        // The attestor name is the caller's, unauthenticated: recorded escaped and bounded.
-        event.attestor = Some(audit::untrusted(&req.attestor));
-        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
-            if req.attestor != mayfly_attestors::join_token::NAME {
-                return Err(Refusal::Invalid(format!(
-                    "unknown node attestor '{}'; this server accepts: join_token",
-                    event.attestor.as_deref().unwrap_or_default()
-                ))
-                .into());
-            }
-            if req.evidence.len() > MAX_EVIDENCE_LEN {
-                return Err(
-                    Refusal::Invalid("the attestation evidence is too large".into()).into(),
-                );
-            }
-            Self::check_csr_size(&req.csr)?;
-            let claim = JoinTokenAttestor
-                .verify(&req.evidence)
-                .map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let NodeClaim::SingleUseSecret {
-                secret_hash,
-                node_id,
-            } = claim
-            else {
-                return Err(
-                    Refusal::Invalid("a join token proves a single-use secret".into()).into(),
-                );
-            };
-            let agent_id = self
-                .state
-                .policy
-                .agent_id(JoinTokenAttestor.name(), &node_id)?;
-            event.agent_id = Some(agent_id.to_string());
-            // The CSR is checked before the token is spent, so a bad request does not burn it.
-            let key = svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
-            let now = SystemTime::now();
-            if self
-                .state
-                .store
-                .consume_join_token(&secret_hash, unix_secs(now))
-                .await?
-                .is_none()
-            {
-                return Err(Refusal::TokenRefused.into());
-            }
-            let id = ScopedId::new(agent_id.clone(), Default::default()).map_err(Refusal::from)?;
-            // The agent is stored before the issuance is audited, so the log never shows an
-            // agent SVID whose agent the server does not know.
-            let issued = self.sign_key(&id, &key, self.state.agent_ttl, &[])?;
-            let record = AgentRecord {
-                spiffe_id: agent_id,
-                attestor: JoinTokenAttestor.name().into(),
-                current_serial: issued.serial,
-                next_serial: None,
-                not_after: unix_secs(issued.not_after),
-                banned: false,
-                created_at: unix_secs(now),
-            };
-            self.state.store.create_agent(&record).await?;
-            self.audit_issued(&id, &issued, event.clone()).await?;
-            Ok((id, issued))
-        }
-        .await;
-        match result {
-            Ok((id, issued)) => Ok(Response::new(pb::AttestResponse {
-                svid: Some(svid_message(&id, issued)),
-                bundle: self.bundle(),
-            })),
-            Err(e) => {
-                let counted = e.is_decision()
-                    && source.is_some_and(|ip| {
-                        self.state
-                            .attest_gate
-                            .refused(ip, &e.text(), Instant::now())
-                            == Record::Counted
-                    });
-                if counted {
-                    // Summarised with the source's other refusals (attest_gate::summarise).
-                    Err(e.status())
-                } else {
-                    Err(self.refuse(event, e).await)
-                }
-            }
-        }
+        self.attest_unary(request).await
+    }
+
+    type AttestAgentStream = attest::AttestStream;
+
+    async fn attest_agent(
+        &self,
+        request: Request<tonic::Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        self.attest_stream(request).await
     }
 
     async fn renew_agent(

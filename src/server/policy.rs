@@ -82,6 +82,10 @@ pub enum Refusal {
         "the join token is unknown, already used or expired; generate a new one with `mayfly token generate`"
     )]
     TokenRefused,
+    /// A node attestor found the evidence proves nothing (another CA, expired, a bad
+    /// signature, a replayed token); the text is the attestor's sentence.
+    #[error("{0}")]
+    EvidenceRefused(String),
 }
 
 impl Refusal {
@@ -100,6 +104,7 @@ impl Refusal {
             Self::TtlAboveCeiling { .. } => RefusalKind::TtlAboveCeiling,
             Self::Invalid(_) => RefusalKind::Invalid,
             Self::TokenRefused => RefusalKind::TokenRefused,
+            Self::EvidenceRefused(_) => RefusalKind::EvidenceRefused,
         }
     }
 
