@@ -56,7 +56,7 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token or x509pop [default: join_token when --join-token is
+        /// The node attestor: join_token, x509pop or k8s_psat [default: join_token when --join-token is
         /// given, x509pop when --x509pop-cert is]. Agents of attestors other than join_token
         /// attest again by themselves after an eviction or an expired SVID.
         #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
@@ -68,6 +68,14 @@ crate::settings_layer! {
         /// x509pop: the node certificate's private key, PEM.
         #[arg(long, env = "MAYFLY_AGENT_X509POP_KEY")]
         pub x509pop_key: Option<PathBuf>,
+        /// k8s_psat: the cluster's name, as the server's `[[node_attestors.k8s_psat.clusters]]`
+        /// names it.
+        #[arg(long, env = "MAYFLY_AGENT_K8S_CLUSTER")]
+        pub k8s_cluster: Option<String>,
+        /// k8s_psat: the pod's projected service account token (read again at each
+        /// attestation, as the kubelet rotates it).
+        #[arg(long, env = "MAYFLY_AGENT_K8S_TOKEN")]
+        pub k8s_token: Option<PathBuf>,
         /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
         #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
         pub trust_bundle: Option<PathBuf>,
@@ -124,6 +132,8 @@ impl AgentSettings {
             join_token: self.join_token.clone(),
             x509pop_cert: self.x509pop_cert,
             x509pop_key: self.x509pop_key,
+            k8s_cluster: self.k8s_cluster,
+            k8s_token: self.k8s_token,
         }
         .resolve()?;
         config.join_token = self.join_token;

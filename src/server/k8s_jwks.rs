@@ -168,18 +168,24 @@ impl ClusterJwks {
 }
 
 async fn read_file(path: &Path) -> Result<Vec<u8>, JwksError> {
-    use tokio::io::AsyncReadExt as _;
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || read_file_blocking(&owned))
+        .await
+        .map_err(|e| JwksError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?
+}
+
+fn read_file_blocking(path: &Path) -> Result<Vec<u8>, JwksError> {
+    use std::io::Read as _;
     let err = |reason: String| JwksError::File {
         path: path.to_owned(),
         reason,
     };
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| err(e.to_string()))?;
     let mut bytes = Vec::new();
-    file.take(MAX_JWKS as u64 + 1)
-        .read_to_end(&mut bytes)
-        .await
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_JWKS as u64 + 1).read_to_end(&mut bytes))
         .map_err(|e| err(e.to_string()))?;
     if bytes.len() > MAX_JWKS {
         return Err(err("it is over the 1 MiB limit".into()));
@@ -297,6 +303,41 @@ pub async fn start(
             (Err(e), JwksLocation::Url { .. }) => log_failed(cluster, &e),
         }
     }
+    Ok(spawn_loop(attestor, clusters, times, false))
+}
+
+/// Reads every cluster's JWKS file into `attestor` now, blocking: what the server does while
+/// it reads its settings, so that a bad file stops it at start. URLs are left to
+/// [`spawn_refresher`].
+///
+/// # Errors
+/// The [`JwksError`] of the first file that cannot be read or holds no usable key.
+pub fn load_files(attestor: &K8sPsatAttestor, clusters: &[ClusterJwks]) -> Result<(), JwksError> {
+    for cluster in clusters {
+        if let JwksLocation::File(path) = &cluster.location {
+            let count = attestor.set_jwks(&cluster.cluster, &read_file_blocking(path)?)?;
+            log_loaded(cluster, count);
+        }
+    }
+    Ok(())
+}
+
+/// Starts the task that fetches every URL JWKS at once and then keeps all of them fresh, for a
+/// server whose files [`load_files`] read; the task ends when the attestor is dropped.
+pub fn spawn_refresher(
+    attestor: &Arc<K8sPsatAttestor>,
+    clusters: Vec<ClusterJwks>,
+    times: RefreshTimes,
+) -> JoinHandle<()> {
+    spawn_loop(attestor, clusters, times, true)
+}
+
+fn spawn_loop(
+    attestor: &Arc<K8sPsatAttestor>,
+    clusters: Vec<ClusterJwks>,
+    times: RefreshTimes,
+    fetch_urls_first: bool,
+) -> JoinHandle<()> {
     // A full queue means a read is already due; the cluster's name is dropped, not waited on.
     let (wake, mut woken) = mpsc::channel::<String>(16);
     attestor.on_unknown_kid(Arc::new(move |cluster: &str| {
@@ -305,7 +346,21 @@ pub async fn start(
     let weak: Weak<K8sPsatAttestor> = Arc::downgrade(attestor);
     // Only the reads unknown keys prompt are spaced out; the periodic ones are fixed anyway.
     let mut last_prompted: HashMap<String, Instant> = HashMap::new();
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
+        if fetch_urls_first {
+            let urls = clusters
+                .iter()
+                .filter(|c| matches!(c.location, JwksLocation::Url { .. }));
+            for cluster in urls {
+                let Some(attestor) = weak.upgrade() else {
+                    return;
+                };
+                match cluster.load_into(&attestor, times.fetch_timeout).await {
+                    Ok(count) => log_loaded(cluster, count),
+                    Err(e) => log_failed(cluster, &e),
+                }
+            }
+        }
         let mut tick = tokio::time::interval(times.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -334,7 +389,7 @@ pub async fn start(
                 }
             }
         }
-    }))
+    })
 }
 
 fn log_loaded(cluster: &ClusterJwks, count: usize) {

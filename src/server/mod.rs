@@ -460,6 +460,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         node_attestors: config.node_attestors.clone(),
         jwt_issuer: std::sync::OnceLock::new(),
     });
+    config.node_attestors.start_refreshers();
 
     let listener = TcpListener::bind(config.bind)
         .await

@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use mayfly_attestors::NodeAttestor;
 use mayfly_attestors::join_token::JoinTokenAttestor;
+use mayfly_attestors::k8s_psat::K8sPsatAttestor;
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+
+use super::k8s_jwks::{self, ClusterJwks, JwksError, K8sPsatSettings};
 
 /// Why a node attestor's settings were refused.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,9 @@ pub enum NodeAttestorsError {
         /// Why it was refused.
         source: x509pop::X509PopError,
     },
+    /// A k8s_psat cluster, its JWKS file, URL or CA file is not usable.
+    #[error("node_attestors.k8s_psat: {0}")]
+    K8sPsat(#[from] JwksError),
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -44,6 +50,8 @@ pub enum NodeAttestorsError {
 pub struct NodeAttestorsSettings {
     /// `[node_attestors.x509pop]`.
     pub x509pop: Option<X509PopSettings>,
+    /// `[[node_attestors.k8s_psat.clusters]]`.
+    pub k8s_psat: Option<K8sPsatSettings>,
 }
 
 /// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
@@ -58,6 +66,8 @@ pub struct X509PopSettings {
 #[derive(Clone)]
 pub struct NodeAttestors {
     by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>>,
+    /// The k8s_psat attestor and its clusters' JWKS, for the refresher the server starts.
+    k8s_jwks: Option<(Arc<K8sPsatAttestor>, Vec<ClusterJwks>)>,
 }
 
 impl std::fmt::Debug for NodeAttestors {
@@ -71,7 +81,10 @@ impl Default for NodeAttestors {
     fn default() -> Self {
         let mut by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>> = BTreeMap::new();
         by_name.insert(JoinTokenAttestor.name(), Arc::new(JoinTokenAttestor));
-        Self { by_name }
+        Self {
+            by_name,
+            k8s_jwks: None,
+        }
     }
 }
 
@@ -91,7 +104,23 @@ impl NodeAttestors {
                 })?;
             attestors.add(Arc::new(verifier));
         }
+        if let Some(k8s) = &settings.k8s_psat {
+            // Files are read now, so a bad one stops the server at start; URLs are fetched by
+            // the refresher the server starts.
+            let (attestor, sources) = k8s.build()?;
+            k8s_jwks::load_files(&attestor, &sources)?;
+            attestors.add(attestor.clone());
+            attestors.k8s_jwks = Some((attestor, sources));
+        }
         Ok(attestors)
+    }
+
+    /// Starts what keeps attestors' keys fresh (the k8s_psat JWKS refresher); called once by
+    /// the server, inside its runtime. The tasks end when the attestors are dropped.
+    pub fn start_refreshers(&self) {
+        if let Some((attestor, sources)) = &self.k8s_jwks {
+            k8s_jwks::spawn_refresher(attestor, sources.clone(), k8s_jwks::RefreshTimes::default());
+        }
     }
 
     /// Accepts `attestor` (replacing one of the same name).
