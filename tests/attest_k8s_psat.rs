@@ -380,6 +380,32 @@ fn agents_attest_with_projected_tokens_and_bad_tokens_are_refused() {
     // A 1 MiB "token" never leaves the agent.
     refused(&cluster, "huge", "prod", &vec![b'a'; 1024 * 1024], "64 KiB");
 
+    // Re-attestation without an operator: evicted, the prod agent attests again by itself
+    // with the token the kubelet has rotated in the meantime.
+    std::fs::write(
+        cluster.path("prod.token"),
+        signer.rs256(&claims("jti-prod-rotated")),
+    )
+    .unwrap();
+    let prod_id = agents
+        .split_whitespace()
+        .find(|w| w.contains("/k8s_psat/prod/"))
+        .expect("prod's ID in the list")
+        .to_owned();
+    cluster.ok(&["agent", "evict", &prod_id]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(cluster.path("prod.log")).unwrap();
+        if log.contains("attested again") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prod did not attest again after its eviction: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     prod.stop();
     staging.stop();
     https.kill();
