@@ -411,3 +411,73 @@ fn agents_attest_with_projected_tokens_and_bad_tokens_are_refused() {
     https.kill();
     cluster.stop_server();
 }
+
+/// `mayfly server run --config` with `toml` exits at once; returns its error output.
+fn server_refuses(dir: &Path, toml: &str) -> String {
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "run", "--bind"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mayfly server run");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_k8s_psat_settings_stop_the_server_in_one_sentence() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let material = tempfile::TempDir::new().unwrap();
+    let signer = Signer::new(material.path());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let cluster = |jwks: &str, accounts: &str| {
+        format!(
+            "[[node_attestors.k8s_psat.clusters]]\nname = \"prod\"\nissuer = \"{ISSUER}\"\n\
+             jwks = \"{jwks}\"\naudience = \"mayfly\"\nallowed_service_accounts = [{accounts}]\n"
+        )
+    };
+    let good = cluster(
+        &jwks.display().to_string(),
+        "\"mayfly-system:mayfly-agent\"",
+    );
+    // The positive control: these settings start a server.
+    let started = Cluster::start_with(&["--config", &{
+        let path = dir.path().join("good.toml");
+        std::fs::write(&path, &good).unwrap();
+        path.display().to_string()
+    }]);
+    drop(started);
+
+    for (toml, expected) in [
+        (
+            cluster("/nonexistent/jwks.json", "\"mayfly-system:mayfly-agent\""),
+            "/nonexistent/jwks.json could not be read",
+        ),
+        (
+            cluster("http://kube.example/openid/v1/jwks", "\"a:b\""),
+            "is not an https:// URL",
+        ),
+        (
+            cluster(&jwks.display().to_string(), "\"just-a-name\""),
+            "is not namespace:name",
+        ),
+        (good.replace("audience", "audiences"), "audiences"),
+    ] {
+        let err = server_refuses(dir.path(), &toml);
+        assert_eq!(
+            err.matches(expected).count(),
+            1,
+            "'{expected}' once in: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    }
+    std::fs::write(&jwks, b"{\"keys\": []}").unwrap();
+    let err = server_refuses(dir.path(), &good);
+    assert!(err.contains("no RS256 or ES256 signing key"), "{err}");
+}

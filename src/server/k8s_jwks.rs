@@ -47,7 +47,7 @@ pub enum JwksError {
     },
     /// rustls refused the client configuration.
     #[error("the TLS client for JWKS fetches could not be built: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(rustls::Error),
     /// A JWKS file could not be read.
     #[error("the JWKS file {path} could not be read: {reason}")]
     File {

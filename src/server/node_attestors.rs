@@ -41,7 +41,7 @@ pub enum NodeAttestorsError {
     },
     /// A k8s_psat cluster, its JWKS file, URL or CA file is not usable.
     #[error("node_attestors.k8s_psat: {0}")]
-    K8sPsat(#[from] JwksError),
+    K8sPsat(JwksError),
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -107,8 +107,8 @@ impl NodeAttestors {
         if let Some(k8s) = &settings.k8s_psat {
             // Files are read now, so a bad one stops the server at start; URLs are fetched by
             // the refresher the server starts.
-            let (attestor, sources) = k8s.build()?;
-            k8s_jwks::load_files(&attestor, &sources)?;
+            let (attestor, sources) = k8s.build().map_err(NodeAttestorsError::K8sPsat)?;
+            k8s_jwks::load_files(&attestor, &sources).map_err(NodeAttestorsError::K8sPsat)?;
             attestors.add(attestor.clone());
             attestors.k8s_jwks = Some((attestor, sources));
         }

@@ -118,7 +118,8 @@ pub(super) fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConf
         });
     }
     let mut config = rustls::ClientConfig::builder_with_provider(crate::mtls::provider())
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(JwksError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
