@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use mayfly_attestors::k8s_psat::{K8sPsatAttestor, MAX_JWKS, PsatCluster};
+use mayfly_attestors::k8s_psat::{K8sPsatAttestor, K8sPsatError, MAX_JWKS, PsatCluster};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -83,7 +83,17 @@ pub enum JwksError {
         /// The timeout, seconds.
         secs: u64,
     },
-    /// The attestor refused a cluster's configuration, or a JWKS document that was read.
+    /// A JWKS document was read but holds no usable key (or is not a JWKS).
+    #[error("the JWKS of cluster {cluster} at {from} is unusable: {reason}")]
+    Document {
+        /// The cluster.
+        cluster: String,
+        /// The file or URL.
+        from: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The attestor refused a cluster's configuration.
     #[error(transparent)]
     Attestor(#[from] mayfly_attestors::k8s_psat::K8sPsatError),
 }
@@ -148,7 +158,7 @@ impl ClusterJwks {
     /// Reads the document and gives it to `attestor`; returns how many keys it holds.
     ///
     /// # Errors
-    /// As [`Self::read`], and [`JwksError::Attestor`] when the attestor refuses it (its keys
+    /// As [`Self::read`], and [`JwksError::Document`] when the attestor refuses it (its keys
     /// held before stay).
     pub async fn load_into(
         &self,
@@ -156,7 +166,21 @@ impl ClusterJwks {
         timeout: Duration,
     ) -> Result<usize, JwksError> {
         let document = self.read(timeout).await?;
-        Ok(attestor.set_jwks(&self.cluster, &document)?)
+        self.set(attestor, &document)
+    }
+
+    /// Gives `document` to `attestor`, naming this cluster and source if it is refused.
+    fn set(&self, attestor: &K8sPsatAttestor, document: &[u8]) -> Result<usize, JwksError> {
+        attestor
+            .set_jwks(&self.cluster, document)
+            .map_err(|e| match e {
+                K8sPsatError::BadJwks(reason) => JwksError::Document {
+                    cluster: self.cluster.clone(),
+                    from: self.describe(),
+                    reason,
+                },
+                other => JwksError::Attestor(other),
+            })
     }
 
     fn describe(&self) -> String {
@@ -315,7 +339,7 @@ pub async fn start(
 pub fn load_files(attestor: &K8sPsatAttestor, clusters: &[ClusterJwks]) -> Result<(), JwksError> {
     for cluster in clusters {
         if let JwksLocation::File(path) = &cluster.location {
-            let count = attestor.set_jwks(&cluster.cluster, &read_file_blocking(path)?)?;
+            let count = cluster.set(attestor, &read_file_blocking(path)?)?;
             log_loaded(cluster, count);
         }
     }

@@ -11,7 +11,7 @@ pub enum K8sPsatError {
     #[error("the k8s_psat cluster configuration is invalid: {0}")]
     BadCluster(String),
     /// A JWKS document cannot be used; the keys held before stay.
-    #[error("the JWKS document is unusable: {0}; the keys held before are kept")]
+    #[error("the JWKS document is unusable: {0}; fix the cluster's jwks file or URL")]
     BadJwks(String),
     /// The evidence names a cluster the server does not trust.
     #[error("the cluster {0} is not one this server trusts; use a configured cluster name")]
