@@ -24,7 +24,7 @@ pub const REFUSAL_METADATA: &str = "mayfly-refusal";
 pub const MAX_NODE_MESSAGE: usize = 64 * 1024;
 
 /// The path of the server's SPIFFE ID in its trust domain.
-const SERVER_PATH: &str = "/mayfly/server";
+pub const SERVER_PATH: &str = "/mayfly/server";
 
 /// Why the server refused a request, as a stable machine-readable name sent beside the message.
 ///

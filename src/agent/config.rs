@@ -56,8 +56,9 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token, x509pop or k8s_psat [default: join_token when --join-token is
-        /// given, x509pop when --x509pop-cert is]. Agents of attestors other than join_token
+        /// The node attestor: join_token, x509pop, aws_iid or k8s_psat [default: join_token when
+        /// --join-token is given, x509pop when --x509pop-cert is, aws_iid when
+        /// --aws-iid-document is]. Agents of attestors other than join_token
         /// attest again by themselves after an eviction or an expired SVID.
         #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
         pub attestor: Option<String>,
@@ -68,6 +69,17 @@ crate::settings_layer! {
         /// x509pop: the node certificate's private key, PEM.
         #[arg(long, env = "MAYFLY_AGENT_X509POP_KEY")]
         pub x509pop_key: Option<PathBuf>,
+        /// aws_iid: the instance identity document, byte for byte as the metadata service
+        /// serves it (for offline use; without it, the agent reads it through IMDSv2).
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_DOCUMENT")]
+        pub aws_iid_document: Option<PathBuf>,
+        /// aws_iid: AWS's base64 signature of the document
+        /// (/latest/dynamic/instance-identity/signature).
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_SIGNATURE")]
+        pub aws_iid_signature: Option<PathBuf>,
+        /// aws_iid: the instance metadata service [default: http://169.254.169.254].
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_IMDS_URL")]
+        pub aws_iid_imds_url: Option<String>,
         /// k8s_psat: the cluster's name, as the server's `[[node_attestors.k8s_psat.clusters]]`
         /// names it.
         #[arg(long, env = "MAYFLY_AGENT_K8S_CLUSTER")]
@@ -132,6 +144,9 @@ impl AgentSettings {
             join_token: self.join_token.clone(),
             x509pop_cert: self.x509pop_cert,
             x509pop_key: self.x509pop_key,
+            aws_iid_document: self.aws_iid_document,
+            aws_iid_signature: self.aws_iid_signature,
+            aws_iid_imds_url: self.aws_iid_imds_url,
             k8s_cluster: self.k8s_cluster,
             k8s_token: self.k8s_token,
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
 // Entry sync at scale (issue 10): paged, incremental, held `ListEntries`.
+pub(crate) mod entry_kind;
 pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod jwt_keys;

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditAction, AuditEvent, Decision};
-use crate::id::{ScopedId, SpiffeId};
+use crate::id::ScopedId;
 use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
@@ -224,7 +224,7 @@ impl NodeService {
         let (agent, entry) = self.lookup_agent_and_entry(peer, entry_id).await;
         let agent = self.check_agent(peer, agent, Some(event)).await?;
         request_checks()?;
-        self.entry_for(entry_id, entry, &agent.spiffe_id, event)
+        self.entry_for(entry_id, entry, &agent, event).await
     }
 
     /// Signs an SVID for `id` with the current CA; of the CSR only the public key is used.
@@ -323,12 +323,13 @@ impl NodeService {
         })
     }
 
-    /// Checks a looked-up entry: it must exist and belong to `agent`.
-    fn entry_for(
+    /// Checks a looked-up entry: it must exist and belong to `agent`, or to a node group
+    /// `agent` is in.
+    async fn entry_for(
         &self,
         entry_id: &str,
         looked_up: EntryLookup,
-        agent: &SpiffeId,
+        agent: &AgentRecord,
         event: &mut AuditEvent,
     ) -> Result<Entry, NodeError> {
         let (id, entry) = match looked_up {
@@ -337,10 +338,23 @@ impl NodeService {
         };
         event.entry_id = Some(id.to_string());
         let entry = entry?;
+        // Only an entry under another parent needs the node group read, and only for an agent
+        // with node selectors (a join-token agent is in no group): the common issuance stays
+        // at two lookups.
+        let groups = match &entry {
+            Some(e) if e.parent_id != agent.spiffe_id && !agent.node_selectors.is_empty() => {
+                let server = crate::wire::server_id(&self.state.td);
+                self.state
+                    .store
+                    .list_node_entries(&server, Some(&e.parent_id))
+                    .await?
+            }
+            _ => Vec::new(),
+        };
         let entry = self
             .state
             .policy
-            .check_entry(entry_id, entry.as_ref(), agent)?;
+            .check_entry(entry_id, entry.as_ref(), agent, &groups)?;
         event.spiffe_id = Some(entry.spiffe_id.to_string());
         Ok(entry.clone())
     }
@@ -366,14 +380,14 @@ impl NodeService {
         req: &pb::ListEntriesRequest,
     ) -> Result<pb::ListEntriesResponse, NodeError> {
         let store = self.state.store.as_ref();
-        let id = &agent.spiffe_id;
         // Subscribed before the first read, so a change between the two still wakes the wait.
         let mut changes = self.state.entry_watch.subscribe();
         let mut closing = self.state.entry_watch.closing();
         // Every page names the tainted CAs, and a held call ends when that set changes, so the
         // agent re-issues what a newly tainted CA signed within one standing re-check.
         let tainted = self.state.rotation.tainted();
-        let mut answer = entry_sync::page(store, id, req, self.published()).await?;
+        let server = crate::wire::server_id(&self.state.td);
+        let mut answer = entry_sync::page(store, (&server, agent), req, self.published()).await?;
         answer.tainted_ca_fingerprints.clone_from(&tainted);
         let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
         if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
@@ -397,7 +411,7 @@ impl NodeService {
                     self.authorize_agent(peer, None).await?;
                 }
             }
-            answer = entry_sync::page(store, id, req, self.published()).await?;
+            answer = entry_sync::page(store, (&server, agent), req, self.published()).await?;
             answer.tainted_ca_fingerprints = self.state.rotation.tainted();
             if !answer.unchanged
                 || !answer.bundle.is_empty()
@@ -532,6 +546,7 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         let result: Result<pb::ListEntriesResponse, NodeError> = async {
             let agent = self.authorize_agent(peer.as_deref(), None).await?;
+            let server = crate::wire::server_id(&self.state.td);
             if req.incremental {
                 return self.sync_incremental(peer.as_deref(), &agent, &req).await;
             }
@@ -547,11 +562,11 @@ impl pb::node_server::Node for NodeService {
                     ..Default::default()
                 });
             }
-            let entries = self
-                .state
-                .store
-                .list_entries_by_parent(&agent.spiffe_id)
-                .await?;
+            let store = self.state.store.as_ref();
+            let mut entries = Vec::new();
+            for parent in entry_sync::parents_of(store, &server, &agent).await? {
+                entries.extend(store.list_entries_by_parent(&parent).await?);
+            }
             Ok(pb::ListEntriesResponse {
                 revision,
                 entries: entries.into_iter().map(entry_message).collect(),

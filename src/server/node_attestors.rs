@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mayfly_attestors::NodeAttestor;
+use mayfly_attestors::aws_iid::{self, AwsIidAttestor, AwsIidConfigError};
 use mayfly_attestors::join_token::JoinTokenAttestor;
 use mayfly_attestors::k8s_psat::K8sPsatAttestor;
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
@@ -39,6 +40,12 @@ pub enum NodeAttestorsError {
         /// Why it was refused.
         source: x509pop::X509PopError,
     },
+    /// The aws_iid certificates or maximum age are not usable.
+    #[error("node_attestors.aws_iid: {0}")]
+    AwsIid(#[source] AwsIidConfigError),
+    /// The aws_iid maximum document age is not a duration.
+    #[error("node_attestors.aws_iid.max_document_age: {0}")]
+    AwsIidAge(#[source] crate::duration::DurationError),
     /// A k8s_psat cluster, its JWKS file, URL or CA file is not usable.
     #[error("node_attestors.k8s_psat: {0}")]
     K8sPsat(JwksError),
@@ -50,6 +57,9 @@ pub enum NodeAttestorsError {
 pub struct NodeAttestorsSettings {
     /// `[node_attestors.x509pop]`.
     pub x509pop: Option<X509PopSettings>,
+    /// `[node_attestors.aws_iid]` (boxed: the server's settings are held in the CLI's command
+    /// enum, which clippy keeps small).
+    pub aws_iid: Option<Box<AwsIidSettings>>,
     /// `[[node_attestors.k8s_psat.clusters]]`.
     pub k8s_psat: Option<K8sPsatSettings>,
 }
@@ -60,6 +70,19 @@ pub struct NodeAttestorsSettings {
 pub struct X509PopSettings {
     /// The PEM CA certificates node certificates must chain to.
     pub ca_bundle: PathBuf,
+}
+
+/// `[node_attestors.aws_iid]`: EC2 instances prove their instance identity document, signed
+/// by AWS.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsIidSettings {
+    /// PEM files of AWS's RSA certificates (the ones for the base64 `signature`), one per
+    /// region the instances run in, or several in one file.
+    pub certificates: Vec<PathBuf>,
+    /// The oldest `pendingTime` accepted, e.g. `"5m"`: instances attest within this time of
+    /// their launch (or start).
+    pub max_document_age: String,
 }
 
 /// The node attestors a server accepts, by name.
@@ -103,6 +126,17 @@ impl NodeAttestors {
                     source,
                 })?;
             attestors.add(Arc::new(verifier));
+        }
+        if let Some(aws) = &settings.aws_iid {
+            let mut certificates = Vec::new();
+            for path in &aws.certificates {
+                certificates.extend(read_certs(aws_iid::NAME, path)?);
+            }
+            let age = crate::duration::parse(&aws.max_document_age)
+                .map_err(NodeAttestorsError::AwsIidAge)?;
+            let attestor =
+                AwsIidAttestor::new(certificates, age).map_err(NodeAttestorsError::AwsIid)?;
+            attestors.add(Arc::new(attestor));
         }
         if let Some(k8s) = &settings.k8s_psat {
             // Files are read now, so a bad one stops the server at start; URLs are fetched by
@@ -153,4 +187,81 @@ fn read_certs(attestor: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, NodeA
         return Err(read("it holds no PEM certificate".into()));
     }
     Ok(certs.into_iter().map(|c| c.to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RSA certificate made by `openssl req`, as PEM in `dir`.
+    fn rsa_cert(dir: &Path) -> PathBuf {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test AWS",
+            ])
+            .args([
+                "-newkey", "rsa:2048", "-keyout", "key.pem", "-out", "cert.pem",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("cert.pem")
+    }
+
+    fn aws(certificates: Vec<PathBuf>, age: &str) -> NodeAttestorsSettings {
+        NodeAttestorsSettings {
+            aws_iid: Some(Box::new(AwsIidSettings {
+                certificates,
+                max_document_age: age.into(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aws_iid_settings_are_read_at_start_and_refused_in_one_sentence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rsa_cert(dir.path());
+        let accepted = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5m")).unwrap();
+        assert!(accepted.get("aws_iid").is_some());
+        assert_eq!(accepted.names(), "aws_iid, join_token");
+        assert!(NodeAttestors::default().get("aws_iid").is_none());
+
+        let age = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5 minutes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            age.starts_with(
+                "node_attestors.aws_iid.max_document_age: '5 minutes' is not a duration"
+            ),
+            "{age}"
+        );
+        let none = NodeAttestors::from_settings(&aws(vec![], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("has no AWS certificate"), "{none}");
+        let missing = NodeAttestors::from_settings(&aws(vec![dir.path().join("nope.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("node_attestors.aws_iid: cannot read")
+                && missing.contains("nope.pem"),
+            "{missing}"
+        );
+        let key_only = NodeAttestors::from_settings(&aws(vec![dir.path().join("key.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(key_only.contains("no PEM certificate"), "{key_only}");
+    }
 }

@@ -170,7 +170,11 @@ impl NodeService {
             single_use: Some(once),
             ..
         }) = &proven
-            && !self.claim_single_use(once, now).await?
+            && !self
+                .state
+                .store
+                .claim_single_use(&once.key, unix_secs(once.until), unix_secs(now))
+                .await?
         {
             return Err(Refusal::EvidenceRefused(format!(
                 "this {attestor} evidence was already used to attest; present a fresh one"
@@ -188,13 +192,15 @@ impl NodeService {
             not_after: unix_secs(issued.not_after),
             banned: false,
             created_at: unix_secs(now),
+            node_selectors: selectors.clone(),
+            resync_revision: 0,
         };
         // The agent is stored before the issuance is audited, so the log never shows an
         // agent SVID whose agent the server does not know. A node proven by its evidence may
         // attest again (after an eviction, or with its SVID expired); a banned one may not.
         if record.attestor == mayfly_attestors::join_token::NAME {
             self.state.store.create_agent(&record).await?;
-        } else if !self.reattest_agent(&record).await? {
+        } else if !self.state.store.reattest_agent(&record).await? {
             return Err(Refusal::Banned(agent_id.to_string()).into());
         }
         self.audit_issued(&id, &issued, event.clone()).await?;
@@ -203,29 +209,6 @@ impl NodeService {
             issued,
             selectors: selectors.iter().map(ToString::to_string).collect(),
         })
-    }
-
-    // Interim until the store keeps node selectors and single-use evidence (node groups
-    // branch): re-attestation replaces a known, unbanned agent's record; nothing is
-    // remembered of single-use evidence.
-    async fn reattest_agent(&self, record: &AgentRecord) -> Result<bool, NodeError> {
-        match self.state.store.get_agent(&record.spiffe_id).await? {
-            Some(known) if known.banned => return Ok(false),
-            Some(_) => {
-                self.state.store.delete_agent(&record.spiffe_id).await?;
-            }
-            None => {}
-        }
-        self.state.store.create_agent(record).await?;
-        Ok(true)
-    }
-
-    async fn claim_single_use(
-        &self,
-        _once: &mayfly_attestors::SingleUse,
-        _now: SystemTime,
-    ) -> Result<bool, NodeError> {
-        Ok(true)
     }
 
     fn attest_answer(&self, admitted: Admitted) -> pb::AttestResponse {
