@@ -335,7 +335,28 @@ fn agents_attest_with_projected_tokens_and_bad_tokens_are_refused() {
         assert!(agents.contains(&id), "{id} not in: {agents}");
     }
 
-    // Each refusal, on the same server that just admitted both agents.
+    // The server keeps what the token proved: `agent show` lists prod's node selectors.
+    let prod_id = agents
+        .split_whitespace()
+        .find(|w| w.contains("/k8s_psat/prod/"))
+        .expect("prod's ID in the list")
+        .to_owned();
+    let shown = cluster.ok(&["agent", "show", &prod_id]);
+    for selector in [
+        "k8s_psat:cluster:prod".to_owned(),
+        "k8s_psat:agent_ns:mayfly-system".into(),
+        "k8s_psat:agent_sa:mayfly-agent".into(),
+        "k8s_psat:agent_pod_name:mayfly-agent-x7k2p".into(),
+        "k8s_psat:agent_pod_uid:pod-uid-1".into(),
+        "k8s_psat:agent_node_name:worker-1".into(),
+        format!("k8s_psat:agent_node_uid:{NODE_UID}"),
+    ] {
+        assert!(shown.contains(&selector), "{selector} not in: {shown}");
+    }
+
+    // Each refusal, on the same server that just admitted both agents. A token attests once.
+    let replayed = std::fs::read(cluster.path("prod.token")).unwrap();
+    refused(&cluster, "replay", "prod", &replayed, "already used");
     let mut other_audience = claims("jti-aud");
     other_audience["aud"] = json!(["vault"]);
     refused(
@@ -387,11 +408,6 @@ fn agents_attest_with_projected_tokens_and_bad_tokens_are_refused() {
         signer.rs256(&claims("jti-prod-rotated")),
     )
     .unwrap();
-    let prod_id = agents
-        .split_whitespace()
-        .find(|w| w.contains("/k8s_psat/prod/"))
-        .expect("prod's ID in the list")
-        .to_owned();
     cluster.ok(&["agent", "evict", &prod_id]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
