@@ -15,6 +15,7 @@
 
 pub mod aws_iid;
 pub mod join_token;
+pub mod k8s_psat;
 pub mod node;
 pub mod selector;
 pub mod unix;

@@ -56,7 +56,7 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token, x509pop or aws_iid [default: join_token when
+        /// The node attestor: join_token, x509pop, aws_iid or k8s_psat [default: join_token when
         /// --join-token is given, x509pop when --x509pop-cert is, aws_iid when
         /// --aws-iid-document is]. Agents of attestors other than join_token
         /// attest again by themselves after an eviction or an expired SVID.
@@ -80,6 +80,14 @@ crate::settings_layer! {
         /// aws_iid: the instance metadata service [default: http://169.254.169.254].
         #[arg(long, env = "MAYFLY_AGENT_AWS_IID_IMDS_URL")]
         pub aws_iid_imds_url: Option<String>,
+        /// k8s_psat: the cluster's name, as the server's `[[node_attestors.k8s_psat.clusters]]`
+        /// names it.
+        #[arg(long, env = "MAYFLY_AGENT_K8S_CLUSTER")]
+        pub k8s_cluster: Option<String>,
+        /// k8s_psat: the pod's projected service account token (read again at each
+        /// attestation, as the kubelet rotates it).
+        #[arg(long, env = "MAYFLY_AGENT_K8S_TOKEN")]
+        pub k8s_token: Option<PathBuf>,
         /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
         #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
         pub trust_bundle: Option<PathBuf>,
@@ -139,6 +147,8 @@ impl AgentSettings {
             aws_iid_document: self.aws_iid_document,
             aws_iid_signature: self.aws_iid_signature,
             aws_iid_imds_url: self.aws_iid_imds_url,
+            k8s_cluster: self.k8s_cluster,
+            k8s_token: self.k8s_token,
         }
         .resolve()?;
         config.join_token = self.join_token;

@@ -8,17 +8,23 @@ use std::sync::Arc;
 use mayfly_attestors::NodeEvidence;
 use mayfly_attestors::aws_iid::{self, AwsIidEvidence};
 use mayfly_attestors::join_token::{self, JoinTokenEvidence};
+use mayfly_attestors::k8s_psat::{self, K8sPsatEvidence};
 use mayfly_attestors::x509pop::{self, X509PopEvidence};
 
 /// The attestors an agent can attest with.
-pub const ATTESTORS: &[&str] = &[join_token::NAME, x509pop::NAME, aws_iid::NAME];
+pub const ATTESTORS: &[&str] = &[
+    join_token::NAME,
+    x509pop::NAME,
+    aws_iid::NAME,
+    k8s_psat::NAME,
+];
 
 /// Why the agent's attestor settings were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeEvidenceError {
     /// `--attestor` names no attestor this agent knows.
     #[error(
-        "--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, aws_iid"
+        "--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, aws_iid, k8s_psat"
     )]
     Unknown(String),
     /// The attestor chosen needs a flag that was not given.
@@ -51,6 +57,10 @@ pub struct EvidenceSettings {
     pub aws_iid_signature: Option<PathBuf>,
     /// `--aws-iid-imds-url`.
     pub aws_iid_imds_url: Option<String>,
+    /// `--k8s-cluster`.
+    pub k8s_cluster: Option<String>,
+    /// `--k8s-token`.
+    pub k8s_token: Option<PathBuf>,
 }
 
 impl EvidenceSettings {
@@ -91,6 +101,20 @@ impl EvidenceSettings {
                 self.aws_iid_signature,
                 self.aws_iid_imds_url,
             )?,
+            n if n == k8s_psat::NAME => {
+                let missing = |flag| NodeEvidenceError::Missing {
+                    attestor: k8s_psat::NAME,
+                    flag,
+                };
+                Arc::new(K8sPsatEvidence::new(
+                    self.k8s_cluster.ok_or(missing(
+                        "--k8s-cluster (the cluster's name in the server's settings)",
+                    ))?,
+                    self.k8s_token.ok_or(missing(
+                        "--k8s-token (the pod's projected service account token file)",
+                    ))?,
+                ))
+            }
             other => {
                 return Err(NodeEvidenceError::Unknown(
                     crate::text::escape_bounded(other, 64).into_owned(),
@@ -163,6 +187,23 @@ mod tests {
         assert!(matches!(
             no_key.resolve(),
             Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--x509pop-key")
+        ));
+        let k8s = EvidenceSettings {
+            attestor: Some("k8s_psat".into()),
+            k8s_cluster: Some("prod".into()),
+            k8s_token: Some("/var/run/secrets/tokens/mayfly".into()),
+            ..Default::default()
+        };
+        let evidence = k8s.clone().resolve().unwrap().unwrap();
+        assert_eq!(evidence.name(), "k8s_psat");
+        assert!(evidence.can_reattest());
+        let no_cluster = EvidenceSettings {
+            k8s_cluster: None,
+            ..k8s
+        };
+        assert!(matches!(
+            no_cluster.resolve(),
+            Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--k8s-cluster")
         ));
         let unknown = EvidenceSettings {
             attestor: Some("tpm\u{1b}[31m".into()),

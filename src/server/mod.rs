@@ -16,6 +16,8 @@ pub(crate) mod entry_kind;
 pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod jwt_keys;
+// The keys of the clusters the k8s_psat node attestor trusts (issue 12).
+pub mod k8s_jwks;
 pub(crate) mod node;
 // Verifiers outside SPIFFE (issue 11): OIDC discovery of the JWT keys.
 pub mod oidc;
@@ -459,6 +461,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         node_attestors: config.node_attestors.clone(),
         jwt_issuer: std::sync::OnceLock::new(),
     });
+    config.node_attestors.start_refreshers();
 
     let listener = TcpListener::bind(config.bind)
         .await

@@ -10,9 +10,12 @@ use std::sync::Arc;
 use mayfly_attestors::NodeAttestor;
 use mayfly_attestors::aws_iid::{self, AwsIidAttestor, AwsIidConfigError};
 use mayfly_attestors::join_token::JoinTokenAttestor;
+use mayfly_attestors::k8s_psat::K8sPsatAttestor;
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+
+use super::k8s_jwks::{self, ClusterJwks, JwksError, K8sPsatSettings};
 
 /// Why a node attestor's settings were refused.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum NodeAttestorsError {
     /// The aws_iid maximum document age is not a duration.
     #[error("node_attestors.aws_iid.max_document_age: {0}")]
     AwsIidAge(#[source] crate::duration::DurationError),
+    /// A k8s_psat cluster, its JWKS file, URL or CA file is not usable.
+    #[error("node_attestors.k8s_psat: {0}")]
+    K8sPsat(JwksError),
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -54,6 +60,8 @@ pub struct NodeAttestorsSettings {
     /// `[node_attestors.aws_iid]` (boxed: the server's settings are held in the CLI's command
     /// enum, which clippy keeps small).
     pub aws_iid: Option<Box<AwsIidSettings>>,
+    /// `[[node_attestors.k8s_psat.clusters]]`.
+    pub k8s_psat: Option<K8sPsatSettings>,
 }
 
 /// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
@@ -81,6 +89,8 @@ pub struct AwsIidSettings {
 #[derive(Clone)]
 pub struct NodeAttestors {
     by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>>,
+    /// The k8s_psat attestor and its clusters' JWKS, for the refresher the server starts.
+    k8s_jwks: Option<(Arc<K8sPsatAttestor>, Vec<ClusterJwks>)>,
 }
 
 impl std::fmt::Debug for NodeAttestors {
@@ -94,7 +104,10 @@ impl Default for NodeAttestors {
     fn default() -> Self {
         let mut by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>> = BTreeMap::new();
         by_name.insert(JoinTokenAttestor.name(), Arc::new(JoinTokenAttestor));
-        Self { by_name }
+        Self {
+            by_name,
+            k8s_jwks: None,
+        }
     }
 }
 
@@ -125,7 +138,23 @@ impl NodeAttestors {
                 AwsIidAttestor::new(certificates, age).map_err(NodeAttestorsError::AwsIid)?;
             attestors.add(Arc::new(attestor));
         }
+        if let Some(k8s) = &settings.k8s_psat {
+            // Files are read now, so a bad one stops the server at start; URLs are fetched by
+            // the refresher the server starts.
+            let (attestor, sources) = k8s.build().map_err(NodeAttestorsError::K8sPsat)?;
+            k8s_jwks::load_files(&attestor, &sources).map_err(NodeAttestorsError::K8sPsat)?;
+            attestors.add(attestor.clone());
+            attestors.k8s_jwks = Some((attestor, sources));
+        }
         Ok(attestors)
+    }
+
+    /// Starts what keeps attestors' keys fresh (the k8s_psat JWKS refresher); called once by
+    /// the server, inside its runtime. The tasks end when the attestors are dropped.
+    pub fn start_refreshers(&self) {
+        if let Some((attestor, sources)) = &self.k8s_jwks {
+            k8s_jwks::spawn_refresher(attestor, sources.clone(), k8s_jwks::RefreshTimes::default());
+        }
     }
 
     /// Accepts `attestor` (replacing one of the same name).
