@@ -16,6 +16,7 @@
 pub mod join_token;
 pub mod node;
 pub mod selector;
+pub mod sshpop;
 pub mod unix;
 pub mod workload;
 pub mod x509pop;
