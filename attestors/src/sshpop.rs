@@ -153,12 +153,10 @@ impl SshPopAttestor {
     }
 
     /// Verifies the certificate in `evidence` at `now` and the node it names, before any
-    /// challenge: what [`NodeAttestor::begin`] checks.
-    ///
-    /// # Errors
-    /// [`AttestError::Malformed`] when the evidence is not an OpenSSH certificate;
-    /// [`AttestError::Refused`] when it is not a host certificate of a configured CA valid now.
-    pub fn verify_certificate(
+    /// challenge: what [`NodeAttestor::begin`] checks. `Err` is [`AttestError::Malformed`]
+    /// when the evidence is not an OpenSSH certificate, [`AttestError::Refused`] when it is not
+    /// a host certificate of a configured CA valid now.
+    fn verify_certificate(
         &self,
         evidence: &[u8],
         now: SystemTime,
@@ -220,7 +218,7 @@ impl NodeAttestor for SshPopAttestor {
         let (cert, node) = self.verify_certificate(evidence, now)?;
         Ok(Begun::Challenge(Box::new(SshPopChallenge {
             nonce: nonce(NAME)?,
-            message_hash_input: evidence.to_vec(),
+            evidence: evidence.to_vec(),
             cert,
             node,
         })))
@@ -231,7 +229,7 @@ impl NodeAttestor for SshPopAttestor {
 struct SshPopChallenge {
     nonce: [u8; NONCE_LEN],
     /// The evidence bytes, hashed into the message the host key must sign.
-    message_hash_input: Vec<u8>,
+    evidence: Vec<u8>,
     cert: Certificate,
     node: ProvenNode,
 }
@@ -246,7 +244,7 @@ impl Challenge for SshPopChallenge {
             return Err(malformed("the challenge response is over 64 KiB"));
         }
         let signature = parse_signature(response)?;
-        let message = challenge_message(&self.nonce, &self.message_hash_input);
+        let message = challenge_message(&self.nonce, &self.evidence);
         self.cert.public_key().verify(&message, &signature).map_err(|_| {
             refused("the challenge response is not a signature by the certificate's host key over this challenge")
         })?;
