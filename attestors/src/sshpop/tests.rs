@@ -205,6 +205,26 @@ fn certificates_that_are_not_host_certificates_of_a_configured_ca_valid_now_are_
     let future = check("future", "ca", &["-h", "-n", "web-1", "-V", "+1h:+2h"]);
     assert!(is_refused(&future, "not valid yet"), "{future:?}");
 
+    let args = [
+        "-h",
+        "-n",
+        "web-1",
+        "-V",
+        "-5m:+1h",
+        "-O",
+        "critical:verify-required",
+    ];
+    let critical = check("critical", "ca", &args);
+    assert!(is_refused(&critical, "critical options"), "{critical:?}");
+
+    // A terminal escape in a principal never becomes a selector.
+    let escape = check(
+        "escape",
+        "ca",
+        &["-h", "-n", "web\x1b[31m-1", "-V", "-5m:+1h"],
+    );
+    assert!(is_refused(&escape, "principal 1 "), "{escape:?}");
+
     let anonymous = check("anonymous", "ca", &["-h", "-V", "-5m:+1h"]);
     assert!(is_refused(&anonymous, "no principal"), "{anonymous:?}");
 
