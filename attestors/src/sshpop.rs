@@ -3,7 +3,7 @@
 //! possession of the host key by signing a challenge from the server.
 //!
 //! The evidence is the certificate's OpenSSH wire encoding: the bytes that the base64 field of
-//! `ssh_host_ed25519_key-cert.pub` holds, in the canonical form `ssh-key` writes. The server
+//! `ssh_host_ed25519_key-cert.pub` holds. The server
 //! parses it ([`SshPopAttestor::begin`]): a host certificate, signed by one of the configured
 //! CAs, valid now, with at least one principal and no critical option (OpenSSH defines none for
 //! host certificates, so one the server does not understand must not be ignored). It then sends
@@ -18,15 +18,15 @@
 //!
 //! Host and CA keys may be Ed25519, ECDSA P-256 or P-384, or RSA (signatures `rsa-sha2-256` or
 //! `rsa-sha2-512`; SHA-1 `ssh-rsa` signatures are refused). A certificate valid "forever" (what
-//! `ssh-keygen -s` makes without `-V`) cannot be read by the `ssh-key` crate and is refused with
-//! a sentence saying to sign it with `-V`.
+//! `ssh-keygen -s` makes without `-V`) is accepted, as SPIRE and OpenSSH accept it: the operator
+//! chose its validity. The certificate is read by the `wire` submodule, since `ssh-key` 0.6 cannot
+//! represent "forever"; `ssh-key` reads the keys and checks the signatures.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use signature::Verifier;
-use ssh_key::certificate::CertType;
 use ssh_key::public::KeyData;
-use ssh_key::{Algorithm, Certificate, EcdsaCurve, Fingerprint, HashAlg, PublicKey, Signature};
+use ssh_key::{Algorithm, EcdsaCurve, Fingerprint, HashAlg, PublicKey};
 
 use crate::node::{
     AttestError, Begun, Challenge, MAX_EVIDENCE, NodeAttestor, NodeClaim, ProvenNode, nonce,
@@ -34,7 +34,9 @@ use crate::node::{
 use crate::selector::Selector;
 
 mod evidence;
+mod wire;
 pub use evidence::SshPopEvidence;
+use wire::{HOST_CERT, SshCertificate};
 
 /// The attestor's name.
 pub const NAME: &str = "sshpop";
@@ -160,42 +162,48 @@ impl SshPopAttestor {
         &self,
         evidence: &[u8],
         now: SystemTime,
-    ) -> Result<(Certificate, ProvenNode), AttestError> {
-        let cert = parse_certificate(evidence)?;
-        if cert.cert_type() != CertType::Host {
-            return Err(refused(
-                "it is a user certificate, not a host certificate (sign the host key with ssh-keygen -h)",
-            ));
+    ) -> Result<(SshCertificate, ProvenNode), AttestError> {
+        if evidence.len() > MAX_EVIDENCE {
+            return Err(malformed("the evidence is over 64 KiB"));
         }
-        if !supported_key(&cert.public_key().algorithm()) {
-            return Err(refused(
-                "its host key is of a type sshpop does not verify (use Ed25519, ECDSA P-256/P-384 or RSA)",
-            ));
+        let cert = SshCertificate::parse(evidence).map_err(|e| {
+            malformed(&format!(
+                "it is not an OpenSSH certificate in wire form: {e}"
+            ))
+        })?;
+        if cert.cert_type != HOST_CERT {
+            return Err(refused(&format!(
+                "it is a {} certificate, not a host certificate (sign the host key with ssh-keygen -h)",
+                if cert.cert_type == 1 {
+                    "user"
+                } else {
+                    "unknown type of"
+                }
+            )));
         }
-        let ca = cert.signature_key().fingerprint(HashAlg::Sha256);
+        let ca = cert.signature_key.fingerprint(HashAlg::Sha256);
         if !self.authorities.contains(&ca) {
             return Err(refused(&format!(
                 "it is signed by the SSH CA {ca}, which is not in cert_authorities"
             )));
         }
-        check_validity(&cert, now)?;
-        let secs = unix_secs(now);
-        // The decision itself: the CA's signature, the CA's fingerprint and the validity
-        // window, checked together by the crate; the checks above only name the failure.
-        cert.validate_at(secs, &self.authorities)
+        // Over exactly the bytes received: every field the identity is read from.
+        cert.signature_key
+            .verify(cert.signed(evidence), &cert.signature)
             .map_err(|_| refused("the CA's signature on it does not verify"))?;
-        if !cert.critical_options().is_empty() {
+        check_validity(&cert, now)?;
+        if cert.has_critical_options {
             return Err(refused(
                 "it carries critical options, which no host certificate may have",
             ));
         }
-        if cert.valid_principals().is_empty() {
+        if cert.principals.is_empty() {
             return Err(refused(
                 "it names no principal (sign it with ssh-keygen -n HOSTNAME)",
             ));
         }
-        let mut selectors = Vec::with_capacity(cert.valid_principals().len());
-        for (i, principal) in cert.valid_principals().iter().enumerate() {
+        let mut selectors = Vec::with_capacity(cert.principals.len());
+        for (i, principal) in cert.principals.iter().enumerate() {
             let selector = Selector::node(NAME, "principal", principal).map_err(|_| {
                 refused(&format!(
                     "its principal {} is empty, over 1024 bytes or holds control characters",
@@ -204,7 +212,7 @@ impl SshPopAttestor {
             })?;
             selectors.push(selector);
         }
-        let node = ProvenNode::new(node_id(cert.public_key()), selectors);
+        let node = ProvenNode::new(node_id(&cert.key), selectors);
         Ok((cert, node))
     }
 }
@@ -230,7 +238,7 @@ struct SshPopChallenge {
     nonce: [u8; NONCE_LEN],
     /// The evidence bytes, hashed into the message the host key must sign.
     evidence: Vec<u8>,
-    cert: Certificate,
+    cert: SshCertificate,
     node: ProvenNode,
 }
 
@@ -243,9 +251,13 @@ impl Challenge for SshPopChallenge {
         if response.len() > MAX_EVIDENCE {
             return Err(malformed("the challenge response is over 64 KiB"));
         }
-        let signature = parse_signature(response)?;
+        let signature = wire::parse_signature(response).ok_or_else(|| {
+            malformed(
+                "the challenge response is not an SSH signature (string algorithm, string blob)",
+            )
+        })?;
         let message = challenge_message(&self.nonce, &self.evidence);
-        self.cert.public_key().verify(&message, &signature).map_err(|_| {
+        self.cert.key.verify(&message, &signature).map_err(|_| {
             refused("the challenge response is not a signature by the certificate's host key over this challenge")
         })?;
         // The certificate may have expired while the agent was signing.
@@ -254,59 +266,20 @@ impl Challenge for SshPopChallenge {
     }
 }
 
-/// Parses the evidence as a certificate in canonical wire form.
-fn parse_certificate(evidence: &[u8]) -> Result<Certificate, AttestError> {
-    if evidence.len() > MAX_EVIDENCE {
-        return Err(malformed("the evidence is over 64 KiB"));
-    }
-    let cert = Certificate::from_bytes(evidence).map_err(|e| match e {
-        ssh_key::Error::Time => malformed(
-            "a validity time of the certificate is out of range, as when it is valid forever; sign the host key with ssh-keygen -V to give it an end",
-        ),
-        other => malformed(&format!(
-            "it is not an OpenSSH certificate in wire form ({other})"
-        )),
-    })?;
-    // Only the canonical encoding is taken, so the bytes hashed into the challenge are the
-    // ones every field, and the CA's signature, was read from.
-    if cert.to_bytes().ok().as_deref() != Some(evidence) {
-        return Err(malformed(
-            "the certificate is not in its canonical encoding",
-        ));
-    }
-    Ok(cert)
-}
-
-/// Parses a challenge response as an SSH signature in canonical wire form.
-fn parse_signature(response: &[u8]) -> Result<Signature, AttestError> {
-    let signature = Signature::try_from(response).map_err(|e| {
-        malformed(&format!(
-            "the challenge response is not an SSH signature ({e})"
-        ))
-    })?;
-    // Re-encoding rejects trailing bytes, which decoding alone would ignore.
-    if Vec::<u8>::try_from(signature.clone()).ok().as_deref() != Some(response) {
-        return Err(malformed(
-            "the challenge response is not an SSH signature in canonical form",
-        ));
-    }
-    Ok(signature)
-}
-
 /// Refuses a certificate outside its validity window at `now` (valid_after <= now <
 /// valid_before, as OpenSSH's PROTOCOL.certkeys says).
-fn check_validity(cert: &Certificate, now: SystemTime) -> Result<(), AttestError> {
+fn check_validity(cert: &SshCertificate, now: SystemTime) -> Result<(), AttestError> {
     let secs = unix_secs(now);
-    if secs < cert.valid_after() {
+    if secs < cert.valid_after {
         return Err(refused(&format!(
             "the certificate is not valid yet (valid after {} s since the epoch, now {secs})",
-            cert.valid_after()
+            cert.valid_after
         )));
     }
-    if secs >= cert.valid_before() {
+    if secs >= cert.valid_before {
         return Err(refused(&format!(
             "the certificate has expired (valid before {} s since the epoch, now {secs})",
-            cert.valid_before()
+            cert.valid_before
         )));
     }
     Ok(())

@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 use signature::Signer;
 use ssh_key::private::{KeypairData, RsaKeypair};
-use ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey, Signature};
+use ssh_key::{Algorithm, HashAlg, PrivateKey, Signature};
 
+use super::wire::SshCertificate;
 use super::{NAME, NONCE_LEN, challenge_message, supported_key};
 use crate::node::{AttestError, NodeEvidence};
+use base64ct::{Base64, Encoding};
 
 /// The node's host certificate (`ssh_host_ed25519_key-cert.pub`) and its private host key
 /// (`ssh_host_ed25519_key`, unencrypted OpenSSH format).
@@ -31,18 +33,26 @@ impl SshPopEvidence {
     /// Reads the certificate and the key, and checks that the key is the certificate's.
     fn load(&self) -> Result<(Vec<u8>, PrivateKey), AttestError> {
         let cert_text = read(&self.cert_path, "host certificate")?;
-        let cert_text = String::from_utf8(cert_text)
-            .map_err(|_| unavailable(&self.cert_path, "is not text; give the -cert.pub file"))?;
-        let cert = Certificate::from_openssh(cert_text.trim()).map_err(|e| {
-            let why = match e {
-                ssh_key::Error::Time => "has a validity time out of range, as when it is valid forever; sign the host key with ssh-keygen -V to give it an end".to_owned(),
-                other => format!("is not an OpenSSH certificate ({other}); give the -cert.pub file ssh-keygen -s wrote"),
-            };
-            unavailable(&self.cert_path, &why)
-        })?;
-        let wire = cert
-            .to_bytes()
-            .map_err(|e| unavailable(&self.cert_path, &format!("cannot be encoded ({e})")))?;
+        let not_cert = |why: &str| {
+            unavailable(
+                &self.cert_path,
+                &format!(
+                    "is not an OpenSSH certificate ({why}); give the -cert.pub file ssh-keygen -s wrote"
+                ),
+            )
+        };
+        // `TYPE BASE64 [COMMENT]`, as ssh-keygen writes it.
+        let text = std::str::from_utf8(&cert_text).map_err(|_| not_cert("it is not text"))?;
+        let mut words = text.split_ascii_whitespace();
+        let (Some(cert_type), Some(base64)) = (words.next(), words.next()) else {
+            return Err(not_cert("it is not one line of TYPE BASE64"));
+        };
+        if !cert_type.ends_with("-cert-v01@openssh.com") {
+            return Err(not_cert("its type is not an OpenSSH certificate type"));
+        }
+        let wire =
+            Base64::decode_vec(base64).map_err(|_| not_cert("its second word is not base64"))?;
+        let cert = SshCertificate::parse(&wire).map_err(|e| not_cert(&e.to_string()))?;
         let key_text = read(&self.key_path, "host key")?;
         let key = PrivateKey::from_openssh(&key_text).map_err(|e| {
             unavailable(
@@ -62,7 +72,7 @@ impl SshPopEvidence {
                 "is of a type sshpop does not sign with; use Ed25519, ECDSA P-256/P-384 or RSA",
             ));
         }
-        if key.public_key().key_data() != cert.public_key() {
+        if key.public_key().key_data() != &cert.key {
             return Err(AttestError::Unavailable {
                 attestor: NAME,
                 reason: format!(

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use signature::Signer;
-use ssh_key::PrivateKey;
+use ssh_key::{PrivateKey, Signature};
 use tempfile::TempDir;
 
 use super::*;
@@ -227,17 +227,21 @@ fn certificates_that_are_not_host_certificates_of_a_configured_ca_valid_now_are_
 
     let anonymous = check("anonymous", "ca", &["-h", "-V", "-5m:+1h"]);
     assert!(is_refused(&anonymous, "no principal"), "{anonymous:?}");
+}
 
-    // Without -V, ssh-keygen makes a certificate valid forever, which ssh-key cannot read:
-    // the agent says so, and so does the server for the same bytes.
+#[test]
+fn a_certificate_valid_forever_is_accepted_as_openssh_accepts_it() {
+    let (pki, attestor, _) = fixture("ed25519");
+    // Without -V, ssh-keygen makes a certificate valid from 0 to 2^64-1.
     let forever = pki.certify("ca", "host", "forever", &["-h", "-n", "web-1"]);
-    let agent = pki.evidence(&forever, "host").evidence();
-    assert!(
-        matches!(&agent, Err(AttestError::Unavailable { reason, .. }) if reason.contains("-V")),
-        "{agent:?}"
-    );
-    let server = attestor.begin(&wire_by_tools(&forever), SystemTime::now());
-    assert!(is_malformed(&server, "-V"), "{server:?}");
+    let evidence = pki.evidence(&forever, "host");
+    let wire = evidence.evidence().unwrap();
+    assert_eq!(wire, wire_by_tools(&forever));
+    let cert = wire::SshCertificate::parse(&wire).unwrap();
+    assert_eq!((cert.valid_after, cert.valid_before), (0, u64::MAX));
+    assert!(attest(&attestor, &evidence).is_ok());
+    let far = SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    assert!(attestor.begin(&wire, far).is_ok());
 }
 
 #[test]
@@ -326,6 +330,14 @@ fn garbage_and_oversized_evidence_and_responses_are_refused_without_panicking() 
 
     let mut trailing = wire.clone();
     trailing.push(0);
+    // Every prefix of a good certificate is refused, none panics.
+    for len in 0..wire.len() {
+        let got = attestor.begin(&wire[..len], now);
+        assert!(
+            matches!(got, Err(AttestError::Malformed { .. })),
+            "{len}: {got:?}"
+        );
+    }
     let mut bit_flipped = wire.clone();
     let last = bit_flipped.len() - 1;
     bit_flipped[last] ^= 1;
