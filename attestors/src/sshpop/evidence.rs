@@ -53,8 +53,9 @@ impl SshPopEvidence {
         let wire =
             Base64::decode_vec(base64).map_err(|_| not_cert("its second word is not base64"))?;
         let cert = SshCertificate::parse(&wire).map_err(|e| not_cert(&e.to_string()))?;
-        let key_text = read(&self.key_path, "host key")?;
-        let key = PrivateKey::from_openssh(&key_text).map_err(|e| {
+        // The key's text is wiped from memory once parsed.
+        let key_text = zeroize::Zeroizing::new(read(&self.key_path, "host key")?);
+        let key = PrivateKey::from_openssh(key_text.as_slice()).map_err(|e| {
             unavailable(
                 &self.key_path,
                 &format!("is not an OpenSSH private key ({e}); give the key ssh-keygen wrote"),
@@ -107,6 +108,8 @@ impl NodeEvidence for SshPopEvidence {
                 ),
             });
         }
+        // Read again: a certificate re-signed since `evidence` makes a response the server
+        // refuses, and the agent attests again with the new one.
         let (wire, key) = self.load()?;
         let message = challenge_message(challenge, &wire);
         let signed = match key.key_data() {
