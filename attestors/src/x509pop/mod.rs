@@ -10,14 +10,22 @@
 //! the verified chain (intermediates and the root), `x509pop:serialnumber:<hex>` and
 //! `x509pop:san:dns:<name>` for each DNS SAN.
 //!
-//! Not yet wired to the node API: the challenge needs the attestation stream planned for the
-//! next step (see the note on issue 12).
+//! On the wire the evidence is the chain's DER certificates one after the other, leaf first
+//! ([`encode_chain`]); the challenge is a 32-byte nonce. The agent side is [`X509PopEvidence`].
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, UnixTime};
 use webpki::{EndEntityCert, KeyUsage, anchor_from_trusted_cert};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::node::{AttestError, Begun, Challenge, NodeAttestor, NodeClaim, ProvenNode};
+use crate::selector::Selector;
+
+mod evidence;
+
+pub use evidence::{X509PopEvidence, encode_chain, split_chain};
 
 /// The attestor's name.
 pub const NAME: &str = "x509pop";
@@ -72,7 +80,7 @@ pub fn challenge_message(nonce: &[u8], leaf_der: &[u8]) -> Vec<u8> {
 /// The server side: the operator's node CA bundle.
 #[derive(Debug, Clone)]
 pub struct X509PopVerifier {
-    roots: Vec<CertificateDer<'static>>,
+    roots: Arc<Vec<CertificateDer<'static>>>,
 }
 
 fn sha1_hex(der: &[u8]) -> String {
@@ -95,7 +103,18 @@ impl X509PopVerifier {
         for root in &roots {
             anchor_from_trusted_cert(root).map_err(|e| X509PopError::BadBundle(e.to_string()))?;
         }
-        Ok(Self { roots })
+        Ok(Self {
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// Verifies `chain` (leaf first) at `now`, without a proof of possession: the first
+    /// half of an attestation.
+    ///
+    /// # Errors
+    /// The [`X509PopError`] for the first check that fails.
+    pub fn check_chain(&self, chain: &[Vec<u8>], now: SystemTime) -> Result<(), X509PopError> {
+        self.with_path(chain, b"", now, |_, _| Ok(()))
     }
 
     /// Verifies `chain` (leaf first) at `now` and the `signature` of
@@ -110,6 +129,53 @@ impl X509PopVerifier {
         signature: &[u8],
         now: SystemTime,
     ) -> Result<X509PopNode, X509PopError> {
+        self.with_path(chain, signature, now, |end_entity, path| {
+            let leaf = &chain[0];
+            let message = challenge_message(nonce, leaf);
+            let signed = webpki::ALL_VERIFICATION_ALGS.iter().any(|alg| {
+                end_entity
+                    .verify_signature(*alg, &message, signature)
+                    .is_ok()
+            });
+            if !signed {
+                return Err(X509PopError::BadSignature);
+            }
+            let mut selectors = leaf_selectors(leaf)?;
+            // The CA certificates of the verified path: the intermediates used and the
+            // anchor's certificate (found among the roots by its subject and key).
+            for ca in path.intermediate_certificates() {
+                selectors.push(format!(
+                    "x509pop:ca:fingerprint:{}",
+                    sha1_hex(ca.der().as_ref())
+                ));
+            }
+            let anchor = path.anchor();
+            if let Some(root) = self.roots.iter().find(|r| {
+                anchor_from_trusted_cert(r).is_ok_and(|a| {
+                    a.subject == anchor.subject
+                        && a.subject_public_key_info == anchor.subject_public_key_info
+                })
+            }) {
+                selectors.push(format!("x509pop:ca:fingerprint:{}", sha1_hex(root)));
+            }
+            selectors.sort();
+            selectors.dedup();
+            Ok(X509PopNode {
+                node_id: sha1_hex(leaf),
+                selectors,
+            })
+        })
+    }
+
+    /// Checks the evidence's size and shape, verifies the chain to the roots at `now` for
+    /// client authentication, then hands the leaf and the verified path to `then`.
+    fn with_path<R>(
+        &self,
+        chain: &[Vec<u8>],
+        signature: &[u8],
+        now: SystemTime,
+        then: impl FnOnce(&EndEntityCert<'_>, &webpki::VerifiedPath<'_>) -> Result<R, X509PopError>,
+    ) -> Result<R, X509PopError> {
         let size: usize = chain.iter().map(Vec::len).sum::<usize>() + signature.len();
         if size > MAX_EVIDENCE {
             return Err(X509PopError::Malformed("it is over 64 KiB"));
@@ -145,40 +211,75 @@ impl X509PopVerifier {
                 None,
             )
             .map_err(|e| X509PopError::Chain(e.to_string()))?;
-        let used: Vec<Vec<u8>> = path
-            .intermediate_certificates()
-            .map(|c| c.der().to_vec())
-            .collect();
-        let message = challenge_message(nonce, &leaf);
-        let signed = webpki::ALL_VERIFICATION_ALGS.iter().any(|alg| {
-            end_entity
-                .verify_signature(*alg, &message, signature)
-                .is_ok()
-        });
-        if !signed {
-            return Err(X509PopError::BadSignature);
+        then(&end_entity, &path)
+    }
+}
+
+impl From<X509PopError> for AttestError {
+    fn from(err: X509PopError) -> Self {
+        match err {
+            X509PopError::Malformed(_) | X509PopError::Unreadable(_) => AttestError::Malformed {
+                attestor: NAME,
+                reason: err.to_string(),
+            },
+            _ => AttestError::Refused {
+                attestor: NAME,
+                reason: err.to_string(),
+            },
         }
-        let mut selectors = leaf_selectors(&leaf)?;
-        // The CA certificates of the verified path: the intermediates used and the anchor's
-        // certificate (found among the roots by its subject and key).
-        for ca in &used {
-            selectors.push(format!("x509pop:ca:fingerprint:{}", sha1_hex(ca)));
+    }
+}
+
+impl NodeAttestor for X509PopVerifier {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// Checks the chain now, so a node whose certificate cannot verify gets no challenge, and
+    /// asks for a signature over a fresh nonce.
+    fn begin(&self, evidence: &[u8], now: SystemTime) -> Result<Begun, AttestError> {
+        if evidence.len() > MAX_EVIDENCE {
+            return Err(X509PopError::Malformed("it is over 64 KiB").into());
         }
-        let anchor = path.anchor();
-        if let Some(root) = self.roots.iter().find(|r| {
-            anchor_from_trusted_cert(r).is_ok_and(|a| {
-                a.subject == anchor.subject
-                    && a.subject_public_key_info == anchor.subject_public_key_info
+        let chain = split_chain(evidence)?;
+        self.check_chain(&chain, now)?;
+        Ok(Begun::Challenge(Box::new(PendingProof {
+            verifier: self.clone(),
+            chain,
+            nonce: crate::node::nonce(NAME)?,
+        })))
+    }
+}
+
+/// A challenge sent to a node whose chain verified.
+struct PendingProof {
+    verifier: X509PopVerifier,
+    chain: Vec<Vec<u8>>,
+    nonce: [u8; 32],
+}
+
+impl Challenge for PendingProof {
+    fn challenge(&self) -> &[u8] {
+        &self.nonce
+    }
+
+    fn finish(self: Box<Self>, response: &[u8], now: SystemTime) -> Result<NodeClaim, AttestError> {
+        // The whole check again, at the time of the answer: the signature is verified over
+        // exactly the chain the identity is taken from.
+        let node = self
+            .verifier
+            .verify(&self.chain, &self.nonce, response, now)?;
+        let selectors = node
+            .selectors
+            .iter()
+            .filter_map(|s| {
+                let (kind, value) = s.strip_prefix("x509pop:")?.split_once(':')?;
+                // A value no entry could name (a control character in a CN) grants nothing,
+                // so it is left out rather than refusing the node.
+                Selector::node(NAME, kind, value).ok()
             })
-        }) {
-            selectors.push(format!("x509pop:ca:fingerprint:{}", sha1_hex(root)));
-        }
-        selectors.sort();
-        selectors.dedup();
-        Ok(X509PopNode {
-            node_id: sha1_hex(&leaf),
-            selectors,
-        })
+            .collect();
+        Ok(NodeClaim::Proven(ProvenNode::new(node.node_id, selectors)))
     }
 }
 
