@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "Entry",
             "CreateJoinTokenResponse",
             "Agent",
+            "AgentDetail",
             "AuditRecord",
             "VerifyAuditResponse",
             "Ca",

@@ -55,6 +55,8 @@ mod under_way;
 pub mod client;
 // Several servers, one PostgreSQL (issue 10): the agent's list of servers and their failover.
 #[cfg(any(feature = "server", feature = "agent"))]
+pub mod node_attest;
+#[cfg(any(feature = "server", feature = "agent"))]
 pub mod server_set;
 
 #[cfg(feature = "agent")]

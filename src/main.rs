@@ -91,7 +91,7 @@ enum ServerCommand {
 #[derive(Subcommand)]
 enum AgentCommand {
     /// Run an agent: attest this node, then serve the Workload API to its workloads.
-    Run(AgentRunArgs),
+    Run(Box<AgentRunArgs>),
     #[command(flatten)]
     Admin(AgentAdminCommand),
 }
@@ -269,7 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
     let out = Printer::new(cli.output);
     match cli.command {
         Command::Server(ServerCommand::Run(args)) => cli::run::server(args).await,
-        Command::Agent(AgentCommand::Run(args)) => cli::run::agent(args).await,
+        Command::Agent(AgentCommand::Run(args)) => cli::run::agent(*args).await,
         Command::Proxy(args) => cli::run::proxy(args).await,
         Command::Svid(cmd) => cli::workload::svid(cmd, out).await,
         Command::Completions { shell } => {

@@ -24,7 +24,7 @@ pub const REFUSAL_METADATA: &str = "mayfly-refusal";
 pub const MAX_NODE_MESSAGE: usize = 64 * 1024;
 
 /// The path of the server's SPIFFE ID in its trust domain.
-const SERVER_PATH: &str = "/mayfly/server";
+pub const SERVER_PATH: &str = "/mayfly/server";
 
 /// Why the server refused a request, as a stable machine-readable name sent beside the message.
 ///
@@ -56,11 +56,13 @@ pub enum RefusalKind {
     TokenRefused,
     /// Too many refused attempts from this source (or, later, mints past a limit): wait.
     RateLimited,
+    /// A node attestor refused the evidence.
+    EvidenceRefused,
 }
 
 impl RefusalKind {
     /// Every kind, in declaration order (for tests and documentation).
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NotAuthenticated,
         Self::NotAnAgent,
         Self::UnknownAgent,
@@ -73,6 +75,7 @@ impl RefusalKind {
         Self::Invalid,
         Self::TokenRefused,
         Self::RateLimited,
+        Self::EvidenceRefused,
     ];
 
     /// The name sent on the wire as the value of [`REFUSAL_METADATA`].
@@ -90,6 +93,7 @@ impl RefusalKind {
             Self::Invalid => "invalid",
             Self::TokenRefused => "token-refused",
             Self::RateLimited => "rate-limited",
+            Self::EvidenceRefused => "evidence-refused",
         }
     }
 

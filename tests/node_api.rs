@@ -1505,9 +1505,10 @@ async fn admin_refuses_bad_entries_and_stores_nothing() {
             "is not a SPIFFE ID",
         ),
         (
+            // Not an agent, and no node entry defines a group by that ID (issue 12).
             "workload as parent",
             |r| r.parent_id = "spiffe://mayfly.local/agents/other".into(),
-            "must be an agent",
+            "neither an agent nor a node group",
         ),
         (
             "server as parent",

@@ -178,7 +178,22 @@ conformance!(
     // Entry updates, hint and JWT TTL (issue 11).
     an_update_replaces_what_may_change_and_syncs_again,
     an_update_that_collides_is_stale_or_finds_nothing_writes_nothing,
+    // Node attestation and node groups (issue 12): see node_groups.rs.
+    agents_keep_their_node_selectors,
+    reattestation_replaces_a_record_inserts_a_missing_one_and_never_unbans,
+    reattestation_with_other_selectors_asks_for_a_full_sync,
+    reattestation_concurrent_with_a_ban_never_unbans,
+    single_use_keys_are_claimed_once_until_they_expire,
+    single_use_concurrent_claims_have_one_winner,
+    single_use_claims_prune_expired_keys_a_bounded_number_at_a_time,
+    node_entries_are_listed_by_server_and_group,
+    node_entry_writes_raise_the_groups_revision,
+    sync_reads_entries_of_every_parent_given,
 );
+
+#[path = "store_conformance/node_groups.rs"]
+mod node_groups;
+use node_groups::*;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -232,6 +247,8 @@ fn agent(id: &SpiffeId, serial: &str) -> AgentRecord {
         not_after: NOW + 3600,
         banned: false,
         created_at: NOW,
+        node_selectors: Vec::new(),
+        resync_revision: 0,
     }
 }
 
@@ -1726,7 +1743,7 @@ async fn agent_pages_hold_every_agent_once(db: Db) {
 
 fn sync_query(parent: &SpiffeId, upto: i64, after: (i64, &str), limit: u32) -> SyncQuery {
     SyncQuery {
-        parent: parent.clone(),
+        parents: vec![parent.clone()],
         upto,
         after: SyncCursor {
             revision: after.0,

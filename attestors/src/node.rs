@@ -155,7 +155,7 @@ pub trait Challenge: Send {
 /// read afresh for each attestation, since certificates and tokens on a node are rotated.
 /// Calls may block (files, the cloud metadata service): the agent makes them off its async
 /// threads.
-pub trait NodeEvidence: Send + Sync {
+pub trait NodeEvidence: Send + Sync + std::fmt::Debug {
     /// The attestor's name, as the server knows it.
     fn name(&self) -> &'static str;
 

@@ -189,40 +189,35 @@ impl Selector {
 
 /// Checks a unix selector's value for its kind; `Err` says what the value must look like.
 fn check_unix_value(kind: &str, value: &str) -> Result<(), &'static str> {
-    match kind {
+    let ok = match kind {
         "uid" | "gid" | "supplementary_gid" => {
-            if !value.bytes().all(|b| b.is_ascii_digit())
-                || value.parse::<u32>().is_err()
-                || (value.len() > 1 && value.starts_with('0'))
-            {
-                return Err("a decimal number from 0 to 4294967295, no leading zeros");
-            }
+            value.bytes().all(|b| b.is_ascii_digit())
+                && value.parse::<u32>().is_ok()
+                && !(value.len() > 1 && value.starts_with('0'))
         }
-        "user" | "group" => {
-            if value
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b':')
-            {
-                return Err("a name without spaces, control characters or ':'");
-            }
-        }
-        "path" => {
-            if !value.starts_with('/') || value.bytes().any(|b| b.is_ascii_control()) {
-                return Err("an absolute path such as /usr/bin/python3");
-            }
-        }
+        "user" | "group" => !value
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b':'),
+        "path" => value.starts_with('/') && !value.bytes().any(|b| b.is_ascii_control()),
         "sha256" => {
-            if value.len() != 64
-                || !value
+            value.len() == 64
+                && value
                     .bytes()
                     .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            {
-                return Err("64 lowercase hexadecimal digits");
-            }
         }
-        _ => {}
+        _ => true,
+    };
+    if ok {
+        return Ok(());
     }
-    Ok(())
+    Err(match kind {
+        "uid" | "gid" | "supplementary_gid" => {
+            "a decimal number from 0 to 4294967295, no leading zeros"
+        }
+        "user" | "group" => "a name without spaces, control characters or ':'",
+        "path" => "an absolute path such as /usr/bin/python3",
+        _ => "64 lowercase hexadecimal digits",
+    })
 }
 
 impl FromStr for Selector {

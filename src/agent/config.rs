@@ -32,6 +32,9 @@ pub enum AgentConfigError {
     /// The sync interval is malformed.
     #[error("--sync-interval (sync_interval in a config file)")]
     SyncInterval(#[source] DurationError),
+    /// The node attestor settings are incomplete or unknown.
+    #[error(transparent)]
+    Attestor(#[from] super::node_evidence::NodeEvidenceError),
     /// The pinned trust domain is not a trust domain name.
     #[error("--trust-domain (trust_domain in a config file) is not a trust domain name")]
     TrustDomain(#[source] crate::id::IdError),
@@ -53,6 +56,18 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
+        /// The node attestor: join_token or x509pop [default: join_token when --join-token is
+        /// given, x509pop when --x509pop-cert is]. Agents of attestors other than join_token
+        /// attest again by themselves after an eviction or an expired SVID.
+        #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
+        pub attestor: Option<String>,
+        /// x509pop: the node certificate issued by the operator's CA, PEM, leaf first
+        /// (intermediates may follow).
+        #[arg(long, env = "MAYFLY_AGENT_X509POP_CERT")]
+        pub x509pop_cert: Option<PathBuf>,
+        /// x509pop: the node certificate's private key, PEM.
+        #[arg(long, env = "MAYFLY_AGENT_X509POP_KEY")]
+        pub x509pop_key: Option<PathBuf>,
         /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
         #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
         pub trust_bundle: Option<PathBuf>,
@@ -104,6 +119,13 @@ impl AgentSettings {
         let servers = crate::server_set::resolve(&names).map_err(AgentConfigError::Server)?;
         let mut config = AgentConfig::with_defaults(servers[0]);
         config.servers = servers;
+        config.node_attestor = super::node_evidence::EvidenceSettings {
+            attestor: self.attestor,
+            join_token: self.join_token.clone(),
+            x509pop_cert: self.x509pop_cert,
+            x509pop_key: self.x509pop_key,
+        }
+        .resolve()?;
         config.join_token = self.join_token;
         config.bootstrap = match (self.trust_bundle, self.insecure_bootstrap.unwrap_or(false)) {
             (Some(_), true) => return Err(AgentConfigError::BothBootstraps),

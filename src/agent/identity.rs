@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mayfly_attestors::NodeEvidence;
 use rustls_pki_types::CertificateDer;
 
 use super::link::ServerLink;
@@ -13,6 +14,7 @@ use crate::client::{self, ClientError};
 use crate::files::{self, FileError};
 use crate::id::{SpiffeId, TrustDomain};
 use crate::mtls::{self, MtlsError, SvidSource};
+use crate::node_attest::NodeAttestError;
 use crate::proto::node as pb;
 use crate::server_set::ServerSet;
 use crate::svid::{self, Bundles, KeyAndCsr};
@@ -44,11 +46,14 @@ pub enum IdentityError {
         /// Why.
         source: bundle::BundleError,
     },
-    /// The agent has no stored SVID and was given no join token.
+    /// The agent has no stored SVID and was given no node attestor's evidence.
     #[error(
-        "the agent has no identity yet and no join token: generate one with `mayfly token generate` and pass it with --join-token"
+        "the agent has no identity yet and nothing to attest with: pass a join token with --join-token (from `mayfly token generate`), or a node attestor with its evidence (e.g. --attestor x509pop --x509pop-cert FILE --x509pop-key FILE)"
     )]
     NoToken,
+    /// This node could not produce its attestation evidence.
+    #[error(transparent)]
+    Evidence(#[from] mayfly_attestors::AttestError),
     /// The server could not be reached.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -90,6 +95,9 @@ pub enum IdentityError {
     /// The server's answer could not be used.
     #[error("the server's answer was malformed")]
     BadAnswer(#[source] AgentSvidError),
+    /// The server's attestation answers broke the protocol.
+    #[error("the server's attestation answer was malformed: {0}")]
+    Protocol(&'static str),
     /// The local key could not be generated.
     #[error("could not generate the agent key")]
     Key(#[source] svid::SvidError),
@@ -369,16 +377,17 @@ pub(crate) fn bootstrap_trust(
     }
 }
 
-/// Attests to one of `servers` (the first that answers) with `token`, trusting it as
+/// Attests to one of `servers` (the first that answers) with `evidence`, trusting it as
 /// `bootstrap` says, in trust domain `pinned` when given. Any server will do: they share one
-/// store, so the token is spent once whichever consumes it.
+/// store, so a join token is spent once whichever consumes it, and a challenge is answered on
+/// the stream of the server that asked it.
 ///
 /// # Errors
 /// [`IdentityError`] when no server can be reached, or the server refuses or answers nonsense.
 pub(crate) async fn attest(
     servers: &Arc<ServerSet>,
     bootstrap: &Bootstrap,
-    token: &str,
+    evidence: Arc<dyn NodeEvidence>,
     pinned: Option<&TrustDomain>,
 ) -> Result<AgentSvid, IdentityError> {
     let key = KeyAndCsr::generate().map_err(IdentityError::Key)?;
@@ -405,15 +414,13 @@ pub(crate) async fn attest(
             client::connect_node_any(servers, config).await?.0
         }
     };
-    let answer = node
-        .attest(pb::AttestRequest {
-            attestor: mayfly_attestors::join_token::NAME.into(),
-            evidence: token.as_bytes().to_vec(),
-            csr: key.csr,
-        })
+    let answer = crate::node_attest::attest(&mut node, evidence, key.csr)
         .await
-        .map_err(IdentityError::Refused)?
-        .into_inner();
+        .map_err(|e| match e {
+            NodeAttestError::Refused(status) => IdentityError::Refused(status),
+            NodeAttestError::Evidence(e) => IdentityError::Evidence(e),
+            NodeAttestError::Protocol(what) => IdentityError::Protocol(what),
+        })?;
     let svid = from_answer(answer.svid, key.key_pkcs8, answer.bundle)?;
     if let Some(pinned) = pinned
         && svid.trust_domain() != *pinned

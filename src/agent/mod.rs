@@ -14,6 +14,7 @@ pub(crate) mod introspection;
 pub mod jwt_cache;
 pub(crate) mod keys;
 pub mod link;
+pub mod node_evidence;
 pub mod state;
 pub(crate) mod sync;
 pub mod sync_error;
@@ -55,8 +56,12 @@ pub mod defaults {
 pub struct AgentConfig {
     /// The servers' node APIs (at least one): the agent uses one and fails over to the others.
     pub servers: Vec<SocketAddr>,
-    /// A single-use join token; needed only when the agent has no valid stored identity.
+    /// A single-use join token; needed only when the agent has no valid stored identity and
+    /// no `node_attestor`.
     pub join_token: Option<String>,
+    /// The node attestor's evidence (`--attestor`): the agent attests with it when it has no
+    /// valid identity, and again by itself after an eviction or an expired SVID.
+    pub node_attestor: Option<Arc<dyn mayfly_attestors::NodeEvidence>>,
     /// How to trust the server before the agent has a bundle of its own.
     pub bootstrap: Option<Bootstrap>,
     /// The Workload API socket.
@@ -71,11 +76,23 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// What the agent attests with: the node attestor, else the join token, if any.
+    pub fn evidence(&self) -> Option<Arc<dyn mayfly_attestors::NodeEvidence>> {
+        self.node_attestor.clone().or_else(|| {
+            self.join_token.clone().map(|token| {
+                let evidence: Arc<dyn mayfly_attestors::NodeEvidence> =
+                    Arc::new(mayfly_attestors::join_token::JoinTokenEvidence::new(token));
+                evidence
+            })
+        })
+    }
+
     /// The defaults, for the server at `server`.
     pub fn with_defaults(server: SocketAddr) -> Self {
         Self {
             servers: vec![server],
             join_token: None,
+            node_attestor: None,
             bootstrap: None,
             socket: PathBuf::from(defaults::SOCKET),
             data_dir: PathBuf::from(defaults::DATA_DIR),
@@ -174,7 +191,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         agent,
         sync::Reattest {
             servers,
-            join_token: config.join_token.clone(),
+            evidence: config.evidence(),
         },
         config.sync_interval,
         tx,
@@ -202,7 +219,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     })
 }
 
-/// The stored identity if it is still valid, else a fresh attestation with the join token.
+/// The stored identity if it is still valid, else a fresh attestation with the node
+/// attestor's evidence or the join token.
 async fn obtain_identity(
     config: &AgentConfig,
     servers: &Arc<ServerSet>,
@@ -215,7 +233,7 @@ async fn obtain_identity(
         }
         tracing::warn!(agent = %svid.spiffe_id, "the stored agent SVID has expired; attesting again");
     }
-    let token = config.join_token.as_deref().ok_or(IdentityError::NoToken)?;
+    let evidence = config.evidence().ok_or(IdentityError::NoToken)?;
     // A stored bundle is newer than any file given at first start (the CA may have rotated).
     let bootstrap = match (&stored, &config.bootstrap) {
         (Some(svid), _) => Bootstrap::Bundle(svid.bundle.clone()),
@@ -238,7 +256,7 @@ async fn obtain_identity(
         .as_ref()
         .map(AgentSvid::trust_domain)
         .or_else(|| config.trust_domain.clone());
-    let svid = identity::attest(servers, &bootstrap, token, pinned.as_ref()).await?;
+    let svid = identity::attest(servers, &bootstrap, evidence, pinned.as_ref()).await?;
     files.save(&svid)?;
     Ok(svid)
 }

@@ -34,8 +34,9 @@ const MIN_HELD: Duration = Duration::from_millis(200);
 pub struct Reattest {
     /// The servers' node APIs: attestation goes to whichever answers.
     pub servers: Arc<crate::server_set::ServerSet>,
-    /// The join token the agent was started with, if any.
-    pub join_token: Option<String>,
+    /// What the agent attests with (its node attestor, or the join token it was started
+    /// with), if anything.
+    pub evidence: Option<Arc<dyn mayfly_attestors::NodeEvidence>>,
 }
 
 /// The sync loop's state.
@@ -314,18 +315,24 @@ impl Syncer {
         Ok(())
     }
 
-    /// Attests again with the join token the agent was started with.
+    /// Attests again with the agent's node attestor, or the join token it was started with
+    /// (which the server refuses once spent).
     async fn reattest_now(&mut self) -> Result<(), SyncError> {
-        let Some(token) = self.reattest.join_token.clone() else {
+        let Some(evidence) = self.reattest.evidence.clone() else {
             tracing::error!(agent = %self.agent.spiffe_id, "the server no longer knows this agent (evicted, or its SVID expired) and it was started without a join token: generate one with `mayfly token generate` and restart the agent with --join-token");
             return Err(SyncError::NeedsToken);
         };
         let bootstrap = Bootstrap::Bundle(self.agent.bundle.clone());
         let td = self.agent.trust_domain();
-        match identity::attest(&self.reattest.servers, &bootstrap, &token, Some(&td)).await {
+        let attestor = evidence.name();
+        match identity::attest(&self.reattest.servers, &bootstrap, evidence, Some(&td)).await {
             Ok(svid) => {
-                tracing::info!(agent = %svid.spiffe_id, "attested again with the join token");
-                self.adopt(svid).await
+                tracing::info!(agent = %svid.spiffe_id, attestor, "attested again");
+                // Whatever the server knew of this agent's entries may have changed with its
+                // node selectors: the next sync starts from scratch.
+                self.adopt(svid).await?;
+                self.revision = 0;
+                Ok(())
             }
             Err(IdentityError::Refused(status))
                 if RefusalKind::of(&status) == Some(RefusalKind::TokenRefused) =>

@@ -31,11 +31,16 @@ pub enum TokenCommand {
     },
 }
 
-/// `mayfly agent list|ban|evict`.
+/// `mayfly agent list|show|ban|evict`.
 #[derive(Subcommand)]
 pub enum AgentAdminCommand {
     /// List the attested agents.
     List,
+    /// Show one agent: its record, its node selectors and the node groups it is in.
+    Show {
+        /// The agent's SPIFFE ID.
+        id: String,
+    },
     /// Ban an agent: refused at its next call, for good.
     Ban {
         /// The agent's SPIFFE ID.
@@ -118,7 +123,7 @@ pub async fn token(admin: &mut Admin, cmd: TokenCommand, out: Printer) -> Result
     ))
 }
 
-/// `agent list|ban|evict`.
+/// `agent list|show|ban|evict`.
 pub async fn agent(admin: &mut Admin, cmd: AgentAdminCommand, out: Printer) -> Result<()> {
     match cmd {
         AgentAdminCommand::List => {
@@ -138,6 +143,7 @@ pub async fn agent(admin: &mut Admin, cmd: AgentAdminCommand, out: Printer) -> R
             }
             printer.finish()
         }
+        AgentAdminCommand::Show { id } => super::agent_show::show(admin, id, out).await,
         AgentAdminCommand::Ban { id } => {
             let agent = admin
                 .ban_agent(pb::AgentIdRequest { spiffe_id: id })

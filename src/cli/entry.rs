@@ -21,7 +21,7 @@ use super::time::{compact, when};
 /// `mayfly entry`.
 #[derive(Subcommand)]
 pub enum EntryCommand {
-    /// Register a workload; prints the entry ID.
+    /// Register a workload, or with --node a node group; prints the entry ID.
     Create(EntryCreateArgs),
     /// List the entries, a page at a time, optionally filtered.
     List(EntryListArgs),
@@ -46,18 +46,25 @@ pub struct EntryCreateArgs {
     /// The workload's identity, e.g. spiffe://mayfly.local/agents/billing-bot.
     #[arg(long)]
     spiffe_id: String,
-    /// The agent allowed to ask for it (see `mayfly agent list` or `mayfly token generate`).
+    /// The agent allowed to ask for it (see `mayfly agent list` or `mayfly token generate`), or
+    /// a node group's SPIFFE ID: every agent in the group may then ask for it.
+    #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+    parent_id: Option<String>,
+    /// Create a node entry: --spiffe-id names a node group whose members are the agents
+    /// having all of --selector's node selectors (e.g. x509pop:subject:cn:web-1). It issues
+    /// nothing itself and takes no --parent-id (its parent is the server).
     #[arg(long)]
-    parent_id: String,
-    /// TYPE:KIND:VALUE the workload must have, e.g. unix:uid:1001 (repeat for more; all must match).
+    node: bool,
+    /// TYPE:KIND:VALUE the workload must have, e.g. unix:uid:1001 (repeat for more; all must
+    /// match); for a node entry, what the node must have, e.g. x509pop:subject:cn:web-1.
     #[arg(long = "selector", required = true)]
     selectors: Vec<String>,
     /// A scope task SVIDs may carry, e.g. stripe:read:customers (repeat for more).
     #[arg(long = "scope")]
     scopes: Vec<String>,
-    /// The longest SVID lifetime for this entry, e.g. 5m or 1h (at most 1h).
-    #[arg(long, default_value = "5m")]
-    ttl: String,
+    /// The longest SVID lifetime for this entry, e.g. 5m or 1h (at most 1h) [default: 5m].
+    #[arg(long)]
+    ttl: Option<String>,
     /// The longest JWT-SVID lifetime for this entry, e.g. 5m [default: the server's, 5m].
     #[arg(long)]
     jwt_ttl: Option<String>,
@@ -107,7 +114,8 @@ pub struct EntryUpdateArgs {
 /// `mayfly entry list`: filters (all must hold) and the page size.
 #[derive(Args)]
 pub struct EntryListArgs {
-    /// Only entries whose parent is this agent (a SPIFFE ID).
+    /// Only entries whose parent is this agent or node group (a SPIFFE ID); the server's ID
+    /// (spiffe://<td>/mayfly/server) lists the node entries.
     #[arg(long)]
     parent_id: Option<String>,
     /// Only entries whose SPIFFE ID begins with this text, e.g. spiffe://acme.test/agents/.
@@ -158,12 +166,19 @@ impl EntryUpdateArgs {
 pub async fn entry(admin: &mut Admin, cmd: EntryCommand, out: Printer) -> Result<()> {
     match cmd {
         EntryCommand::Create(args) => {
+            // A node entry takes no TTL: none is sent unless given (the server then names it).
+            let ttl = match (&args.ttl, args.node) {
+                (Some(t), _) => seconds("--ttl", t)?,
+                (None, true) => 0,
+                (None, false) => seconds("--ttl", "5m")?,
+            };
             let request = pb::CreateEntryRequest {
                 spiffe_id: args.spiffe_id,
-                parent_id: args.parent_id,
+                parent_id: args.parent_id.unwrap_or_default(),
+                node: args.node,
                 selectors: args.selectors,
                 scopes: args.scopes,
-                ttl_seconds: seconds("--ttl", &args.ttl)?,
+                ttl_seconds: ttl,
                 dns_names: args.dns_names,
                 hint: args.hint,
                 jwt_ttl_seconds: args
@@ -279,10 +294,16 @@ fn hint_or_none(hint: &str) -> String {
     }
 }
 
+/// What an entry is, as lists show it: `node` (a node group) or `workload`.
+fn kind(e: &pb::Entry) -> &'static str {
+    if e.node { "node" } else { "workload" }
+}
+
 /// The entry list as a table (its cells escaped by the table).
 pub fn entry_table(entries: &[pb::Entry], now: SystemTime) -> Table {
     let mut table = Table::new(&[
         "ID",
+        "KIND",
         "SPIFFE ID",
         "PARENT",
         "SELECTORS",
@@ -296,6 +317,7 @@ pub fn entry_table(entries: &[pb::Entry], now: SystemTime) -> Table {
     for e in entries {
         table.push(vec![
             e.id.clone(),
+            kind(e).to_owned(),
             e.spiffe_id.clone(),
             e.parent_id.clone(),
             list_or_none(&e.selectors),
@@ -314,6 +336,7 @@ pub fn entry_table(entries: &[pb::Entry], now: SystemTime) -> Table {
 pub fn entry_details(e: &pb::Entry, now: SystemTime) -> String {
     let fields = [
         ("ID", e.id.clone()),
+        ("Kind", kind(e).to_owned()),
         ("SPIFFE ID", e.spiffe_id.clone()),
         ("Parent", e.parent_id.clone()),
         ("Selectors", list_or_none(&e.selectors)),

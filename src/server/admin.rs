@@ -25,6 +25,9 @@ mod admin_ca;
 // Entry updates (issue 11).
 #[path = "admin_entry_update.rs"]
 mod admin_entry_update;
+// Node groups (issue 12).
+#[path = "admin_groups.rs"]
+mod admin_groups;
 use crate::server::rotation::RotationError;
 use admin_ca::CaStep;
 
@@ -164,6 +167,7 @@ impl AdminService {
 
 fn entry_message(e: Entry) -> pb::Entry {
     pb::Entry {
+        node: crate::store::is_server_id(&e.parent_id),
         id: e.id.to_string(),
         spiffe_id: e.spiffe_id.to_string(),
         parent_id: e.parent_id.to_string(),
@@ -186,6 +190,7 @@ fn agent_message(a: AgentRecord) -> pb::Agent {
         not_after: a.not_after,
         banned: a.banned,
         created_at: a.created_at,
+        node_selectors: a.node_selectors.iter().map(|s| s.to_string()).collect(),
     }
 }
 
@@ -222,6 +227,7 @@ impl pb::admin_server::Admin for AdminService {
         let req = request.into_inner();
         let result: Result<Entry, AdminError> = async {
             let entry = self.validate_entry(&req)?;
+            self.check_parent_exists(&entry).await?;
             self.state.store.create_entry(&entry).await?;
             // Held agent syncs answer at once (issue 10).
             self.state.entry_watch.refresh().await;
@@ -369,6 +375,16 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         result.map(Response::new).map_err(|e| e.status())
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<pb::AgentIdRequest>,
+    ) -> Result<Response<pb::AgentDetail>, Status> {
+        self.agent_detail(request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
     }
 
     async fn ban_agent(

@@ -8,6 +8,9 @@ use crate::ca::UpstreamCa;
 use crate::config_file::{ConfigFileError, Layer};
 use crate::duration::{self, DurationError};
 use crate::id::{IdError, TrustDomain};
+use crate::server::node_attestors::{
+    NodeAttestors, NodeAttestorsError, NodeAttestorsSettings, X509PopSettings,
+};
 use crate::server::oidc::{self, Issuer, OidcConfig, OidcConfigError};
 use crate::server::{ServerConfig, defaults};
 
@@ -44,6 +47,9 @@ pub enum ConfigError {
     /// A setting of the OIDC discovery endpoint is refused.
     #[error(transparent)]
     Oidc(#[from] OidcConfigError),
+    /// A node attestor's settings are refused.
+    #[error(transparent)]
+    NodeAttestors(#[from] NodeAttestorsError),
 }
 
 crate::settings_layer! {
@@ -101,6 +107,15 @@ crate::settings_layer! {
         /// The key of --oidc-cert (PEM).
         #[arg(long, env = "MAYFLY_SERVER_OIDC_KEY")]
         pub oidc_key: Option<PathBuf>,
+        /// Accept x509pop node attestation: node certificates must chain to these PEM CA
+        /// certificates (`[node_attestors.x509pop] ca_bundle` in a config file).
+        #[arg(long, env = "MAYFLY_SERVER_X509POP_CA_BUNDLE")]
+        pub x509pop_ca_bundle: Option<PathBuf>,
+        /// The node attestors besides join tokens: `[node_attestors.x509pop]`,
+        /// `[node_attestors.sshpop]`, `[[node_attestors.k8s_psat.clusters]]`,
+        /// `[node_attestors.aws_iid]` (config file only; see the README).
+        #[arg(skip)]
+        pub node_attestors: Option<NodeAttestorsSettings>,
     }
 }
 
@@ -164,6 +179,11 @@ impl ServerSettings {
             self.oidc_cert,
             self.oidc_key,
         )?;
+        let mut attestors = self.node_attestors.unwrap_or_default();
+        if let Some(ca_bundle) = self.x509pop_ca_bundle {
+            attestors.x509pop = Some(X509PopSettings { ca_bundle });
+        }
+        config.node_attestors = NodeAttestors::from_settings(&attestors)?;
         Ok(config)
     }
 }

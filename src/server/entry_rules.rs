@@ -15,6 +15,7 @@ use crate::id::{
     IdError, MAX_SPIFFE_ID_LEN, ScopeSet, ScopedId, SpiffeId, TrustDomain, parse_scopes,
 };
 use crate::proto::admin as pb;
+use crate::server::entry_kind::{EntryKind, check_node_create, check_node_update};
 use crate::server::policy::{DEFAULT_TTL, IssuancePolicy, MAX_SCOPES, MAX_TTL};
 use crate::store::{Entry, EntryId};
 use crate::svid::MAX_LEAF_LEN;
@@ -75,9 +76,9 @@ pub enum EntryError {
     /// The SPIFFE ID or the parent ID is malformed, or the ID may not be registered.
     #[error(transparent)]
     Id(#[from] IdError),
-    /// The parent is not an agent of this trust domain.
+    /// The parent is neither an agent of this trust domain nor an ID a node group could have.
     #[error(
-        "parent ID '{parent}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>"
+        "parent ID '{parent}' must be an agent of trust domain '{td}', such as spiffe://{td}/mayfly/agent/join_token/<id>, or a node group's SPIFFE ID (see `mayfly entry create --node`)"
     )]
     ParentNotAgent {
         /// The parent ID given.
@@ -155,6 +156,29 @@ pub enum EntryError {
         "the hint '{0}' holds a control or invisible formatting character, which would garble what workloads and operators are shown; give printable text only"
     )]
     HintUnprintable(String),
+    /// The parent is no agent, and no node entry defines a group by that ID.
+    #[error(
+        "parent ID '{0}' is neither an agent nor a node group; create the group first with `mayfly entry create --node --spiffe-id {0} --selector <node selector>`"
+    )]
+    UnknownNodeGroup(SpiffeId),
+    /// A node entry was given a parent.
+    #[error("a node entry's parent is always the server, so it takes no --parent-id; leave it out")]
+    NodeEntryWithParent,
+    /// A node entry was given something only an issued identity has.
+    #[error(
+        "a node entry defines a node group and issues nothing, so it takes no {0}; give only --spiffe-id and --selector"
+    )]
+    NodeEntryIssuesNothing(&'static str),
+    /// A node entry names a workload selector.
+    #[error(
+        "'{0}' is a workload selector, but a node entry takes only node selectors (x509pop, sshpop, k8s_psat, aws_iid), which a node attestor proves; give those instead"
+    )]
+    WorkloadSelectorInNodeEntry(String),
+    /// A workload entry names a node selector.
+    #[error(
+        "'{0}' is a node selector, which only a node entry may name (`mayfly entry create --node`); a workload entry takes workload selectors such as unix:uid:1001"
+    )]
+    NodeSelectorInWorkloadEntry(String),
     /// An update that changes nothing.
     #[error(
         "the update names nothing to change; give at least one of --selector, --scope, --clear-scopes, --ttl, --jwt-ttl, --dns, --clear-dns, --hint"
@@ -185,14 +209,23 @@ impl EntryRules<'_> {
         let td = self.trust_domain;
         let spiffe_id = SpiffeId::parse(&req.spiffe_id)?;
         spiffe_id.check_registrable(td)?;
-        let parent_id = SpiffeId::parse(&req.parent_id)?;
-        if !self.policy.is_agent_id(&parent_id) {
-            return Err(EntryError::ParentNotAgent {
-                parent: parent_id,
-                td: td.clone(),
-            });
-        }
+        let (kind, parent_id) = if req.node {
+            check_node_create(req)?;
+            (EntryKind::Node, crate::wire::server_id(td))
+        } else {
+            let parent_id = SpiffeId::parse(&req.parent_id)?;
+            // An agent, or an ID a node group may have (whether one exists is the admin
+            // API's question: it needs the store).
+            if !self.policy.is_agent_id(&parent_id) && parent_id.check_registrable(td).is_err() {
+                return Err(EntryError::ParentNotAgent {
+                    parent: parent_id,
+                    td: td.clone(),
+                });
+            }
+            (EntryKind::Workload, parent_id)
+        };
         let selectors = check_selectors(&req.selectors)?;
+        kind.check_selectors(&selectors)?;
         let scopes = check_scopes(&spiffe_id, &req.scopes)?;
         let ttl_secs = self.check_ttl(req.ttl_seconds)?;
         let jwt_ttl_secs = self.check_jwt_ttl(req.jwt_ttl_seconds)?;
@@ -233,8 +266,13 @@ impl EntryRules<'_> {
         {
             return Err(EntryError::NothingToUpdate);
         }
+        let kind = EntryKind::of(&entry);
+        if kind == EntryKind::Node {
+            check_node_update(req)?;
+        }
         if let Some(list) = &req.selectors {
             entry.selectors = check_selectors(&list.values)?;
+            kind.check_selectors(&entry.selectors)?;
         }
         if let Some(list) = &req.scopes {
             entry.scopes = check_scopes(&entry.spiffe_id, &list.values)?;

@@ -13,7 +13,7 @@ use prost::Message;
 
 use crate::id::SpiffeId;
 use crate::proto::node as pb;
-use crate::store::{Entry, StoreError, SyncCursor, SyncQuery};
+use crate::store::{AgentRecord, Entry, StoreError, SyncCursor, SyncQuery};
 
 /// The most encoded bytes a page carries (the agent decodes at most 64 KiB).
 pub(crate) const PAGE_BUDGET: usize = 48 * 1024;
@@ -153,25 +153,71 @@ impl Page {
     }
 }
 
-/// One page of the incremental sync of `agent`, whose request is `req` and whose server's
-/// bundle is `bundle` (its CA certificates and JWT keys).
+/// The parents whose entries `agent` gets: itself and the node groups it belongs to (the
+/// SPIFFE IDs of the node entries under `server` whose selectors it has), without repeats.
+///
+/// # Errors
+/// [`StoreError`] when the store fails.
+pub(crate) async fn parents_of(
+    store: &dyn crate::store::Store,
+    server: &SpiffeId,
+    agent: &AgentRecord,
+) -> Result<Vec<SpiffeId>, StoreError> {
+    let mut parents = vec![agent.spiffe_id.clone()];
+    // Agents admitted by a join token have no node selectors, so no groups: no read.
+    if agent.node_selectors.is_empty() {
+        return Ok(parents);
+    }
+    for group in store.list_node_entries(server, None).await? {
+        if agent.is_member_of(&group) && !parents.contains(&group.spiffe_id) {
+            parents.push(group.spiffe_id);
+        }
+    }
+    Ok(parents)
+}
+
+/// One page of the incremental sync of `agent` (of the server whose ID is `server`), whose
+/// request is `req` and whose server's bundle is `bundle` (its CA certificates and JWT keys).
+/// The agent gets the entries under its own ID and under its node groups'.
+///
+/// The agent's record is read again after the revisions, not taken from `record` (read when
+/// the call began, or long before for a held call): a re-attestation that changed its node
+/// selectors is then either seen here, or committed after this pass's revision, so its resync
+/// revision is above what this pass gives the agent and the next pass is full. Either way the
+/// agent cannot keep entries of a group it left, nor miss those of one it joined.
 ///
 /// # Errors
 /// [`EntrySyncError::BadPageToken`] for a token this server did not hand out;
 /// [`EntrySyncError::Store`] when the store fails.
 pub(crate) async fn page(
     store: &dyn crate::store::Store,
-    agent: &SpiffeId,
+    (server, record): (&SpiffeId, &AgentRecord),
     req: &pb::ListEntriesRequest,
     (bundle, jwt_keys): (Vec<Vec<u8>>, Vec<Vec<u8>>),
 ) -> Result<pb::ListEntriesResponse, EntrySyncError> {
+    let agent = &record.spiffe_id;
     let first = req.page_token.is_empty();
-    let mut token = if first {
-        let revisions = store.entry_revisions().await?;
+    let revisions = if first {
+        Some(store.entry_revisions().await?)
+    } else {
+        None
+    };
+    // Evicted meanwhile: the record the call began with still names its own entries, and the
+    // agent's next call is refused anyway.
+    let fresh = store.get_agent(agent).await?;
+    let record = fresh.as_ref().unwrap_or(record);
+    let mut token = if let Some(revisions) = revisions {
         let known = req.known_revision;
-        // A new agent, one behind the prune horizon (it may have missed deletions), or one
-        // ahead of the store (a database restored from backup) syncs in full.
-        let full = known <= 0 || known < revisions.horizon || known > revisions.current;
+        // A new agent, one behind the prune horizon (it may have missed deletions), one ahead
+        // of the store (a database restored from backup), or one whose node groups may have
+        // changed since its known revision (a node entry was written, or it attested again
+        // with other node selectors) syncs in full: only a full sync both adds the entries of
+        // a group it joined and removes those of a group it left.
+        let full = known <= 0
+            || known < revisions.horizon
+            || known > revisions.current
+            || known < revisions.groups
+            || known < record.resync_revision;
         PageToken {
             full,
             since: if full { 0 } else { known },
@@ -200,9 +246,10 @@ pub(crate) async fn page(
         page.answer.bundle = bundle;
         page.answer.jwt_keys = jwt_keys;
     }
-    let (parent, upto) = (agent.clone(), token.upto);
+    // Read again on every page: a group change during the pass makes the next pass full.
+    let (parents, upto) = (parents_of(store, server, record).await?, token.upto);
     let query = |after: &SyncCursor, limit: u32| SyncQuery {
-        parent: parent.clone(),
+        parents: parents.clone(),
         upto,
         after: after.clone(),
         limit,

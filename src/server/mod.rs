@@ -5,12 +5,14 @@ pub(crate) mod admin;
 pub(crate) mod admin_lists;
 pub mod attest_gate;
 pub(crate) mod audit_log;
+pub mod node_attestors;
 // Several servers, one PostgreSQL (issue 10): re-read the bundle when a client is refused.
 pub(crate) mod bundle_wake;
 pub mod config;
 pub(crate) mod conn;
 pub mod entry_rules;
 // Entry sync at scale (issue 10): paged, incremental, held `ListEntries`.
+pub(crate) mod entry_kind;
 pub(crate) mod entry_sync;
 pub(crate) mod entry_watch;
 pub(crate) mod jwt_keys;
@@ -167,6 +169,8 @@ pub struct ServerConfig {
     pub attest_limits: attest_gate::AttestLimits,
     /// Serve OIDC discovery of the JWT keys; `None` to not.
     pub oidc: Option<oidc::OidcConfig>,
+    /// The node attestors accepted (join tokens, and those configured).
+    pub node_attestors: node_attestors::NodeAttestors,
 }
 
 impl ServerConfig {
@@ -186,6 +190,7 @@ impl ServerConfig {
             upstream_ca: None,
             attest_limits: attest_gate::AttestLimits::default(),
             oidc: None,
+            node_attestors: node_attestors::NodeAttestors::default(),
         }
     }
 
@@ -257,6 +262,8 @@ pub(crate) struct ServerState {
     pub(crate) jwt_keys: jwt_keys::PublishedJwtKeys,
     /// Refused attestations per source address.
     pub(crate) attest_gate: attest_gate::AttestGate,
+    /// The node attestors accepted.
+    pub(crate) node_attestors: node_attestors::NodeAttestors,
     /// The `iss` of JWT-SVIDs: the OIDC discovery endpoint's issuer, once it is bound.
     pub(crate) jwt_issuer: std::sync::OnceLock<String>,
 }
@@ -449,6 +456,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         refresh_hint: (config.ca_ttl / 12).min(MAX_REFRESH_HINT),
         jwt_keys: jwt_keys.clone(),
         attest_gate: attest_gate::AttestGate::new(config.attest_limits),
+        node_attestors: config.node_attestors.clone(),
         jwt_issuer: std::sync::OnceLock::new(),
     });
 

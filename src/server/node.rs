@@ -6,33 +6,30 @@
 //! after its audit record is durable.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use mayfly_attestors::{NodeAttestor, NodeClaim, join_token::JoinTokenAttestor};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditAction, AuditEvent, Decision};
-use crate::id::{ScopedId, SpiffeId};
+use crate::id::ScopedId;
 use crate::mtls::VerifiedPeer;
 use crate::proto::node as pb;
 use crate::server::ServerState;
-use crate::server::attest_gate::Record;
 use crate::server::audit_log::AuditError;
 use crate::server::conn::PeerInfo;
 use crate::server::entry_sync::{self, EntrySyncError, entry_message};
 use crate::server::policy::{self, Refusal, Standing, check_task_id};
 use crate::store::{AgentRecord, Entry, EntryId, StoreError};
 use crate::svid::{self, IssuedSvid, LeafSpec, RequestedKey, SvidError};
-use crate::wire::{RefusalKind, unix_secs};
+use crate::wire::unix_secs;
 
+mod attest;
 mod jwt;
 
 /// The longest entry ID a request may carry before it is refused unread.
 const MAX_ENTRY_ID_LEN: usize = 64;
 /// The largest CSR a request may carry before it is refused unread.
 const MAX_CSR_LEN: usize = 4096;
-/// The largest attestation evidence.
-const MAX_EVIDENCE_LEN: usize = 4096;
 /// The longest a `ListEntries` call is held waiting for a change (the agent may ask less).
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(25);
 /// How often the standing of an agent whose call is held is checked again.
@@ -107,6 +104,7 @@ impl NodeError {
 }
 
 /// The node API service.
+#[derive(Clone)]
 pub struct NodeService {
     state: Arc<ServerState>,
 }
@@ -226,7 +224,7 @@ impl NodeService {
         let (agent, entry) = self.lookup_agent_and_entry(peer, entry_id).await;
         let agent = self.check_agent(peer, agent, Some(event)).await?;
         request_checks()?;
-        self.entry_for(entry_id, entry, &agent.spiffe_id, event)
+        self.entry_for(entry_id, entry, &agent, event).await
     }
 
     /// Signs an SVID for `id` with the current CA; of the CSR only the public key is used.
@@ -325,12 +323,13 @@ impl NodeService {
         })
     }
 
-    /// Checks a looked-up entry: it must exist and belong to `agent`.
-    fn entry_for(
+    /// Checks a looked-up entry: it must exist and belong to `agent`, or to a node group
+    /// `agent` is in.
+    async fn entry_for(
         &self,
         entry_id: &str,
         looked_up: EntryLookup,
-        agent: &SpiffeId,
+        agent: &AgentRecord,
         event: &mut AuditEvent,
     ) -> Result<Entry, NodeError> {
         let (id, entry) = match looked_up {
@@ -339,10 +338,23 @@ impl NodeService {
         };
         event.entry_id = Some(id.to_string());
         let entry = entry?;
+        // Only an entry under another parent needs the node group read, and only for an agent
+        // with node selectors (a join-token agent is in no group): the common issuance stays
+        // at two lookups.
+        let groups = match &entry {
+            Some(e) if e.parent_id != agent.spiffe_id && !agent.node_selectors.is_empty() => {
+                let server = crate::wire::server_id(&self.state.td);
+                self.state
+                    .store
+                    .list_node_entries(&server, Some(&e.parent_id))
+                    .await?
+            }
+            _ => Vec::new(),
+        };
         let entry = self
             .state
             .policy
-            .check_entry(entry_id, entry.as_ref(), agent)?;
+            .check_entry(entry_id, entry.as_ref(), agent, &groups)?;
         event.spiffe_id = Some(entry.spiffe_id.to_string());
         Ok(entry.clone())
     }
@@ -368,14 +380,14 @@ impl NodeService {
         req: &pb::ListEntriesRequest,
     ) -> Result<pb::ListEntriesResponse, NodeError> {
         let store = self.state.store.as_ref();
-        let id = &agent.spiffe_id;
         // Subscribed before the first read, so a change between the two still wakes the wait.
         let mut changes = self.state.entry_watch.subscribe();
         let mut closing = self.state.entry_watch.closing();
         // Every page names the tainted CAs, and a held call ends when that set changes, so the
         // agent re-issues what a newly tainted CA signed within one standing re-check.
         let tainted = self.state.rotation.tainted();
-        let mut answer = entry_sync::page(store, id, req, self.published()).await?;
+        let server = crate::wire::server_id(&self.state.td);
+        let mut answer = entry_sync::page(store, (&server, agent), req, self.published()).await?;
         answer.tainted_ca_fingerprints.clone_from(&tainted);
         let wait = std::time::Duration::from_millis(u64::from(req.wait_ms)).min(MAX_WAIT);
         if wait.is_zero() || !answer.unchanged || !answer.bundle.is_empty() {
@@ -399,7 +411,7 @@ impl NodeService {
                     self.authorize_agent(peer, None).await?;
                 }
             }
-            answer = entry_sync::page(store, id, req, self.published()).await?;
+            answer = entry_sync::page(store, (&server, agent), req, self.published()).await?;
             answer.tainted_ca_fingerprints = self.state.rotation.tainted();
             if !answer.unchanged
                 || !answer.bundle.is_empty()
@@ -464,108 +476,16 @@ impl pb::node_server::Node for NodeService {
         &self,
         request: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
-        // The one call an anonymous client can make: a source that keeps failing is answered
-        // without reading its evidence (see attest_gate).
-        let source = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.remote)
-            .map(|a| a.ip());
-        if let Some(ip) = source
-            && !self.state.attest_gate.admit(ip, Instant::now())
-        {
-            let mut status = Status::resource_exhausted(format!(
-                "too many refused attestations from {ip}; wait a few seconds before trying again, and check the agent's join token"
-            ));
-            RefusalKind::RateLimited.attach(&mut status);
-            return Err(status);
-        }
-        let req = request.into_inner();
-        let mut event = event(AuditAction::AgentAttest);
-        // The attestor name is the caller's, unauthenticated: recorded escaped and bounded.
-        event.attestor = Some(audit::untrusted(&req.attestor));
-        let result: Result<(ScopedId, IssuedSvid), NodeError> = async {
-            if req.attestor != mayfly_attestors::join_token::NAME {
-                return Err(Refusal::Invalid(format!(
-                    "unknown node attestor '{}'; this server accepts: join_token",
-                    event.attestor.as_deref().unwrap_or_default()
-                ))
-                .into());
-            }
-            if req.evidence.len() > MAX_EVIDENCE_LEN {
-                return Err(
-                    Refusal::Invalid("the attestation evidence is too large".into()).into(),
-                );
-            }
-            Self::check_csr_size(&req.csr)?;
-            let claim = JoinTokenAttestor
-                .verify(&req.evidence)
-                .map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let NodeClaim::SingleUseSecret {
-                secret_hash,
-                node_id,
-            } = claim
-            else {
-                return Err(
-                    Refusal::Invalid("a join token proves a single-use secret".into()).into(),
-                );
-            };
-            let agent_id = self
-                .state
-                .policy
-                .agent_id(JoinTokenAttestor.name(), &node_id)?;
-            event.agent_id = Some(agent_id.to_string());
-            // The CSR is checked before the token is spent, so a bad request does not burn it.
-            let key = svid::parse_csr(&req.csr).map_err(NodeError::Csr)?;
-            let now = SystemTime::now();
-            if self
-                .state
-                .store
-                .consume_join_token(&secret_hash, unix_secs(now))
-                .await?
-                .is_none()
-            {
-                return Err(Refusal::TokenRefused.into());
-            }
-            let id = ScopedId::new(agent_id.clone(), Default::default()).map_err(Refusal::from)?;
-            // The agent is stored before the issuance is audited, so the log never shows an
-            // agent SVID whose agent the server does not know.
-            let issued = self.sign_key(&id, &key, self.state.agent_ttl, &[])?;
-            let record = AgentRecord {
-                spiffe_id: agent_id,
-                attestor: JoinTokenAttestor.name().into(),
-                current_serial: issued.serial,
-                next_serial: None,
-                not_after: unix_secs(issued.not_after),
-                banned: false,
-                created_at: unix_secs(now),
-            };
-            self.state.store.create_agent(&record).await?;
-            self.audit_issued(&id, &issued, event.clone()).await?;
-            Ok((id, issued))
-        }
-        .await;
-        match result {
-            Ok((id, issued)) => Ok(Response::new(pb::AttestResponse {
-                svid: Some(svid_message(&id, issued)),
-                bundle: self.bundle(),
-            })),
-            Err(e) => {
-                let counted = e.is_decision()
-                    && source.is_some_and(|ip| {
-                        self.state
-                            .attest_gate
-                            .refused(ip, &e.text(), Instant::now())
-                            == Record::Counted
-                    });
-                if counted {
-                    // Summarised with the source's other refusals (attest_gate::summarise).
-                    Err(e.status())
-                } else {
-                    Err(self.refuse(event, e).await)
-                }
-            }
-        }
+        self.attest_unary(request).await
+    }
+
+    type AttestAgentStream = attest::AttestStream;
+
+    async fn attest_agent(
+        &self,
+        request: Request<tonic::Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        self.attest_stream(request).await
     }
 
     async fn renew_agent(
@@ -626,6 +546,7 @@ impl pb::node_server::Node for NodeService {
         let req = request.into_inner();
         let result: Result<pb::ListEntriesResponse, NodeError> = async {
             let agent = self.authorize_agent(peer.as_deref(), None).await?;
+            let server = crate::wire::server_id(&self.state.td);
             if req.incremental {
                 return self.sync_incremental(peer.as_deref(), &agent, &req).await;
             }
@@ -641,11 +562,11 @@ impl pb::node_server::Node for NodeService {
                     ..Default::default()
                 });
             }
-            let entries = self
-                .state
-                .store
-                .list_entries_by_parent(&agent.spiffe_id)
-                .await?;
+            let store = self.state.store.as_ref();
+            let mut entries = Vec::new();
+            for parent in entry_sync::parents_of(store, &server, &agent).await? {
+                entries.extend(store.list_entries_by_parent(&parent).await?);
+            }
             Ok(pb::ListEntriesResponse {
                 revision,
                 entries: entries.into_iter().map(entry_message).collect(),

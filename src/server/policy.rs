@@ -82,6 +82,10 @@ pub enum Refusal {
         "the join token is unknown, already used or expired; generate a new one with `mayfly token generate`"
     )]
     TokenRefused,
+    /// A node attestor found the evidence proves nothing (another CA, expired, a bad
+    /// signature, a replayed token); the text is the attestor's sentence.
+    #[error("{0}")]
+    EvidenceRefused(String),
 }
 
 impl Refusal {
@@ -100,6 +104,7 @@ impl Refusal {
             Self::TtlAboveCeiling { .. } => RefusalKind::TtlAboveCeiling,
             Self::Invalid(_) => RefusalKind::Invalid,
             Self::TokenRefused => RefusalKind::TokenRefused,
+            Self::EvidenceRefused(_) => RefusalKind::EvidenceRefused,
         }
     }
 
@@ -206,7 +211,10 @@ impl IssuancePolicy {
         }
     }
 
-    /// Checks that `entry` exists and belongs to `agent`.
+    /// Checks that `entry` exists and belongs to `agent`: its parent is the agent, or a node
+    /// group the agent is in. `groups` are the node entries whose SPIFFE ID is the entry's
+    /// parent (none are needed when the parent is the agent); the agent is in the group when
+    /// one of them is a node entry of this server whose selectors the agent all has.
     ///
     /// # Errors
     /// [`Refusal::EntryNotAuthorized`].
@@ -214,10 +222,17 @@ impl IssuancePolicy {
         &self,
         entry_id: &str,
         entry: Option<&'e Entry>,
-        agent: &SpiffeId,
+        agent: &AgentRecord,
+        groups: &[Entry],
     ) -> Result<&'e Entry, Refusal> {
+        let server = crate::wire::server_id(&self.trust_domain);
+        let member = |e: &Entry| {
+            groups.iter().any(|g| {
+                g.spiffe_id == e.parent_id && g.parent_id == server && agent.is_member_of(g)
+            })
+        };
         match entry {
-            Some(e) if &e.parent_id == agent => Ok(e),
+            Some(e) if e.parent_id == agent.spiffe_id || member(e) => Ok(e),
             _ => Err(Refusal::EntryNotAuthorized(entry_id.to_owned())),
         }
     }
@@ -278,5 +293,120 @@ impl IssuancePolicy {
         };
         let id = ScopedId::new(entry.spiffe_id.clone(), granted)?;
         Ok((id, Duration::from_secs(ttl)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mayfly_attestors::Selector;
+
+    use super::*;
+    use crate::store::EntryId;
+
+    fn sid(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn entry(spiffe_id: &str, parent: &str, selectors: &[&str]) -> Entry {
+        Entry {
+            id: EntryId::generate(),
+            spiffe_id: sid(spiffe_id),
+            parent_id: sid(parent),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            scopes: ScopeSet::new(),
+            ttl_secs: 300,
+            dns_names: Vec::new(),
+            created_at: 0,
+            hint: String::new(),
+            jwt_ttl_secs: 0,
+        }
+    }
+
+    fn agent(selectors: &[&str]) -> AgentRecord {
+        AgentRecord {
+            spiffe_id: sid("spiffe://acme.test/mayfly/agent/x509pop/ab"),
+            attestor: "x509pop".into(),
+            current_serial: Serial::from_hex("01").unwrap(),
+            next_serial: None,
+            not_after: 0,
+            banned: false,
+            created_at: 0,
+            node_selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            resync_revision: 0,
+        }
+    }
+
+    #[test]
+    fn an_entry_under_a_group_is_the_members_only() {
+        let policy = IssuancePolicy::new(TrustDomain::new("acme.test").unwrap());
+        let cn = "x509pop:subject:cn:web-1";
+        let ca = "x509pop:ca:fingerprint:00aa";
+        let group = entry(
+            "spiffe://acme.test/nodes/web",
+            "spiffe://acme.test/mayfly/server",
+            &[cn, ca],
+        );
+        let shared = entry(
+            "spiffe://acme.test/w/shop",
+            "spiffe://acme.test/nodes/web",
+            &["unix:uid:1"],
+        );
+        let groups = [group.clone()];
+        // Its own entry needs no group; a member gets the group's.
+        let member = agent(&[ca, cn, "x509pop:serialnumber:0a"]);
+        let own = entry(
+            "spiffe://acme.test/w/own",
+            member.spiffe_id.as_str(),
+            &["unix:uid:1"],
+        );
+        assert!(policy.check_entry("e", Some(&own), &member, &[]).is_ok());
+        assert!(
+            policy
+                .check_entry("e", Some(&shared), &member, &groups)
+                .is_ok()
+        );
+        // Missing one of the group's selectors: refused, as an entry not its own.
+        let outsider = agent(&[cn]);
+        assert!(matches!(
+            policy.check_entry("e", Some(&shared), &outsider, &groups),
+            Err(Refusal::EntryNotAuthorized(_))
+        ));
+        // A "group" that is not a node entry of this server counts for nothing.
+        let foreign = entry(
+            "spiffe://acme.test/nodes/web",
+            "spiffe://other.test/mayfly/server",
+            &[cn],
+        );
+        let workload = entry(
+            "spiffe://acme.test/nodes/web",
+            member.spiffe_id.as_str(),
+            &["unix:uid:1"],
+        );
+        for fake in [foreign, workload] {
+            assert!(
+                policy
+                    .check_entry("e", Some(&shared), &member, &[fake])
+                    .is_err()
+            );
+        }
+        // A node entry of another group ID does not admit to this one.
+        let other = entry(
+            "spiffe://acme.test/nodes/db",
+            "spiffe://acme.test/mayfly/server",
+            &[cn],
+        );
+        assert!(
+            policy
+                .check_entry("e", Some(&shared), &member, &[other])
+                .is_err()
+        );
+        // No entry at all.
+        assert!(policy.check_entry("e", None, &member, &groups).is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! (`tests/store_conformance.rs`). Schema changes are sqlx migrations under `migrations/`.
 
 pub mod ca_journal;
+mod node_groups;
 mod paging;
 pub mod postgres;
 pub mod query;
@@ -137,8 +138,34 @@ pub struct AgentRecord {
     pub not_after: i64,
     /// Banned agents are refused at their next call.
     pub banned: bool,
-    /// When it first attested, Unix seconds.
+    /// When it first attested, Unix seconds (kept when it attests again).
     pub created_at: i64,
+    /// What its node attestor proved about the node (`x509pop:subject:cn:web-1`, ...), sorted
+    /// and unique; empty for a join token. It decides the agent's node groups.
+    pub node_selectors: Vec<Selector>,
+    /// An agent whose known entry revision is below this must sync in full: its node groups
+    /// may have changed since. Set by the store ([`Store::reattest_agent`]); what a caller
+    /// writes here is ignored (a new record starts at 0).
+    pub resync_revision: i64,
+}
+
+impl AgentRecord {
+    /// Whether the agent is in the node group `node_entry` defines: its node selectors
+    /// include all of the node entry's (a node entry always has at least one).
+    pub fn is_member_of(&self, node_entry: &Entry) -> bool {
+        !node_entry.selectors.is_empty()
+            && node_entry
+                .selectors
+                .iter()
+                .all(|s| self.node_selectors.contains(s))
+    }
+}
+
+/// Whether `parent` is a server's ID (`spiffe://<td>/mayfly/server`): entries under it are
+/// node entries, which define node groups instead of issuing anything. The store uses this to
+/// notice that a write changes node groups.
+pub fn is_server_id(parent: &SpiffeId) -> bool {
+    parent.path() == crate::wire::SERVER_PATH
 }
 
 /// A CA certificate published in the trust bundle.
@@ -274,6 +301,42 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::AlreadyExists`] when an agent with this ID exists;
     /// [`StoreError::Database`].
     async fn create_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Records an agent that attested again with the same ID (an attestor that needs no
+    /// operator: x509pop, sshpop, k8s_psat, aws_iid), atomically: an existing record that is
+    /// not banned gets `agent`'s current serial, not-after, attestor and node selectors, and no
+    /// next serial (its creation time stays); an absent one is inserted. When the record was
+    /// absent or its node selectors change, the agent's next entry sync is a full one (its node
+    /// groups may differ). `false`, with nothing written, when the stored agent is banned: a
+    /// banned agent stays banned whatever evidence it brings.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn reattest_agent(&self, agent: &AgentRecord) -> Result<bool, StoreError>;
+    /// Claims single-use attestation evidence by `key` (such as the hash of a token):
+    /// `true`, and `key` is remembered until `until` (Unix seconds), when it is not remembered
+    /// or only until a time `<= now`; `false` when it is remembered past `now` (a replay). Of
+    /// concurrent claims of one key exactly one gets `true`. Each call also forgets a bounded
+    /// number of expired keys, so the table does not grow without bound.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    async fn claim_single_use(
+        &self,
+        key: &[u8; 32],
+        until: i64,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// The node entries (entries whose parent is `server`, the server's ID), ordered by SPIFFE
+    /// ID then ID; with `group`, only those whose SPIFFE ID is `group` (the entries defining
+    /// that one node group).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    async fn list_node_entries(
+        &self,
+        server: &SpiffeId,
+        group: Option<&SpiffeId>,
+    ) -> Result<Vec<Entry>, StoreError>;
     /// One agent by SPIFFE ID.
     ///
     /// # Errors

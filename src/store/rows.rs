@@ -55,6 +55,24 @@ fn decode_list(text: &str, what: &str) -> Result<Vec<String>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("{what} is not a JSON list of strings: {e}")))
 }
 
+/// Selectors as stored (a JSON list), validated again, sorted and without duplicates.
+fn decode_selectors(text: &str, what: &str) -> Result<Vec<Selector>, StoreError> {
+    Ok(decode_list(text, what)?
+        .iter()
+        .map(|s| Selector::parse(s))
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?
+        .into_iter()
+        .collect())
+}
+
+/// Selectors as stored: a JSON list, sorted and without duplicates, so equal sets are equal
+/// text.
+pub(super) fn encode_selectors(selectors: &[Selector]) -> String {
+    let sorted: BTreeSet<&str> = selectors.iter().map(Selector::as_str).collect();
+    encode_list(sorted)
+}
+
 fn hash32(bytes: &[u8], what: &str) -> Result<[u8; 32], StoreError> {
     bytes
         .try_into()
@@ -79,8 +97,7 @@ pub(super) struct EntryColumns {
 
 impl EntryColumns {
     pub(super) fn new(entry: &Entry) -> Self {
-        let selectors: BTreeSet<&str> = entry.selectors.iter().map(Selector::as_str).collect();
-        let selectors = encode_list(selectors);
+        let selectors = encode_selectors(&entry.selectors);
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(b"mayfly-entry-identity-v1\0");
         for field in [
@@ -144,13 +161,8 @@ impl TryFrom<EntryRow> for Entry {
             EntryId::parse(&row.id).ok_or_else(|| corrupt("id", &"not 32 lowercase hex digits"))?;
         let spiffe_id = SpiffeId::parse(&row.spiffe_id).map_err(|e| corrupt("spiffe_id", &e))?;
         let parent_id = SpiffeId::parse(&row.parent_id).map_err(|e| corrupt("parent_id", &e))?;
-        let selectors = decode_list(&row.selectors, "selectors")?
-            .iter()
-            .map(|s| Selector::parse(s))
-            .collect::<Result<BTreeSet<_>, _>>()
-            .map_err(|e| corrupt("selectors", &e))?
-            .into_iter()
-            .collect();
+        let selectors =
+            decode_selectors(&row.selectors, "selectors").map_err(|e| corrupt("selectors", &e))?;
         let scopes = decode_list(&row.scopes, "scopes")?
             .iter()
             .map(|s| Scope::parse(s))
@@ -185,12 +197,15 @@ pub(super) struct AgentRow {
     not_after: i64,
     banned: bool,
     created_at: i64,
+    node_selectors: String,
+    resync_revision: i64,
 }
 
 /// The columns [`AgentRow`] reads, as a literal for `concat!`.
 macro_rules! agent_columns {
     () => {
-        "spiffe_id, attestor, current_serial, next_serial, not_after, banned, created_at"
+        "spiffe_id, attestor, current_serial, next_serial, not_after, banned, created_at, \
+         node_selectors, resync_revision"
     };
 }
 pub(super) use agent_columns;
@@ -211,6 +226,8 @@ impl TryFrom<AgentRow> for AgentRecord {
         };
         let current_serial = serial(&row.current_serial)?;
         let next_serial = row.next_serial.as_deref().map(serial).transpose()?;
+        let node_selectors = decode_selectors(&row.node_selectors, "node_selectors")
+            .map_err(|e| StoreError::Corrupt(format!("agent {}: {e}", row.spiffe_id)))?;
         Ok(Self {
             spiffe_id,
             attestor: row.attestor,
@@ -219,6 +236,8 @@ impl TryFrom<AgentRow> for AgentRecord {
             not_after: row.not_after,
             banned: row.banned,
             created_at: row.created_at,
+            node_selectors,
+            resync_revision: row.resync_revision,
         })
     }
 }

@@ -40,21 +40,54 @@ pub(super) const INSERT_TOMBSTONE: &str = "INSERT INTO entry_tombstones \
      (id, parent_id, revision, deleted_at) VALUES ($1, $2, $3, $4)";
 
 /// The current revision and the prune horizon.
-pub(super) const REVISIONS: &str = "SELECT revision, horizon FROM entries_revision WHERE id = 1";
+pub(super) const REVISIONS: &str =
+    "SELECT revision, horizon, groups FROM entries_revision WHERE id = 1";
 
-/// One page of an agent's entries changed in `(since, upto]`, after a cursor:
-/// `$1` parent, `$2` upto, `$3` cursor revision (at least `since`), `$4` cursor ID, `$5` limit.
-pub(super) const CHANGES_PAGE: &str = concat!(
-    "SELECT ",
-    entry_columns!(),
-    ", revision FROM entries WHERE parent_id = $1 AND revision <= $2 \
-     AND (revision, id) > ($3, $4) ORDER BY revision, id LIMIT $5"
-);
+/// Records that the write at revision `$1` changed a node entry (see [`Revisions::groups`]).
+pub(super) const MARK_GROUPS: &str = "UPDATE entries_revision SET groups = $1 WHERE id = 1";
 
-/// As [`CHANGES_PAGE`], for tombstones: `(revision, id)`.
-pub(super) const DELETIONS_PAGE: &str = "SELECT revision, id FROM entry_tombstones \
-     WHERE parent_id = $1 AND revision <= $2 AND (revision, id) > ($3, $4) \
-     ORDER BY revision, id LIMIT $5";
+/// One page of an agent's entries changed in `(since, upto]`, after a cursor, for a dialect
+/// whose `$1` (a JSON array of the agent's parents: itself and its node groups) is read as
+/// rows by `parents`: `$2` upto, `$3` cursor revision (at least `since`), `$4` cursor ID, `$5`
+/// limit.
+macro_rules! changes_page {
+    ($parents:literal) => {
+        concat!(
+            "SELECT ",
+            entry_columns!(),
+            ", revision FROM entries WHERE parent_id IN (",
+            $parents,
+            ") AND revision <= $2 AND (revision, id) > ($3, $4) ORDER BY revision, id LIMIT $5"
+        )
+    };
+}
+
+/// As [`changes_page`], for tombstones: `(revision, id)`.
+macro_rules! deletions_page {
+    ($parents:literal) => {
+        concat!(
+            "SELECT revision, id FROM entry_tombstones WHERE parent_id IN (",
+            $parents,
+            ") AND revision <= $2 AND (revision, id) > ($3, $4) ORDER BY revision, id LIMIT $5"
+        )
+    };
+}
+
+/// [`changes_page`] for SQLite.
+pub(super) const CHANGES_PAGE_SQLITE: &str = changes_page!("SELECT value FROM json_each($1)");
+/// [`deletions_page`] for SQLite.
+pub(super) const DELETIONS_PAGE_SQLITE: &str = deletions_page!("SELECT value FROM json_each($1)");
+/// [`changes_page`] for PostgreSQL.
+pub(super) const CHANGES_PAGE_POSTGRES: &str =
+    changes_page!("SELECT json_array_elements_text($1::json)");
+/// [`deletions_page`] for PostgreSQL.
+pub(super) const DELETIONS_PAGE_POSTGRES: &str =
+    deletions_page!("SELECT json_array_elements_text($1::json)");
+
+/// A sync query's parents as bound: a JSON array.
+pub(super) fn parents_json(query: &SyncQuery) -> String {
+    super::rows::encode_list(query.parents.iter().map(SpiffeId::as_str))
+}
 
 /// The newest revision among the tombstones about to be pruned (`deleted_at < $1`).
 pub(super) const PRUNED_HORIZON: &str =
@@ -73,6 +106,9 @@ pub struct Revisions {
     /// The newest revision whose tombstone was pruned: an agent whose known revision is below
     /// it may have missed a deletion and must sync in full.
     pub horizon: i64,
+    /// The revision of the newest write of a node entry: node groups decide which entries an
+    /// agent gets, so an agent whose known revision is below it must sync in full.
+    pub groups: i64,
 }
 
 /// Where a page of a sync starts: after this `(revision, id)`. IDs are never empty, so
@@ -89,8 +125,8 @@ pub struct SyncCursor {
 /// One page of the changes under one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncQuery {
-    /// The agent whose entries are read.
-    pub parent: SpiffeId,
+    /// The parents whose entries are read: the agent and the node groups it belongs to.
+    pub parents: Vec<SpiffeId>,
     /// Only rows with a revision at most this (the revision the sync brings the agent to).
     pub upto: i64,
     /// Only rows after this.

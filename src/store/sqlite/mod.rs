@@ -67,6 +67,7 @@ use self::lookups::{
 };
 use self::readers::{Reader, Readers};
 use super::ca_journal;
+use super::node_groups;
 use super::rows::{
     self, AgentRow, AuditRow, CaCertRow, EntryColumns, EntryRow, agent_columns, audit_columns,
     entry_columns,
@@ -74,7 +75,8 @@ use super::rows::{
 use super::sync::{self, SyncEntryRow};
 use super::{
     AgentRecord, AuditFilter, CaCertRecord, CaChange, CaJournalRecord, Deletion, Entry, EntryId,
-    EntryQuery, JoinTokenRecord, Revisions, Store, StoreError, SyncQuery, SyncRow, paging,
+    EntryQuery, JoinTokenRecord, Revisions, Store, StoreError, SyncQuery, SyncRow, is_server_id,
+    paging,
 };
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::id::SpiffeId;
@@ -241,7 +243,7 @@ impl SqliteStore {
         R: for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin,
     {
         Ok(sqlx::query_as::<_, R>(sql)
-            .bind(query.parent.as_str())
+            .bind(sync::parents_json(query))
             .bind(query.upto)
             .bind(query.after.revision)
             .bind(query.after.id.as_str())
@@ -276,6 +278,12 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| rows::entry_exists(e, entry))?;
+        if is_server_id(&entry.parent_id) {
+            sqlx::query(sync::MARK_GROUPS)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -386,6 +394,12 @@ impl Store for SqliteStore {
         if updated == 0 {
             return Ok(false);
         }
+        if is_server_id(&entry.parent_id) {
+            sqlx::query(sync::MARK_GROUPS)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -404,6 +418,12 @@ impl Store for SqliteStore {
         let Some(parent) = parent else {
             return Ok(false);
         };
+        if SpiffeId::parse(&parent).is_ok_and(|p| is_server_id(&p)) {
+            sqlx::query(sync::MARK_GROUPS)
+                .bind(revision)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(sync::INSERT_TOMBSTONE)
             .bind(id.as_str())
             .bind(parent)
@@ -424,22 +444,26 @@ impl Store for SqliteStore {
     }
 
     async fn entry_revisions(&self) -> Result<Revisions, StoreError> {
-        let (current, horizon): (i64, i64) = sqlx::query_as(sync::REVISIONS)
+        let (current, horizon, groups): (i64, i64, i64) = sqlx::query_as(sync::REVISIONS)
             .fetch_one(&mut *self.read().await?)
             .await?;
-        Ok(Revisions { current, horizon })
+        Ok(Revisions {
+            current,
+            horizon,
+            groups,
+        })
     }
 
     async fn entry_changes_page(&self, query: &SyncQuery) -> Result<Vec<SyncRow>, StoreError> {
         let rows = self
-            .sync_page::<SyncEntryRow>(sync::CHANGES_PAGE, query)
+            .sync_page::<SyncEntryRow>(sync::CHANGES_PAGE_SQLITE, query)
             .await?;
         Ok(rows.into_iter().map(SyncRow::from).collect())
     }
 
     async fn entry_deletions_page(&self, query: &SyncQuery) -> Result<Vec<Deletion>, StoreError> {
         let rows = self
-            .sync_page::<(i64, String)>(sync::DELETIONS_PAGE, query)
+            .sync_page::<(i64, String)>(sync::DELETIONS_PAGE_SQLITE, query)
             .await?;
         Ok(rows.into_iter().map(sync::deletion).collect())
     }
@@ -502,21 +526,98 @@ impl Store for SqliteStore {
     }
 
     async fn create_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO agents (spiffe_id, attestor, current_serial, next_serial, not_after, \
-             banned, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(agent.spiffe_id.as_str())
-        .bind(&agent.attestor)
-        .bind(agent.current_serial.to_hex())
-        .bind(agent.next_serial.map(|s| s.to_hex()))
-        .bind(agent.not_after)
-        .bind(agent.banned)
-        .bind(agent.created_at)
-        .execute(&self.writer)
-        .await
-        .map_err(|e| rows::unique_violation(e, || format!("agent {}", agent.spiffe_id)))?;
+        sqlx::query(node_groups::INSERT_AGENT)
+            .bind(agent.spiffe_id.as_str())
+            .bind(&agent.attestor)
+            .bind(agent.current_serial.to_hex())
+            .bind(agent.next_serial.map(|s| s.to_hex()))
+            .bind(agent.not_after)
+            .bind(agent.banned)
+            .bind(agent.created_at)
+            .bind(rows::encode_selectors(&agent.node_selectors))
+            .bind(0_i64)
+            .execute(&self.writer)
+            .await
+            .map_err(|e| rows::unique_violation(e, || format!("agent {}", agent.spiffe_id)))?;
         Ok(())
+    }
+
+    async fn reattest_agent(&self, agent: &AgentRecord) -> Result<bool, StoreError> {
+        let selectors = rows::encode_selectors(&agent.node_selectors);
+        let mut tx = self.write().await?;
+        let standing: Option<(bool, String, i64)> = sqlx::query_as(node_groups::AGENT_STANDING)
+            .bind(agent.spiffe_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let resync_revision = match standing {
+            Some((true, _, _)) => return Ok(false),
+            // The same node selectors, so the same groups: its entries did not change, and it
+            // keeps syncing incrementally.
+            Some((false, stored, kept)) if stored == selectors => kept,
+            // A new record, or other selectors: its next sync is a full one, from a revision
+            // of its own (taken as every entry write takes one, see `sync`).
+            _ => {
+                sqlx::query_scalar(sync::BUMP_REVISION)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
+        let written = sqlx::query(node_groups::UPSERT_AGENT)
+            .bind(agent.spiffe_id.as_str())
+            .bind(&agent.attestor)
+            .bind(agent.current_serial.to_hex())
+            .bind(agent.not_after)
+            .bind(agent.created_at)
+            .bind(&selectors)
+            .bind(resync_revision)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if written == 0 {
+            // Banned since it was read: the upsert re-checks the row, and nothing is written.
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn claim_single_use(
+        &self,
+        key: &[u8; 32],
+        until: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(node_groups::PRUNE_EXPIRED)
+            .bind(now)
+            .bind(node_groups::PRUNE_SINGLE_USE)
+            .execute(&mut *tx)
+            .await?;
+        let claimed = sqlx::query(node_groups::CLAIM)
+            .bind(&key[..])
+            .bind(until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn list_node_entries(
+        &self,
+        server: &SpiffeId,
+        group: Option<&SpiffeId>,
+    ) -> Result<Vec<Entry>, StoreError> {
+        sqlx::query_as::<_, EntryRow>(node_groups::NODE_ENTRIES)
+            .bind(server.as_str())
+            .bind(group.map(SpiffeId::as_str))
+            .fetch_all(&mut *self.read().await?)
+            .await?
+            .into_iter()
+            .map(Entry::try_from)
+            .collect()
     }
 
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {

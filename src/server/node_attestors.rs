@@ -1,0 +1,127 @@
+//! The node attestors a server accepts: join tokens always, and the ones its settings
+//! configure (`[node_attestors.<name>]` in the TOML file, or a flag where one value suffices).
+//! Every file is read when the server starts, so a wrong path or a bad CA stops it then with
+//! one sentence, not at the first attestation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mayfly_attestors::NodeAttestor;
+use mayfly_attestors::join_token::JoinTokenAttestor;
+use mayfly_attestors::x509pop::{self, X509PopVerifier};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// Why a node attestor's settings were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeAttestorsError {
+    /// A file named in the settings could not be read.
+    #[error("node_attestors.{attestor}: cannot read {path}: {reason}")]
+    Read {
+        /// The attestor whose settings name the file.
+        attestor: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS's or the PEM parser's words.
+        reason: String,
+    },
+    /// The x509pop CA bundle is not usable.
+    #[error(
+        "node_attestors.x509pop.ca_bundle {path}: {source}; give the PEM certificates of the CA that issues node certificates"
+    )]
+    X509Pop {
+        /// The bundle file.
+        path: PathBuf,
+        /// Why it was refused.
+        source: x509pop::X509PopError,
+    },
+}
+
+/// The `[node_attestors]` table of the server's TOML file.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestorsSettings {
+    /// `[node_attestors.x509pop]`.
+    pub x509pop: Option<X509PopSettings>,
+}
+
+/// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopSettings {
+    /// The PEM CA certificates node certificates must chain to.
+    pub ca_bundle: PathBuf,
+}
+
+/// The node attestors a server accepts, by name.
+#[derive(Clone)]
+pub struct NodeAttestors {
+    by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>>,
+}
+
+impl std::fmt::Debug for NodeAttestors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Default for NodeAttestors {
+    /// Join tokens only.
+    fn default() -> Self {
+        let mut by_name: BTreeMap<&'static str, Arc<dyn NodeAttestor>> = BTreeMap::new();
+        by_name.insert(JoinTokenAttestor.name(), Arc::new(JoinTokenAttestor));
+        Self { by_name }
+    }
+}
+
+impl NodeAttestors {
+    /// Join tokens and the attestors `settings` configure, with their files read now.
+    ///
+    /// # Errors
+    /// [`NodeAttestorsError`] for the first file or setting that is not usable.
+    pub fn from_settings(settings: &NodeAttestorsSettings) -> Result<Self, NodeAttestorsError> {
+        let mut attestors = Self::default();
+        if let Some(x509pop) = &settings.x509pop {
+            let roots = read_certs(x509pop::NAME, &x509pop.ca_bundle)?;
+            let verifier =
+                X509PopVerifier::new(roots).map_err(|source| NodeAttestorsError::X509Pop {
+                    path: x509pop.ca_bundle.clone(),
+                    source,
+                })?;
+            attestors.add(Arc::new(verifier));
+        }
+        Ok(attestors)
+    }
+
+    /// Accepts `attestor` (replacing one of the same name).
+    pub fn add(&mut self, attestor: Arc<dyn NodeAttestor>) {
+        self.by_name.insert(attestor.name(), attestor);
+    }
+
+    /// The attestor called `name`, if this server accepts it.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn NodeAttestor>> {
+        self.by_name.get(name)
+    }
+
+    /// The names accepted, comma-separated, for refusals.
+    pub fn names(&self) -> String {
+        self.by_name.keys().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The DER certificates of the PEM file at `path`; none is an error.
+fn read_certs(attestor: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, NodeAttestorsError> {
+    let read = |reason: String| NodeAttestorsError::Read {
+        attestor,
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read("it holds no PEM certificate".into()));
+    }
+    Ok(certs.into_iter().map(|c| c.to_vec()).collect())
+}
