@@ -56,9 +56,10 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token or x509pop [default: join_token when --join-token is
-        /// given, x509pop when --x509pop-cert is]. Agents of attestors other than join_token
-        /// attest again by themselves after an eviction or an expired SVID.
+        /// The node attestor: join_token, x509pop or sshpop [default: join_token when
+        /// --join-token is given, x509pop when --x509pop-cert is, sshpop when --sshpop-cert
+        /// is]. Agents of attestors other than join_token attest again by themselves after an
+        /// eviction or an expired SVID.
         #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
         pub attestor: Option<String>,
         /// x509pop: the node certificate issued by the operator's CA, PEM, leaf first
@@ -68,6 +69,13 @@ crate::settings_layer! {
         /// x509pop: the node certificate's private key, PEM.
         #[arg(long, env = "MAYFLY_AGENT_X509POP_KEY")]
         pub x509pop_key: Option<PathBuf>,
+        /// sshpop: the host certificate signed by the operator's SSH CA (`ssh-keygen -s CA
+        /// -h`), e.g. /etc/ssh/ssh_host_ed25519_key-cert.pub.
+        #[arg(long, env = "MAYFLY_AGENT_SSHPOP_CERT")]
+        pub sshpop_cert: Option<PathBuf>,
+        /// sshpop: the host key the certificate certifies (OpenSSH format, unencrypted).
+        #[arg(long, env = "MAYFLY_AGENT_SSHPOP_KEY")]
+        pub sshpop_key: Option<PathBuf>,
         /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
         #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
         pub trust_bundle: Option<PathBuf>,
@@ -124,6 +132,8 @@ impl AgentSettings {
             join_token: self.join_token.clone(),
             x509pop_cert: self.x509pop_cert,
             x509pop_key: self.x509pop_key,
+            sshpop_cert: self.sshpop_cert,
+            sshpop_key: self.sshpop_key,
         }
         .resolve()?;
         config.join_token = self.join_token;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use mayfly_attestors::NodeAttestor;
 use mayfly_attestors::join_token::JoinTokenAttestor;
+use mayfly_attestors::sshpop::{self, SshPopAttestor, SshPopConfigError};
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -36,6 +37,13 @@ pub enum NodeAttestorsError {
         /// Why it was refused.
         source: x509pop::X509PopError,
     },
+    /// The sshpop CA keys are not usable.
+    #[error("node_attestors.sshpop.cert_authorities: {source}")]
+    SshPop {
+        /// Why they were refused (naming the entry and line at fault).
+        #[source]
+        source: SshPopConfigError,
+    },
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -44,6 +52,8 @@ pub enum NodeAttestorsError {
 pub struct NodeAttestorsSettings {
     /// `[node_attestors.x509pop]`.
     pub x509pop: Option<X509PopSettings>,
+    /// `[node_attestors.sshpop]`.
+    pub sshpop: Option<SshPopSettings>,
 }
 
 /// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
@@ -52,6 +62,16 @@ pub struct NodeAttestorsSettings {
 pub struct X509PopSettings {
     /// The PEM CA certificates node certificates must chain to.
     pub ca_bundle: PathBuf,
+}
+
+/// `[node_attestors.sshpop]`: nodes prove an OpenSSH host certificate signed by the operator's
+/// SSH CA.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshPopSettings {
+    /// Files of OpenSSH CA public key lines (`ssh_ca.pub`), any of which may sign host
+    /// certificates.
+    pub cert_authorities: Vec<PathBuf>,
 }
 
 /// The node attestors a server accepts, by name.
@@ -90,6 +110,20 @@ impl NodeAttestors {
                     source,
                 })?;
             attestors.add(Arc::new(verifier));
+        }
+        if let Some(settings) = &settings.sshpop {
+            let mut keys = Vec::with_capacity(settings.cert_authorities.len());
+            for path in &settings.cert_authorities {
+                let text = std::fs::read_to_string(path).map_err(|e| NodeAttestorsError::Read {
+                    attestor: sshpop::NAME,
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                keys.push(text);
+            }
+            let attestor = SshPopAttestor::new(&keys)
+                .map_err(|source| NodeAttestorsError::SshPop { source })?;
+            attestors.add(Arc::new(attestor));
         }
         Ok(attestors)
     }
