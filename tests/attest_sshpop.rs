@@ -295,3 +295,63 @@ fn sshpop_refuses_another_ca_expired_future_and_user_certificates_and_the_wrong_
             .contains("Status:    active")
     );
 }
+
+/// Runs `mayfly args` until it succeeds, for up to `limit`; returns its stdout.
+fn ok_within(cluster: &Cluster, args: &[&str], limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = cluster.mayfly(args);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mayfly {args:?} never succeeded: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_evicted_sshpop_agent_attests_again_by_itself_and_a_banned_one_stays_banned() {
+    let ssh = Ssh::new();
+    ssh.key("ca");
+    ssh.key("host");
+    let cert = ssh.certify("ca", "host", "web", &HOST);
+    let cluster = server_trusting(&ssh);
+    let _agent = start_agent(&cluster, "agent", &cert, &ssh.path("host"));
+    let agent_id = format!(
+        "spiffe://mayfly.local/mayfly/agent/sshpop/{}",
+        ssh.fingerprint("host")
+    );
+    let serial = |shown: &str| {
+        shown
+            .lines()
+            .find_map(|l| l.strip_prefix("Serial:").map(|s| s.trim().to_owned()))
+            .expect("a serial line")
+    };
+    let first = serial(&cluster.ok(&["agent", "show", &agent_id]));
+
+    cluster.ok(&["agent", "evict", &agent_id]);
+    assert!(
+        !cluster
+            .mayfly(&["agent", "show", &agent_id])
+            .status
+            .success(),
+        "the eviction removed the agent"
+    );
+    // No operator step: the agent proves its host certificate again and gets a new SVID.
+    let again = ok_within(
+        &cluster,
+        &["agent", "show", &agent_id],
+        Duration::from_secs(40),
+    );
+    assert_ne!(serial(&again), first, "{again}");
+    assert!(again.contains("sshpop:principal:web-1"), "{again}");
+
+    // A banned agent stays banned, whatever host certificate it brings.
+    cluster.ok(&["agent", "ban", &agent_id]);
+    let said = refused_agent(&cluster, "banned", &cert, &ssh.path("host"));
+    assert!(said.contains("banned"), "{said}");
+}
