@@ -159,3 +159,51 @@ fn read_certs(attestor: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, NodeA
     }
     Ok(certs.into_iter().map(|c| c.to_vec()).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settings naming the sshpop CA files `paths`.
+    fn sshpop(paths: Vec<PathBuf>) -> NodeAttestorsSettings {
+        NodeAttestorsSettings {
+            sshpop: Some(SshPopSettings {
+                cert_authorities: paths,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sshpop_ca_files_are_read_at_start_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ssh_ca.pub");
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.path().join("ssh_ca"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let attestors = NodeAttestors::from_settings(&sshpop(vec![ca.clone()])).unwrap();
+        assert!(attestors.get("sshpop").is_some());
+        assert_eq!(attestors.names(), "join_token, sshpop");
+
+        let missing = dir.path().join("missing.pub");
+        let err = NodeAttestors::from_settings(&sshpop(vec![ca.clone(), missing])).unwrap_err();
+        assert!(
+            matches!(&err, NodeAttestorsError::Read { attestor: "sshpop", path, .. } if path.ends_with("missing.pub")),
+            "{err}"
+        );
+        let junk = dir.path().join("junk.pub");
+        std::fs::write(&junk, "not a key\n").unwrap();
+        let err = NodeAttestors::from_settings(&sshpop(vec![ca, junk])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("node_attestors.sshpop.cert_authorities: ")
+                && text.contains("entry 2, line 1"),
+            "{text}"
+        );
+        let err = NodeAttestors::from_settings(&sshpop(vec![])).unwrap_err();
+        assert!(err.to_string().contains("at least one SSH CA"), "{err}");
+    }
+}
