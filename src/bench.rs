@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod attest;
+pub mod attest_rate;
 pub mod deploy;
 pub mod handshake;
 pub mod jwt;

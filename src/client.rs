@@ -316,6 +316,9 @@ pub enum AttestError {
     /// The server's answer held no SVID.
     #[error("the server's answer was malformed: it holds no SVID")]
     NoSvid,
+    /// The evidence could not be produced, or the server broke the attestation protocol.
+    #[error("{0}")]
+    Evidence(String),
     /// The server's answer named an SPIFFE ID that does not parse.
     #[error("the server's answer was malformed: its SPIFFE ID does not parse")]
     BadSpiffeId(#[source] crate::id::IdError),
@@ -333,19 +336,31 @@ pub async fn attest_with_join_token(
     server_id: &SpiffeId,
     token: &str,
 ) -> Result<AttestedAgent, AttestError> {
-    use crate::proto::node as pb;
+    let evidence = mayfly_attestors::join_token::JoinTokenEvidence::new(token.to_owned());
+    attest_node(addr, bundles, server_id, std::sync::Arc::new(evidence)).await
+}
+
+/// Attests with any node attestor's `evidence` on the node API's attestation stream
+/// (answering its challenge when it asks one), then connects again with mTLS as the new
+/// agent.
+///
+/// # Errors
+/// [`AttestError`] naming what failed.
+pub async fn attest_node(
+    addr: SocketAddr,
+    bundles: Bundles,
+    server_id: &SpiffeId,
+    evidence: std::sync::Arc<dyn mayfly_attestors::NodeEvidence>,
+) -> Result<AttestedAgent, AttestError> {
     let request = crate::svid::KeyAndCsr::generate()?;
     let source = SvidSource::trust_only(bundles).map_err(ClientError::from)?;
     let mut client = connect_node(addr, &source, server_id).await?;
-    let answer = client
-        .attest(pb::AttestRequest {
-            attestor: mayfly_attestors::join_token::NAME.into(),
-            evidence: token.as_bytes().to_vec(),
-            csr: request.csr.clone(),
-        })
+    let answer = crate::node_attest::attest(&mut client, evidence, request.csr.clone())
         .await
-        .map_err(AttestError::Refused)?
-        .into_inner();
+        .map_err(|e| match e {
+            crate::node_attest::NodeAttestError::Refused(status) => AttestError::Refused(status),
+            other => AttestError::Evidence(other.to_string()),
+        })?;
     let svid = answer.svid.ok_or(AttestError::NoSvid)?;
     let spiffe_id = SpiffeId::parse(&svid.spiffe_id).map_err(AttestError::BadSpiffeId)?;
     let chain: Vec<_> = svid

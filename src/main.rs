@@ -119,6 +119,19 @@ enum BenchCommand {
     /// Task mint latency and server CPU, quiet and during a flood of bad attestations from
     /// one address.
     AttestFlood(BenchAttestFloodArgs),
+    /// Node attestations per second for each node attestor (server as a process), beside
+    /// the raw cost of the checks each makes.
+    Attest(BenchAttestArgs),
+}
+
+#[derive(Args)]
+struct BenchAttestArgs {
+    /// Attestations per attestor.
+    #[arg(long, default_value_t = 400)]
+    count: usize,
+    /// Concurrent attesting connections.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
 }
 
 #[derive(Args)]
@@ -318,6 +331,16 @@ async fn bench_command(cmd: BenchCommand, out: Printer) -> Result<()> {
         BenchCommand::Issue(args) => bench_issue(args, out).await,
         BenchCommand::Task(args) => bench_task(args, out).await,
         BenchCommand::AttestFlood(args) => bench_attest_flood(args, out).await,
+        BenchCommand::Attest(args) => {
+            let options = bench::attest_rate::AttestRateOptions {
+                count: args.count,
+                concurrency: args.concurrency,
+            };
+            print_report(
+                &bench::attest_rate::attest_rate_benchmark(options).await?,
+                out,
+            )
+        }
         BenchCommand::Fetch(args) => bench_fetch(args, out).await,
         BenchCommand::Streams(args) => bench_streams(args, out).await,
         BenchCommand::Handshake(args) => bench_handshake(args, out).await,

@@ -202,6 +202,16 @@ impl Deployment {
     /// registers one entry, under the agent-to-be, for this process's uid. `exe` is the
     /// `mayfly` executable for [`Layout::Processes`] (this one when `None`).
     pub(super) async fn start(layout: Layout, exe: Option<&Path>) -> Result<Self, AgentBenchError> {
+        Self::start_with(layout, exe, Vec::new()).await
+    }
+
+    /// As [`Deployment::start`], with `server_args` added to `mayfly server run` (the
+    /// processes layout only).
+    pub(super) async fn start_with(
+        layout: Layout,
+        exe: Option<&Path>,
+        server_args: Vec<OsString>,
+    ) -> Result<Self, AgentBenchError> {
         let temp = TempDir::create()?;
         let data_dir = temp.0.join("server");
         let config = ServerConfig::with_defaults(data_dir.clone());
@@ -221,7 +231,7 @@ impl Deployment {
                     None => this_executable()?,
                 };
                 let addr = free_local_port()?;
-                let args: Vec<OsString> = vec![
+                let mut args: Vec<OsString> = vec![
                     "server".into(),
                     "run".into(),
                     "--data-dir".into(),
@@ -231,6 +241,7 @@ impl Deployment {
                     "--trust-domain".into(),
                     td.to_string().into(),
                 ];
+                args.extend(server_args);
                 let child = ChildProcess::spawn(&exe, args, temp.0.join("server.log"), "server")?;
                 (ServerRun::Process(child), addr, Some(exe))
             }

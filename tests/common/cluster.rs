@@ -163,12 +163,36 @@ impl Cluster {
     /// Starts an agent named `tag` (socket `<tag>.sock`, data dir `<tag>-data`, log
     /// `<tag>.log`; the cluster's own agent is `agent`) with `token`, and waits for its socket.
     pub fn spawn_agent(&self, tag: &str, token: &str) -> Proc {
+        self.spawn_agent_with(tag, &["--join-token", token])
+    }
+
+    /// Starts an agent named `tag` (as [`Cluster::spawn_agent`]) that attests with
+    /// `attest_args` (e.g. `--attestor x509pop --x509pop-cert F --x509pop-key F`), and waits
+    /// for its socket.
+    pub fn spawn_agent_with(&self, tag: &str, attest_args: &[&str]) -> Proc {
+        let child = self
+            .agent_command(tag, attest_args)
+            .spawn()
+            .expect("spawn mayfly agent run");
+        wait_for_path(
+            &self.path(&format!("{tag}.sock")),
+            Duration::from_secs(30),
+            "the agent's socket",
+        );
+        Proc(child)
+    }
+
+    /// The `mayfly agent run` command of an agent named `tag` attesting with `attest_args`,
+    /// its old socket removed, not started.
+    pub fn agent_command(&self, tag: &str, attest_args: &[&str]) -> Command {
         let socket = self.path(&format!("{tag}.sock"));
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["agent", "run", "--server"])
             .arg(format!("127.0.0.1:{}", self.port))
-            .args(["--join-token", token, "--trust-bundle"])
+            .args(attest_args)
+            .arg("--trust-bundle")
             .arg(self.path("bundle.pem"))
             .arg("--socket")
             .arg(&socket)
@@ -177,11 +201,8 @@ impl Cluster {
             .current_dir(self.dir.path())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log_file(&self.path(&format!("{tag}.log"))))
-            .spawn()
-            .expect("spawn mayfly agent run");
-        wait_for_path(&socket, Duration::from_secs(30), "the agent's socket");
-        Proc(child)
+            .stderr(log_file(&self.path(&format!("{tag}.log"))));
+        command
     }
 
     /// The agent's log so far.

@@ -567,3 +567,5 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
 pub mod cluster;
 // Several servers, one PostgreSQL (issue 10).
 pub mod ha;
+// Node PKI made with the openssl command line (issue 12).
+pub mod openssl_pki;
