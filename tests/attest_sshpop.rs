@@ -10,8 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::attest_stream::attest_by_hand;
 use common::cluster::{BIN, Cluster, Proc, wait_for_path};
+use common::{Engine, TestServer};
+use mayfly::server::node_attestors::{NodeAttestors, NodeAttestorsSettings, SshPopSettings};
+use mayfly_attestors::NodeEvidence;
+use mayfly_attestors::sshpop::{self, SshPopEvidence};
 use tempfile::TempDir;
+use tonic::Code;
 
 const GROUP: &str = "spiffe://mayfly.local/nodes/web";
 
@@ -354,4 +360,98 @@ fn an_evicted_sshpop_agent_attests_again_by_itself_and_a_banned_one_stays_banned
     cluster.ok(&["agent", "ban", &agent_id]);
     let said = refused_agent(&cluster, "banned", &cert, &ssh.path("host"));
     assert!(said.contains("banned"), "{said}");
+}
+
+/// The node API on its socket, with the server trusting the CA `ssh.path("ca.pub")`.
+async fn node_api_trusting(ssh: &Ssh) -> TestServer {
+    let ca = ssh.path("ca.pub");
+    TestServer::start_with(Engine::Sqlite, move |config| {
+        let settings = NodeAttestorsSettings {
+            sshpop: Some(SshPopSettings {
+                cert_authorities: vec![ca],
+            }),
+            ..Default::default()
+        };
+        config.node_attestors = NodeAttestors::from_settings(&settings).unwrap();
+    })
+    .await
+    .expect("SQLite")
+}
+
+#[tokio::test]
+async fn a_challenge_response_counts_once_for_its_own_nonce_certificate_and_key() {
+    let ssh = Ssh::new();
+    ssh.key("ca");
+    ssh.key("host");
+    ssh.key("db");
+    let web = SshPopEvidence::new(ssh.certify("ca", "host", "web", &HOST), ssh.path("host"));
+    let db = SshPopEvidence::new(ssh.certify("ca", "db", "db1", &HOST), ssh.path("db"));
+    let server = node_api_trusting(&ssh).await;
+    let server = &server;
+
+    // Positive control, keeping the response.
+    let mut kept = Vec::new();
+    let answer = attest_by_hand(server, sshpop::NAME, web.evidence().unwrap(), |nonce| {
+        kept = web.answer(&nonce).unwrap();
+        kept.clone()
+    })
+    .await
+    .expect("sshpop attests");
+    assert!(
+        answer
+            .node_selectors
+            .contains(&"sshpop:principal:web-1".to_owned())
+    );
+
+    // Replayed on a later stream (a new nonce).
+    let replayed = attest_by_hand(server, sshpop::NAME, web.evidence().unwrap(), |_| {
+        kept.clone()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(replayed.code(), Code::PermissionDenied, "{replayed:?}");
+    assert!(
+        replayed.message().contains("not a signature"),
+        "{replayed:?}"
+    );
+    // A signature over another nonce; db's answer for web's certificate.
+    let other_nonce = attest_by_hand(
+        server,
+        sshpop::NAME,
+        web.evidence().unwrap(),
+        |mut nonce| {
+            nonce[0] ^= 1;
+            web.answer(&nonce).unwrap()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        other_nonce.code(),
+        Code::PermissionDenied,
+        "{other_nonce:?}"
+    );
+    let other_key = attest_by_hand(server, sshpop::NAME, web.evidence().unwrap(), |nonce| {
+        db.answer(&nonce).unwrap()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(other_key.code(), Code::PermissionDenied, "{other_key:?}");
+    attest_by_hand(server, sshpop::NAME, db.evidence().unwrap(), |nonce| {
+        db.answer(&nonce).unwrap()
+    })
+    .await
+    .expect("db attests with its own answer");
+
+    // 1 MiB of evidence never reaches the attestor; garbage is refused as malformed.
+    let huge = attest_by_hand(server, sshpop::NAME, vec![0; 1 << 20], |_| Vec::new())
+        .await
+        .unwrap_err();
+    assert_ne!(huge.code(), Code::Ok);
+    let garbage = attest_by_hand(server, sshpop::NAME, b"not a certificate".to_vec(), |_| {
+        Vec::new()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
 }
