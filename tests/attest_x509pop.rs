@@ -139,7 +139,10 @@ fn a_node_proves_its_certificate_joins_its_group_and_attests_again_by_itself() {
     cluster.ok(&["agent", "evict", &agent_id]);
     wait_log(&cluster, "agent", |log| log.contains("attested again"));
     let detail = agent_detail(&cluster, &agent_id);
-    assert!(!detail["agent"]["banned"].as_bool().unwrap_or(false));
+    assert!(
+        !detail["agent"]["banned"].as_bool().unwrap_or(false),
+        "{detail}"
+    );
     let out = cluster.ok_eventually(&["svid", "fetch", "--output", "json"]);
     assert!(out.contains(&format!("{TD}/billing")), "{out}");
 

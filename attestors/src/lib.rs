@@ -13,6 +13,7 @@
 //! along the way means refusing the workload.
 #![forbid(unsafe_code)]
 
+pub mod aws_iid;
 pub mod join_token;
 pub mod node;
 pub mod selector;

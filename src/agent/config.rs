@@ -56,10 +56,10 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token, x509pop or sshpop [default: join_token when
-        /// --join-token is given, x509pop when --x509pop-cert is, sshpop when --sshpop-cert
-        /// is]. Agents of attestors other than join_token attest again by themselves after an
-        /// eviction or an expired SVID.
+        /// The node attestor: join_token, x509pop, sshpop or aws_iid [default: join_token
+        /// when --join-token is given, x509pop when --x509pop-cert is, sshpop when
+        /// --sshpop-cert is, aws_iid when --aws-iid-document is]. Agents of attestors other
+        /// than join_token attest again by themselves after an eviction or an expired SVID.
         #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
         pub attestor: Option<String>,
         /// x509pop: the node certificate issued by the operator's CA, PEM, leaf first
@@ -76,6 +76,17 @@ crate::settings_layer! {
         /// sshpop: the host key the certificate certifies (OpenSSH format, unencrypted).
         #[arg(long, env = "MAYFLY_AGENT_SSHPOP_KEY")]
         pub sshpop_key: Option<PathBuf>,
+        /// aws_iid: the instance identity document, byte for byte as the metadata service
+        /// serves it (for offline use; without it, the agent reads it through IMDSv2).
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_DOCUMENT")]
+        pub aws_iid_document: Option<PathBuf>,
+        /// aws_iid: AWS's base64 signature of the document
+        /// (/latest/dynamic/instance-identity/signature).
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_SIGNATURE")]
+        pub aws_iid_signature: Option<PathBuf>,
+        /// aws_iid: the instance metadata service [default: http://169.254.169.254].
+        #[arg(long, env = "MAYFLY_AGENT_AWS_IID_IMDS_URL")]
+        pub aws_iid_imds_url: Option<String>,
         /// The server's trust bundle, PEM (the output of `mayfly bundle show`).
         #[arg(long, env = "MAYFLY_AGENT_TRUST_BUNDLE")]
         pub trust_bundle: Option<PathBuf>,
@@ -134,6 +145,9 @@ impl AgentSettings {
             x509pop_key: self.x509pop_key,
             sshpop_cert: self.sshpop_cert,
             sshpop_key: self.sshpop_key,
+            aws_iid_document: self.aws_iid_document,
+            aws_iid_signature: self.aws_iid_signature,
+            aws_iid_imds_url: self.aws_iid_imds_url,
         }
         .resolve()?;
         config.join_token = self.join_token;

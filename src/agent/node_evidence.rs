@@ -6,18 +6,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mayfly_attestors::NodeEvidence;
+use mayfly_attestors::aws_iid::{self, AwsIidEvidence};
 use mayfly_attestors::join_token::{self, JoinTokenEvidence};
 use mayfly_attestors::sshpop::{self, SshPopEvidence};
 use mayfly_attestors::x509pop::{self, X509PopEvidence};
 
 /// The attestors an agent can attest with.
-pub const ATTESTORS: &[&str] = &[join_token::NAME, x509pop::NAME, sshpop::NAME];
+pub const ATTESTORS: &[&str] = &[join_token::NAME, x509pop::NAME, sshpop::NAME, aws_iid::NAME];
 
 /// Why the agent's attestor settings were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeEvidenceError {
     /// `--attestor` names no attestor this agent knows.
-    #[error("--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, sshpop")]
+    #[error(
+        "--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, sshpop, aws_iid"
+    )]
     Unknown(String),
     /// The attestor chosen needs a flag that was not given.
     #[error("--attestor {attestor} needs {flag}")]
@@ -27,6 +30,9 @@ pub enum NodeEvidenceError {
         /// The flag it needs.
         flag: &'static str,
     },
+    /// The metadata service URL is not `http://host[:port]`.
+    #[error("--aws-iid-imds-url: {0}")]
+    ImdsUrl(String),
 }
 
 /// The attestor settings of `mayfly agent run`, as given.
@@ -44,6 +50,12 @@ pub struct EvidenceSettings {
     pub sshpop_cert: Option<PathBuf>,
     /// `--sshpop-key`.
     pub sshpop_key: Option<PathBuf>,
+    /// `--aws-iid-document`.
+    pub aws_iid_document: Option<PathBuf>,
+    /// `--aws-iid-signature`.
+    pub aws_iid_signature: Option<PathBuf>,
+    /// `--aws-iid-imds-url`.
+    pub aws_iid_imds_url: Option<String>,
 }
 
 impl EvidenceSettings {
@@ -59,6 +71,7 @@ impl EvidenceSettings {
             None if self.join_token.is_some() => join_token::NAME,
             None if self.x509pop_cert.is_some() => x509pop::NAME,
             None if self.sshpop_cert.is_some() => sshpop::NAME,
+            None if self.aws_iid_document.is_some() => aws_iid::NAME,
             None => return Ok(None),
         };
         let evidence: Arc<dyn NodeEvidence> = match name {
@@ -94,6 +107,11 @@ impl EvidenceSettings {
                     ))?,
                 ))
             }
+            n if n == aws_iid::NAME => aws_iid_evidence(
+                self.aws_iid_document,
+                self.aws_iid_signature,
+                self.aws_iid_imds_url,
+            )?,
             other => {
                 return Err(NodeEvidenceError::Unknown(
                     crate::text::escape_bounded(other, 64).into_owned(),
@@ -102,6 +120,40 @@ impl EvidenceSettings {
         };
         Ok(Some(evidence))
     }
+}
+
+/// aws_iid's evidence: from the two files when given (both are needed), else from the
+/// metadata service through IMDSv2.
+fn aws_iid_evidence(
+    document: Option<PathBuf>,
+    signature: Option<PathBuf>,
+    imds_url: Option<String>,
+) -> Result<Arc<dyn NodeEvidence>, NodeEvidenceError> {
+    let missing = |flag| NodeEvidenceError::Missing {
+        attestor: aws_iid::NAME,
+        flag,
+    };
+    Ok(match (document, signature) {
+        (Some(document), Some(signature)) => {
+            Arc::new(AwsIidEvidence::from_files(document, signature))
+        }
+        (Some(_), None) => {
+            return Err(missing(
+                "--aws-iid-signature beside --aws-iid-document (AWS's base64 signature)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(missing(
+                "--aws-iid-document beside --aws-iid-signature (the instance identity document)",
+            ));
+        }
+        (None, None) => {
+            let url = imds_url.as_deref().unwrap_or(aws_iid::DEFAULT_IMDS_URL);
+            Arc::new(
+                AwsIidEvidence::imds(url).map_err(|e| NodeEvidenceError::ImdsUrl(e.to_string()))?,
+            )
+        }
+    })
 }
 
 #[cfg(test)]
@@ -170,5 +222,40 @@ mod tests {
             named.resolve(),
             Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--sshpop-cert")
         ));
+    }
+
+    #[test]
+    fn aws_iid_takes_both_files_or_the_metadata_service() {
+        let files = EvidenceSettings {
+            aws_iid_document: Some("doc".into()),
+            aws_iid_signature: Some("sig".into()),
+            ..Default::default()
+        };
+        let evidence = files.clone().resolve().unwrap().unwrap();
+        assert_eq!(evidence.name(), "aws_iid");
+        assert!(evidence.can_reattest());
+        let no_signature = EvidenceSettings {
+            aws_iid_signature: None,
+            ..files
+        };
+        assert!(matches!(
+            no_signature.resolve(),
+            Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--aws-iid-signature")
+        ));
+        let imds = EvidenceSettings {
+            attestor: Some("aws_iid".into()),
+            ..Default::default()
+        };
+        assert_eq!(imds.resolve().unwrap().unwrap().name(), "aws_iid");
+        let bad_url = EvidenceSettings {
+            attestor: Some("aws_iid".into()),
+            aws_iid_imds_url: Some("https://169.254.169.254".into()),
+            ..Default::default()
+        };
+        let err = bad_url.resolve().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--aws-iid-imds-url: ") && err.contains("http://HOST[:PORT]"),
+            "{err}"
+        );
     }
 }

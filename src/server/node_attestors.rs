@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mayfly_attestors::NodeAttestor;
+use mayfly_attestors::aws_iid::{self, AwsIidAttestor, AwsIidConfigError};
 use mayfly_attestors::join_token::JoinTokenAttestor;
 use mayfly_attestors::sshpop::{self, SshPopAttestor, SshPopConfigError};
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
@@ -44,6 +45,12 @@ pub enum NodeAttestorsError {
         #[source]
         source: SshPopConfigError,
     },
+    /// The aws_iid certificates or maximum age are not usable.
+    #[error("node_attestors.aws_iid: {0}")]
+    AwsIid(#[source] AwsIidConfigError),
+    /// The aws_iid maximum document age is not a duration.
+    #[error("node_attestors.aws_iid.max_document_age: {0}")]
+    AwsIidAge(#[source] crate::duration::DurationError),
 }
 
 /// The `[node_attestors]` table of the server's TOML file.
@@ -54,6 +61,9 @@ pub struct NodeAttestorsSettings {
     pub x509pop: Option<X509PopSettings>,
     /// `[node_attestors.sshpop]`.
     pub sshpop: Option<SshPopSettings>,
+    /// `[node_attestors.aws_iid]` (boxed: the server's settings are held in the CLI's command
+    /// enum, which clippy keeps small).
+    pub aws_iid: Option<Box<AwsIidSettings>>,
 }
 
 /// `[node_attestors.x509pop]`: nodes prove a certificate issued by the operator's CA.
@@ -72,6 +82,19 @@ pub struct SshPopSettings {
     /// Files of OpenSSH CA public key lines (`ssh_ca.pub`), any of which may sign host
     /// certificates.
     pub cert_authorities: Vec<PathBuf>,
+}
+
+/// `[node_attestors.aws_iid]`: EC2 instances prove their instance identity document, signed
+/// by AWS.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsIidSettings {
+    /// PEM files of AWS's RSA certificates (the ones for the base64 `signature`), one per
+    /// region the instances run in, or several in one file.
+    pub certificates: Vec<PathBuf>,
+    /// The oldest `pendingTime` accepted, e.g. `"5m"`: instances attest within this time of
+    /// their launch (or start).
+    pub max_document_age: String,
 }
 
 /// The node attestors a server accepts, by name.
@@ -125,6 +148,17 @@ impl NodeAttestors {
                 .map_err(|source| NodeAttestorsError::SshPop { source })?;
             attestors.add(Arc::new(attestor));
         }
+        if let Some(aws) = &settings.aws_iid {
+            let mut certificates = Vec::new();
+            for path in &aws.certificates {
+                certificates.extend(read_certs(aws_iid::NAME, path)?);
+            }
+            let age = crate::duration::parse(&aws.max_document_age)
+                .map_err(NodeAttestorsError::AwsIidAge)?;
+            let attestor =
+                AwsIidAttestor::new(certificates, age).map_err(NodeAttestorsError::AwsIid)?;
+            attestors.add(Arc::new(attestor));
+        }
         Ok(attestors)
     }
 
@@ -174,6 +208,42 @@ mod tests {
         }
     }
 
+    /// An RSA certificate made by `openssl req`, as PEM in `dir`.
+    fn rsa_cert(dir: &Path) -> PathBuf {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test AWS",
+            ])
+            .args([
+                "-newkey", "rsa:2048", "-keyout", "key.pem", "-out", "cert.pem",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("cert.pem")
+    }
+
+    fn aws(certificates: Vec<PathBuf>, age: &str) -> NodeAttestorsSettings {
+        NodeAttestorsSettings {
+            aws_iid: Some(Box::new(AwsIidSettings {
+                certificates,
+                max_document_age: age.into(),
+            })),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn sshpop_ca_files_are_read_at_start_and_bad_ones_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -205,5 +275,41 @@ mod tests {
         );
         let err = NodeAttestors::from_settings(&sshpop(vec![])).unwrap_err();
         assert!(err.to_string().contains("at least one SSH CA"), "{err}");
+    }
+
+    #[test]
+    fn aws_iid_settings_are_read_at_start_and_refused_in_one_sentence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rsa_cert(dir.path());
+        let accepted = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5m")).unwrap();
+        assert!(accepted.get("aws_iid").is_some());
+        assert_eq!(accepted.names(), "aws_iid, join_token");
+        assert!(NodeAttestors::default().get("aws_iid").is_none());
+
+        let age = NodeAttestors::from_settings(&aws(vec![cert.clone()], "5 minutes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            age.starts_with(
+                "node_attestors.aws_iid.max_document_age: '5 minutes' is not a duration"
+            ),
+            "{age}"
+        );
+        let none = NodeAttestors::from_settings(&aws(vec![], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("has no AWS certificate"), "{none}");
+        let missing = NodeAttestors::from_settings(&aws(vec![dir.path().join("nope.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("node_attestors.aws_iid: cannot read")
+                && missing.contains("nope.pem"),
+            "{missing}"
+        );
+        let key_only = NodeAttestors::from_settings(&aws(vec![dir.path().join("key.pem")], "5m"))
+            .unwrap_err()
+            .to_string();
+        assert!(key_only.contains("no PEM certificate"), "{key_only}");
     }
 }
