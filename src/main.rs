@@ -85,7 +85,7 @@ enum Command {
 #[derive(Subcommand)]
 enum ServerCommand {
     /// Run the server on the embedded defaults, a config file, the environment, or flags.
-    Run(ServerRunArgs),
+    Run(Box<ServerRunArgs>),
 }
 
 #[derive(Subcommand)]
@@ -281,7 +281,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let out = Printer::new(cli.output);
     match cli.command {
-        Command::Server(ServerCommand::Run(args)) => cli::run::server(args).await,
+        Command::Server(ServerCommand::Run(args)) => cli::run::server(*args).await,
         Command::Agent(AgentCommand::Run(args)) => cli::run::agent(*args).await,
         Command::Proxy(args) => cli::run::proxy(args).await,
         Command::Svid(cmd) => cli::workload::svid(cmd, out).await,

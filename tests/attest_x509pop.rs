@@ -10,10 +10,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::attest_stream::attest_by_hand;
 use common::cluster::Cluster;
 use common::openssl_pki::{self, CertFiles};
 use common::{Engine, TestServer};
-use mayfly::proto::node::{self as pb, attest_agent_request, attest_agent_response};
 use mayfly_attestors::x509pop::X509PopEvidence;
 use mayfly_attestors::{NodeEvidence, x509pop};
 use tonic::Code;
@@ -237,49 +237,6 @@ async fn server_trusting(ca: &CertFiles) -> TestServer {
     .expect("SQLite")
 }
 
-/// One attestation stream driven by hand: the parameters, then `respond` to the challenge
-/// with what the server sent; the server's final answer.
-async fn attest_by_hand(
-    server: &TestServer,
-    evidence: Vec<u8>,
-    respond: impl FnOnce(Vec<u8>) -> Vec<u8>,
-) -> Result<pb::AttestResponse, tonic::Status> {
-    let source = mayfly::mtls::SvidSource::trust_only(server.bundles().await).unwrap();
-    let mut node = mayfly::client::connect_node(server.node_addr(), &source, &server.server_id())
-        .await
-        .unwrap();
-    let csr = mayfly::svid::KeyAndCsr::generate().unwrap().csr;
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tx.send(pb::AttestAgentRequest {
-        step: Some(attest_agent_request::Step::Params(pb::AttestRequest {
-            attestor: x509pop::NAME.into(),
-            evidence,
-            csr,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut answers = node
-        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let mut respond = Some(respond);
-    loop {
-        match answers.message().await?.and_then(|m| m.step) {
-            Some(attest_agent_response::Step::Challenge(nonce)) => {
-                let response = respond.take().expect("one challenge")(nonce);
-                tx.send(pb::AttestAgentRequest {
-                    step: Some(attest_agent_request::Step::ChallengeResponse(response)),
-                })
-                .await
-                .unwrap();
-            }
-            Some(attest_agent_response::Step::Result(result)) => return Ok(result),
-            None => panic!("the stream ended without a result"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
     let pki = tempfile::tempdir().unwrap();
@@ -306,7 +263,7 @@ async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
 
     // The same by hand, keeping the response; it is refused on a later stream (a new nonce).
     let mut kept = Vec::new();
-    let answer = attest_by_hand(&server, one.evidence().unwrap(), |nonce| {
+    let answer = attest_by_hand(&server, x509pop::NAME, one.evidence().unwrap(), |nonce| {
         kept = one.answer(&nonce).unwrap();
         kept.clone()
     })
@@ -317,9 +274,11 @@ async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
             .node_selectors
             .contains(&"x509pop:subject:cn:web-1".to_owned())
     );
-    let replayed = attest_by_hand(&server, one.evidence().unwrap(), |_| kept.clone())
-        .await
-        .unwrap_err();
+    let replayed = attest_by_hand(&server, x509pop::NAME, one.evidence().unwrap(), |_| {
+        kept.clone()
+    })
+    .await
+    .unwrap_err();
     assert_eq!(replayed.code(), Code::PermissionDenied, "{replayed:?}");
     assert!(
         replayed.message().contains("not a signature"),
@@ -327,7 +286,7 @@ async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
     );
 
     // A signature over another nonce, and web-2's answer for web-1's certificate.
-    let other_nonce = attest_by_hand(&server, one.evidence().unwrap(), |nonce| {
+    let other_nonce = attest_by_hand(&server, x509pop::NAME, one.evidence().unwrap(), |nonce| {
         let mut other = nonce.clone();
         other[0] ^= 1;
         one.answer(&other).unwrap()
@@ -335,26 +294,31 @@ async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
     .await
     .unwrap_err();
     assert_eq!(other_nonce.code(), Code::PermissionDenied);
-    let other_key = attest_by_hand(&server, one.evidence().unwrap(), |nonce| {
+    let other_key = attest_by_hand(&server, x509pop::NAME, one.evidence().unwrap(), |nonce| {
         two.answer(&nonce).unwrap()
     })
     .await
     .unwrap_err();
     assert_eq!(other_key.code(), Code::PermissionDenied);
     // web-2's own answer still works: the refusals above were about the pairing.
-    attest_by_hand(&server, two.evidence().unwrap(), |nonce| {
+    attest_by_hand(&server, x509pop::NAME, two.evidence().unwrap(), |nonce| {
         two.answer(&nonce).unwrap()
     })
     .await
     .expect("web-2 attests");
 
     // 1 MiB of evidence never reaches the attestor, and garbage is refused as malformed.
-    let huge = attest_by_hand(&server, vec![0x30; 1 << 20], |_| Vec::new())
+    let huge = attest_by_hand(&server, x509pop::NAME, vec![0x30; 1 << 20], |_| Vec::new())
         .await
         .unwrap_err();
     assert_ne!(huge.code(), Code::Ok);
-    let garbage = attest_by_hand(&server, b"not a certificate".to_vec(), |_| Vec::new())
-        .await
-        .unwrap_err();
+    let garbage = attest_by_hand(
+        &server,
+        x509pop::NAME,
+        b"not a certificate".to_vec(),
+        |_| Vec::new(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
 }

@@ -18,6 +18,7 @@ pub mod join_token;
 pub mod k8s_psat;
 pub mod node;
 pub mod selector;
+pub mod sshpop;
 pub mod unix;
 pub mod workload;
 pub mod x509pop;

@@ -56,10 +56,10 @@ crate::settings_layer! {
         /// SVID).
         #[arg(long, env = "MAYFLY_JOIN_TOKEN", hide_env_values = true)]
         pub join_token: Option<String>,
-        /// The node attestor: join_token, x509pop, aws_iid or k8s_psat [default: join_token when
-        /// --join-token is given, x509pop when --x509pop-cert is, aws_iid when
-        /// --aws-iid-document is]. Agents of attestors other than join_token
-        /// attest again by themselves after an eviction or an expired SVID.
+        /// The node attestor: join_token, x509pop, sshpop, k8s_psat or aws_iid [default:
+        /// join_token when --join-token is given, x509pop when --x509pop-cert is, sshpop when
+        /// --sshpop-cert is, aws_iid when --aws-iid-document is]. Agents of attestors other
+        /// than join_token attest again by themselves after an eviction or an expired SVID.
         #[arg(long, env = "MAYFLY_AGENT_ATTESTOR")]
         pub attestor: Option<String>,
         /// x509pop: the node certificate issued by the operator's CA, PEM, leaf first
@@ -69,6 +69,13 @@ crate::settings_layer! {
         /// x509pop: the node certificate's private key, PEM.
         #[arg(long, env = "MAYFLY_AGENT_X509POP_KEY")]
         pub x509pop_key: Option<PathBuf>,
+        /// sshpop: the host certificate signed by the operator's SSH CA (`ssh-keygen -s CA
+        /// -h`), e.g. /etc/ssh/ssh_host_ed25519_key-cert.pub.
+        #[arg(long, env = "MAYFLY_AGENT_SSHPOP_CERT")]
+        pub sshpop_cert: Option<PathBuf>,
+        /// sshpop: the host key the certificate certifies (OpenSSH format, unencrypted).
+        #[arg(long, env = "MAYFLY_AGENT_SSHPOP_KEY")]
+        pub sshpop_key: Option<PathBuf>,
         /// aws_iid: the instance identity document, byte for byte as the metadata service
         /// serves it (for offline use; without it, the agent reads it through IMDSv2).
         #[arg(long, env = "MAYFLY_AGENT_AWS_IID_DOCUMENT")]
@@ -144,6 +151,8 @@ impl AgentSettings {
             join_token: self.join_token.clone(),
             x509pop_cert: self.x509pop_cert,
             x509pop_key: self.x509pop_key,
+            sshpop_cert: self.sshpop_cert,
+            sshpop_key: self.sshpop_key,
             aws_iid_document: self.aws_iid_document,
             aws_iid_signature: self.aws_iid_signature,
             aws_iid_imds_url: self.aws_iid_imds_url,

@@ -9,12 +9,14 @@ use mayfly_attestors::NodeEvidence;
 use mayfly_attestors::aws_iid::{self, AwsIidEvidence};
 use mayfly_attestors::join_token::{self, JoinTokenEvidence};
 use mayfly_attestors::k8s_psat::{self, K8sPsatEvidence};
+use mayfly_attestors::sshpop::{self, SshPopEvidence};
 use mayfly_attestors::x509pop::{self, X509PopEvidence};
 
 /// The attestors an agent can attest with.
 pub const ATTESTORS: &[&str] = &[
     join_token::NAME,
     x509pop::NAME,
+    sshpop::NAME,
     aws_iid::NAME,
     k8s_psat::NAME,
 ];
@@ -24,7 +26,7 @@ pub const ATTESTORS: &[&str] = &[
 pub enum NodeEvidenceError {
     /// `--attestor` names no attestor this agent knows.
     #[error(
-        "--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, aws_iid, k8s_psat"
+        "--attestor {0}: unknown node attestor; this agent knows: join_token, x509pop, sshpop, aws_iid, k8s_psat"
     )]
     Unknown(String),
     /// The attestor chosen needs a flag that was not given.
@@ -51,6 +53,10 @@ pub struct EvidenceSettings {
     pub x509pop_cert: Option<PathBuf>,
     /// `--x509pop-key`.
     pub x509pop_key: Option<PathBuf>,
+    /// `--sshpop-cert`.
+    pub sshpop_cert: Option<PathBuf>,
+    /// `--sshpop-key`.
+    pub sshpop_key: Option<PathBuf>,
     /// `--aws-iid-document`.
     pub aws_iid_document: Option<PathBuf>,
     /// `--aws-iid-signature`.
@@ -65,7 +71,8 @@ pub struct EvidenceSettings {
 
 impl EvidenceSettings {
     /// The evidence the agent attests with. Without `--attestor`, a join token if given, else
-    /// x509pop if its certificate is given, else none (a stored identity may still do).
+    /// x509pop or sshpop if its certificate is given, else none (a stored identity may still
+    /// do).
     ///
     /// # Errors
     /// [`NodeEvidenceError`] for an unknown attestor or a missing flag.
@@ -74,6 +81,7 @@ impl EvidenceSettings {
             Some(name) => name,
             None if self.join_token.is_some() => join_token::NAME,
             None if self.x509pop_cert.is_some() => x509pop::NAME,
+            None if self.sshpop_cert.is_some() => sshpop::NAME,
             None if self.aws_iid_document.is_some() => aws_iid::NAME,
             None => return Ok(None),
         };
@@ -94,6 +102,20 @@ impl EvidenceSettings {
                         .ok_or(missing("--x509pop-cert (the node certificate, PEM)"))?,
                     self.x509pop_key
                         .ok_or(missing("--x509pop-key (its private key, PEM)"))?,
+                ))
+            }
+            n if n == sshpop::NAME => {
+                let missing = |flag| NodeEvidenceError::Missing {
+                    attestor: sshpop::NAME,
+                    flag,
+                };
+                Arc::new(SshPopEvidence::new(
+                    self.sshpop_cert.ok_or(missing(
+                        "--sshpop-cert (the host certificate, e.g. /etc/ssh/ssh_host_ed25519_key-cert.pub)",
+                    ))?,
+                    self.sshpop_key.ok_or(missing(
+                        "--sshpop-key (the host key, e.g. /etc/ssh/ssh_host_ed25519_key)",
+                    ))?,
                 ))
             }
             n if n == aws_iid::NAME => aws_iid_evidence(
@@ -214,6 +236,34 @@ mod tests {
             err.contains("unknown node attestor") && !err.contains('\u{1b}'),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_sshpop_certificate_chooses_sshpop_and_needs_its_key() {
+        let ssh = EvidenceSettings {
+            sshpop_cert: Some("host-cert.pub".into()),
+            sshpop_key: Some("host".into()),
+            ..Default::default()
+        };
+        let evidence = ssh.clone().resolve().unwrap().unwrap();
+        assert_eq!(evidence.name(), "sshpop");
+        assert!(evidence.can_reattest());
+        let no_key = EvidenceSettings {
+            sshpop_key: None,
+            ..ssh
+        };
+        assert!(matches!(
+            no_key.resolve(),
+            Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--sshpop-key")
+        ));
+        let named = EvidenceSettings {
+            attestor: Some("sshpop".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            named.resolve(),
+            Err(NodeEvidenceError::Missing { flag, .. }) if flag.starts_with("--sshpop-cert")
+        ));
     }
 
     #[test]

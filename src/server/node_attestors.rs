@@ -11,6 +11,7 @@ use mayfly_attestors::NodeAttestor;
 use mayfly_attestors::aws_iid::{self, AwsIidAttestor, AwsIidConfigError};
 use mayfly_attestors::join_token::JoinTokenAttestor;
 use mayfly_attestors::k8s_psat::K8sPsatAttestor;
+use mayfly_attestors::sshpop::{self, SshPopAttestor, SshPopConfigError};
 use mayfly_attestors::x509pop::{self, X509PopVerifier};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -40,6 +41,13 @@ pub enum NodeAttestorsError {
         /// Why it was refused.
         source: x509pop::X509PopError,
     },
+    /// The sshpop CA keys are not usable.
+    #[error("node_attestors.sshpop.cert_authorities: {source}")]
+    SshPop {
+        /// Why they were refused (naming the entry and line at fault).
+        #[source]
+        source: SshPopConfigError,
+    },
     /// The aws_iid certificates or maximum age are not usable.
     #[error("node_attestors.aws_iid: {0}")]
     AwsIid(#[source] AwsIidConfigError),
@@ -57,6 +65,8 @@ pub enum NodeAttestorsError {
 pub struct NodeAttestorsSettings {
     /// `[node_attestors.x509pop]`.
     pub x509pop: Option<X509PopSettings>,
+    /// `[node_attestors.sshpop]`.
+    pub sshpop: Option<SshPopSettings>,
     /// `[node_attestors.aws_iid]` (boxed: the server's settings are held in the CLI's command
     /// enum, which clippy keeps small).
     pub aws_iid: Option<Box<AwsIidSettings>>,
@@ -70,6 +80,16 @@ pub struct NodeAttestorsSettings {
 pub struct X509PopSettings {
     /// The PEM CA certificates node certificates must chain to.
     pub ca_bundle: PathBuf,
+}
+
+/// `[node_attestors.sshpop]`: nodes prove an OpenSSH host certificate signed by the operator's
+/// SSH CA.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshPopSettings {
+    /// Files of OpenSSH CA public key lines (`ssh_ca.pub`), any of which may sign host
+    /// certificates.
+    pub cert_authorities: Vec<PathBuf>,
 }
 
 /// `[node_attestors.aws_iid]`: EC2 instances prove their instance identity document, signed
@@ -126,6 +146,20 @@ impl NodeAttestors {
                     source,
                 })?;
             attestors.add(Arc::new(verifier));
+        }
+        if let Some(settings) = &settings.sshpop {
+            let mut keys = Vec::with_capacity(settings.cert_authorities.len());
+            for path in &settings.cert_authorities {
+                let text = std::fs::read_to_string(path).map_err(|e| NodeAttestorsError::Read {
+                    attestor: sshpop::NAME,
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                keys.push(text);
+            }
+            let attestor = SshPopAttestor::new(&keys)
+                .map_err(|source| NodeAttestorsError::SshPop { source })?;
+            attestors.add(Arc::new(attestor));
         }
         if let Some(aws) = &settings.aws_iid {
             let mut certificates = Vec::new();
@@ -193,6 +227,16 @@ fn read_certs(attestor: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, NodeA
 mod tests {
     use super::*;
 
+    /// Settings naming the sshpop CA files `paths`.
+    fn sshpop(paths: Vec<PathBuf>) -> NodeAttestorsSettings {
+        NodeAttestorsSettings {
+            sshpop: Some(SshPopSettings {
+                cert_authorities: paths,
+            }),
+            ..Default::default()
+        }
+    }
+
     /// An RSA certificate made by `openssl req`, as PEM in `dir`.
     fn rsa_cert(dir: &Path) -> PathBuf {
         let out = std::process::Command::new("openssl")
@@ -227,6 +271,39 @@ mod tests {
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn sshpop_ca_files_are_read_at_start_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ssh_ca.pub");
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.path().join("ssh_ca"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let attestors = NodeAttestors::from_settings(&sshpop(vec![ca.clone()])).unwrap();
+        assert!(attestors.get("sshpop").is_some());
+        assert_eq!(attestors.names(), "join_token, sshpop");
+
+        let missing = dir.path().join("missing.pub");
+        let err = NodeAttestors::from_settings(&sshpop(vec![ca.clone(), missing])).unwrap_err();
+        assert!(
+            matches!(&err, NodeAttestorsError::Read { attestor: "sshpop", path, .. } if path.ends_with("missing.pub")),
+            "{err}"
+        );
+        let junk = dir.path().join("junk.pub");
+        std::fs::write(&junk, "not a key\n").unwrap();
+        let err = NodeAttestors::from_settings(&sshpop(vec![ca, junk])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("node_attestors.sshpop.cert_authorities: ")
+                && text.contains("entry 2, line 1"),
+            "{text}"
+        );
+        let err = NodeAttestors::from_settings(&sshpop(vec![])).unwrap_err();
+        assert!(err.to_string().contains("at least one SSH CA"), "{err}");
     }
 
     #[test]

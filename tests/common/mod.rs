@@ -564,6 +564,8 @@ pub async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+// The attestation stream driven by hand (issue 12).
+pub mod attest_stream;
 pub mod cluster;
 // Several servers, one PostgreSQL (issue 10).
 pub mod ha;
