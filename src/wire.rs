@@ -224,6 +224,7 @@ mod tests {
                 "invalid",
                 "token-refused",
                 "rate-limited",
+                "evidence-refused",
             ]
         );
     }

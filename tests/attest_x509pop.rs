@@ -322,3 +322,37 @@ async fn a_challenge_response_counts_once_for_its_own_nonce_and_certificate() {
     .unwrap_err();
     assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
 }
+
+#[test]
+fn an_agent_whose_svid_expired_while_it_was_down_attests_again_by_itself() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = openssl_pki::ca(pki.path(), "node-ca");
+    let web1 = openssl_pki::node(pki.path(), &ca, "web-1", "web-1");
+    let ca_arg = ca.cert.display().to_string();
+    let cluster = Cluster::start_with(&[
+        "--x509pop-ca-bundle",
+        &ca_arg,
+        "--agent-ttl",
+        "5s",
+        "--ca-ttl",
+        "3m",
+    ]);
+    let args = x509pop_args(&web1);
+    let mut agent = cluster.spawn_agent_with("agent", &strs(&args));
+    let agent_id = format!("{TD}/mayfly/agent/x509pop/{}", web1.sha1());
+    let first = agent_detail(&cluster, &agent_id);
+    // Killed, so it renews nothing; its stored SVID expires while it is down.
+    agent.kill();
+    std::thread::sleep(Duration::from_secs(8));
+    let mut agent = cluster.spawn_agent_with("agent", &strs(&args));
+    let log = wait_log(&cluster, "agent", |log| {
+        log.contains("has expired; attesting again")
+    });
+    assert!(!log.contains("join token"), "{log}");
+    let again = agent_detail(&cluster, &agent_id);
+    assert_ne!(
+        first["agent"]["current_serial"], again["agent"]["current_serial"],
+        "a new agent SVID: {again}"
+    );
+    agent.stop();
+}
