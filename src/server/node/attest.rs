@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mayfly_attestors::{AttestError, Begun, MAX_EVIDENCE, NodeAttestor, NodeClaim, ProvenNode};
+use mayfly_attestors::{AttestError, Begun, MAX_EVIDENCE, NodeAttestor, NodeClaim};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -139,12 +139,24 @@ impl NodeService {
         event: &mut AuditEvent,
     ) -> Result<Admitted, NodeError> {
         let now = SystemTime::now();
-        let (node_id, proven) = match claim {
-            NodeClaim::SingleUseSecret {
-                secret_hash,
-                node_id,
-            } => {
-                event.agent_id = Some(self.state.policy.agent_id(attestor, &node_id)?.to_string());
+        // The agent ID first, once, so a refusal below is audited under it and nothing is
+        // spent on a claim whose node ID is no SPIFFE ID path.
+        let node_id = match &claim {
+            NodeClaim::SingleUseSecret { node_id, .. } => node_id,
+            NodeClaim::Proven(node) => &node.node_id,
+        };
+        if !mayfly_attestors::node::is_valid_node_id(node_id) {
+            return Err(Refusal::EvidenceRefused(format!(
+                "the {attestor} attestor named a node ID that is no SPIFFE ID path; report this"
+            ))
+            .into());
+        }
+        let agent_id = self.state.policy.agent_id(attestor, node_id)?;
+        event.agent_id = Some(agent_id.to_string());
+        // Then what the evidence spends: a join token is consumed, a bearer token is
+        // remembered until it expires.
+        let selectors = match claim {
+            NodeClaim::SingleUseSecret { secret_hash, .. } => {
                 if self
                     .state
                     .store
@@ -154,36 +166,26 @@ impl NodeService {
                 {
                     return Err(Refusal::TokenRefused.into());
                 }
-                (node_id, None)
+                Vec::new()
             }
-            NodeClaim::Proven(node) => (node.node_id.clone(), Some(node)),
+            NodeClaim::Proven(node) => {
+                if let Some(once) = &node.single_use
+                    && !self
+                        .state
+                        .store
+                        .claim_single_use(&once.key, unix_secs(once.until), unix_secs(now))
+                        .await?
+                {
+                    return Err(Refusal::EvidenceRefused(format!(
+                        "this {attestor} evidence was already used to attest; present a fresh one"
+                    ))
+                    .into());
+                }
+                node.selectors
+            }
         };
-        if !mayfly_attestors::node::is_valid_node_id(&node_id) {
-            return Err(Refusal::EvidenceRefused(format!(
-                "the {attestor} attestor named a node ID that is no SPIFFE ID path; report this"
-            ))
-            .into());
-        }
-        let agent_id = self.state.policy.agent_id(attestor, &node_id)?;
-        event.agent_id = Some(agent_id.to_string());
-        if let Some(ProvenNode {
-            single_use: Some(once),
-            ..
-        }) = &proven
-            && !self
-                .state
-                .store
-                .claim_single_use(&once.key, unix_secs(once.until), unix_secs(now))
-                .await?
-        {
-            return Err(Refusal::EvidenceRefused(format!(
-                "this {attestor} evidence was already used to attest; present a fresh one"
-            ))
-            .into());
-        }
         let id = ScopedId::new(agent_id.clone(), Default::default()).map_err(Refusal::from)?;
         let issued = self.sign_key(&id, key, self.state.agent_ttl, &[])?;
-        let selectors = proven.map(|p| p.selectors).unwrap_or_default();
         let record = AgentRecord {
             spiffe_id: agent_id.clone(),
             attestor: attestor.into(),
